@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  `make run` (the whole demo pipeline)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch keeps the demo small; on a GPU cluster use your site's CUDA torch
+# (e.g. `make venv TORCH_SPEC=torch==2.13.0 PIP_TORCH_ARGS="--index-url <your torch index>"`).
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+CORES ?= all
+
+.PHONY: venv run test lint dryrun slurm-test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned, so that no dependency can pull a different (multi-GB) build.
+	$(BIN)/python -m pip install --quiet $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test,slurm]" "$(TORCH_SPEC)"
+	touch $@
+
+run: venv
+	$(BIN)/snakemake --profile profiles/default --cores $(CORES) all
+
+test: venv
+	DUPLUS_NO_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/snakemake --lint
+	$(BIN)/snakemake -n all
+
+bench: venv
+	$(BIN)/python bench/inference.py --preset tiny --size 128 128 96
+
+clean:
+	rm -rf data results logs .snakemake

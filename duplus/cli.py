@@ -1,0 +1,83 @@
+"""The `duplus` command: segment a scan with text prompts, list classes and datasets.
+
+`duplus list-classes` and `duplus list-datasets` answer before any model or torch loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from duplus import __version__
+from duplus.errors import DuplusError
+
+
+def _list_classes(args: argparse.Namespace) -> int:
+    from duplus.data.taxonomy import format_class_table
+
+    print(format_class_table())
+    return 0
+
+
+def _list_datasets(args: argparse.Namespace) -> int:
+    from duplus.data.registry import format_dataset_table
+
+    print(format_dataset_table())
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from duplus import segment
+
+    return segment.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duplus",
+        description="DuPLUS: text-prompted universal 3D segmentation for CT, MRI and PET.",
+    )
+    parser.add_argument("--version", action="version", version=f"duplus {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    classes = commands.add_parser("list-classes", help="canonical classes with region, parent and synonyms")
+    classes.set_defaults(func=_list_classes)
+
+    datasets = commands.add_parser("list-datasets", help="built-in datasets with modality, classes and source")
+    datasets.set_defaults(func=_list_datasets)
+
+    seg = commands.add_parser(
+        "segment",
+        help="segment a NIfTI/NRRD scan or DICOM series with free-text class prompts",
+        description="Segment a scan; masks are written on exactly the input grid.",
+    )
+    from duplus import segment
+
+    segment.add_arguments(seg)
+    seg.set_defaults(func=_segment)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Listing commands must stay instant: answer them before importing the model stack.
+    if argv[:1] in (["list-classes"], ["list-datasets"]):
+        func = _list_classes if argv[0] == "list-classes" else _list_datasets
+        try:
+            return func(argparse.Namespace())
+        except DuplusError as error:
+            print(f"duplus: error: {error}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except DuplusError as error:
+        print(f"duplus: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

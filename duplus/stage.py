@@ -1,0 +1,38 @@
+"""Runs one pipeline stage for a Snakemake script: logging to the rule's log, threads, clean errors.
+
+Scripts in workflow_scripts/ stay one call long; this turns library errors into a one-line
+message in the log and a non-zero exit instead of a traceback wall.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from duplus.errors import DuplusError
+from duplus.runtime import set_threads, setup_logging
+
+log = logging.getLogger("duplus.stage")
+
+# SLURM sends SIGTERM before killing a preempted job; 143 = 128 + SIGTERM tells Snakemake it failed.
+EXIT_INTERRUPTED = 143
+
+
+def run_stage(name: str, func: Callable[..., Any], *, log_path: str | None, torch_threads: int | None = None, **kwargs: Any) -> Any:
+    """Call ``func(**kwargs)`` as stage ``name``; log its duration; exit 1 on a ``DuplusError``."""
+    setup_logging(log_path)
+    set_threads(torch_threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub from inside a job
+    started = time.perf_counter()
+    log.info("stage %s started (threads=%s)", name, torch_threads)
+    try:
+        result = func(**kwargs)
+    except DuplusError as error:
+        log.error("stage %s failed: %s", name, error)
+        code = EXIT_INTERRUPTED if type(error).__name__ == "TrainingInterrupted" else 1
+        sys.exit(code)
+    log.info("stage %s finished in %.1f s", name, time.perf_counter() - started)
+    return result

@@ -1,0 +1,14 @@
+rule download:
+    """Fetch (or generate, for the demo) one dataset and verify it; raw data is never modified afterwards."""
+    output:
+        record=raw_dir() / "{dataset}" / "download.json",
+    log:
+        "logs/download/{dataset}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    conda:
+        "../envs/duplus.yaml"
+    script:
+        "../workflow_scripts/download.py"

@@ -1,0 +1,21 @@
+rule evaluate:
+    """Sliding-window inference on every test case, metrics in the original image space."""
+    input:
+        manifests=all_manifests,
+        prompts=prompt_cache,
+        model=pretrained_model,
+    output:
+        summary=results_dir() / "evaluate" / "universal" / "summary.csv",
+        per_case=results_dir() / "evaluate" / "universal" / "per_case.csv",
+        efficiency=results_dir() / "evaluate" / "universal" / "efficiency.json",
+    log:
+        "logs/evaluate.log",
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=gpus(),
+    conda:
+        "../envs/duplus.yaml"
+    script:
+        "../workflow_scripts/evaluate.py"

@@ -1,0 +1,25 @@
+rule lora_center:
+    """Adapt the pretrained network to one center with LoRA; compare with zero-shot and full fine-tuning."""
+    input:
+        manifests=all_manifests,
+        prompts=prompt_cache,
+        model=pretrained_model,
+    output:
+        metrics=results_dir() / "lora" / "{center}" / "metrics.json",
+    log:
+        "logs/lora_finetune/{center}.log",
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=480,
+        gpu=gpus(),
+    conda:
+        "../envs/duplus.yaml"
+    script:
+        "../workflow_scripts/lora_finetune.py"
+
+
+rule lora_finetune:
+    """Every center of config lora.centers (`snakemake lora_finetune`)."""
+    input:
+        lora_metrics,

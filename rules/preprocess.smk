@@ -1,0 +1,16 @@
+rule preprocess:
+    """Integrity check, reorient, resample, crop and normalize one dataset into the array store."""
+    input:
+        record=dataset_download_record,
+    output:
+        manifest=preprocessed_dir() / "{dataset}" / "manifest.csv",
+    log:
+        "logs/preprocess/{dataset}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../envs/duplus.yaml"
+    script:
+        "../workflow_scripts/preprocess.py"

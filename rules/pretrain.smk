@@ -1,0 +1,19 @@
+rule universal_pretrain:
+    """Train one text-steered network on every dataset at once; resumes from its last checkpoint."""
+    input:
+        manifests=all_manifests,
+        prompts=prompt_cache,
+    output:
+        model=results_dir() / "pretrain" / "model.safetensors",
+        log_csv=results_dir() / "pretrain" / "train_log.csv",
+    log:
+        "logs/universal_pretrain.log",
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=2880,
+        gpu=gpus(),
+    conda:
+        "../envs/duplus.yaml"
+    script:
+        "../workflow_scripts/universal_pretrain.py"

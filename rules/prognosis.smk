@@ -1,0 +1,19 @@
+rule prognosis:
+    """Survival from image features and EHR: cross-validated against EHR-only and image-only baselines."""
+    input:
+        manifest=prognosis_manifest,
+        prompts=prompt_cache,
+        model=pretrained_model,
+    output:
+        summary=results_dir() / "prognosis" / "summary.csv",
+    log:
+        "logs/prognosis.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=gpus(),
+    conda:
+        "../envs/duplus.yaml"
+    script:
+        "../workflow_scripts/prognosis.py"

@@ -1,0 +1,15 @@
+rule cache_prompts:
+    """Encode every context (T1) and target (T2) prompt of the run once; training only looks them up."""
+    output:
+        cache=results_dir() / "prompts" / "{encoder}.safetensors",
+    log:
+        "logs/cache_prompts/{encoder}.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=0,
+    conda:
+        "../envs/duplus.yaml"
+    script:
+        "../workflow_scripts/cache_prompts.py"

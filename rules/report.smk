@@ -1,0 +1,20 @@
+rule report:
+    """Paper-style tables, figures and an HTML page from the metrics of every stage that ran."""
+    input:
+        unpack(report_inputs),
+    output:
+        index=report(
+            results_dir() / "report" / "index.html",
+            caption="../docs/report_caption.rst",
+            category="Report",
+        ),
+    log:
+        "logs/report.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/duplus.yaml"
+    script:
+        "../workflow_scripts/report.py"

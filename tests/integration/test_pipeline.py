@@ -1,0 +1,115 @@
+"""The whole demo pipeline through Snakemake on a tiny config: outputs exist, metrics are sane."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+TINY = ROOT / "tests" / "integration" / "config_tiny.yaml"
+
+pytestmark = pytest.mark.integration
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(ROOT / "config.yaml"), str(TINY), "--cores", "2", *args]
+    env = dict(os.environ, DUPLUS_NO_PROGRESS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("pipeline")
+    snakemake(workdir, "all")
+    return workdir
+
+
+def test_every_stage_writes_its_outputs(finished_run: Path) -> None:
+    results = finished_run / "results"
+    for relative in [
+        "prompts/minilm.safetensors",
+        "pretrain/model.safetensors",
+        "pretrain/train_log.csv",
+        "evaluate/universal/summary.csv",
+        "evaluate/universal/per_case.csv",
+        "lora/ct_siteB/metrics.json",
+        "prognosis/summary.csv",
+        "report/index.html",
+    ]:
+        assert (results / relative).is_file(), relative
+    for dataset in ["demo_abdomen_ct", "demo_abdomen_mri", "demo_headneck_pet"]:
+        assert (finished_run / "data" / "preprocessed" / dataset / "manifest.csv").is_file()
+
+
+def test_metrics_are_sane_numbers(finished_run: Path) -> None:
+    results = finished_run / "results"
+    summary = pd.read_csv(results / "evaluate/universal/summary.csv")
+    means = summary[summary["class"] == "mean"]
+    assert set(means["dataset"]) == {"demo_abdomen_ct", "demo_abdomen_mri", "demo_headneck_pet"}
+    assert means["dice"].between(0, 1).all()
+    log = pd.read_csv(results / "pretrain/train_log.csv")
+    assert log["loss"].notna().all() and (log["loss"] > 0).all()
+    lora = json.loads((results / "lora/ct_siteB/metrics.json").read_text())
+    for key in ("zero_shot_dice", "lora_dice", "full_ft_dice"):
+        assert 0.0 <= lora[key] <= 1.0
+    assert lora["trainable_params_lora"] < lora["trainable_params_full"]
+    prognosis = pd.read_csv(results / "prognosis/summary.csv")
+    assert "ehr_coxph" in set(prognosis["model"])
+    assert prognosis["harrell_c_mean"].dropna().between(0, 1).all()
+
+
+def test_rerunning_one_stage_reruns_nothing_upstream(finished_run: Path) -> None:
+    dry = snakemake(finished_run, "-n", "lora_finetune")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    forced = snakemake(finished_run, "-n", "--forcerun", "lora_center", "lora_finetune")
+    text = forced.stdout + forced.stderr
+    for upstream in ("download", "preprocess", "cache_prompts", "universal_pretrain"):
+        assert f"rule {upstream}:" not in text
+
+
+def test_misspelled_config_key_fails_before_any_job(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain:\n  stepz: 3\n")
+    result = subprocess.run(
+        [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+         str(ROOT / "config.yaml"), str(bad), "--cores", "1", "all"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "stepz" in result.stdout + result.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
+
+
+def test_wrong_type_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain:\n  steps: many\n")
+    result = subprocess.run(
+        [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+         str(ROOT / "config.yaml"), str(bad), "--cores", "1", "-n", "all"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "steps" in result.stdout + result.stderr and "many" in result.stdout + result.stderr
+
+
+def test_lint_and_dry_run_list_every_stage() -> None:
+    lint = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--lint"], capture_output=True, text=True, cwd=ROOT)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    dry = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-n", "all", "--directory", "/tmp/duplus-dry"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert dry.returncode == 0, dry.stderr
+    for stage in ("download", "preprocess", "cache_prompts", "universal_pretrain", "lora_center", "prognosis", "report"):
+        assert stage in dry.stdout
+    shutil.rmtree("/tmp/duplus-dry", ignore_errors=True)
