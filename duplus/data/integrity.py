@@ -1,0 +1,137 @@
+"""Integrity check of a dataset's cases before any expensive work: every problem, by case and file, at once.
+
+Missing files, unreadable or non-3-D volumes, NaN/Inf, constant images, mismatched label grids, undeclared values.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.context import BaseContext
+from typing import Iterable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from duplus.data.layouts import Case, read_case
+from duplus.errors import DataError, IntegrityError
+from duplus.progress import progress
+
+log = logging.getLogger(__name__)
+
+SPACING_RTOL = 1e-4
+ORIGIN_ATOL_MM = 1e-3
+DIRECTION_ATOL = 1e-4
+MAX_LISTED = 200
+
+
+def geometry_mismatch(image: sitk.Image, label: sitk.Image) -> list[str]:
+    """What differs between the grids of ``image`` and ``label`` (empty when they match within tolerance)."""
+    problems = []
+    if image.GetSize() != label.GetSize():
+        problems.append(f"size {label.GetSize()} != image size {image.GetSize()}")
+    spacing_i, spacing_l = np.array(image.GetSpacing()), np.array(label.GetSpacing())
+    if not np.allclose(spacing_i, spacing_l, rtol=SPACING_RTOL, atol=1e-6):
+        problems.append(f"spacing {tuple(np.round(spacing_l, 5))} != image spacing {tuple(np.round(spacing_i, 5))}")
+    # Origins may differ by rounding in the writer; a fraction of a voxel is never rounding.
+    origin_tol = max(ORIGIN_ATOL_MM, 1e-3 * float(spacing_i.min()))
+    if not np.allclose(image.GetOrigin(), label.GetOrigin(), rtol=0, atol=origin_tol):
+        problems.append(f"origin {tuple(np.round(label.GetOrigin(), 4))} != image origin "
+                        f"{tuple(np.round(image.GetOrigin(), 4))}")
+    if not np.allclose(image.GetDirection(), label.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
+        problems.append(f"direction {tuple(np.round(label.GetDirection(), 4))} != image direction "
+                        f"{tuple(np.round(image.GetDirection(), 4))}")
+    return problems
+
+
+def _extent_overlaps(image: sitk.Image, label: sitk.Image) -> bool:
+    def box(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+        size = img.GetSize()
+        corners = [img.TransformContinuousIndexToPhysicalPoint([c[i] * (size[i] - 1) for i in range(3)])
+                   for c in np.ndindex(2, 2, 2)]
+        return np.min(corners, axis=0), np.max(corners, axis=0)
+
+    (lo_a, hi_a), (lo_b, hi_b) = box(image), box(label)
+    return bool(np.all(lo_a <= hi_b) and np.all(lo_b <= hi_a))
+
+
+def case_problems(case: Case, label_ids: Sequence[int]) -> list[str]:
+    """Every problem of one case, each naming the case id and the file at fault."""
+    prefix = f"case {case.case_id}"
+    problems: list[str] = []
+    if not case.image.exists():
+        problems.append(f"{prefix}: image {case.image} not found")
+    if case.label is None:
+        problems.append(f"{prefix}: has no label file")
+    elif not case.label.exists():
+        problems.append(f"{prefix}: label {case.label} not found (expected beside image {case.image.name})")
+    if problems:
+        return problems
+    try:
+        image, label = read_case(case)
+    except DataError as error:
+        return [f"{prefix}: {error}"]
+    assert label is not None
+    if case.label_format == "resample":
+        raw = sitk.ReadImage(str(case.label))
+        if not _extent_overlaps(image, raw):
+            problems.append(f"{prefix}: label {case.label} lies outside the physical extent of image {case.image}")
+    elif case.label_format == "image":
+        for mismatch in geometry_mismatch(image, label):
+            problems.append(f"{prefix}: label {case.label} grid does not match image {case.image}: {mismatch}")
+    pixels = sitk.GetArrayViewFromImage(image)
+    if float(pixels.max()) == float(pixels.min()):
+        problems.append(f"{prefix}: image {case.image} is constant (every voxel = {float(pixels.min()):g})")
+    values = sitk.GetArrayViewFromImage(label)
+    unique = np.unique(values)
+    if not np.all(np.equal(np.mod(unique, 1), 0)):
+        examples = unique[np.mod(unique, 1) != 0][:3]
+        problems.append(f"{prefix}: label {case.label} holds non-integer values (e.g. {examples})")
+    else:
+        unknown = sorted(set(int(v) for v in unique) - {0, *map(int, label_ids)})
+        if unknown:
+            problems.append(f"{prefix}: label {case.label} holds values {unknown} that the dataset does not declare "
+                            f"(declared: 0 background, {', '.join(map(str, sorted(label_ids)))})")
+    return problems
+
+
+def worker_context() -> BaseContext:
+    """Start method of worker pools: fork where available, so a job script without a main guard is not re-run."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def init_worker() -> None:
+    """Each worker process runs its filters on one thread: the pool itself is the parallelism."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _check_one(args: tuple[Case, tuple[int, ...]]) -> list[str]:
+    case, ids = args
+    try:
+        return case_problems(case, ids)
+    except Exception as error:  # noqa: BLE001 - any reader failure is a problem of this case, reported with the rest
+        return [f"case {case.case_id}: {case.image}: unexpected error while checking: {error}"]
+
+
+def check_cases(dataset: str, cases: Iterable[Case], label_ids: Sequence[int], threads: int = 1) -> int:
+    """Check every case; raise ``IntegrityError`` listing all problems by case and file. Returns the case count."""
+    cases = list(cases)
+    jobs = [(case, tuple(int(i) for i in label_ids)) for case in cases]
+    problems: list[str] = []
+    if threads > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(threads, len(jobs)), mp_context=worker_context(),
+                                 initializer=init_worker) as pool:
+            for found in progress(pool.map(_check_one, jobs), desc=f"check {dataset}", total=len(jobs)):
+                problems.extend(found)
+    else:
+        for job in progress(jobs, desc=f"check {dataset}"):
+            problems.extend(_check_one(job))
+    if problems:
+        listed = problems[:MAX_LISTED]
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise IntegrityError(f"dataset {dataset}: {len(problems)} problem(s) in {len(cases)} cases:\n  "
+                             + "\n  ".join(listed) + more)
+    log.info("dataset %s: %d cases passed the integrity check", dataset, len(cases))
+    return len(cases)

@@ -1,0 +1,196 @@
+"""Reading and writing medical images (NIfTI, NRRD, MHA, DICOM series) with errors that name the file.
+
+Every reader returns a 3-D ``SimpleITK.Image`` with finite values and positive spacing, or raises ``DataError``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import nibabel
+import numpy as np
+import SimpleITK as sitk
+
+from duplus.atomic import atomic_path
+from duplus.errors import DataError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise DataError(f"{folder}: folder holds no DICOM series (expected a NIfTI/NRRD/MHA file or DICOM files)")
+    # Several series in one folder (scouts, reformats): the one with the most slices is the volume.
+    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids), key=len)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def _select_channel(image: sitk.Image, path: Path, channel: int | None) -> sitk.Image:
+    """Reduce a 4-D or multi-component image to the 3-D volume ``channel`` (a sequence or time frame)."""
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
+        if channel is None:
+            raise DataError(f"{path}: image has {components} components per voxel; expected a scalar 3-D image "
+                            f"(give the dataset a channel to pick one)")
+        if not 0 <= channel < components:
+            raise DataError(f"{path}: channel {channel} asked for but the image has {components} components")
+        image = sitk.VectorIndexSelectionCast(image, channel)
+    if image.GetDimension() == 4:
+        frames = image.GetSize()[3]
+        if channel is None and frames == 1:
+            channel = 0
+        if channel is None:
+            raise DataError(f"{path}: image is 4-D with {frames} volumes, size {image.GetSize()}; expected a 3-D "
+                            f"image (give the dataset a channel to pick one volume)")
+        if not 0 <= channel < frames:
+            raise DataError(f"{path}: volume {channel} asked for but the 4-D image has {frames}")
+        size = list(image.GetSize())
+        size[3] = 0
+        image = sitk.Extract(image, size, [0, 0, 0, channel])
+    return image
+
+
+def check_image(image: sitk.Image, path: str | os.PathLike) -> sitk.Image:
+    """Raise ``DataError`` naming ``path`` unless ``image`` is 3-D, non-empty, finite and has positive spacing."""
+    if image.GetDimension() != 3:
+        raise DataError(f"{path}: image is {image.GetDimension()}-D with size {image.GetSize()}; expected a 3-D volume")
+    if min(image.GetSize()) < 1:
+        raise DataError(f"{path}: image is empty (size {image.GetSize()})")
+    spacing = image.GetSpacing()
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise DataError(f"{path}: voxel spacing {spacing} must be positive and finite")
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = sitk.GetArrayViewFromImage(image)
+        if not np.isfinite(array).all():
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            raise DataError(f"{path}: image holds {bad} NaN/Inf voxels; expected finite intensities")
+    return image
+
+
+def _gzip_payload_size(path: Path) -> int | None:
+    """Bytes a gzip file inflates to, or None if the stream is truncated or corrupt."""
+    total = 0
+    try:
+        with gzip.open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        return None
+    return total
+
+
+def _check_nifti_file(path: Path) -> None:
+    """Catch what the ITK NIfTI reader lets through: truncated voxel data and NaN/Inf (it reads them as 0)."""
+    try:
+        nifti = nibabel.load(str(path))
+        header = nifti.header
+        # The array proxy knows the real data offset (some writers leave vox_offset at 0 in the header).
+        offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))
+        expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception as error:  # noqa: BLE001 - any header failure means the file is unusable
+        raise DataError(f"{path}: cannot read the image (corrupt NIfTI header: {error})") from None
+    if path.name.endswith(".gz"):
+        with open(path, "rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            trailer = int.from_bytes(handle.read(4), "little")
+        # The gzip trailer holds the inflated size (mod 2**32); only on a mismatch is the stream inflated.
+        if trailer != expected % (1 << 32):
+            size = _gzip_payload_size(path)
+            if size is None or size < expected:
+                raise DataError(f"{path}: cannot read the image: the file is truncated or corrupt "
+                                f"(expected {expected} bytes after decompression)")
+    elif path.stat().st_size < expected:
+        raise DataError(f"{path}: cannot read the image: the file is truncated ({path.stat().st_size} of {expected} "
+                        f"bytes)")
+    if np.issubdtype(header.get_data_dtype(), np.floating):
+        data = np.asanyarray(nifti.dataobj)
+        if not np.isfinite(data).all():
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            raise DataError(f"{path}: image holds {bad} NaN/Inf voxels; expected finite intensities")
+
+
+def read_image(path: str | os.PathLike, channel: int | None = None) -> sitk.Image:
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder as a checked 3-D ``SimpleITK.Image``.
+
+    Args:
+        path: image file, or a folder holding one DICOM series.
+        channel: volume to keep from a 4-D image (or component of a vector image); ``None`` requires 3-D.
+
+    Raises:
+        DataError: naming ``path`` when the file is missing, unreadable or truncated, not 3-D,
+            holds NaN/Inf, or has a non-positive spacing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_file(path)
+    try:
+        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reader error"
+        raise DataError(f"{path}: cannot read the image (corrupt, truncated or not an image file): "
+                        f"{first_line}") from None
+    image = _select_channel(image, path, channel)
+    return check_image(image, path)
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """Geometry of an image file without reading its voxels: size, spacing, origin, direction, dimension."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise DataError(f"{path}: cannot read the image header (corrupt or not an image file)") from None
+    return {"size": reader.GetSize(), "spacing": reader.GetSpacing(), "origin": reader.GetOrigin(),
+            "direction": reader.GetDirection(), "dimension": reader.GetDimension()}
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
+    """Write ``image`` atomically; the temporary name keeps the target's suffix so the format is right."""
+    path = Path(path)
+    name = path.name.lower()
+    suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), None)
+    if suffix is None:
+        raise DataError(f"{path}: unsupported image suffix; expected one of {', '.join(IMAGE_SUFFIXES)}")
+    with atomic_path(path, suffix=suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+
+
+def read_png_label_stack(files: Sequence[Path], reference: sitk.Image, value_map: dict[int, int],
+                         tolerance: int = 0) -> sitk.Image:
+    """Stack 2-D PNG label slices onto ``reference``'s grid, mapping grey values to label ids.
+
+    ``files[k]`` must be the slice with index k along the reference's third axis. A pixel whose grey
+    value lies within ``tolerance`` of a key of ``value_map`` gets that label; others are background.
+    """
+    size = reference.GetSize()
+    if len(files) != size[2]:
+        raise DataError(f"{Path(files[0]).parent if files else '?'}: {len(files)} label slices for an image with "
+                        f"{size[2]} slices")
+    stack = np.zeros((size[2], size[1], size[0]), dtype=np.uint8)
+    for index, file in enumerate(files):
+        try:
+            grey = sitk.GetArrayFromImage(sitk.ReadImage(str(file)))
+        except RuntimeError:
+            raise DataError(f"{file}: cannot read the PNG label slice") from None
+        if grey.ndim == 3:  # RGB(A) saved slices: all channels carry the same grey value
+            grey = grey[..., 0]
+        if grey.shape != stack.shape[1:]:
+            raise DataError(f"{file}: label slice is {grey.shape[::-1]} pixels, the image slice is {size[:2]}")
+        for value, label_id in value_map.items():
+            stack[index][np.abs(grey.astype(np.int32) - value) <= tolerance] = label_id
+    label = sitk.GetImageFromArray(stack)
+    label.CopyInformation(reference)
+    return label

@@ -1,0 +1,269 @@
+"""Parsers of raw dataset layouts: each turns a dataset folder into its list of labelled cases.
+
+MSD / nnU-Net folders, CSV lists, and the layouts of BTCV, AMOS, KiTS19, StructSeg, CHAOS, M&Ms, autoPET, HECKTOR.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from duplus.data.registry import DatasetSpec
+from duplus.errors import DataError
+
+# CHAOS ground-truth PNGs encode organs as grey values (liver 63, right kidney 126, left kidney 189, spleen 252).
+CHAOS_GREY = {63: 1, 126: 2, 189: 3, 252: 4}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled case of a raw dataset.
+
+    ``image`` / ``label`` are files or folders (DICOM series, PNG stacks); ``channel`` picks one volume
+    of a 4-D image or label; ``label_format`` is ``"image"`` (a label volume on the image grid),
+    ``"resample"`` (a label volume on another grid, e.g. HECKTOR's CT grid under a PET image) or
+    ``"chaos_png"`` (a folder of PNG slices matched to the DICOM files).
+    """
+
+    case_id: str
+    image: Path
+    label: Path | None
+    center: str
+    channel: int | None = None
+    label_channel: int | None = None
+    label_format: str = "image"
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _visible_images(folder: Path) -> list[Path]:
+    # MSD archives carry macOS "._name" resource forks beside the real files: never images.
+    return sorted(p for p in folder.glob("*") if p.is_file() and not p.name.startswith(".")
+                  and _strip_suffix(p.name) != p.name)
+
+
+def _center(spec: DatasetSpec, fallback: str) -> str:
+    return spec.default_center or (spec.centers[0] if spec.centers else fallback)
+
+
+def msd_cases(spec: DatasetSpec, root: Path) -> list[Case]:
+    """MSD / nnU-Net layout: ``dataset.json`` ``training`` entries, else ``imagesTr``/``labelsTr`` pairs.
+
+    nnU-Net channel suffixes (``case_0000.nii.gz``) are matched to ``labelsTr/case.nii.gz``. A
+    ``center`` field of a training entry wins over the dataset's default center.
+    """
+    index = root / "dataset.json"
+    cases: list[Case] = []
+    if index.is_file():
+        try:
+            entries = json.loads(index.read_text(encoding="utf-8")).get("training", [])
+        except (json.JSONDecodeError, AttributeError) as error:
+            raise DataError(f"{index}: not a valid dataset.json ({error})") from None
+        for number, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+                raise DataError(f"{index}: training[{number}] needs 'image' and 'label' paths, got {entry!r}")
+            image = (root / entry["image"]).resolve()
+            case_id = _strip_suffix(image.name)
+            cases.append(Case(case_id, image, (root / entry["label"]).resolve(),
+                              str(entry.get("center") or _center(spec, "default")), spec.channel))
+        if cases:
+            return cases
+    images = root / "imagesTr"
+    if not images.is_dir():
+        raise DataError(f"{root}: expected imagesTr/ (and labelsTr/, dataset.json) of an MSD-style dataset")
+    for image in _visible_images(images):
+        stem = _strip_suffix(image.name)
+        case_id = re.sub(r"_0000$", "", stem)
+        suffix = image.name[len(stem):]
+        cases.append(Case(case_id, image, root / "labelsTr" / f"{case_id}{suffix}", _center(spec, "default"),
+                          spec.channel))
+    return cases
+
+
+def csv_cases(spec: DatasetSpec, root: Path) -> list[Case]:
+    """A CSV with columns ``image,label[,center][,case]``; relative paths are relative to the CSV's folder."""
+    table = Path(root)
+    with open(table, newline="", encoding="utf-8-sig") as handle:  # spreadsheets often add a BOM
+        reader = csv.DictReader(handle)
+        columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "image" not in columns or "label" not in columns:
+            raise DataError(f"{table}: expected columns image,label[,center] (found {', '.join(columns) or 'none'})")
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    cases: list[Case] = []
+    seen: dict[str, int] = {}
+    for number, row in enumerate(rows, start=2):
+        if not row.get("image"):
+            raise DataError(f"{table}: line {number} has no image path")
+        image = Path(row["image"]).expanduser()
+        image = image if image.is_absolute() else (table.parent / image)
+        label = Path(row["label"]).expanduser() if row.get("label") else None
+        if label is not None and not label.is_absolute():
+            label = table.parent / label
+        case_id = row.get("case") or _strip_suffix(image.name)
+        if case_id in seen:  # two files with the same name in different folders
+            seen[case_id] += 1
+            case_id = f"{case_id}_{seen[case_id]}"
+        else:
+            seen[case_id] = 0
+        cases.append(Case(case_id, image, label, row.get("center") or _center(spec, "default"), spec.channel))
+    return cases
+
+
+def btcv_cases(spec: DatasetSpec, root: Path) -> list[Case]:
+    """BTCV (Synapse RawData.zip): ``RawData/Training/img/img0001.nii.gz`` + ``label/label0001.nii.gz``."""
+    folder = root / "RawData" / "Training"
+    return [Case(image.name[:-7], image, folder / "label" / image.name.replace("img", "label", 1),
+                 _center(spec, "btcv")) for image in sorted((folder / "img").glob("img*.nii.gz"))]
+
+
+def amos_cases(spec: DatasetSpec, root: Path) -> list[Case]:
+    """AMOS 2022: ``imagesTr``/``imagesVa`` with labels; ids below 500 are CT, from 500 MRI."""
+    want_mri = spec.options.get("modality_filter") == "MRI"
+    cases = []
+    for images, labels in (("imagesTr", "labelsTr"), ("imagesVa", "labelsVa")):
+        for image in _visible_images(root / images):
+            digits = re.findall(r"\d+", image.name)
+            if not digits or (int(digits[-1]) >= 500) != want_mri:
+                continue
+            cases.append(Case(_strip_suffix(image.name), image, root / labels / image.name, _center(spec, "amos")))
+    return cases
+
+
+def kits_cases(spec: DatasetSpec, root: Path) -> list[Case]:
+    """KiTS19: ``data/case_00000/imaging.nii.gz`` + ``segmentation.nii.gz``."""
+    return [Case(folder.name, folder / "imaging.nii.gz", folder / "segmentation.nii.gz", _center(spec, "kits"))
+            for folder in sorted((root / "data").glob("case_*")) if (folder / "imaging.nii.gz").exists()]
+
+
+def structseg_cases(spec: DatasetSpec, root: Path) -> list[Case]:
+    """StructSeg 2019: ``<Task folder>/<n>/data.nii.gz`` + ``label.nii.gz`` (task folder from the spec)."""
+    pattern = spec.source.required[0][0] if spec.source.required else "*/*/data.nii.gz"
+    images = sorted(root.glob(pattern), key=lambda p: (len(p.parent.name), p.parent.name))
+    return [Case(f"case_{image.parent.name}", image, image.parent / "label.nii.gz", _center(spec, "structseg"))
+            for image in images]
+
+
+def chaos_cases(spec: DatasetSpec, root: Path) -> list[Case]:
+    """CHAOS MR: DICOM folders with PNG ground truth (T1DUAL in/out phase share one ground truth)."""
+    variant = spec.options.get("sequence", "t2")
+    sub = {"t2": ("T2SPIR", "DICOM_anon"), "t1_in": ("T1DUAL", "DICOM_anon/InPhase"),
+           "t1_out": ("T1DUAL", "DICOM_anon/OutPhase")}[variant]
+    cases = []
+    for patient in sorted((root / "MR").glob("*"), key=lambda p: (len(p.name), p.name)):
+        image = patient / sub[0] / sub[1]
+        if image.is_dir():
+            cases.append(Case(f"chaos_{patient.name}", image, patient / sub[0] / "Ground", _center(spec, "chaos"),
+                              label_format="chaos_png"))
+    return cases
+
+
+def mnms_cases(spec: DatasetSpec, root: Path) -> list[Case]:
+    """M&Ms: 4-D cine ``<code>_sa.nii.gz`` with ``<code>_sa_gt.nii.gz``; one case per ED and ES frame."""
+    tables = sorted((root / "OpenDataset").glob("*.csv"))
+    if not tables:
+        raise DataError(f"{root / 'OpenDataset'}: the M&Ms information CSV (External code, Centre, ED, ES) is missing")
+    with open(tables[0], newline="", encoding="utf-8-sig") as handle:
+        info = {row["External code"].strip(): row for row in csv.DictReader(handle)}
+    cases = []
+    for folder in sorted((root / "OpenDataset" / "Training" / "Labeled").glob("*")):
+        code = folder.name
+        row = info.get(code)
+        if row is None:
+            raise DataError(f"{tables[0]}: no row for M&Ms subject '{code}' (column 'External code')")
+        center = f"centre{str(row.get('Centre', '')).strip() or 'unknown'}"
+        for phase in ("ED", "ES"):
+            frame = int(float(row[phase]))
+            cases.append(Case(f"{code}_{phase.lower()}", folder / f"{code}_sa.nii.gz", folder / f"{code}_sa_gt.nii.gz",
+                              center, channel=frame, label_channel=frame))
+    return cases
+
+
+def autopet_cases(spec: DatasetSpec, root: Path) -> list[Case]:
+    """autoPET NIfTI: ``FDG-PET-CT-Lesions/<patient>/<study>/SUV.nii.gz`` + ``SEG.nii.gz``."""
+    return [Case(f"{suv.parent.parent.name}_{suv.parent.name}".replace(" ", "_"), suv, suv.parent / "SEG.nii.gz",
+                 _center(spec, "autopet")) for suv in sorted(root.glob("FDG-PET-CT-Lesions/*/*/SUV.nii.gz"))]
+
+
+def hecktor_cases(spec: DatasetSpec, root: Path) -> list[Case]:
+    """HECKTOR 2022: ``imagesTr/<case>__PT.nii.gz`` with ``labelsTr/<case>.nii.gz`` on the CT grid."""
+    cases = []
+    for image in sorted((root / "imagesTr").glob("*__PT.nii.gz")):
+        case_id = image.name[: -len("__PT.nii.gz")]
+        center = case_id.split("-")[0] if "-" in case_id else "hecktor"
+        cases.append(Case(case_id, image, root / "labelsTr" / f"{case_id}.nii.gz", center, label_format="resample"))
+    return cases
+
+
+LAYOUTS: dict[str, Callable[[DatasetSpec, Path], list[Case]]] = {
+    "msd": msd_cases, "csv": csv_cases, "btcv": btcv_cases, "amos": amos_cases, "kits": kits_cases,
+    "structseg": structseg_cases, "chaos": chaos_cases, "mnms": mnms_cases, "autopet": autopet_cases,
+    "hecktor": hecktor_cases,
+}
+
+
+def list_cases(spec: DatasetSpec, root: str | Path) -> list[Case]:
+    """Every labelled case of ``spec`` under ``root`` (sorted by case id); ``DataError`` if there is none."""
+    root = Path(root)
+    if spec.layout not in LAYOUTS:
+        raise DataError(f"dataset {spec.name}: no parser for layout '{spec.layout}'")
+    if not root.exists():
+        raise DataError(f"dataset {spec.name}: raw folder {root} does not exist (run the download stage)")
+    cases = sorted(LAYOUTS[spec.layout](spec, root), key=lambda case: case.case_id)
+    if not cases:
+        raise DataError(f"dataset {spec.name}: no cases found under {root} for layout '{spec.layout}'")
+    ids = [case.case_id for case in cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise DataError(f"dataset {spec.name}: case ids appear more than once under {root}: {', '.join(duplicates)}")
+    return cases
+
+
+def _chaos_label(case: Case, image: "sitk.Image") -> "sitk.Image":
+    import SimpleITK as sitk
+
+    from duplus.data.io import read_png_label_stack
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(case.image))
+    dicoms = [Path(f) for f in max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(case.image), s)
+                                    for s in series), key=len)]
+    pngs = sorted(p for p in Path(case.label).glob("*.png") if not p.name.startswith("."))
+    by_stem = {p.stem: p for p in pngs}
+    if all(d.stem in by_stem for d in dicoms):
+        ordered = [by_stem[d.stem] for d in dicoms]
+    else:
+        # Names differ (T1 in/out phase share one ground truth): slice k of the name-sorted PNGs
+        # belongs to the k-th DICOM file by name; reorder both into the reader's slice order.
+        if len(pngs) != len(dicoms):
+            raise DataError(f"{case.label}: {len(pngs)} PNG label slices for {len(dicoms)} DICOM slices "
+                            f"of case {case.case_id}")
+        by_name = dict(zip(sorted(dicoms, key=lambda d: d.name), pngs))
+        ordered = [by_name[d] for d in dicoms]
+    return read_png_label_stack(ordered, image, CHAOS_GREY, tolerance=8)
+
+
+def read_case(case: Case) -> tuple["sitk.Image", "sitk.Image | None"]:
+    """Read a case's image and label as 3-D images; a label on another grid is resampled (nearest) onto the image."""
+    import SimpleITK as sitk
+
+    from duplus.data.io import read_image
+
+    image = read_image(case.image, channel=case.channel)
+    if case.label is None:
+        return image, None
+    if case.label_format == "chaos_png":
+        if not Path(case.label).is_dir():
+            raise DataError(f"{case.label}: label folder of case {case.case_id} not found")
+        return image, _chaos_label(case, image)
+    label = read_image(case.label, channel=case.label_channel)
+    if case.label_format == "resample":
+        label = sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return image, label

@@ -1,0 +1,231 @@
+"""Preprocessing stage: integrity check, then per case reorient, resample, crop, normalise into the array store.
+
+Outputs are staged and moved into place only when every case succeeded, so a failed run leaves earlier outputs intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from duplus.atomic import atomic_path, save_npy, write_csv, write_json
+from duplus.data import geometry as geo
+from duplus.data.integrity import check_cases, init_worker, worker_context
+from duplus.data.intensity import apply_box, body_mask, crop_box, normalize
+from duplus.data.io import write_image
+from duplus.data.layouts import Case, list_cases, read_case
+from duplus.data.registry import DatasetSpec, get_dataset
+from duplus.errors import ConfigError, DataError
+from duplus.progress import progress
+
+log = logging.getLogger(__name__)
+
+MAX_LOCATIONS = 4096
+MANIFEST_COLUMNS = ["dataset", "case", "center", "modality", "sequence", "region", "split", "image", "label", "meta",
+                    "locations", "shape", "labels", "raw_image", "raw_label"]
+
+
+def settings(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``preprocess`` section with the schema's defaults filled in."""
+    section = dict((config or {}).get("preprocess") or {})
+    result = {"spacing": [1.5, 1.5, 1.5], "ct_window": [-991.0, 500.0], "percentiles": [2.0, 98.0],
+              "crop_foreground": True, "test_fraction": 0.25, "interpolation": "linear"}
+    result.update({k: v for k, v in section.items() if v is not None})
+    if len(result["spacing"]) != 3:
+        raise ConfigError(f"preprocess.spacing: expected [x, y, z] in mm, got {result['spacing']}")
+    return result
+
+
+def _stable_int(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def transform_case(image: sitk.Image, label: sitk.Image | None, modality: str, options: Mapping[str, Any],
+                   crop: bool) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Reorient, resample, (crop), normalise; returns arrays in (Z, Y, X) order and the restore metadata."""
+    original = geo.geometry_of(image)
+    code = geo.orientation_code(image)
+    image_lps = geo.reorient_lps(image)
+    grid = geo.target_grid(image_lps, options["spacing"])
+    low = float(sitk.GetArrayViewFromImage(image_lps).min())
+    resampled = geo.resample(image_lps, grid, options.get("interpolation", "linear"), default=low,
+                             pixel=sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(resampled)
+    label_array = None
+    if label is not None:
+        label_lps = geo.resample(geo.reorient_lps(label), grid, "nearest", 0, label.GetPixelID())
+        label_array = sitk.GetArrayFromImage(label_lps)
+        if label_array.size and (label_array.min() < 0 or label_array.max() > 255):
+            raise DataError(f"label values must lie in 0..255 to be stored as uint8, found {label_array.max()}")
+        label_array = label_array.astype(np.uint8)
+    mask = body_mask(array, modality)
+    box = crop_box(mask, label_array) if crop else [[0, int(n)] for n in array.shape]
+    array, mask = apply_box(array, box), apply_box(mask, box)
+    if label_array is not None:
+        label_array = np.ascontiguousarray(apply_box(label_array, box))
+    normalized, stats = normalize(array, mask, modality, options["ct_window"], options["percentiles"])
+    meta = {"modality": modality, "original": {**original, "orientation": code,
+                                               "pixel_type": image.GetPixelIDTypeAsString()},
+            "resampled": grid, "target_spacing": [float(s) for s in options["spacing"]], "crop_box": box,
+            "shape": [int(n) for n in normalized.shape], "normalization": stats,
+            "interpolation": options.get("interpolation", "linear")}
+    return np.ascontiguousarray(normalized), label_array, meta
+
+
+def prepare_image(image: sitk.Image, modality: str, config: Mapping[str, Any] | None, crop: bool = False
+                  ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Preprocess a new scan exactly as in training (reorient, resample, normalise; no crop by default).
+
+    Returns the float32 (Z, Y, X) array and the metadata :func:`duplus.data.restore.restore_to_original` needs.
+    """
+    if modality not in ("CT", "MRI", "PET"):
+        raise DataError(f"modality '{modality}' is not one of CT, MRI, PET")
+    array, _, meta = transform_case(image, None, modality, settings(config), crop)
+    return array, meta
+
+
+def sample_locations(label: np.ndarray, label_ids: list[int], seed: int) -> dict[str, np.ndarray]:
+    """Per label id up to ``MAX_LOCATIONS`` voxel indices (int32 (N, 3), Z Y X), drawn reproducibly."""
+    rng = np.random.default_rng(seed)
+    found = {}
+    for label_id in label_ids:
+        where = np.argwhere(label == label_id)
+        if len(where) > MAX_LOCATIONS:
+            where = where[np.sort(rng.choice(len(where), MAX_LOCATIONS, replace=False))]
+        found[str(label_id)] = where.astype(np.int32).reshape(-1, 3)
+    return found
+
+
+def _originals(case: Case, image: sitk.Image, label: sitk.Image, folder: Path) -> tuple[str, str]:
+    """Absolute paths of 3-D originals; volumes picked from 4-D files or PNG stacks get a NIfTI copy."""
+    raw_image, raw_label = str(Path(case.image).resolve()), str(Path(case.label).resolve())
+    if case.channel is not None or Path(case.image).is_dir():
+        write_image(image, folder / "image_original.nii.gz")
+        raw_image = str((folder / "image_original.nii.gz").resolve())
+    if case.label_channel is not None or case.label_format != "image":
+        write_image(label, folder / "label_original.nii.gz")
+        raw_label = str((folder / "label_original.nii.gz").resolve())
+    return raw_image, raw_label
+
+
+def process_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed: int, staging: str,
+                 final_dir: str) -> dict[str, Any]:
+    """Preprocess one case into ``staging/<case>/``; returns its manifest row (paths as they will be after the move)."""
+    try:
+        image, label = read_case(case)
+        if label is None:
+            raise DataError("has no label file")
+        crop = bool(options["crop_foreground"])
+        array, label_array, meta = transform_case(image, label, spec.modality, options, crop)
+    except DataError as error:
+        raise DataError(f"dataset {spec.name}, case {case.case_id}: {error}") from None
+    folder = Path(staging) / case.case_id
+    save_npy(folder / "image.npy", array)
+    assert label_array is not None  # a label went in, so one came out
+    save_npy(folder / "label.npy", label_array)
+    locations = sample_locations(label_array, sorted(spec.labels), _stable_int(seed, spec.name, case.case_id))
+    with atomic_path(folder / "locations.npz", suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **locations)
+    final_folder = Path(final_dir) / case.case_id
+    raw_image, raw_label = _originals(case, image, label, folder)
+    raw_image = raw_image.replace(str(folder.resolve()), str(final_folder.resolve()))
+    raw_label = raw_label.replace(str(folder.resolve()), str(final_folder.resolve()))
+    meta.update({"dataset": spec.name, "case": case.case_id, "center": case.center, "sequence": spec.sequence,
+                 "region": spec.region, "labels": {str(k): v for k, v in spec.labels.items()},
+                 "raw_image": raw_image, "raw_label": raw_label,
+                 "present_labels": sorted(int(v) for v in np.unique(label_array) if v)})
+    write_json(folder / "meta.json", meta)
+    return {"dataset": spec.name, "case": case.case_id, "center": case.center, "modality": spec.modality,
+            "sequence": spec.sequence or "", "region": spec.region, "image": f"{case.case_id}/image.npy",
+            "label": f"{case.case_id}/label.npy", "meta": f"{case.case_id}/meta.json",
+            "locations": f"{case.case_id}/locations.npz", "shape": "x".join(map(str, array.shape)),
+            "labels": json.dumps({str(k): v for k, v in spec.labels.items()}), "raw_image": raw_image,
+            "raw_label": raw_label}
+
+
+def assign_splits(rows: list[dict[str, Any]], seed: int, test_fraction: float) -> None:
+    """Set ``split`` per row: per center, a deterministic ``test_fraction`` of cases (>= 1 if the center has >= 2)."""
+    by_center: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_center.setdefault(row["center"], []).append(row)
+    for center_rows in by_center.values():
+        ordered = sorted(center_rows, key=lambda r: (_stable_int(seed, "split", r["case"]), r["case"]))
+        count = len(ordered)
+        n_test = int(round(test_fraction * count))
+        if test_fraction > 0 and count >= 2:
+            n_test = min(max(n_test, 1), count - 1)
+        for position, row in enumerate(ordered):
+            row["split"] = "test" if position < n_test else "train"
+
+
+def _install(staging: Path, out_dir: Path, case_ids: list[str]) -> None:
+    """Move staged case folders into ``out_dir``, replacing older ones; drop case folders of vanished cases."""
+    trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=out_dir))
+    try:
+        for case_id in case_ids:
+            target = out_dir / case_id
+            if target.exists():
+                os.replace(target, trash / case_id)
+            os.replace(staging / case_id, target)
+        keep = set(case_ids)
+        for folder in out_dir.iterdir():
+            if folder.is_dir() and not folder.name.startswith(".") and folder.name not in keep \
+                    and (folder / "meta.json").exists():
+                os.replace(folder, trash / folder.name)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str | os.PathLike,
+                   out_manifest: str | os.PathLike, threads: int = 1) -> pd.DataFrame:
+    """Preprocess every case of ``dataset`` into ``out_manifest``'s folder and write ``manifest.csv``."""
+    record_path = Path(download_record)
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{record_path}: cannot read the download record ({error}); run the download stage") from None
+    if record.get("dataset") != dataset:
+        raise DataError(f"{record_path}: records dataset '{record.get('dataset')}', expected '{dataset}'")
+    spec = get_dataset(dataset, config)
+    options = settings(config)
+    seed = int(config.get("seed", 0))
+    cases = list_cases(spec, record["root"])
+    for case in cases:
+        if os.sep in case.case_id or case.case_id.startswith("."):
+            raise DataError(f"dataset {dataset}: case id '{case.case_id}' cannot be used as a folder name")
+    threads = max(1, int(threads or 1))
+    check_cases(dataset, cases, sorted(spec.labels), threads=threads)
+    out_dir = Path(out_manifest).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob(".staging-*"), *out_dir.glob(".trash-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        args = [(case, spec, options, seed, str(staging), str(out_dir)) for case in cases]
+        if threads > 1 and len(cases) > 1:
+            with ProcessPoolExecutor(max_workers=min(threads, len(cases)), mp_context=worker_context(),
+                                     initializer=init_worker) as pool:
+                futures = [pool.submit(process_case, *a) for a in args]
+                rows = [f.result() for f in progress(futures, desc=f"preprocess {dataset}", total=len(futures))]
+        else:
+            rows = [process_case(*a) for a in progress(args, desc=f"preprocess {dataset}")]
+        assign_splits(rows, seed, float(options["test_fraction"]))
+        _install(staging, out_dir, [row["case"] for row in rows])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    frame = pd.DataFrame(rows)[MANIFEST_COLUMNS]
+    write_csv(out_manifest, frame)
+    log.info("preprocessed %s: %d cases (%d test) into %s", dataset, len(frame), int((frame["split"] == "test").sum()),
+             out_dir)
+    return frame

@@ -1,0 +1,135 @@
+"""Resumable HTTP(S) download of one file with retries, backoff and a published checksum.
+
+Bytes go to ``<name>.part`` (resumed with a Range request); only a verified file is renamed to its final name.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from duplus.errors import ChecksumError, DownloadError
+from duplus.hashing import md5_file, sha256_file
+from duplus.progress import progress
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+USER_AGENT = "duplus-downloader/1.0"
+# Client errors that a retry cannot fix.
+PERMANENT = {400, 401, 403, 404, 405, 410, 451}
+
+
+class _Incomplete(Exception):
+    """The server closed the connection before sending every byte."""
+
+
+def verify_checksum(path: Path, md5: str | None = None, sha256: str | None = None, name: str | None = None) -> None:
+    """Raise ``ChecksumError`` (naming the file, the expected and the computed digest) on a mismatch."""
+    label = name or path.name
+    if sha256:
+        got = sha256_file(path)
+        if got.lower() != sha256.lower():
+            raise ChecksumError(f"{label}: sha256 mismatch: expected {sha256.lower()}, got {got}")
+    if md5:
+        got = md5_file(path)
+        if got.lower() != md5.lower():
+            raise ChecksumError(f"{label}: md5 mismatch: expected {md5.lower()}, got {got}")
+
+
+def _total_from(response: http.client.HTTPResponse, offset: int) -> int | None:
+    content_range = response.headers.get("Content-Range")
+    if content_range:
+        match = re.match(r"bytes\s+(\d+)-\d+/(\d+|\*)", content_range)
+        if match and match.group(2) != "*":
+            return int(match.group(2))
+    length = response.headers.get("Content-Length")
+    return offset + int(length) if length is not None else None
+
+
+def _attempt(url: str, part: Path, timeout: float) -> None:
+    """One request: resume ``part`` from its current size; raise on any incomplete transfer."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:
+            # Nothing left to send: the .part is already complete (the checksum decides).
+            return
+        raise
+    with response:
+        status = getattr(response, "status", 200)
+        if offset and status != 206:
+            offset = 0  # the server ignored the Range header: start over
+        if offset:
+            start = re.match(r"bytes\s+(\d+)-", response.headers.get("Content-Range", ""))
+            if start is None or int(start.group(1)) != offset:
+                part.unlink(missing_ok=True)
+                raise _Incomplete(f"server resumed at the wrong offset ({response.headers.get('Content-Range')})")
+        total = _total_from(response, offset)
+        mode = "ab" if offset else "wb"
+        with open(part, mode) as handle, progress(total=total, initial=offset, unit="B", unit_scale=True,
+                                                  desc=part.name[:-5]) as bar:
+            while True:
+                chunk = response.read(CHUNK)
+                if not chunk:
+                    break
+                handle.write(chunk)
+                bar.update(len(chunk))
+    size = part.stat().st_size
+    if total is not None and size < total:
+        raise _Incomplete(f"received {size} of {total} bytes")
+
+
+def download_file(url: str, destination: str | os.PathLike, md5: str | None = None, sha256: str | None = None,
+                  retries: int = 4, backoff: float = 2.0, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``destination`` (resuming ``destination.part``), verify it, rename it into place.
+
+    Raises:
+        DownloadError: after ``retries`` failed attempts (the ``.part`` file is kept for the next resume),
+            or at once on a permanent HTTP error (404, 403, ...).
+        ChecksumError: the complete file does not match ``md5`` / ``sha256`` (the bad ``.part`` is removed).
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists():
+        verify_checksum(destination, md5, sha256, name=str(destination))
+        return destination
+    part = destination.with_name(destination.name + ".part")
+    last_error: Exception | None = None
+    for attempt in range(1, retries + 1):
+        try:
+            _attempt(url, part, timeout)
+            last_error = None
+            break
+        except urllib.error.HTTPError as error:
+            if error.code in PERMANENT:
+                raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; check the URL or your access") from None
+            last_error = error
+        except (urllib.error.URLError, http.client.HTTPException, OSError, _Incomplete) as error:
+            last_error = error
+        wait = backoff * (2 ** (attempt - 1))
+        log.warning("download of %s failed (attempt %d/%d: %s); retrying in %.1f s", url, attempt, retries,
+                    last_error, wait)
+        if attempt < retries:
+            time.sleep(wait)
+    if last_error is not None or not part.exists():
+        raise DownloadError(f"{url}: download failed after {retries} attempts ({last_error}); the partial file "
+                            f"{part} is kept and the next run resumes it")
+    try:
+        verify_checksum(part, md5, sha256, name=destination.name)
+    except ChecksumError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, destination)
+    return destination

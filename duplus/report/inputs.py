@@ -1,0 +1,130 @@
+"""Finds and reads the metrics every stage left under the results folder, for the report.
+
+A missing file means the stage did not run (None); a file that exists but is malformed is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from duplus.errors import DataError
+
+TRAIN_LOG = Path("pretrain/train_log.csv")
+UNIVERSAL = Path("evaluate/universal")
+BASELINE_SUMMARY = Path("evaluate/baseline/summary.csv")
+LORA = Path("lora")
+PROGNOSIS = Path("prognosis")
+
+_TEXT_COLUMNS = {"dataset": str, "case": str, "center": str, "class": str, "model": str, "note": str}
+
+
+@dataclass
+class ReportInputs:
+    """Everything the report reads; None (or empty) where a stage left nothing."""
+
+    results_dir: Path
+    train_log: pd.DataFrame | None = None
+    summary: pd.DataFrame | None = None
+    baseline_summary: pd.DataFrame | None = None
+    per_case: pd.DataFrame | None = None
+    efficiency: dict[str, Any] | None = None
+    examples: dict[str, Path] = field(default_factory=dict)
+    lora: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prognosis_summary: pd.DataFrame | None = None
+    prognosis_folds: pd.DataFrame | None = None
+    km: dict[str, Any] | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+    """Read a metrics CSV, checking that the ``required`` columns are there."""
+    try:
+        frame = pd.read_csv(path, dtype={k: v for k, v in _TEXT_COLUMNS.items()}, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot be read as CSV ({error})") from error
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected at least {required}")
+    return frame
+
+
+def read_json(path: Path) -> Any:
+    """Read a metrics JSON file (NaN allowed, as Python's json writes it)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from error
+
+
+def _optional_csv(inputs: ReportInputs, relative: Path, required: list[str]) -> pd.DataFrame | None:
+    path = inputs.results_dir / relative
+    if not path.is_file():
+        return None
+    inputs.files.append(path)
+    return read_csv(path, required)
+
+
+def _optional_json(inputs: ReportInputs, relative: Path) -> Any:
+    path = inputs.results_dir / relative
+    if not path.is_file():
+        return None
+    inputs.files.append(path)
+    return read_json(path)
+
+
+def load_inputs(results_dir: str | Path) -> ReportInputs:
+    """Read every stage's metrics under ``results_dir`` (missing stages stay None)."""
+    inputs = ReportInputs(results_dir=Path(results_dir))
+    inputs.train_log = _optional_csv(inputs, TRAIN_LOG, ["step", "loss", "lr", "seconds"])
+    seg_columns = ["dataset", "class", "dice", "hd95", "nsd", "n"]
+    inputs.summary = _optional_csv(inputs, UNIVERSAL / "summary.csv", seg_columns)
+    inputs.baseline_summary = _optional_csv(inputs, BASELINE_SUMMARY, seg_columns)
+    inputs.per_case = _optional_csv(inputs, UNIVERSAL / "per_case.csv", ["dataset", "case", "class", "dice"])
+    efficiency = _optional_json(inputs, UNIVERSAL / "efficiency.json")
+    if efficiency is not None and not isinstance(efficiency, dict):
+        raise DataError(f"{inputs.results_dir / UNIVERSAL / 'efficiency.json'}: expected a JSON object")
+    inputs.efficiency = efficiency
+    examples = inputs.results_dir / UNIVERSAL / "examples"
+    if examples.is_dir():
+        inputs.examples = {p.stem: p for p in sorted(examples.glob("*.npz"))}
+        inputs.files += list(inputs.examples.values())
+    inputs.lora = _load_lora(inputs)
+    inputs.prognosis_summary = _optional_csv(
+        inputs, PROGNOSIS / "summary.csv",
+        ["model", "harrell_c_mean", "harrell_c_std", "uno_c_mean", "uno_c_std", "ibs_mean", "ibs_std"])
+    inputs.prognosis_folds = _optional_csv(inputs, PROGNOSIS / "folds.csv", ["model", "fold", "harrell_c"])
+    km = _optional_json(inputs, PROGNOSIS / "km.json")
+    if km is not None and not isinstance(km, dict):
+        raise DataError(f"{inputs.results_dir / PROGNOSIS / 'km.json'}: expected a JSON object {{model: curves}}")
+    inputs.km = km
+    return inputs
+
+
+def _load_lora(inputs: ReportInputs) -> dict[str, dict[str, Any]]:
+    root = inputs.results_dir / LORA
+    if not root.is_dir():
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(root.glob("*/metrics.json")):
+        inputs.files.append(path)
+        metrics = read_json(path)
+        if not isinstance(metrics, dict):
+            raise DataError(f"{path}: expected a JSON object of adaptation metrics")
+        # The folder name is the config's adapter key (unique); "center" may repeat across datasets.
+        found[path.parent.name] = metrics
+    return found
+
+
+def number(value: Any) -> float:
+    """A metrics value as float; NaN for missing or non-numeric (a center with no data, say)."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return result

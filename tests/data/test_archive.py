@@ -1,0 +1,133 @@
+"""Safe extraction: traversal, absolute paths, escaping links, device files and zip bombs are refused."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from duplus.data.archive import read_tar_member, safe_extract
+from duplus.errors import UnsafeArchiveError
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return path
+
+
+def _file(name: str) -> tarfile.TarInfo:
+    return tarfile.TarInfo(name)
+
+
+def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+def test_good_tar_extracts_files_folders_and_inner_links(tmp_path: Path) -> None:
+    folder = tarfile.TarInfo("Task/imagesTr")
+    folder.type = tarfile.DIRTYPE
+    archive = _tar(tmp_path / "good.tar.gz", [
+        (folder, None), (_file("Task/imagesTr/a.nii.gz"), b"image-a"), (_file("Task/dataset.json"), b"{}"),
+        (_link("Task/latest.nii.gz", "imagesTr/a.nii.gz", tarfile.SYMTYPE), None),
+        (_link("Task/copy.nii.gz", "Task/imagesTr/a.nii.gz", tarfile.LNKTYPE), None),
+    ])
+    written = safe_extract(archive, tmp_path / "out")
+    assert (tmp_path / "out/Task/imagesTr/a.nii.gz").read_bytes() == b"image-a"
+    assert (tmp_path / "out/Task/latest.nii.gz").read_bytes() == b"image-a"
+    assert (tmp_path / "out/Task/copy.nii.gz").read_bytes() == b"image-a"
+    assert "Task/dataset.json" in written
+    assert read_tar_member(archive, "Task/dataset.json") == b"{}"
+
+
+@pytest.mark.parametrize("members, culprit", [
+    ([(_file("../evil.txt"), b"x")], "../evil.txt"),
+    ([(_file("Task/../../evil.txt"), b"x")], "Task/../../evil.txt"),
+    ([(_file("/etc/evil.txt"), b"x")], "/etc/evil.txt"),
+    ([(_link("Task/escape", "../../outside", tarfile.SYMTYPE), None)], "Task/escape"),
+    ([(_link("Task/abs", "/etc/passwd", tarfile.SYMTYPE), None)], "Task/abs"),
+    ([(_link("Task/hard", "../outside.txt", tarfile.LNKTYPE), None)], "Task/hard"),
+    ([(_link("Task/hardabs", "/etc/passwd", tarfile.LNKTYPE), None)], "Task/hardabs"),
+])
+def test_escaping_members_are_refused_and_nothing_is_written(tmp_path: Path, members: list, culprit: str) -> None:
+    archive = _tar(tmp_path / "bad.tar.gz", [(_file("Task/ok.txt"), b"fine"), *members])
+    with pytest.raises(UnsafeArchiveError) as caught:
+        safe_extract(archive, tmp_path / "out")
+    assert culprit in str(caught.value)
+    assert not (tmp_path / "evil.txt").exists()
+    assert not (tmp_path / "out" / "Task" / "ok.txt").exists()  # checked before the first byte is written
+
+
+@pytest.mark.parametrize("kind", [tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE])
+def test_device_and_fifo_members_are_refused(tmp_path: Path, kind: bytes) -> None:
+    device = tarfile.TarInfo("Task/dev")
+    device.type = kind
+    archive = _tar(tmp_path / "dev.tar", [(device, None)])
+    with pytest.raises(UnsafeArchiveError, match="Task/dev.*device, fifo"):
+        safe_extract(archive, tmp_path / "out")
+
+
+def test_dotdot_through_an_inner_link_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    archive = _tar(tmp_path / "chain.tar", [(_link("a", ".", tarfile.SYMTYPE), None),
+                                            (_file("a/../../outside/x.txt"), b"x")])
+    with pytest.raises(UnsafeArchiveError, match=r"a/\.\./\.\./outside/x\.txt"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "outside" / "x.txt").exists()
+
+
+def test_tar_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "big.tar.gz", [(_file("a.bin"), b"\0" * 4096), (_file("b.bin"), b"\0" * 4096)])
+    with pytest.raises(UnsafeArchiveError, match="b.bin.*limit"):
+        safe_extract(archive, tmp_path / "out", max_bytes=6000)
+
+
+def test_zip_bomb_is_refused(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("layer/zeros.bin", b"\0" * (8 << 20))
+    assert bomb.stat().st_size < 100_000  # a tiny file that claims megabytes
+    with pytest.raises(UnsafeArchiveError, match="layer/zeros.bin.*zip bomb"):
+        safe_extract(bomb, tmp_path / "out", max_bytes=1 << 20)
+    assert not (tmp_path / "out" / "layer" / "zeros.bin").exists()
+
+
+def test_zip_traversal_absolute_and_symlink_are_refused(tmp_path: Path) -> None:
+    for name, culprit in (("../evil.txt", "../evil.txt"), ("/abs.txt", "/abs.txt")):
+        archive = tmp_path / f"z{len(name)}.zip"
+        with zipfile.ZipFile(archive, "w") as bundle:
+            bundle.writestr(zipfile.ZipInfo(name), b"x")
+        with pytest.raises(UnsafeArchiveError, match=culprit.replace(".", r"\.")):
+            safe_extract(archive, tmp_path / "out")
+    link = zipfile.ZipInfo("link")
+    link.external_attr = (0o120777 << 16)
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr(link, "/etc/passwd")
+    with pytest.raises(UnsafeArchiveError, match="'link' is a symlink"):
+        safe_extract(archive, tmp_path / "out")
+
+
+def test_good_zip_extracts(tmp_path: Path) -> None:
+    archive = tmp_path / "good.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("amos22/imagesTr/amos_0001.nii.gz", b"ct")
+    assert safe_extract(archive, tmp_path / "out") == ["amos22/imagesTr/amos_0001.nii.gz"]
+    assert (tmp_path / "out/amos22/imagesTr/amos_0001.nii.gz").read_bytes() == b"ct"
+
+
+def test_read_tar_member_refuses_links(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "l.tar", [(_link("x", "/etc/passwd", tarfile.SYMTYPE), None)])
+    with pytest.raises(UnsafeArchiveError, match="'x' is not a regular file"):
+        read_tar_member(archive, "x")

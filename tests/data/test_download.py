@@ -1,0 +1,213 @@
+"""Download stage: resumable HTTP with checksums against a local server, manual datasets, user datasets, demo."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import threading
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from data_helpers import TINY, user_config
+from duplus.data import catalog, download
+from duplus.data.registry import DatasetSpec, Source
+from duplus.data.transfer import download_file
+from duplus.errors import ChecksumError, DownloadError
+
+
+class _Server:
+    """Serves ``files`` over HTTP on 127.0.0.1 with Range support and switchable faults."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.truncate = 0  # how many next responses stop half-way
+        self.ignore_range = False
+        self.ranges: list[str | None] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                data = owner.files.get(self.path)
+                owner.ranges.append(self.headers.get("Range"))
+                if data is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                header = self.headers.get("Range")
+                if header and not owner.ignore_range:
+                    start = int(header.split("=")[1].split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if owner.truncate:
+                    owner.truncate -= 1
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    srv = _Server()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+PAYLOAD = bytes(range(256)) * 400  # 100 kB
+
+
+def test_good_download_verifies_md5_and_sha256(server: _Server, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    target = download_file(f"{server.url}/f.bin", tmp_path / "f.bin", md5=hashlib.md5(PAYLOAD).hexdigest(),
+                           sha256=hashlib.sha256(PAYLOAD).hexdigest(), retries=1, backoff=0)
+    assert target.read_bytes() == PAYLOAD
+    assert not (tmp_path / "f.bin.part").exists()
+
+
+def test_wrong_checksum_names_file_expected_and_got(server: _Server, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    with pytest.raises(ChecksumError) as caught:
+        download_file(f"{server.url}/f.bin", tmp_path / "f.bin", md5="0" * 32, retries=1, backoff=0)
+    message = str(caught.value)
+    assert "f.bin" in message and "0" * 32 in message and hashlib.md5(PAYLOAD).hexdigest() in message
+    assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.bin.part").exists()
+
+
+def test_truncated_transfer_fails_without_a_final_file_then_resumes(server: _Server, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    server.truncate = 10
+    with pytest.raises(DownloadError, match="failed after 2 attempts"):
+        download_file(f"{server.url}/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest(),
+                      retries=2, backoff=0)
+    assert not (tmp_path / "f.bin").exists()
+    part = tmp_path / "f.bin.part"
+    assert 0 < part.stat().st_size < len(PAYLOAD)
+    server.truncate = 0
+    server.ranges.clear()
+    download_file(f"{server.url}/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest(),
+                  retries=1, backoff=0)
+    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
+    assert server.ranges[0] is not None and server.ranges[0].startswith("bytes=")
+
+
+def test_resume_of_a_part_file_requests_only_the_rest(server: _Server, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:30000])
+    download_file(f"{server.url}/f.bin", tmp_path / "f.bin", md5=hashlib.md5(PAYLOAD).hexdigest(), retries=1,
+                  backoff=0)
+    assert server.ranges == ["bytes=30000-"]
+    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
+
+
+def test_server_ignoring_range_restarts_cleanly(server: _Server, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    server.ignore_range = True
+    (tmp_path / "f.bin.part").write_bytes(b"garbage" * 10)
+    download_file(f"{server.url}/f.bin", tmp_path / "f.bin", md5=hashlib.md5(PAYLOAD).hexdigest(), retries=1,
+                  backoff=0)
+    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
+
+
+def test_missing_url_is_a_permanent_error(server: _Server, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download_file(f"{server.url}/nope.tar", tmp_path / "nope.tar", retries=3, backoff=0)
+    assert len(server.ranges) == 1  # no retries on a 404
+
+
+def _msd_tar() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in (("Task99_Toy/dataset.json", b'{"training": []}'), ("Task99_Toy/imagesTr/a.nii.gz", b"a")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_url_dataset_downloads_extracts_and_records(server: _Server, tmp_path: Path, monkeypatch) -> None:
+    archive = _msd_tar()
+    server.files["/Task99_Toy.tar"] = archive
+    spec = DatasetSpec("toy_msd", "CT", None, "abdomen", {1: "spleen"}, "url",
+                       Source(url=f"{server.url}/Task99_Toy.tar", filename="Task99_Toy.tar",
+                              md5=hashlib.md5(archive).hexdigest(), subdir="Task99_Toy"))
+    monkeypatch.setitem(catalog.BUILTIN, "toy_msd", spec)
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
+    record_path = tmp_path / "raw" / "toy_msd" / "download.json"
+    record = download.run_download("toy_msd", {"datasets": {"toy_msd": {}}}, record_path)
+    assert json.loads(record_path.read_text()) == record
+    root = Path(record["root"])
+    assert root == (tmp_path / "raw" / "toy_msd" / "Task99_Toy").resolve()
+    assert set(record["files"]) == {"dataset.json", "imagesTr/a.nii.gz"}
+    assert record["files"]["imagesTr/a.nii.gz"] == hashlib.sha256(b"a").hexdigest()
+    assert not (root / "imagesTr" / "a.nii.gz").stat().st_mode & 0o222  # raw data is read-only
+    # A wrong checksum fails the stage and leaves no record.
+    monkeypatch.setitem(catalog.BUILTIN, "toy_msd", replace(spec, source=replace(spec.source, md5="1" * 32)))
+    with pytest.raises(ChecksumError, match="Task99_Toy.tar.*expected 1{32}"):
+        download.run_download("toy_msd", {}, tmp_path / "raw2" / "toy_msd" / "download.json")
+    assert not (tmp_path / "raw2" / "toy_msd" / "download.json").exists()
+
+
+def test_manual_dataset_lists_what_is_missing_and_where(tmp_path: Path) -> None:
+    record = tmp_path / "raw" / "structseg_thorax" / "download.json"
+    with pytest.raises(DownloadError) as caught:
+        download.run_download("structseg_thorax", {}, record)
+    message = str(caught.value)
+    assert str(tmp_path / "raw" / "structseg_thorax" / "Thoracic_OAR" / "*" / "data.nii.gz") in message
+    assert "found 0 file(s), need at least 50" in message and "grand-challenge" in message
+    assert not record.exists()
+
+
+def test_manual_dataset_in_place_is_recorded(tmp_path: Path) -> None:
+    root = tmp_path / "raw" / "brain_structures"
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "s1.nii.gz").write_bytes(folder.encode())
+    record = download.run_download("brain_structures", {}, root / "download.json")
+    assert set(record["files"]) == {"imagesTr/s1.nii.gz", "labelsTr/s1.nii.gz"}
+
+
+def test_user_msd_dataset_is_recorded_not_copied_or_written(msd_folder, tmp_path: Path) -> None:
+    root = msd_folder(n=2)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    record_path = tmp_path / "raw" / "mydata" / "download.json"
+    record = download.run_download("mydata", user_config(root), record_path)
+    assert record["root"] == str(root.resolve()) and record["kind"] == "msd"
+    assert "imagesTr/case00.nii.gz" in record["files"]
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+    assert sorted(p.name for p in record_path.parent.iterdir()) == ["download.json"]
+
+
+def test_demo_download_generates_and_reruns_identically(tmp_path: Path) -> None:
+    config = {**TINY, "demo": {"cases_per_center": 1, "headneck_patients": 2}}
+    record_path = tmp_path / "raw" / "demo_abdomen_mri" / "download.json"
+    first = download.run_download("demo_abdomen_mri", config, record_path)
+    record_path.unlink()
+    second = download.run_download("demo_abdomen_mri", config, record_path)
+    assert first == second and len(first["files"]) == 5  # 2 images, 2 labels, dataset.json
+    assert not [p for p in (tmp_path / "raw").iterdir() if p.name.startswith(".")]  # no leftovers

@@ -1,0 +1,83 @@
+"""Integrity check: every problem of a dataset is reported at once, each naming its case and file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from data_helpers import make_volume, user_config
+from duplus.data.integrity import check_cases
+from duplus.data.layouts import list_cases
+from duplus.data.registry import get_dataset
+from duplus.errors import IntegrityError
+
+
+def _write(image: sitk.Image, path: Path) -> None:
+    sitk.WriteImage(image, str(path))
+
+
+def _break(root: Path) -> dict[str, str]:
+    """Damage cases 1..6 of an MSD folder in six different ways; returns case -> expected message fragment."""
+    image, label = make_volume(seed=1)
+    moved = sitk.Image(label)
+    moved.SetOrigin((0.0, 0.0, 0.0))
+    _write(moved, root / "labelsTr" / "case01.nii.gz")
+    array = sitk.GetArrayFromImage(label)
+    array[0, 0, 0] = 7
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(label)
+    _write(bad, root / "labelsTr" / "case02.nii.gz")
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    values[2, 2, 2] = np.nan
+    nan = sitk.GetImageFromArray(values)
+    nan.CopyInformation(image)
+    _write(nan, root / "imagesTr" / "case03.nii.gz")
+    _write(sitk.JoinSeries([image, image]), root / "imagesTr" / "case04.nii.gz")
+    (root / "labelsTr" / "case05.nii.gz").unlink()
+    constant = sitk.Image(image.GetSize(), sitk.sitkInt16)
+    constant.CopyInformation(image)
+    _write(constant, root / "imagesTr" / "case06.nii.gz")
+    return {"case01": "origin", "case02": "values [7]", "case03": "NaN", "case04": "4-D", "case05": "not found",
+            "case06": "constant"}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_all_problems_are_listed_by_case_and_file(msd_folder, threads: int) -> None:
+    root = msd_folder(n=7)
+    expected = _break(root)
+    spec = get_dataset("mydata", user_config(root))
+    with pytest.raises(IntegrityError) as caught:
+        check_cases("mydata", list_cases(spec, root), sorted(spec.labels), threads=threads)
+    message = str(caught.value)
+    assert "6 problem(s) in 7 cases" in message
+    lines = {line.strip().split(":")[0]: line for line in message.splitlines()[1:]}
+    for case, fragment in expected.items():
+        assert f"case {case}" in lines, case
+        assert fragment in lines[f"case {case}"], (case, lines[f"case {case}"])
+        assert f"{case}.nii.gz" in lines[f"case {case}"]
+    assert "case case00" not in message
+
+
+def test_spacing_and_direction_mismatch_are_reported(msd_folder) -> None:
+    root = msd_folder(n=2)
+    _, label = make_volume(seed=0)
+    stretched = sitk.Image(label)
+    stretched.SetSpacing((2.0, 2.0, 3.5))
+    _write(stretched, root / "labelsTr" / "case00.nii.gz")
+    flipped = sitk.Image(make_volume(seed=1)[1])
+    flipped.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    _write(flipped, root / "labelsTr" / "case01.nii.gz")
+    spec = get_dataset("mydata", user_config(root))
+    with pytest.raises(IntegrityError) as caught:
+        check_cases("mydata", list_cases(spec, root), [1, 2])
+    assert "case case00" in str(caught.value) and "spacing" in str(caught.value)
+    assert "case case01" in str(caught.value) and "direction" in str(caught.value)
+
+
+def test_clean_dataset_passes(msd_folder) -> None:
+    root = msd_folder(n=3)
+    spec = get_dataset("mydata", user_config(root))
+    assert check_cases("mydata", list_cases(spec, root), [1, 2]) == 3

@@ -1,0 +1,102 @@
+"""Image reading and writing: formats, DICOM series, 4-D volumes and every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from data_helpers import make_volume, write_dicom_series
+from duplus.data.io import read_image, write_image
+from duplus.errors import DataError
+
+
+def test_nifti_nrrd_mha_round_trip_geometry(tmp_path: Path) -> None:
+    image, _ = make_volume(direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    for suffix in (".nii.gz", ".nrrd", ".mha"):
+        path = tmp_path / f"img{suffix}"
+        write_image(image, path)
+        back = read_image(path)
+        assert back.GetSize() == image.GetSize()
+        assert np.allclose(back.GetDirection(), image.GetDirection())
+        assert np.allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.mha", "img.nii.gz", "img.nrrd"]  # no temp files
+
+
+def test_atomic_write_keeps_the_nifti_suffix(tmp_path: Path, monkeypatch) -> None:
+    seen = []
+    original = sitk.WriteImage
+
+    def spy(image: sitk.Image, name: str, *args, **kwargs) -> None:
+        seen.append(name)
+        original(image, name, *args, **kwargs)
+
+    monkeypatch.setattr(sitk, "WriteImage", spy)
+    write_image(make_volume()[1], tmp_path / "label.nii.gz")
+    assert seen[0].endswith(".nii.gz") and seen[0] != str(tmp_path / "label.nii.gz")
+    with gzip.open(tmp_path / "label.nii.gz") as handle:  # really gzip-compressed NIfTI
+        assert handle.read(348)[344:348] in (b"n+1\0", b"ni1\0")
+
+
+def test_dicom_series_folder(tmp_path: Path) -> None:
+    image, _ = make_volume(shape_zyx=(5, 8, 9), spacing=(0.8, 0.8, 2.5))
+    write_dicom_series(image, tmp_path / "series")
+    volume = read_image(tmp_path / "series")
+    assert volume.GetSize() == image.GetSize()
+    assert np.allclose(volume.GetSpacing(), image.GetSpacing(), atol=1e-3)
+    assert np.array_equal(sitk.GetArrayFromImage(volume), sitk.GetArrayFromImage(image))
+    with pytest.raises(DataError, match="no DICOM series"):
+        read_image(tmp_path)
+
+
+def test_four_d_needs_a_channel(tmp_path: Path) -> None:
+    volumes = [make_volume(seed=s)[0] for s in range(3)]
+    path = tmp_path / "cine.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries(volumes), str(path))
+    with pytest.raises(DataError, match=r"cine\.nii\.gz.*4-D with 3 volumes"):
+        read_image(path)
+    frame = read_image(path, channel=2)
+    assert np.array_equal(sitk.GetArrayFromImage(frame), sitk.GetArrayFromImage(volumes[2]))
+    with pytest.raises(DataError, match="volume 5 asked for"):
+        read_image(path, channel=5)
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "truncated_raw", "garbage", "two_d", "nan", "inf_mha",
+                                  "zero_spacing"])
+def test_bad_inputs_raise_data_error_naming_the_file(tmp_path: Path, case: str) -> None:
+    path = tmp_path / f"{case}.nii.gz"
+    expected = {"missing": "not found", "truncated": "truncated", "truncated_raw": "truncated",
+                "garbage": "cannot read", "two_d": "2-D", "nan": "NaN", "inf_mha": "NaN/Inf",
+                "zero_spacing": "spacing"}[case]
+    if case in ("truncated", "truncated_raw"):
+        if case == "truncated_raw":
+            path = tmp_path / "truncated_raw.nii"
+        sitk.WriteImage(make_volume()[0], str(path))
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "garbage":
+        path.write_bytes(b"this is not an image at all" * 10)
+    elif case == "two_d":
+        sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(path))
+    elif case == "nan":
+        array = np.zeros((4, 5, 6), dtype=np.float32)
+        array[1, 2, 3] = np.nan
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(path))  # ITK alone would read the NaN as 0
+    elif case == "inf_mha":
+        path = tmp_path / "inf.mha"
+        array = np.zeros((4, 5, 6), dtype=np.float32)
+        array[0, 0, 0] = np.inf
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    elif case == "zero_spacing":
+        path = tmp_path / "zero_spacing.nrrd"
+        sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkInt16), str(path))
+        text = path.read_bytes().replace(b"space directions: (1,0,0) (0,1,0) (0,0,1)",
+                                         b"space directions: (0,0,0) (0,1,0) (0,0,1)")
+        path.write_bytes(text)
+    with pytest.raises(DataError) as caught:
+        read_image(path)
+    assert str(path) in str(caught.value) and expected in str(caught.value)

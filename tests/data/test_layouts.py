@@ -1,0 +1,103 @@
+"""Raw layouts of the paper's datasets, on miniature replicas: CHAOS DICOM + PNG, M&Ms 4-D cine, AMOS, HECKTOR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from data_helpers import make_volume, write_dicom_series
+from duplus.data.integrity import check_cases
+from duplus.data.layouts import list_cases, read_case
+from duplus.data.preprocess import process_case, settings
+from duplus.data.registry import get_dataset
+from duplus.errors import DataError
+
+
+def test_chaos_pngs_follow_the_dicom_slice_order(tmp_path: Path) -> None:
+    image, label = make_volume(shape_zyx=(6, 10, 12), spacing=(1.5, 1.5, 5.0))
+    reversed_direction = (1, 0, 0, 0, 1, 0, 0, 0, -1)  # file order opposite to the reader's slice order
+    image.SetDirection(reversed_direction)
+    label.SetDirection(reversed_direction)
+    patient = tmp_path / "Train_Sets" / "MR" / "3" / "T2SPIR"
+    files = write_dicom_series(image, patient / "DICOM_anon")
+    grey = {0: 0, 1: 63, 2: 252}
+    array = sitk.GetArrayFromImage(label)
+    (patient / "Ground").mkdir()
+    for k, dicom in enumerate(files):
+        png = np.vectorize(grey.get)(array[k]).astype(np.uint8)
+        sitk.WriteImage(sitk.GetImageFromArray(png), str(patient / "Ground" / f"{dicom.stem}.png"))
+    spec = get_dataset("chaos_t2")
+    cases = list_cases(spec, tmp_path / "Train_Sets")
+    assert [c.case_id for c in cases] == ["chaos_3"]
+    read_image_, read_label = read_case(cases[0])
+    assert read_label is not None
+    # Grey values become ids (63 liver -> 1, 252 spleen -> 4); each label slice sits on the image slice
+    # that came from the DICOM file of the same name, whatever order the series reader chose.
+    mapped = np.select([array == 1, array == 2], [1, 4], 0)
+    source, loaded = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(read_image_)
+    order = [next(k for k in range(len(files)) if np.array_equal(loaded[j], source[k])) for j in range(len(files))]
+    assert order == list(range(len(files)))[::-1]  # the reader did reorder the files
+    assert np.array_equal(sitk.GetArrayFromImage(read_label), mapped[order])
+    check_cases("chaos_t2", cases, sorted(spec.labels))
+
+
+def test_mnms_gives_one_case_per_phase_from_4d_files(tmp_path: Path) -> None:
+    frames = [make_volume(seed=s) for s in range(4)]
+    subject = tmp_path / "OpenDataset" / "Training" / "Labeled" / "A1B2C3"
+    subject.mkdir(parents=True)
+    sitk.WriteImage(sitk.JoinSeries([f[0] for f in frames]), str(subject / "A1B2C3_sa.nii.gz"))
+    sitk.WriteImage(sitk.JoinSeries([f[1] for f in frames]), str(subject / "A1B2C3_sa_gt.nii.gz"))
+    (tmp_path / "OpenDataset" / "info.csv").write_text("External code,VendorName,Vendor,Centre,ED,ES\n"
+                                                      "A1B2C3,Siemens,A,1,0,2\n")
+    spec = get_dataset("mnms")
+    cases = list_cases(spec, tmp_path)
+    assert [(c.case_id, c.channel, c.center) for c in cases] == [("A1B2C3_ed", 0, "centre1"),
+                                                                 ("A1B2C3_es", 2, "centre1")]
+    image, label = read_case(cases[1])
+    assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(frames[2][0]))
+    # Preprocessing keeps a 3-D copy of the chosen frame for evaluation in the original space.
+    row = process_case(cases[1], spec, settings({}), 0, str(tmp_path / "stage"), str(tmp_path / "final"))
+    assert row["raw_image"] == str((tmp_path / "final" / "A1B2C3_es" / "image_original.nii.gz").resolve())
+    copy = sitk.ReadImage(str(tmp_path / "stage" / "A1B2C3_es" / "image_original.nii.gz"))
+    assert copy.GetDimension() == 3
+
+
+def test_amos_splits_ct_and_mri_by_case_number(tmp_path: Path) -> None:
+    root = tmp_path / "amos22"
+    for folder in ("imagesTr", "labelsTr", "imagesVa", "labelsVa"):
+        (root / folder).mkdir(parents=True)
+    for name, folder in (("amos_0001", "Tr"), ("amos_0507", "Tr"), ("amos_0008", "Va")):
+        for kind in ("images", "labels"):
+            (root / f"{kind}{folder}" / f"{name}.nii.gz").write_bytes(b"x")
+    assert [c.case_id for c in list_cases(get_dataset("amos_ct"), root)] == ["amos_0001", "amos_0008"]
+    assert [c.case_id for c in list_cases(get_dataset("amos_mr"), root)] == ["amos_0507"]
+
+
+def test_hecktor_label_on_the_ct_grid_is_resampled_onto_pet(tmp_path: Path) -> None:
+    pet, _ = make_volume(shape_zyx=(10, 12, 12), spacing=(4.0, 4.0, 4.0))
+    _, label = make_volume(shape_zyx=(20, 24, 24), spacing=(2.0, 2.0, 2.0))
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    sitk.WriteImage(sitk.Cast(pet, sitk.sitkFloat32), str(tmp_path / "imagesTr" / "CHUM-001__PT.nii.gz"))
+    sitk.WriteImage(label, str(tmp_path / "labelsTr" / "CHUM-001.nii.gz"))
+    spec = get_dataset("hecktor2022")
+    cases = list_cases(spec, tmp_path)
+    assert [(c.case_id, c.center) for c in cases] == [("CHUM-001", "CHUM")]
+    image, resampled = read_case(cases[0])
+    assert resampled is not None and resampled.GetSize() == image.GetSize()
+    check_cases("hecktor2022", cases, [1, 2])
+
+
+def test_empty_or_missing_folders_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        list_cases(get_dataset("kits19"), tmp_path / "nowhere")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match="no cases found"):
+        list_cases(get_dataset("kits19"), tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/a.nii.gz"}]}))
+    with pytest.raises(DataError, match=r"training\[0\] needs 'image' and 'label'"):
+        list_cases(get_dataset("msd_spleen"), tmp_path)

@@ -1,0 +1,174 @@
+"""Preprocessing: the array store and manifest of the contract, splits, user datasets, failure leaves outputs intact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from data_helpers import TINY, user_config
+from duplus.data import preprocess
+from duplus.data.download import run_download
+from duplus.errors import DataError, IntegrityError
+from duplus.hashing import sha256_file
+
+COLUMNS = ["dataset", "case", "center", "modality", "sequence", "region", "split", "image", "label", "meta",
+           "locations", "shape", "labels", "raw_image", "raw_label"]
+
+
+@pytest.fixture(scope="module")
+def demo_store(demo_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("preprocessed")
+    for name in ("demo_abdomen_ct", "demo_abdomen_mri", "demo_headneck_pet"):
+        preprocess.run_preprocess(name, TINY, demo_raw / name / "download.json", out / name / "manifest.csv", 1)
+    return out
+
+
+@pytest.mark.parametrize("name, modality, labels", [
+    ("demo_abdomen_ct", "CT",
+     {"1": "liver", "2": "right kidney", "3": "left kidney", "4": "spleen", "5": "liver tumor"}),
+    ("demo_abdomen_mri", "MRI", {"1": "liver", "2": "right kidney", "3": "left kidney", "4": "spleen"}),
+    ("demo_headneck_pet", "PET", {"1": "primary tumor", "2": "lymph node"}),
+])
+def test_manifest_and_arrays_follow_the_contract(demo_store: Path, name: str, modality: str, labels: dict) -> None:
+    folder = demo_store / name
+    manifest = pd.read_csv(folder / "manifest.csv", keep_default_na=False)
+    assert list(manifest.columns) == COLUMNS
+    assert set(manifest["modality"]) == {modality} and set(manifest["dataset"]) == {name}
+    assert set(manifest["split"]) <= {"train", "test"}
+    for center, rows in manifest.groupby("center"):
+        assert (rows["split"] == "test").sum() >= 1 and (rows["split"] == "train").sum() >= 1, center
+    for row in manifest.itertuples():
+        assert json.loads(row.labels) == labels
+        image = np.load(folder / row.image, mmap_mode="r")
+        label = np.load(folder / row.label)
+        assert image.dtype == np.float32 and label.dtype == np.uint8
+        assert image.shape == label.shape == tuple(int(n) for n in row.shape.split("x"))
+        assert set(np.unique(label).tolist()) <= {0, *map(int, labels)}
+        assert np.isfinite(image).all()
+        locations = np.load(folder / row.locations)
+        for key in labels:
+            points = locations[key]
+            assert points.dtype == np.int32 and points.ndim == 2 and points.shape[1] == 3
+            assert len(points) <= preprocess.MAX_LOCATIONS
+            if len(points):
+                assert (label[tuple(points.T)] == int(key)).all()
+        meta = json.loads((folder / row.meta).read_text())
+        assert meta["resampled"]["direction"] == [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]
+        assert meta["target_spacing"] == TINY["preprocess"]["spacing"]
+        assert meta["original"]["orientation"] in ("LPS", "RAS", "LPI")
+        assert Path(row.raw_image).is_absolute() and Path(row.raw_image).is_file()
+        assert Path(row.raw_label).is_file()
+
+
+def test_ct_window_and_zscore(demo_store: Path) -> None:
+    folder = demo_store / "demo_abdomen_ct"
+    manifest = pd.read_csv(folder / "manifest.csv")
+    meta = json.loads((folder / manifest["meta"][0]).read_text())
+    assert meta["normalization"]["kind"] == "ct_window" and meta["normalization"]["clip"] == [-991.0, 500.0]
+    image = np.load(folder / manifest["image"][0])
+    low = (-991.0 - meta["normalization"]["mean"]) / meta["normalization"]["std"]
+    assert image.min() >= low - 1e-4  # clipped before z-scoring
+    label = np.load(folder / manifest["label"][0])
+    assert abs(float(image[label > 0].mean())) < 2.0
+
+
+def test_mri_is_clipped_at_body_percentiles(demo_store: Path) -> None:
+    folder = demo_store / "demo_abdomen_mri"
+    meta = json.loads((folder / pd.read_csv(folder / "manifest.csv")["meta"][0]).read_text())
+    assert meta["normalization"]["kind"] == "percentiles" and meta["normalization"]["percentiles"] == [2.0, 98.0]
+
+
+def test_siteB_was_reoriented_and_cropped(demo_store: Path) -> None:
+    folder = demo_store / "demo_abdomen_ct"
+    meta = json.loads((folder / "abdct_siteB_000" / "meta.json").read_text())
+    assert meta["original"]["orientation"] == "RAS"
+    full = [int(s) for s in meta["resampled"]["size"]][::-1]
+    box = meta["crop_box"]
+    assert any(b[1] - b[0] < n for b, n in zip(box, full))  # air around the body is cropped away
+
+
+def test_splits_are_deterministic_and_per_center() -> None:
+    rows = [{"case": f"c{i}", "center": "big"} for i in range(8)] + [{"case": "s0", "center": "small"},
+                                                                      {"case": "s1", "center": "small"},
+                                                                      {"case": "o0", "center": "one"}]
+    preprocess.assign_splits(rows, seed=0, test_fraction=0.25)
+    splits = {r["case"]: r["split"] for r in rows}
+    assert sum(splits[f"c{i}"] == "test" for i in range(8)) == 2
+    assert sorted([splits["s0"], splits["s1"]]) == ["test", "train"]
+    assert splits["o0"] == "train"
+    again = [dict(r, split=None) for r in rows]
+    preprocess.assign_splits(again, seed=0, test_fraction=0.25)
+    assert {r["case"]: r["split"] for r in again} == splits
+    other = [dict(r, split=None) for r in rows]
+    preprocess.assign_splits(other, seed=1, test_fraction=0.5)
+    assert sum(r["split"] == "test" for r in other if r["center"] == "big") == 4
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_user_msd_dataset_in_parallel_and_failures_leave_outputs_untouched(msd_folder, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    root = msd_folder(n=4)
+    config = user_config(root)
+    record = tmp_path / "raw" / "mydata" / "download.json"
+    run_download("mydata", config, record)
+    manifest_path = tmp_path / "pre" / "mydata" / "manifest.csv"
+    frame = preprocess.run_preprocess("mydata", config, record, manifest_path, threads=2)
+    assert list(frame["case"]) == ["case00", "case01", "case02", "case03"]
+    assert set(frame["center"]) == {"north", "south"}
+    assert json.loads(frame["labels"][0]) == {"1": "liver", "2": "liver tumor"}
+    assert frame["raw_image"][0] == str((root / "imagesTr" / "case00.nii.gz").resolve())
+    before = _hashes(manifest_path.parent)
+
+    # A worker that fails half-way: nothing of the new run is installed.
+    original = preprocess.process_case
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise DataError("dataset mydata, case case02: simulated failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "process_case", flaky)
+    config["preprocess"]["spacing"] = [3.0, 3.0, 3.0]
+    with pytest.raises(DataError, match="simulated failure"):
+        preprocess.run_preprocess("mydata", config, record, manifest_path, threads=1)
+    assert _hashes(manifest_path.parent) == before
+    monkeypatch.setattr(preprocess, "process_case", original)
+
+    # A dataset that fails its integrity check: nothing is written either.
+    image = sitk.ReadImage(str(root / "imagesTr" / "case01.nii.gz"))
+    sitk.WriteImage(image[:, :, :5], str(root / "labelsTr" / "case01.nii.gz"))
+    with pytest.raises(IntegrityError, match="case case01"):
+        preprocess.run_preprocess("mydata", config, record, manifest_path, threads=1)
+    assert _hashes(manifest_path.parent) == before
+    assert not [p for p in manifest_path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_record_of_another_dataset_is_refused(demo_raw: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="records dataset 'demo_abdomen_ct', expected 'demo_abdomen_mri'"):
+        preprocess.run_preprocess("demo_abdomen_mri", TINY, demo_raw / "demo_abdomen_ct" / "download.json",
+                                  tmp_path / "m.csv", 1)
+
+
+def test_user_csv_dataset_preprocesses(msd_folder, tmp_path: Path) -> None:
+    root = msd_folder(n=3)
+    table = tmp_path / "list.csv"
+    rows = [f"{root}/imagesTr/case0{i}.nii.gz,{root}/labelsTr/case0{i}.nii.gz,{'AB'[i % 2]}" for i in range(3)]
+    table.write_text("image,label,center\n" + "\n".join(rows) + "\n")
+    config = user_config(table, kind="csv")
+    record = tmp_path / "raw" / "mydata" / "download.json"
+    assert run_download("mydata", config, record)["root"] == str(table.resolve())
+    (tmp_path / "pre" / "mydata" / ".staging-killed").mkdir(parents=True)  # left by a killed run
+    frame = preprocess.run_preprocess("mydata", config, record, tmp_path / "pre" / "mydata" / "manifest.csv", 1)
+    assert list(frame["center"]) == ["A", "B", "A"]
+    assert list(frame[frame["center"] == "A"]["split"]).count("test") == 1
+    assert not (tmp_path / "pre" / "mydata" / ".staging-killed").exists()

@@ -1,0 +1,112 @@
+"""Tables 1-4 from fake metrics: rounded values, baseline and published columns, published rows."""
+
+import csv
+import io
+
+from duplus.report.inputs import load_inputs
+from duplus.report.tables import (adaptation_per_class_tables, adaptation_table, efficiency_table,
+                                  per_class_tables, prognosis_table, segmentation_table)
+
+
+def _rows(table) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(table.to_csv())))
+
+
+def test_segmentation_table_means_baseline_and_published(results):
+    inputs = load_inputs(results)
+    table = segmentation_table(inputs.summary, inputs.baseline_summary, published=True)
+    rows = {r["dataset"]: r for r in _rows(table)}
+    demo, btcv = rows["demo_abdomen_ct"], rows["btcv"]
+    assert (demo["Dice"], demo["HD95 (mm)"], demo["NSD"]) == ("0.706", "12.3", "0.638")
+    assert (demo["cases"], demo["classes"]) == ("4", "2")
+    assert (btcv["Dice"], btcv["HD95 (mm)"], btcv["NSD"]) == ("0.889", "3.0", "0.812")
+    # Baseline only where it was run.
+    assert (btcv["baseline Dice"], btcv["baseline HD95 (mm)"], btcv["baseline NSD"]) == ("0.915", "1.8", "0.945")
+    assert demo["baseline Dice"] == ""
+    # Published values in their own marked columns; none for the synthetic demo.
+    assert btcv["nnU-Net Dice (published)"] == "0.8308"
+    assert btcv["Swin-UNETR Dice (published)"] == "0.7889"
+    assert btcv["benchmark (published)"] == "BTCV"
+    assert demo["nnU-Net Dice (published)"] == "" and demo["benchmark (published)"] == ""
+    overall = rows["all datasets (mean)"]
+    assert overall["Dice"] == f"{(0.70617 + 0.88888) / 2:.3f}"
+    md = table.to_markdown()
+    assert "nnU-Net Dice (published)" in md and "| demo_abdomen_ct |" in md
+    assert "| — |" in md  # missing published value shown as a dash
+    assert any("not measured here" in note for note in table.notes)
+    tex = table.to_latex()
+    assert "demo\\_abdomen\\_ct" in tex and "nnU-Net Dice (published)" in tex
+
+
+def test_segmentation_table_without_published_or_baseline(results):
+    inputs = load_inputs(results)
+    table = segmentation_table(inputs.summary, None, published=False)
+    headers = [c.title for c in table.columns]
+    assert not any("published" in h or "baseline" in h for h in headers)
+    assert not any("not measured here" in n for n in table.notes)
+
+
+def test_per_class_tables_keep_inf_and_put_mean_last(results):
+    inputs = load_inputs(results)
+    tables = {t.name: t for t in per_class_tables(inputs.summary, inputs.baseline_summary)}
+    assert set(tables) == {"table1_per_class_demo_abdomen_ct", "table1_per_class_btcv"}
+    demo = _rows(tables["table1_per_class_demo_abdomen_ct"])
+    assert [r["class"] for r in demo] == ["liver", "liver tumor", "mean"]
+    assert demo[1]["HD95 (mm)"] == "inf"
+    assert "baseline Dice" not in demo[0]
+    btcv = _rows(tables["table1_per_class_btcv"])
+    assert btcv[0]["baseline Dice"] == "0.930"
+
+
+def test_adaptation_table(results):
+    inputs = load_inputs(results)
+    (row,) = _rows(adaptation_table(inputs.lora))
+    assert row["adapter"] == "ct_siteB" and row["center"] == "siteB" and row["dataset"] == "demo_abdomen_ct"
+    dice = (row["zero-shot Dice"], row["LoRA Dice"], row["full FT Dice"], row["gap closed"])
+    assert dice == ("0.612", "0.801", "0.840", "0.829")
+    params = (row["LoRA trainable params"], row["full FT trainable params"], row["LoRA share (%)"])
+    assert params == ("25000", "1000000", "2.50")
+    assert (row["adapter (MB)"], row["checkpoint (MB)"]) == ("0.10", "4.00")
+    assert (row["LoRA time (s)"], row["full FT time (s)"]) == ("12.35", "20.00")
+    assert (row["LoRA peak memory (MB)"], row["full FT peak memory (MB)"]) == ("900", "1101")
+    (per_class,) = adaptation_per_class_tables(inputs.lora)
+    assert [r["class"] for r in _rows(per_class)] == ["liver", "liver tumor"]
+    assert _rows(per_class)[1]["LoRA Dice"] == "0.750"
+
+
+def test_adaptation_tolerates_missing_fields():
+    (row,) = _rows(adaptation_table({"x": {"center": "c", "dataset": "d", "lora_dice": 0.5}}))
+    assert row["LoRA Dice"] == "0.500" and row["zero-shot Dice"] == "" and row["LoRA share (%)"] == ""
+    assert adaptation_per_class_tables({"x": {"per_class": None}}) == []
+
+
+def test_prognosis_table_order_measured_and_published_rows(results):
+    inputs = load_inputs(results)
+    table = prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published=True)
+    rows = _rows(table)
+    assert [r["model"] for r in rows[:3]] == ["ehr_coxph", "ehr_rsf", "image_ehr_text"]
+    assert rows[0]["Harrell C"] == "0.654 ± 0.043"
+    assert rows[0]["IBS"] == "0.201 ± 0.012"
+    assert rows[0]["source"] == "measured (2-fold CV)"
+    published = {r["model"]: r for r in rows[3:]}
+    assert published["HECKTOR 2022 best"]["Harrell C"] == "0.682"
+    assert published["HECKTOR 2021 best"]["Harrell C"] == "0.720"
+    assert published["DuPLUS (paper)"]["Harrell C"] == "0.69 ± 0.02"
+    assert all(r["source"].startswith("published:") for r in published.values())
+    assert any("ehr_mlp" in n and "image_mlp" in n for n in table.notes)  # models not in this run are named
+    assert any("no events in center C" in n for n in table.notes)
+    assert "0.69 $\\pm$ 0.02" in table.to_latex()
+
+
+def test_efficiency_table_units_and_published_rows(results):
+    inputs = load_inputs(results)
+    rows = _rows(efficiency_table(inputs.efficiency, published=True))
+    ours = rows[0]
+    assert (ours["params (M)"], ours["MACs per window (G)"], ours["window"]) == ("1.23", "2.50", "32x32x32")
+    cost = (ours["seconds per volume"], ours["peak memory (MB)"], ours["class-scaling ratio"])
+    assert cost == ("1.23", "813", "1.08")
+    assert ours["source"] == "measured"
+    swin = next(r for r in rows if r["model"].startswith("Swin-UNETR"))
+    assert (swin["params (M)"], swin["MACs per window (G)"], swin["window"]) == ("62.19", "321", "96x96x96")
+    assert swin["source"].startswith("published:")
+    assert len(_rows(efficiency_table(inputs.efficiency, published=False))) == 1
