@@ -2,6 +2,7 @@ rule cache_prompts:
     """Encode every context (T1) and target (T2) prompt of the run once; training only looks them up."""
     output:
         cache=results_dir() / "prompts" / "{encoder}.safetensors",
+        manifest=results_dir() / "prompts" / "{encoder}.json",
     log:
         "logs/cache_prompts/{encoder}.log",
     threads: 2

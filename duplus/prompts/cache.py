@@ -1,0 +1,322 @@
+"""Prompt cache: one embedding per prompt text in a safetensors file plus a JSON manifest beside it.
+
+Built once per run by the cache_prompts stage; training and inference only look texts up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+import torch
+
+from duplus.atomic import atomic_path, write_json
+from duplus.errors import PromptError
+from duplus.hashing import sha256_file, sha256_text
+
+log = logging.getLogger(__name__)
+
+FORMAT = "duplus-prompt-cache/1"
+_RERUN = "rerun the cache_prompts stage (snakemake --forcerun cache_prompts)"
+
+
+class Encoder(Protocol):
+    """What the cache needs from a text encoder (``duplus.prompts.encoder.TextEncoder`` fits)."""
+
+    @property
+    def identity(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor: ...
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """The manifest beside a cache: ``results/prompts/minilm.safetensors`` -> ``minilm.json``."""
+    return Path(path).with_suffix(".json")
+
+
+class PromptCache:
+    """Embeddings of prompt texts made by one text encoder; read-only once built."""
+
+    def __init__(self, vectors: dict[str, torch.Tensor], encoder_identity: str, dim: int,
+                 path: str | os.PathLike | None = None) -> None:
+        self._vectors = {text: vector.detach().to(torch.float32).reshape(-1) for text, vector in vectors.items()}
+        self.encoder_identity = encoder_identity
+        self.dim = int(dim)
+        self.path = Path(path) if path is not None else None
+        for text, vector in self._vectors.items():
+            if vector.numel() != self.dim:
+                raise PromptError(f"prompt {text!r} has {vector.numel()} values, not the cache's {self.dim} ({self._where()})")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PromptCache":
+        """Read and validate a cache and its manifest; ``PromptError`` naming the file otherwise."""
+        path = Path(path)
+        if not path.is_file():
+            raise PromptError(f"prompt cache {path} does not exist; run the cache_prompts stage (snakemake {path})")
+        cache, digest = _read_tensors(path)
+        _check_manifest(path, cache, digest)
+        return cache
+
+    @property
+    def texts(self) -> list[str]:
+        """Every cached text, sorted."""
+        return sorted(self._vectors)
+
+    def __contains__(self, text: object) -> bool:
+        return text in self._vectors
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def __repr__(self) -> str:
+        return f"PromptCache({self._where()}, {len(self)} texts, dim={self.dim}, encoder={self.encoder_identity})"
+
+    def get(self, text: str) -> torch.Tensor:
+        """The embedding of ``text`` (Tensor[D]); a miss raises ``PromptError`` naming the text."""
+        try:
+            return self._vectors[text].clone()
+        except KeyError:
+            raise PromptError(
+                f"prompt {text!r} is not in the prompt cache {self._where()} (encoder {self.encoder_identity}); "
+                f"{_RERUN} after changing datasets or templates, or add free-text prompts with ensure_prompts"
+            ) from None
+
+    def get_many(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embeddings of ``texts`` stacked in order (Tensor[N, D])."""
+        if not texts:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self.get(text) for text in texts])
+
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """A copy of the {text: embedding} mapping."""
+        return {text: vector.clone() for text, vector in self._vectors.items()}
+
+    def _where(self) -> str:
+        return str(self.path) if self.path else "<in memory>"
+
+
+def _read_tensors(path: Path) -> tuple[PromptCache, str]:
+    """The cache the tensors file describes by itself (its metadata lists every text) and its sha256."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        digest = sha256_file(path)
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except OSError as error:
+        raise PromptError(f"prompt cache {path} cannot be read ({error}); {_RERUN}") from None
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise PromptError(f"prompt cache {path} is corrupt or truncated ({error}); {_RERUN}") from None
+    if meta.get("format") != FORMAT:
+        raise PromptError(f"{path} is not a prompt cache (format {meta.get('format')!r}, expected {FORMAT!r}); {_RERUN}")
+    try:
+        keys = json.loads(meta["texts"])
+        dim = int(meta["dim"])
+        identity = meta["encoder_identity"]
+    except (KeyError, ValueError) as error:
+        raise PromptError(f"prompt cache {path} has damaged metadata ({error}); {_RERUN}") from None
+    bad = [text for text, key in keys.items() if key != sha256_text(text)]
+    missing = [text for text, key in keys.items() if key not in tensors]
+    extra = set(tensors) - set(keys.values())
+    if bad or missing or extra:
+        raise PromptError(
+            f"prompt cache {path} is inconsistent: {len(bad)} wrong keys, {len(missing)} texts without a tensor "
+            f"(e.g. {missing[:1]}), {len(extra)} unlisted tensors; {_RERUN}"
+        )
+    return PromptCache({text: tensors[key] for text, key in keys.items()}, identity, dim, path), digest
+
+
+def _check_manifest(path: Path, cache: PromptCache, digest: str) -> None:
+    manifest_file = manifest_path(path)
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PromptError(f"prompt cache manifest {manifest_file} is missing (it belongs beside {path}); {_RERUN}") from None
+    except (OSError, ValueError) as error:
+        raise PromptError(f"prompt cache manifest {manifest_file} is unreadable ({error}); {_RERUN}") from None
+    if not isinstance(manifest, dict):
+        raise PromptError(f"prompt cache manifest {manifest_file} is not a JSON object; {_RERUN}")
+    agree = (
+        manifest.get("tensors_sha256") == digest
+        and manifest.get("encoder_identity") == cache.encoder_identity
+        and manifest.get("dim") == cache.dim
+        and set((manifest.get("texts") or {})) == set(cache.texts)
+    )
+    if not agree:
+        raise PromptError(
+            f"prompt cache manifest {manifest_file} and tensors {path} disagree (an interrupted or concurrent write?); {_RERUN}"
+        )
+
+
+def _read_existing(path: Path) -> tuple[PromptCache | None, bool]:
+    """For rebuilding: (cache or None, manifest agrees). A damaged old cache is only a warning here."""
+    if not path.is_file():
+        return None, False
+    try:
+        cache, digest = _read_tensors(path)
+    except PromptError as error:
+        log.warning("ignoring the existing prompt cache: %s", error)
+        return None, False
+    try:
+        _check_manifest(path, cache, digest)
+    except PromptError as error:
+        log.warning("%s; the tensors are complete and will be kept", error)
+        return cache, False
+    return cache, True
+
+
+def _write(path: Path, vectors: dict[str, torch.Tensor], identity: str, dim: int) -> PromptCache:
+    """Write tensors, then the manifest, each atomically; the manifest records the tensors' sha256.
+
+    A reader that meets a new tensors file beside an old manifest (a writer stopped between the two
+    renames) gets a clear ``PromptError`` from the sha256 check, never a wrong embedding.
+    """
+    from safetensors.torch import save_file
+
+    keys = {text: sha256_text(text) for text in sorted(vectors)}
+    tensors = {keys[text]: vectors[text].detach().to(torch.float32).reshape(-1).contiguous().cpu() for text in keys}
+    meta = {"format": FORMAT, "encoder_identity": identity, "dim": str(dim), "texts": json.dumps(keys, sort_keys=True)}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+        digest = sha256_file(tmp)
+    write_json(manifest_path(path), {
+        "format": FORMAT,
+        "encoder_identity": identity,
+        "dim": int(dim),
+        "count": len(keys),
+        "texts": keys,
+        "tensors_file": path.name,
+        "tensors_sha256": digest,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    return PromptCache(vectors, identity, dim, path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an advisory lock beside ``path`` so two writers never interleave read-merge-write cycles.
+
+    Where no lock can be taken (a read-only folder, no ``fcntl``) the block runs unlocked: every
+    write is atomic anyway, a lost concurrent addition is merely encoded again later.
+    """
+    handle = None
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.parent / f".{path.name}.lock", "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        if handle is not None:
+            handle.close()
+        handle = None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # closing releases the lock
+
+
+def _unique_texts(texts: Iterable[str]) -> list[str]:
+    unique = list(dict.fromkeys(texts))
+    for text in unique:
+        if not isinstance(text, str) or not text.strip():
+            raise PromptError(f"cannot cache prompt {text!r}: prompts must be non-empty strings")
+    return sorted(unique)
+
+
+def build_prompt_cache(texts: Iterable[str], encoder: Encoder, path: str | os.PathLike,
+                       batch_size: int = 64, prune: bool = True) -> PromptCache:
+    """Make ``path`` hold exactly ``texts`` embedded by ``encoder``, encoding only what is new.
+
+    Entries of an existing cache made by the same encoder identity are reused; a different
+    identity (other weights, tokenizer or pooling) invalidates every entry. All missing texts are
+    encoded in one batched ``encoder.encode`` call. With ``prune`` (default) texts no longer asked
+    for are dropped, so the cache mirrors the current templates and datasets. Nothing is written
+    when nothing changed.
+    """
+    path = Path(path)
+    wanted = _unique_texts(texts)
+    identity, dim = encoder.identity, int(encoder.dim)
+    with _locked(path):
+        existing, manifest_ok = _read_existing(path)
+        reused: dict[str, torch.Tensor] = {}
+        if existing is not None and existing.encoder_identity != identity:
+            log.info("prompt cache %s was made by %s; re-encoding all for %s", path, existing.encoder_identity, identity)
+        elif existing is not None:
+            reused = existing.vectors()
+        missing = [text for text in wanted if text not in reused]
+        if not prune:
+            wanted = sorted(set(wanted) | set(reused))
+        if existing is not None and manifest_ok and not missing and set(reused) == set(wanted):
+            log.info("prompt cache %s is up to date (%d texts, %s)", path, len(wanted), identity)
+            return existing
+        vectors = {text: reused[text] for text in wanted if text in reused}
+        if missing:
+            encoded = encoder.encode(missing, batch_size=batch_size)
+            vectors.update({text: encoded[i] for i, text in enumerate(missing)})
+        cache = _write(path, vectors, identity, dim)
+    log.info("prompt cache %s: %d texts (%d encoded, %d reused) with %s, dim %d",
+             path, len(cache), len(missing), len(cache) - len(missing), identity, dim)
+    return cache
+
+
+def ensure_prompts(cache_path: str | os.PathLike, texts: Iterable[str],
+                   encoder: Encoder | Callable[[], Encoder], batch_size: int = 64) -> PromptCache:
+    """The cache at ``cache_path`` with ``texts`` added (for free-text prompts at inference).
+
+    ``encoder`` may be a factory so that the model loads only when a text is actually missing.
+    Missing texts are encoded and added atomically; the cache's encoder identity must match,
+    because a model is trained against one embedding space. If the cache's folder is read-only the
+    new embeddings are kept in memory and a warning is logged.
+    """
+    path = Path(cache_path)
+    wanted = _unique_texts(texts)
+    with _locked(path):
+        existing, _ = _read_existing(path)
+        present = existing.vectors() if existing is not None else {}
+        missing = [text for text in wanted if text not in present]
+        if not missing and existing is not None:
+            return existing
+        resolved = encoder if hasattr(encoder, "encode") else encoder()
+        if existing is not None and existing.encoder_identity != resolved.identity:
+            raise PromptError(
+                f"prompt cache {path} was made by {existing.encoder_identity} but the text encoder is "
+                f"{resolved.identity}; use the prompts.source the model was trained with"
+            )
+        encoded = resolved.encode(missing, batch_size=batch_size)
+        present.update({text: encoded[i] for i, text in enumerate(missing)})
+        try:
+            cache = _write(path, present, resolved.identity, int(resolved.dim))
+        except OSError as error:
+            log.warning("cannot add %d prompts to %s (%s); using them for this run only", len(missing), path, error)
+            cache = PromptCache(present, resolved.identity, int(resolved.dim), path)
+    log.info("added %d prompts to %s", len(missing), path)
+    return cache
+
+
+def run_cache_prompts(config: dict[str, Any], out_cache: str | os.PathLike, threads: int | None = None) -> PromptCache:
+    """Stage cache_prompts: encode every T1/T2 text of the run into ``out_cache`` (+ manifest)."""
+    from duplus.prompts.catalog import prompts_for_config
+    from duplus.prompts.encoder import encoder_from_config
+    from duplus.runtime import resolve_device, set_threads
+
+    set_threads(threads)
+    started = time.perf_counter()
+    prompts_cfg = (config or {}).get("prompts") or {}
+    texts = prompts_for_config(config)  # before loading the model: a config mistake fails fast
+    encoder = encoder_from_config(config, device=resolve_device(str((config or {}).get("device", "auto"))))
+    cache = build_prompt_cache(texts, encoder, out_cache, batch_size=int(prompts_cfg.get("batch_size", 64)))
+    log.info("cache_prompts: %d texts, encoder %s (dim %d), %.1f s", len(cache), encoder.identity, encoder.dim,
+             time.perf_counter() - started)
+    return cache
