@@ -1,0 +1,116 @@
+"""Inference cost of DuPLUS: seconds and peak memory per volume for 1, 8 and 32 prompts, plus MACs.
+
+Prints one JSON object on stdout (progress on stderr). Untrained weights: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from duplus import __version__
+from duplus.evaluate.inference import count_windows, predict_probabilities
+from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters
+from duplus.runtime import peak_rss_mb, resolve_device
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=int, nargs=3, default=[300, 512, 512], metavar=("Z", "Y", "X"),
+                        help="synthetic volume (default 300 x 512 x 512: an abdominal CT at the paper's size)")
+    parser.add_argument("--preset", default="paper", choices=["paper", "tiny"])
+    parser.add_argument("--patch", type=int, nargs=3, default=None, help="window (default 128^3 paper, 32^3 tiny)")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[1, 8, 32], help="prompt counts to time")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sw-batch-size", type=int, default=2)
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--text-dim", type=int, default=512, help="prompt embedding width (512: ClipMD)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _window_batch_seconds(model: DuPLUS, device: torch.device, patch: list[int], batch: int, k: int) -> float:
+    """Best of 3 timings of one window batch (after a warm-up run)."""
+    image = torch.randn((batch, 1, *patch), device=device)
+    modality = torch.zeros(batch, dtype=torch.long, device=device)
+    context = torch.randn((batch, model.cfg.text_dim), device=device)
+    targets = torch.randn((k, model.cfg.text_dim), device=device)
+    best = float("inf")
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    for _ in range(4):
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            model(image, modality, context, targets)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    patch = args.patch or ([128, 128, 128] if args.preset == "paper" else [32, 32, 32])
+    cfg = ModelConfig.preset(args.preset, text_dim=args.text_dim)
+    model = DuPLUS(cfg).to(device).eval()
+    config = {"pretrain": {"patch_size": patch},
+              "inference": {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "blend": "gaussian"}}
+    volume = torch.randn(args.size)
+    runs = []
+    for k in args.prompts:
+        targets = torch.randn(k, cfg.text_dim)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        start = time.perf_counter()
+        predict_probabilities(model, volume, "CT", torch.randn(cfg.text_dim), targets, config, desc=f"{k} prompts")
+        _sync(device)
+        run = {"prompts": k, "seconds_per_volume": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+        if device.type == "cuda":
+            run["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        runs.append(run)
+        print(f"{k} prompts: {run['seconds_per_volume']:.1f} s", file=sys.stderr)
+    one = _window_batch_seconds(model, device, patch, args.sw_batch_size, 1)
+    many_k = max(8, max(args.prompts))
+    many = _window_batch_seconds(model, device, patch, args.sw_batch_size, many_k)
+    result = {
+        "script": "bench/inference.py",
+        "preset": args.preset,
+        "volume": list(args.size),
+        "window": patch,
+        "windows_per_volume": count_windows(args.size, patch, args.overlap),
+        "sw_batch_size": args.sw_batch_size,
+        "params": count_parameters(model),
+        "macs_per_window": count_macs(cfg, patch, 1),
+        "macs_per_window_per_extra_prompt": count_macs(cfg, patch, 2) - count_macs(cfg, patch, 1),
+        "runs": runs,
+        "class_scaling_ratio": many / one,
+        "class_scaling_k": many_k,
+        "machine": {
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "duplus": __version__,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Evaluation of one model on manifest cases: predict, map back to the original grid, score per class.
+
+The bridge to the data and prompt packages is a handful of small functions, so tests can replace them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from duplus.errors import DataError, PromptError
+from duplus.evaluate.inference import inference_settings, predict_probabilities
+from duplus.evaluate.metrics import case_metrics
+
+log = logging.getLogger("duplus.evaluate")
+
+PER_CASE_COLUMNS = ["dataset", "case", "center", "class", "dice", "hd95", "nsd"]
+
+
+# -- seams to the data and prompt packages ---------------------------------------------------
+def context_text(modality: str, region: str, sequence: str | None) -> str:
+    from duplus.prompts.templates import context_prompt
+
+    return context_prompt(modality, region, sequence)
+
+
+def target_text(modality: str, class_name: str, sequence: str | None) -> str:
+    from duplus.prompts.templates import target_prompts
+
+    return target_prompts(modality, class_name, sequence)[0]
+
+
+def restore_mask(mask: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """A preprocessed-grid mask as a bool array on the original grid (SimpleITK array order)."""
+    import SimpleITK as sitk
+
+    from duplus.data.restore import restore_to_original
+
+    return sitk.GetArrayFromImage(restore_to_original(mask.astype(np.uint8), meta, is_label=True)).astype(bool)
+
+
+def read_array(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Voxels (array order) and spacing per array axis of an original image or label."""
+    import SimpleITK as sitk
+
+    from duplus.data.io import read_image
+
+    image = read_image(path)
+    return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing()))
+
+
+def label_masks(label: np.ndarray, label_map: dict[int, str], classes: list[str]) -> np.ndarray:
+    from duplus.data.taxonomy import masks_from_label
+
+    return np.asarray(masks_from_label(label, label_map, classes), dtype=bool)
+
+
+# -- evaluation -------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """Per-class rows plus what efficiency.json and the example files need."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    examples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    max_classes: int = 1
+
+    def frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.rows, columns=PER_CASE_COLUMNS)
+        frame.attrs["seconds_per_case"] = list(self.seconds)
+        return frame
+
+
+def _text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def case_classes(row: Mapping[str, Any], where: str) -> tuple[dict[int, str], list[str]]:
+    """(label id -> canonical class, classes in label-id order) from the manifest's labels column."""
+    try:
+        label_map = {int(k): str(v) for k, v in json.loads(row["labels"]).items()}
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{where}: labels column is not a JSON object of label id -> class ({error})") from None
+    label_map = {k: v for k, v in label_map.items() if k != 0 and v != "background"}
+    classes = list(dict.fromkeys(label_map[k] for k in sorted(label_map)))
+    if not classes:
+        raise DataError(f"{where}: the manifest lists no annotated classes")
+    return label_map, classes
+
+
+def _manifest_dir(row: Mapping[str, Any], manifest_dir: str | Path | None) -> Path:
+    folder = row.get("manifest_dir") if hasattr(row, "get") else None
+    folder = _text(folder) or (str(manifest_dir) if manifest_dir is not None else None)
+    if folder is None:
+        raise DataError(f"case {row.get('case')}: no manifest folder to resolve its relative paths")
+    return Path(folder)
+
+
+def evaluate_case(
+    model: torch.nn.Module,
+    row: Mapping[str, Any],
+    prompt_cache: Any,
+    config: Mapping[str, Any],
+    manifest_dir: str | Path | None,
+    result: Evaluation,
+    keep_example: bool = False,
+) -> None:
+    """Predict one case, compare in original space, append its per-class rows to ``result``."""
+    where = f"{row['dataset']}/{row['case']}"
+    folder = _manifest_dir(row, manifest_dir)
+    modality, region, sequence = str(row["modality"]), str(row["region"]), _text(row.get("sequence"))
+    label_map, classes = case_classes(row, where)
+    try:
+        context = prompt_cache.get(context_text(modality, region, sequence))
+        targets = prompt_cache.get_many([target_text(modality, c, sequence) for c in classes])
+    except PromptError as error:
+        raise PromptError(f"{where}: {error}") from None
+    image_path = folder / str(row["image"])
+    if not image_path.is_file():
+        raise DataError(f"{where}: preprocessed image {image_path} not found")
+    image = np.load(image_path, mmap_mode="r")
+    meta = json.loads((folder / str(row["meta"])).read_text(encoding="utf-8"))
+
+    started = time.perf_counter()
+    probs = predict_probabilities(model, np.asarray(image, dtype=np.float32), modality, context, targets, config,
+                                  show_progress=False)
+    result.seconds.append(time.perf_counter() - started)
+    threshold = inference_settings(config)["threshold"]
+    pred_small = (probs > threshold).numpy()
+
+    label, label_spacing = read_array(row["raw_label"])
+    raw_image, spacing = read_array(row["raw_image"]) if keep_example else (None, label_spacing)
+    truth = label_masks(label, label_map, classes)
+    pred = np.stack([restore_mask(pred_small[k], meta) for k in range(len(classes))])
+    if pred.shape != truth.shape:
+        raise DataError(f"{where}: restored prediction {pred.shape[1:]} differs from the raw label grid {truth.shape[1:]}")
+    tolerance = float((config.get("evaluate") or {}).get("nsd_tolerance_mm", 2.0))
+    scores = case_metrics(pred, truth, spacing, classes, tolerance)
+    for item in scores:
+        result.rows.append({"dataset": row["dataset"], "case": row["case"], "center": row.get("center", ""), **item})
+    log.info("%s (%s): dice %s", where, row.get("center", ""), ", ".join(f"{s['class']} {s['dice']:.3f}" for s in scores))
+    result.max_classes = max(result.max_classes, len(classes))
+    if keep_example:
+        result.examples[str(row["dataset"])] = {
+            "image": np.asarray(raw_image, dtype=np.float32),
+            "pred": pred.astype(np.uint8),
+            "truth": truth.astype(np.uint8),
+            "classes": np.asarray(classes, dtype=str),
+            "spacing": np.asarray(spacing, dtype=np.float64),
+            "case": np.asarray(str(row["case"])),
+        }
+
+
+def evaluate_frame(
+    model: torch.nn.Module,
+    cases: pd.DataFrame,
+    prompt_cache: Any,
+    config: Mapping[str, Any],
+    manifest_dir: str | Path | None = None,
+    keep_examples: bool = False,
+) -> Evaluation:
+    """Evaluate every row of ``cases``; keeps the first case of each dataset as an example if asked."""
+    from duplus.progress import progress
+
+    result = Evaluation()
+    seen: set[str] = set()
+    for _, row in progress(list(cases.iterrows()), desc="evaluate", unit="case"):
+        first = str(row["dataset"]) not in seen
+        seen.add(str(row["dataset"]))
+        evaluate_case(model, row, prompt_cache, config, manifest_dir, result, keep_example=keep_examples and first)
+    return result
+
+
+def evaluate_cases(
+    model: torch.nn.Module,
+    cases_df: pd.DataFrame,
+    prompt_cache: Any,
+    config: Mapping[str, Any],
+    manifest_dir: str | Path | None = None,
+) -> pd.DataFrame:
+    """Per-case, per-class metrics (columns ``dataset, case, center, class, dice, hd95, nsd``).
+
+    Args:
+        model: an in-memory DuPLUS (base, LoRA-adapted or fine-tuned) on its device.
+        cases_df: manifest rows; relative paths resolve against a ``manifest_dir`` column or the argument.
+        prompt_cache: a ``PromptCache`` or the path of one.
+    """
+    if isinstance(prompt_cache, (str, Path)):
+        from duplus.prompts.cache import PromptCache
+
+        prompt_cache = PromptCache.load(prompt_cache)
+    return evaluate_frame(model, cases_df, prompt_cache, config, manifest_dir).frame()

@@ -1,0 +1,176 @@
+"""The evaluate stage: the universal model on every dataset's test cases, in original image space.
+
+Writes per_case.csv, summary.csv, efficiency.json and examples/{dataset}.npz (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from duplus.atomic import atomic_path, write_csv, write_json
+from duplus.errors import DataError, ModelError
+from duplus.evaluate.cases import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_frame
+from duplus.evaluate.inference import autocast_for, inference_settings, model_device
+
+log = logging.getLogger("duplus.evaluate")
+
+__all__ = ["run_evaluate", "evaluate_cases", "select_cases", "summarize", "class_scaling_ratio"]
+
+MANIFEST_COLUMNS = ("dataset", "case", "center", "modality", "region", "split", "image", "meta", "labels",
+                    "raw_image", "raw_label")
+
+
+def read_manifests(manifests: Sequence[str]) -> pd.DataFrame:
+    """All manifests in one frame, each row remembering its manifest's folder."""
+    frames = []
+    for path in manifests:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: manifest not found (run the preprocess rule)")
+        frame = pd.read_csv(path, dtype={"case": str, "center": str})
+        missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+        if missing:
+            raise DataError(f"{path}: manifest lacks column(s) {missing}")
+        frame["manifest_dir"] = str(path.parent.resolve())
+        frames.append(frame)
+    if not frames:
+        raise DataError("evaluate: no manifests given")
+    return pd.concat(frames, ignore_index=True)
+
+
+def select_cases(frame: pd.DataFrame, config: Mapping[str, Any]) -> pd.DataFrame:
+    """Cases of ``evaluate.split`` (every center, excluded ones too), capped per dataset, stably ordered."""
+    section = config.get("evaluate") or {}
+    split = section.get("split", "test")
+    cap = int(section.get("max_cases_per_dataset", 0) or 0)
+    chosen = frame[frame["split"] == split].sort_values(["dataset", "case"], kind="stable")
+    if cap > 0:
+        chosen = chosen.groupby("dataset", sort=True, group_keys=False).head(cap)
+    if chosen.empty:
+        raise DataError(f"evaluate: no case has split '{split}' in the manifests (evaluate.split)")
+    return chosen.reset_index(drop=True)
+
+
+def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
+    """Mean per (dataset, class) ignoring NaN hd95, plus a 'mean' row per dataset (mean over classes)."""
+    rows = []
+    for dataset, part in per_case.groupby("dataset", sort=True):
+        classes = []
+        for name, cls in part.groupby("class", sort=False):
+            row = {"dataset": dataset, "class": name, "n": int(len(cls))}
+            row.update({m: float(np.nanmean(cls[m])) if cls[m].notna().any() else float("nan")
+                        for m in ("dice", "hd95", "nsd")})
+            classes.append(row)
+        rows.extend(classes)
+        table = pd.DataFrame(classes)
+        mean = {"dataset": dataset, "class": "mean", "n": int(part["case"].nunique())}
+        mean.update({m: float(np.nanmean(table[m])) if table[m].notna().any() else float("nan")
+                     for m in ("dice", "hd95", "nsd")})
+        rows.append(mean)
+    return pd.DataFrame(rows, columns=["dataset", "class", "dice", "hd95", "nsd", "n"])
+
+
+def class_scaling_ratio(model: torch.nn.Module, config: Mapping[str, Any], n_classes: int, repeats: int = 2) -> float:
+    """Time of one window batch with K = max(8, n_classes) prompts divided by its time with 1 prompt."""
+    settings = inference_settings(config)
+    device = model_device(model)
+    text_dim = _config_of(model).text_dim
+    batch = settings["sw_batch_size"]
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn((batch, 1, *settings["roi"]), generator=generator).to(device)
+    modality = torch.zeros(batch, dtype=torch.long, device=device)
+    context = torch.randn((batch, text_dim), generator=generator).to(device)
+
+    def timed(k: int) -> float:
+        targets = torch.randn((k, text_dim), generator=generator).to(device)
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first run warms up kernels and allocator
+            _sync(device)
+            start = time.perf_counter()
+            with torch.no_grad(), autocast_for(device):
+                model(image, modality, context, targets)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    was_training = model.training
+    model.eval()
+    try:
+        one = timed(1)
+        many = timed(max(8, int(n_classes)))
+    finally:
+        model.train(was_training)
+    return many / one
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _config_of(model: torch.nn.Module):
+    from duplus.model import DuPLUS
+
+    for module in model.modules():
+        if isinstance(module, DuPLUS):
+            return module.cfg
+    raise ModelError(f"{type(model).__name__} contains no DuPLUS network")
+
+
+def efficiency_report(model: torch.nn.Module, config: Mapping[str, Any], result: Evaluation) -> dict[str, Any]:
+    from duplus.model import efficiency
+    from duplus.runtime import peak_rss_mb
+
+    settings = inference_settings(config)
+    device = model_device(model)
+    report = dict(efficiency(model, settings["roi"]))
+    report.update(
+        seconds_per_volume=float(np.mean(result.seconds)) if result.seconds else float("nan"),
+        class_scaling_ratio=class_scaling_ratio(model, config, result.max_classes),
+        class_scaling_k=max(8, result.max_classes),
+        peak_rss_mb=peak_rss_mb(),
+        device=str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+    )
+    if device.type == "cuda":
+        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return report
+
+
+def write_examples(out_dir: Path, examples: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    for dataset, arrays in examples.items():
+        with atomic_path(out_dir / "examples" / f"{dataset}.npz", suffix=".npz") as tmp:
+            np.savez_compressed(tmp, **arrays)
+
+
+def run_evaluate(config: Mapping[str, Any], manifests: Sequence[str], prompt_cache: str, model_path: str,
+                 out_dir: str) -> pd.DataFrame:
+    """Evaluate ``model_path`` on the configured split of ``manifests``; returns the per-case frame."""
+    from duplus.model import load_model
+    from duplus.prompts.cache import PromptCache
+    from duplus.runtime import resolve_device
+
+    out = Path(out_dir)
+    device = resolve_device(str(config.get("device", "auto")))
+    model, sidecar = load_model(model_path, device=device)
+    cache = PromptCache.load(prompt_cache)
+    if cache.dim != model.cfg.text_dim:
+        raise ModelError(
+            f"{prompt_cache}: prompt embeddings have dim {cache.dim} but {model_path} was trained with "
+            f"{model.cfg.text_dim} (encoder {sidecar.get('text_encoder')}); rebuild the cache with that encoder"
+        )
+    cases = select_cases(read_manifests(manifests), config)
+    log.info("evaluating %d cases of %d datasets on %s", len(cases), cases["dataset"].nunique(), device)
+    result = evaluate_frame(model, cases, cache, config, keep_examples=True)
+    per_case = result.frame()[PER_CASE_COLUMNS]
+    write_csv(out / "per_case.csv", per_case)
+    write_csv(out / "summary.csv", summarize(per_case))
+    write_examples(out, result.examples)
+    write_json(out / "efficiency.json", efficiency_report(model, config, result))
+    return per_case

@@ -1,0 +1,26 @@
+"""The DuPLUS network (modality stems, FiLM residual U-Net, text-driven dynamic head) and its files.
+
+Import from here: ``ModelConfig``, ``DuPLUS``, ``MODALITIES``, ``save_model``, ``load_model``, ...
+"""
+
+from duplus.model.config import MODALITIES, PRESETS, ModelConfig
+from duplus.model.duplus import LORA_GROUPS, DuPLUS, count_parameters, lora_target_names, modality_index
+from duplus.model.flops import count_macs, efficiency
+from duplus.model.io import load_model, read_sidecar, save_model, sidecar_path
+
+__all__ = [
+    "MODALITIES",
+    "PRESETS",
+    "LORA_GROUPS",
+    "ModelConfig",
+    "DuPLUS",
+    "count_parameters",
+    "count_macs",
+    "efficiency",
+    "lora_target_names",
+    "modality_index",
+    "save_model",
+    "load_model",
+    "read_sidecar",
+    "sidecar_path",
+]

@@ -1,0 +1,75 @@
+"""Text-conditioned segmentation head: the controller writes the weights of a per-class dynamic head.
+
+Controller: GAP(F_dense) ++ projected T2 -> 153 numbers per class; the dynamic head runs 8->8->8->1 1x1x1 convs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import get_act_layer
+from torch import nn
+
+from duplus.errors import ModelError
+from duplus.model.backbone import conv3d, make_norm
+from duplus.model.config import ModelConfig
+
+# Upper bound on elements of one hidden activation [B, k, C, V] of the dynamic head; classes are
+# processed in chunks below it so that 32+ prompts on a 128^3 window stay within GPU memory.
+HIDDEN_ELEMENT_BUDGET = 1 << 28
+
+
+class Controller(nn.Module):
+    """Maps (bottleneck, projected class embeddings [B, K, E]) -> dynamic head parameters [B, K, P]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.image_norm = make_norm(cfg.norm, cfg.bottleneck_channels)
+        self.image_act = get_act_layer(cfg.act)
+        self.image_proj = conv3d(cfg.bottleneck_channels, cfg.embed_dim, kernel=1)
+        self.params = nn.Linear(2 * cfg.embed_dim, cfg.n_dynamic_params)
+
+    def pooled(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        """GAP of the projected bottleneck: the image summary [B, E] (also used for prognosis)."""
+        projected = self.image_proj(self.image_act(self.image_norm(bottleneck)))
+        return projected.mean(dim=tuple(range(2, projected.dim())))
+
+    def forward(self, bottleneck: torch.Tensor, class_embed: torch.Tensor) -> torch.Tensor:
+        image = self.pooled(bottleneck)  # [B, E]
+        k = class_embed.shape[1]
+        joint = torch.cat([image.unsqueeze(1).expand(-1, k, -1), class_embed.to(image.dtype)], dim=-1)
+        return self.params(joint)
+
+
+class DynamicHead(nn.Module):
+    """Applies per-sample, per-class 1x1x1 convs C->C->C->1 (ReLU between) as batched matmuls."""
+
+    def __init__(self, head_channels: int) -> None:
+        super().__init__()
+        c = head_channels
+        self.channels = c
+        # Weights first, then biases: the layout of the CLIP-Driven Universal Model's controller.
+        self.splits = (c * c, c * c, c, c, c, 1)
+
+    def forward(self, features: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        b, c = features.shape[:2]
+        spatial = features.shape[2:]
+        if c != self.channels:
+            raise ModelError(f"dynamic head expects {self.channels} feature channels, got {c}")
+        if params.shape[0] != b or params.shape[-1] != sum(self.splits):
+            raise ModelError(f"dynamic params must be [B={b}, K, {sum(self.splits)}], got {tuple(params.shape)}")
+        k = params.shape[1]
+        x = features.reshape(b, 1, c, -1)  # [B, 1, C, V]
+        chunk = max(1, HIDDEN_ELEMENT_BUDGET // max(1, b * c * x.shape[-1]))
+        outputs = [self._run_chunk(x, params[:, start : start + chunk]) for start in range(0, k, chunk)]
+        logits = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return logits.reshape(b, k, *spatial)
+
+    def _run_chunk(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        b, k, _ = params.shape
+        c = self.channels
+        w1, w2, w3, b1, b2, b3 = params.to(x.dtype).split(self.splits, dim=-1)
+        h = F.relu(torch.matmul(w1.reshape(b, k, c, c), x) + b1.reshape(b, k, c, 1))  # [B, k, C, V]
+        h = F.relu(torch.matmul(w2.reshape(b, k, c, c), h) + b2.reshape(b, k, c, 1))
+        out = torch.matmul(w3.reshape(b, k, 1, c), h) + b3.reshape(b, k, 1, 1)  # [B, k, 1, V]
+        return out.squeeze(2)

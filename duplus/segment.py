@@ -1,0 +1,270 @@
+"""`duplus segment`: segment one scan with free-text class prompts; masks land on exactly the input grid.
+
+Reads NIfTI/NRRD or a DICOM folder, preprocesses as in training, runs sliding-window inference, restores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from duplus import __version__
+from duplus.errors import ConfigError, DuplusError, ModelError
+
+log = logging.getLogger("duplus.segment")
+
+DEFAULT_WEIGHTS = "results/pretrain/model.safetensors"
+DEFAULT_CACHE = "results/prompts/minilm.safetensors"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `duplus segment`."""
+    parser.add_argument("-i", "--input", required=True, help="NIfTI/NRRD file or a folder holding one DICOM series")
+    parser.add_argument("-o", "--output", required=True, help="output folder (created)")
+    parser.add_argument("--prompts", default=None, help='classes to segment, comma-separated: "liver, liver tumor"')
+    parser.add_argument("--modality", required=True, help="CT, MRI (MR) or PET")
+    parser.add_argument("--region", default=None, help="body region of the context prompt (default: the first class's region)")
+    parser.add_argument("--sequence", default=None, help="MRI sequence, e.g. T1, T2 (changes the prompts)")
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help=f"model .safetensors (default {DEFAULT_WEIGHTS})")
+    parser.add_argument("--sha256", default=None, help="refuse weights whose sha256 differs from this")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder of a center (results/lora/<center>)")
+    parser.add_argument("--dataset-classes", default=None, metavar="NAME",
+                        help="segment every class of this dataset (see `duplus list-datasets`)")
+    parser.add_argument("--multilabel", action="store_true", help="one label image + labels.json instead of one mask per class")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--prompt-cache", default=DEFAULT_CACHE, help=f"prompt embedding cache (default {DEFAULT_CACHE})")
+    parser.add_argument("--config", default=None, help="run config for preprocessing and windows (default ./config.yaml if present)")
+    parser.add_argument("--threshold", type=float, default=None, help="sigmoid threshold (default inference.threshold)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: 0 on success; 2 with a one-line message for any ``DuplusError``."""
+    try:
+        report = segment_image(
+            args.input, args.output, args.prompts, args.modality, region=args.region, sequence=args.sequence,
+            weights=args.weights, sha256=args.sha256, adapter=args.adapter, dataset_classes=args.dataset_classes,
+            multilabel=args.multilabel, device=args.device, prompt_cache=args.prompt_cache,
+            config=load_config(args.config), threshold=args.threshold,
+        )
+    except DuplusError as error:
+        print(f"duplus: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(report['outputs'])} file(s) to {args.output} (report: {report['report']})")
+    return 0
+
+
+def load_config(path: str | None) -> dict[str, Any]:
+    """The YAML config at ``path``; ``./config.yaml`` when not given and present; else empty."""
+    import yaml
+
+    candidate = Path(path) if path else Path("config.yaml")
+    if not candidate.is_file():
+        if path:
+            raise ConfigError(f"{path}: config file not found")
+        return {}
+    try:
+        data = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{candidate}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{candidate}: expected a mapping at the top level")
+    return data
+
+
+def safe_name(name: str) -> str:
+    """File-name form of a class: "liver tumor" -> "liver_tumor"."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "class"
+
+
+def resolve_prompts(prompts: str | Sequence[str] | None, modality: str, sequence: str | None,
+                    dataset_classes: Sequence[str] = ()) -> list[Any]:
+    """(phrase, canonical class or None, T2 text) per requested class, dataset classes first."""
+    from duplus.prompts.catalog import resolve_free_text
+
+    phrases = list(dataset_classes)
+    if prompts:
+        phrases.extend([prompts] if isinstance(prompts, str) else prompts)
+    return resolve_free_text(phrases if phrases else (prompts or ""), modality, sequence)
+
+
+def prompt_embeddings(cache_path: str, texts: list[str], config: Mapping[str, Any], device: Any) -> Any:
+    """A prompt cache holding ``texts``; missing ones are encoded (the text model loads only then)."""
+    from duplus.prompts.cache import ensure_prompts
+    from duplus.prompts.encoder import encoder_from_config
+
+    return ensure_prompts(cache_path, texts, lambda: encoder_from_config(dict(config), device=device))
+
+
+def default_region(resolved: list[Any], spec_region: str | None) -> str:
+    if spec_region:
+        return spec_region
+    from duplus.data.taxonomy import region_of
+
+    for item in resolved:
+        if item[1] is not None:
+            return region_of(item[1])
+    raise ConfigError("no class prompt is a known class, so the body region is unknown: give --region (e.g. abdomen)")
+
+
+def _load_network(weights: str, sha256: str | None, adapter: str | None, device: Any) -> tuple[Any, dict[str, Any]]:
+    from duplus.model import load_model
+
+    model, sidecar = load_model(weights, expected_sha256=sha256, device=device)
+    if adapter:
+        if not Path(adapter).exists():
+            raise ModelError(f"{adapter}: adapter folder not found")
+        from duplus.train.lora import load_adapter  # peft loads only when an adapter is asked for
+
+        model = load_adapter(model, adapter, sidecar["sha256"]).to(device).eval()
+    return model, sidecar
+
+
+def segment_image(
+    image: str,
+    out_dir: str,
+    prompts: str | Sequence[str] | None,
+    modality: str,
+    *,
+    region: str | None = None,
+    sequence: str | None = None,
+    weights: str = DEFAULT_WEIGHTS,
+    sha256: str | None = None,
+    adapter: str | None = None,
+    dataset_classes: str | None = None,
+    multilabel: bool = False,
+    device: str = "auto",
+    prompt_cache: str = DEFAULT_CACHE,
+    config: Mapping[str, Any] | None = None,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Segment ``image`` for the prompted classes; returns the run report (also written as JSON)."""
+    from duplus.atomic import write_json
+    from duplus.data.io import read_image
+    from duplus.data.preprocess import prepare_image
+    from duplus.evaluate.inference import inference_settings, predict_probabilities
+    from duplus.hashing import sha256_file
+    from duplus.model import MODALITIES, modality_index
+    from duplus.runtime import resolve_device
+
+    config = dict(config or {})
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    modality_name = MODALITIES[modality_index(modality)]
+    spec_region, classes_of_dataset = None, []
+    if dataset_classes:
+        from duplus.data.registry import get_dataset
+
+        spec = get_dataset(dataset_classes, config)
+        classes_of_dataset = list(dict.fromkeys(spec.labels[k] for k in sorted(spec.labels)))
+        spec_region, sequence = spec.region, sequence or spec.sequence
+    resolved = resolve_prompts(prompts, modality_name, sequence, classes_of_dataset)
+    region = region or default_region(resolved, spec_region)
+
+    scan = read_image(image)  # DataError naming the file: missing, unreadable, 4-D, NaN
+    torch_device = resolve_device(device)
+    model, sidecar = _load_network(weights, sha256, adapter, torch_device)
+    timings["load_model"] = time.perf_counter() - started
+
+    from duplus.prompts.templates import context_prompt
+
+    context_text = context_prompt(modality_name, region, sequence)
+    texts = [context_text] + [item[2] for item in resolved]
+    cache = prompt_embeddings(prompt_cache, texts, config, torch_device)
+    check_encoder(cache, sidecar, prompt_cache, weights)
+    mark = time.perf_counter()
+    preprocess_config = {**config, "preprocess": sidecar.get("preprocess", config.get("preprocess") or {})}
+    array, meta = prepare_image(scan, modality_name, preprocess_config)
+    timings["preprocess"] = time.perf_counter() - mark
+
+    window_config = dict(config)
+    if sidecar.get("patch_size"):  # infer with the window the model was trained on
+        window_config["pretrain"] = {**(config.get("pretrain") or {}), "patch_size": list(sidecar["patch_size"])}
+    settings = inference_settings(window_config)
+    cut = settings["threshold"] if threshold is None else float(threshold)
+    mark = time.perf_counter()
+    probs = predict_probabilities(model, array, modality_name, cache.get(context_text),
+                                  cache.get_many([item[2] for item in resolved]), window_config, desc="segment")
+    timings["predict"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    names = [item[1] or item[0] for item in resolved]
+    outputs = write_masks(Path(out_dir), (probs > cut).numpy(), meta, names, multilabel)
+    timings["restore_and_write"] = time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - started
+
+    report = {
+        "duplus_version": __version__,
+        "input": str(image),
+        "input_geometry": {"size": list(scan.GetSize()), "spacing": list(scan.GetSpacing()),
+                           "origin": list(scan.GetOrigin()), "direction": list(scan.GetDirection())},
+        "model": {"weights": str(weights), "sha256": sidecar["sha256"], "text_encoder": sidecar.get("text_encoder")},
+        "adapter": {"path": str(adapter), "sha256": _adapter_hash(adapter)} if adapter else None,
+        "modality": modality_name, "region": region, "sequence": sequence, "context_prompt": context_text,
+        "prompts": [{"phrase": item[0], "class": item[1], "text": item[2], "label": i + 1,
+                     "output": outputs[0] if multilabel else outputs[i]} for i, item in enumerate(resolved)],
+        "threshold": cut, "window": list(settings["roi"]), "device": str(torch_device),
+        "outputs": outputs,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "input_sha256": sha256_file(image) if Path(image).is_file() else None,
+    }
+    report_path = Path(out_dir) / "report.json"
+    report["report"] = str(report_path)
+    write_json(report_path, report)
+    return report
+
+
+def check_encoder(cache: Any, sidecar: Mapping[str, Any], cache_path: str, weights: str) -> None:
+    """The prompt embeddings must come from the text encoder the model was trained with."""
+    if int(cache.dim) != int(sidecar["text_dim"]):
+        raise ModelError(f"{cache_path}: embeddings have dim {cache.dim}, but {weights} expects {sidecar['text_dim']}")
+    trained = sidecar.get("text_encoder")
+    identity = getattr(cache, "encoder_identity", None)
+    if isinstance(trained, str) and trained and identity and identity != trained:
+        raise ModelError(
+            f"{cache_path}: embeddings come from encoder {identity}, but {weights} was trained with {trained}"
+        )
+
+
+def _adapter_hash(adapter: str | None) -> str | None:
+    from duplus.hashing import sha256_tree
+
+    return sha256_tree(adapter) if adapter and Path(adapter).is_dir() else None
+
+
+def write_masks(out: Path, masks: np.ndarray, meta: Mapping[str, Any], names: list[str], multilabel: bool) -> list[str]:
+    """Restore [K, Z, Y, X] preprocessed-grid masks to the input grid and write them; returns file names."""
+    import SimpleITK as sitk
+
+    from duplus.atomic import write_json
+    from duplus.data.io import write_image
+    from duplus.data.restore import restore_to_original
+
+    out.mkdir(parents=True, exist_ok=True)
+    restored = [restore_to_original(masks[k].astype(np.uint8), meta, is_label=True) for k in range(len(names))]
+    if not multilabel:
+        files, used = [], set()
+        for name, image in zip(names, restored):
+            stem = safe_name(name)
+            while stem in used:  # two phrases resolving to one class keep both files
+                stem += "_"
+            used.add(stem)
+            write_image(sitk.Cast(image, sitk.sitkUInt8), out / f"{stem}.nii.gz")
+            files.append(f"{stem}.nii.gz")
+        return files
+    arrays = [sitk.GetArrayViewFromImage(image) > 0 for image in restored]
+    label = np.zeros(arrays[0].shape, np.uint8 if len(names) < 256 else np.uint16)
+    # Larger structures first, so a lesion inside its organ (liver tumor in liver) stays visible.
+    for k in sorted(range(len(names)), key=lambda i: -int(arrays[i].sum())):
+        label[arrays[k]] = k + 1
+    image = sitk.GetImageFromArray(label)
+    image.CopyInformation(restored[0])
+    write_image(image, out / "labels.nii.gz")
+    write_json(out / "labels.json", {"0": "background", **{str(k + 1): name for k, name in enumerate(names)}})
+    return ["labels.nii.gz", "labels.json"]

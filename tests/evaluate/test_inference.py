@@ -1,0 +1,56 @@
+"""Sliding-window inference: shapes, padding, blending and one backbone pass per window."""
+
+import pytest
+import torch
+
+from duplus.errors import ConfigError
+from duplus.evaluate.inference import count_windows, inference_settings, predict_probabilities
+from duplus.model import DuPLUS, ModelConfig
+
+TEXT_DIM = 12
+
+
+def _config(patch=(16, 16, 16), blend="gaussian", overlap=0.5):
+    return {"pretrain": {"patch_size": list(patch)}, "inference": {"overlap": overlap, "sw_batch_size": 2, "blend": blend}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DuPLUS(ModelConfig.preset("tiny", text_dim=TEXT_DIM))
+
+
+def test_volume_larger_than_window(model):
+    model.train()
+    calls = []
+    handle = model.encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        probs = predict_probabilities(model, torch.randn(20, 30, 18), "MRI", torch.randn(TEXT_DIM), torch.randn(4, TEXT_DIM), _config())
+    finally:
+        handle.remove()
+    assert probs.shape == (4, 20, 30, 18) and probs.dtype == torch.float32 and probs.device.type == "cpu"
+    assert float(probs.min()) >= 0.0 and float(probs.max()) <= 1.0
+    # One encoder pass per window for all 4 classes together.
+    assert sum(calls) == count_windows((20, 30, 18), (16, 16, 16), 0.5) == 2 * 3 * 2
+    assert model.training, "the caller's train/eval mode is restored"
+
+
+def test_volume_smaller_than_window_is_padded(model):
+    probs = predict_probabilities(model, torch.randn(9, 16, 5).numpy(), 0, torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), _config())
+    assert probs.shape == (2, 9, 16, 5)
+
+
+def test_single_window_equals_direct_forward(model):
+    image, ctx, tgt = torch.randn(16, 16, 16), torch.randn(TEXT_DIM), torch.randn(3, TEXT_DIM)
+    probs = predict_probabilities(model, image, "PET", ctx, tgt, _config(blend="constant"))
+    with torch.no_grad():
+        direct = torch.sigmoid(model.eval()(image[None, None], torch.tensor([2]), ctx[None], tgt))[0]
+    assert torch.allclose(probs, direct, atol=1e-5)
+
+
+def test_settings_are_validated():
+    assert inference_settings(_config())["roi"] == (16, 16, 16)
+    with pytest.raises(ConfigError, match="inference.blend"):
+        inference_settings(_config(blend="median"))
+    with pytest.raises(ConfigError, match="pretrain.patch_size"):
+        inference_settings(_config(patch=(16, 16)))

@@ -1,0 +1,147 @@
+"""The evaluate stage on a small fake dataset: original-space scoring, output files and their columns.
+
+The data and prompt packages are replaced by small fakes, so only this package's logic is tested.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from duplus.evaluate import cases as cases_module
+from duplus.evaluate.run import evaluate_cases, run_evaluate, summarize
+from duplus.model import DuPLUS, ModelConfig, save_model
+
+TEXT_DIM = 4
+CLASS_CODE = {"liver": 0.0, "liver tumor": 1.0}
+SPACING_XYZ = (0.8, 1.2, 3.0)
+
+
+class FakeCache:
+    dim = TEXT_DIM
+
+    def get(self, text):
+        vector = torch.zeros(TEXT_DIM)
+        if text.startswith("tgt"):
+            vector[1] = CLASS_CODE[text.split(" ", 2)[2]]
+        return vector
+
+    def get_many(self, texts):
+        return torch.stack([self.get(t) for t in texts])
+
+
+class OracleModel(torch.nn.Module):
+    """Liver where intensity > 0.5, tumour where > 1.5: the class comes from the target embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, image, modality, context, targets):
+        threshold = 0.5 + targets[:, 1].reshape(1, -1, 1, 1, 1)
+        return 20.0 * (image - threshold)
+
+
+def _label():
+    label = np.zeros((6, 14, 12), np.uint8)  # Z, Y, X of the original grid
+    label[1:5, 3:11, 2:9] = 1
+    label[2:4, 5:8, 3:6] = 2
+    return label
+
+
+@pytest.fixture()
+def dataset(tmp_path, monkeypatch):
+    """Two test cases and one training case; the preprocessed grid is the original flipped along X."""
+    root = tmp_path / "pre" / "demo"
+    rows = []
+    for case, center, split in [("c1", "siteA", "test"), ("c2", "siteB", "test"), ("c3", "siteA", "train")]:
+        label = _label()
+        folder = root / case
+        folder.mkdir(parents=True)
+        np.save(folder / "image.npy", np.flip(label.astype(np.float32), axis=2).copy())
+        (folder / "meta.json").write_text(json.dumps({"flip": 2}))
+        raw = sitk.GetImageFromArray(label)
+        raw.SetSpacing(SPACING_XYZ)
+        raw.SetOrigin((10.0, -5.0, 2.0))
+        sitk.WriteImage(raw, str(tmp_path / f"{case}_label.nii.gz"))
+        sitk.WriteImage(sitk.Cast(raw, sitk.sitkFloat32), str(tmp_path / f"{case}_image.nii.gz"))
+        rows.append(dict(dataset="demo", case=case, center=center, modality="CT", sequence=np.nan, region="abdomen",
+                         split=split, image=f"{case}/image.npy", label="", meta=f"{case}/meta.json", locations="",
+                         shape="6x14x12", labels=json.dumps({"1": "liver", "2": "liver tumor"}),
+                         raw_image=str(tmp_path / f"{case}_image.nii.gz"), raw_label=str(tmp_path / f"{case}_label.nii.gz")))
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+
+    monkeypatch.setattr(cases_module, "context_text", lambda m, r, s: f"ctx {m} {r}")
+    monkeypatch.setattr(cases_module, "target_text", lambda m, c, s: f"tgt {m} {c}")
+    monkeypatch.setattr(cases_module, "restore_mask", lambda mask, meta: np.flip(mask, axis=meta["flip"]).astype(bool))
+
+    def read_array(path):
+        image = sitk.ReadImage(str(path))
+        return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing()))
+
+    def label_masks(label, label_map, classes):
+        ids = {"liver": (1, 2), "liver tumor": (2,)}
+        return np.stack([np.isin(label, ids[c]) for c in classes])
+
+    monkeypatch.setattr(cases_module, "read_array", read_array)
+    monkeypatch.setattr(cases_module, "label_masks", label_masks)
+    return manifest
+
+
+CONFIG = {
+    "device": "cpu",
+    "pretrain": {"patch_size": [16, 16, 16]},
+    "inference": {"overlap": 0.5, "sw_batch_size": 2, "blend": "gaussian", "threshold": 0.5},
+    "evaluate": {"split": "test", "nsd_tolerance_mm": 2.0, "max_cases_per_dataset": 0},
+}
+
+
+def test_oracle_scores_perfectly_in_original_space(dataset):
+    frame = pd.read_csv(dataset, dtype={"case": str})
+    frame = frame[frame["split"] == "test"]
+    per_case = evaluate_cases(OracleModel(), frame, FakeCache(), CONFIG, manifest_dir=dataset.parent)
+    assert list(per_case.columns) == ["dataset", "case", "center", "class", "dice", "hd95", "nsd"]
+    assert sorted(per_case["class"].unique()) == ["liver", "liver tumor"]
+    assert (per_case["dice"] == 1.0).all() and (per_case["hd95"] == 0.0).all()
+    assert set(per_case["center"]) == {"siteA", "siteB"}
+
+
+def test_run_evaluate_writes_the_documented_files(dataset, tmp_path, monkeypatch):
+    import duplus.prompts.cache as cache_module
+
+    monkeypatch.setattr(cache_module.PromptCache, "load", classmethod(lambda cls, path: FakeCache()))
+    torch.manual_seed(0)
+    model_path = tmp_path / "model" / "model.safetensors"
+    save_model(DuPLUS(ModelConfig.preset("tiny", text_dim=TEXT_DIM)), model_path, {"text_encoder": "fake"})
+    out = tmp_path / "out"
+    config = {**CONFIG, "evaluate": {**CONFIG["evaluate"], "max_cases_per_dataset": 1}}
+    run_evaluate(config, [str(dataset)], "cache.safetensors", str(model_path), str(out))
+
+    per_case = pd.read_csv(out / "per_case.csv")
+    assert list(per_case.columns) == ["dataset", "case", "center", "class", "dice", "hd95", "nsd"]
+    assert len(per_case) == 2 and set(per_case["case"]) == {"c1"}  # capped at one case, test split only
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == ["dataset", "class", "dice", "hd95", "nsd", "n"]
+    assert summary[summary["class"] == "mean"]["n"].tolist() == [1]
+    efficiency = json.loads((out / "efficiency.json").read_text())
+    for key in ("params", "macs_per_window", "window", "seconds_per_volume", "peak_rss_mb", "class_scaling_ratio", "device"):
+        assert key in efficiency
+    assert efficiency["window"] == [16, 16, 16] and efficiency["class_scaling_ratio"] > 0
+    example = np.load(out / "examples" / "demo.npz")
+    assert example["pred"].shape == example["truth"].shape == (2, 6, 14, 12)
+    assert example["image"].shape == (6, 14, 12) and list(example["classes"]) == ["liver", "liver tumor"]
+    assert np.allclose(example["spacing"], SPACING_XYZ[::-1])
+
+
+def test_summary_means_ignore_nan_distances():
+    per_case = pd.DataFrame(
+        [dict(dataset="d", case="a", center="x", **{"class": "k", "dice": 0.0, "hd95": np.nan, "nsd": 0.0}),
+         dict(dataset="d", case="b", center="x", **{"class": "k", "dice": 1.0, "hd95": 4.0, "nsd": 1.0})]
+    )
+    summary = summarize(per_case)
+    row = summary[summary["class"] == "k"].iloc[0]
+    assert row["dice"] == 0.5 and row["hd95"] == 4.0 and row["n"] == 2

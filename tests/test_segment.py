@@ -1,0 +1,118 @@
+"""`duplus segment` on a tiny anisotropic, non-LPS scan: masks on exactly the input grid, clear errors.
+
+Prompt resolution and the prompt cache are replaced by fakes; preprocessing and restoring are real.
+"""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from duplus import segment
+from duplus.model import DuPLUS, ModelConfig, save_model
+
+TEXT_DIM = 4
+DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # RAS-like: not the LPS of the preprocessed grid
+
+
+class FakeCache:
+    dim = TEXT_DIM
+    encoder_identity = "fake@000"
+
+    def get(self, text):
+        return torch.full((TEXT_DIM,), float(len(text) % 7))
+
+    def get_many(self, texts):
+        return torch.stack([self.get(t) for t in texts])
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    array = np.zeros((10, 18, 20), np.float32)  # Z, Y, X
+    array[3:7, 5:13, 4:16] = 100.0
+    scan = sitk.GetImageFromArray(array)
+    scan.SetSpacing((1.5, 1.2, 3.0))
+    scan.SetOrigin((5.0, -3.0, 7.0))
+    scan.SetDirection(DIRECTION)
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(scan, str(path))
+    torch.manual_seed(0)
+    weights = tmp_path / "model.safetensors"
+    sidecar = save_model(DuPLUS(ModelConfig.preset("tiny", text_dim=TEXT_DIM)), weights,
+                         {"text_encoder": "fake@000", "patch_size": [16, 16, 16]})
+
+    def resolve(prompts, modality, sequence, dataset_classes=()):
+        from duplus.prompts.catalog import split_free_text
+
+        return [(p, p if p in ("liver", "liver tumor") else None, f"A scan of a {p}.") for p in split_free_text(prompts or "")]
+
+    monkeypatch.setattr(segment, "resolve_prompts", resolve)
+    monkeypatch.setattr(segment, "prompt_embeddings", lambda path, texts, config, device: FakeCache())
+    config = {"preprocess": {"spacing": [2.0, 2.0, 2.0]}, "inference": {"overlap": 0.25, "sw_batch_size": 1}}
+    return {"scan": path, "image": sitk.ReadImage(str(path)), "weights": weights, "sha": sidecar["sha256"], "config": config}
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    assert np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+    assert np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-5)
+    assert np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+def test_masks_are_written_on_the_input_grid(setup, tmp_path):
+    out = tmp_path / "out"
+    report = segment.segment_image(str(setup["scan"]), str(out), "liver, liver tumor", "CT", weights=str(setup["weights"]),
+                                   sha256=setup["sha"], device="cpu", config=setup["config"])
+    assert report["outputs"] == ["liver.nii.gz", "liver_tumor.nii.gz"]
+    for name in report["outputs"]:
+        mask = sitk.ReadImage(str(out / name))
+        _same_grid(mask, setup["image"])
+        assert set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["model"]["sha256"] == setup["sha"] and saved["region"] == "abdomen" and saved["window"] == [16, 16, 16]
+    assert [p["class"] for p in saved["prompts"]] == ["liver", "liver tumor"]
+
+
+def test_multilabel_output(setup, tmp_path):
+    out = tmp_path / "multi"
+    report = segment.segment_image(str(setup["scan"]), str(out), ["liver", "spleen-ish blob"], "ct", region="abdomen",
+                                   weights=str(setup["weights"]), device="cpu", config=setup["config"], multilabel=True)
+    assert report["outputs"] == ["labels.nii.gz", "labels.json"]
+    _same_grid(sitk.ReadImage(str(out / "labels.nii.gz")), setup["image"])
+    assert json.loads((out / "labels.json").read_text()) == {"0": "background", "1": "liver", "2": "spleen-ish blob"}
+
+
+def _run(argv, capsys):
+    parser = argparse.ArgumentParser()
+    segment.add_arguments(parser)
+    code = segment.run(parser.parse_args(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"-i": "missing.nii.gz"}, "missing.nii.gz"),
+        ({"--modality": "US"}, "unknown modality 'US'"),
+        ({"--sha256": "ab" * 32}, "does not match the expected"),
+        ({"--prompts": " , "}, "no class named"),
+        ({"4d": True}, "3-D"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, capsys, change, message):
+    args = {"-i": str(setup["scan"]), "-o": str(tmp_path / "o"), "--prompts": "liver", "--modality": "CT",
+            "--weights": str(setup["weights"]), "--device": "cpu", "--config": str(tmp_path / "c.yaml")}
+    (tmp_path / "c.yaml").write_text(json.dumps(setup["config"]))
+    if change.pop("4d", False):
+        volume = sitk.JoinSeries([setup["image"], setup["image"]])
+        sitk.WriteImage(volume, str(tmp_path / "4d.nii.gz"))
+        change = {"-i": str(tmp_path / "4d.nii.gz")}
+    args.update({k: (str(tmp_path / v) if k == "-i" and not v.startswith("/") else v) for k, v in change.items()})
+    code, err = _run([x for kv in args.items() for x in kv], capsys)
+    assert code == 2
+    assert err.startswith("duplus: error:") and message in err and "Traceback" not in err
+    assert err.count("\n") == 1
