@@ -27,19 +27,75 @@ def body_mask(array: np.ndarray, modality: str) -> np.ndarray:
         mask = array > low + BODY_FRACTION_OF_P99 * (high - low)
     if not mask.any():
         return np.ones_like(mask)
-    mask = ndimage.binary_opening(mask, iterations=1) if mask.sum() > 1000 else mask
-    labels, count = ndimage.label(mask)
+    # Every step below only changes voxels inside the mask's bounding box (plus one voxel), so it runs on that box.
+    box = _padded_box(mask)
+    inner = mask[box]
+    inner = _binary_opening_cross(inner) if int(np.count_nonzero(inner)) > 1000 else inner
+    labels, count = ndimage.label(inner)
     if count > 1:
         sizes = np.bincount(labels.ravel())[1:]
         # Keep the patient (and detached limbs), drop specks of noise and the scanner table.
-        keep = np.flatnonzero(sizes >= 0.1 * sizes.max()) + 1
-        mask = np.isin(labels, keep)
+        keep = np.zeros(count + 1, dtype=bool)
+        keep[np.flatnonzero(sizes >= 0.1 * sizes.max()) + 1] = True
+        inner = keep[labels]
     elif count == 0:
         return np.ones_like(mask)
+    del labels
     # Lungs and bowel gas are inside the body: fill holes slice by slice (open at the scan ends in 3-D).
-    for z in range(mask.shape[0]):
-        mask[z] = ndimage.binary_fill_holes(mask[z])
-    return mask
+    result = np.zeros_like(mask)
+    result[box] = _fill_holes_per_slice(inner)
+    return result
+
+
+def _padded_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the bounding box of a non-empty ``mask``, grown by one voxel on each side (within the array)."""
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(0, int(hits[0]) - 1), min(mask.shape[axis], int(hits[-1]) + 2)))
+    return tuple(box)
+
+
+def _binary_opening_cross(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_opening(mask, iterations=1)`` (face-connected cross, zero border), by shifted ANDs and ORs."""
+    eroded = mask.copy()
+    for axis in range(mask.ndim):
+        low = [slice(None)] * mask.ndim
+        high = [slice(None)] * mask.ndim
+        low[axis], high[axis] = slice(None, -1), slice(1, None)
+        eroded[tuple(high)] &= mask[tuple(low)]
+        eroded[tuple(low)] &= mask[tuple(high)]
+        # Outside the array counts as background, so the first and last slab along each axis erode away.
+        first, last = [slice(None)] * mask.ndim, [slice(None)] * mask.ndim
+        first[axis], last[axis] = 0, -1
+        eroded[tuple(first)] = False
+        eroded[tuple(last)] = False
+    opened = eroded.copy()
+    for axis in range(mask.ndim):
+        low = [slice(None)] * mask.ndim
+        high = [slice(None)] * mask.ndim
+        low[axis], high[axis] = slice(None, -1), slice(1, None)
+        opened[tuple(high)] |= eroded[tuple(low)]
+        opened[tuple(low)] |= eroded[tuple(high)]
+    return opened
+
+
+# 4-connectivity within each (Y, X) slice and none across slices: per-slice hole filling in one labelling pass.
+_IN_SLICE = np.zeros((3, 3, 3), dtype=bool)
+_IN_SLICE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` on every Z slice: background not 4-connected to the slice's edge is filled."""
+    background, count = ndimage.label(~mask, structure=_IN_SLICE)
+    if count == 0:
+        return mask.copy()
+    outside = np.zeros(count + 1, dtype=bool)
+    for edge in (background[:, 0, :], background[:, -1, :], background[:, :, 0], background[:, :, -1]):
+        outside[edge] = True
+    outside[0] = False  # label 0 is the mask itself
+    return ~outside[background]
 
 
 def crop_box(mask: np.ndarray, label: np.ndarray | None = None, margin: int = CROP_MARGIN) -> list[list[int]]:

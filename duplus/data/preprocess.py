@@ -99,8 +99,14 @@ def sample_locations(label: np.ndarray, label_ids: list[int], seed: int) -> dict
     """Per label id up to ``MAX_LOCATIONS`` voxel indices (int32 (N, 3), Z Y X), drawn reproducibly."""
     rng = np.random.default_rng(seed)
     found = {}
+    # One pass over the volume: flat indices (C order, as argwhere gives them) of every labelled voxel, and values.
+    foreground = np.flatnonzero(label)
+    values = label.ravel()[foreground]
     for label_id in label_ids:
-        where = np.argwhere(label == label_id)
+        if label_id == 0:
+            where = np.argwhere(label == label_id)
+        else:
+            where = np.stack(np.unravel_index(foreground[values == label_id], label.shape), axis=1)
         if len(where) > MAX_LOCATIONS:
             where = where[np.sort(rng.choice(len(where), MAX_LOCATIONS, replace=False))]
         found[str(label_id)] = where.astype(np.int32).reshape(-1, 3)
@@ -144,7 +150,7 @@ def process_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed
     meta.update({"dataset": spec.name, "case": case.case_id, "center": case.center, "sequence": spec.sequence,
                  "region": spec.region, "labels": {str(k): v for k, v in spec.labels.items()},
                  "raw_image": raw_image, "raw_label": raw_label,
-                 "present_labels": sorted(int(v) for v in np.unique(label_array) if v)})
+                 "present_labels": [int(v) for v in np.flatnonzero(np.bincount(label_array.ravel())) if v]})
     write_json(folder / "meta.json", meta)
     return {"dataset": spec.name, "case": case.case_id, "center": case.center, "modality": spec.modality,
             "sequence": spec.sequence or "", "region": spec.region, "image": f"{case.case_id}/image.npy",
