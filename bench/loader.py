@@ -1,0 +1,160 @@
+"""Data-path throughput: patches/s of the training sampler alone vs training steps/s with it.
+
+Builds a synthetic preprocessed store (blobs in noise) in a temporary folder and prints one JSON
+object on stdout. If patches/s is well above batch x steps/s, the loader is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from duplus import __version__
+from duplus.model import DuPLUS, ModelConfig
+from duplus.prompts.cache import PromptCache
+from duplus.runtime import resolve_device
+from duplus.train.batches import TextTable, batch_loss
+from duplus.train.cases import read_manifests
+from duplus.train.optim import autocast, build_optimizer, resolve_amp
+from duplus.train.sampling import PatchSampler, make_loader
+
+PRESETS = {
+    "tiny": {"volume": [48, 64, 64], "cases": 6, "patch": [32, 32, 32], "batch": 2, "workers": 0},
+    "paper": {"volume": [160, 256, 256], "cases": 4, "patch": [128, 128, 128], "batch": 2, "workers": 4},
+}
+LABELS = {"1": "liver", "2": "liver tumor", "3": "spleen", "4": "right kidney"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--workers", type=int, default=None, help="loader worker processes")
+    parser.add_argument("--batches", type=int, default=None, help="batches timed (default 20 tiny, 10 paper)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--text-dim", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def build_store(root: Path, shape: list[int], cases: int) -> Path:
+    """A one-dataset store in the preprocessed format; returns its manifest."""
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    rows = []
+    for number in range(cases):
+        case = f"bench_{number:03d}"
+        folder = root / case
+        folder.mkdir(parents=True)
+        label = np.zeros(shape, dtype=np.uint8)
+        for label_id in range(1, len(LABELS) + 1):
+            centre = np.array([rng.integers(s // 4, 3 * s // 4) for s in shape]).reshape(3, 1, 1, 1)
+            radius = min(shape) // (6 if label_id != 2 else 12)
+            label[((grid - centre) ** 2).sum(0) <= radius**2] = label_id
+        image = (rng.normal(size=shape).astype(np.float32) * 0.3 + label).astype(np.float32)
+        np.save(folder / "image.npy", image)
+        np.save(folder / "label.npy", label)
+        locations = {}
+        for label_id in range(1, len(LABELS) + 1):
+            points = np.argwhere(label == label_id).astype(np.int32)
+            locations[str(label_id)] = points[rng.permutation(len(points))[:4096]]
+        np.savez(folder / "locations.npz", **locations)
+        (folder / "meta.json").write_text("{}")
+        rows.append({"dataset": "bench_ct", "case": case, "center": "a", "modality": "CT", "sequence": "",
+                     "region": "abdomen", "split": "train", "image": f"{case}/image.npy", "label": f"{case}/label.npy",
+                     "meta": f"{case}/meta.json", "locations": f"{case}/locations.npz", "shape": "x".join(map(str, shape)),
+                     "labels": json.dumps(LABELS), "raw_image": "", "raw_label": ""})
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    workers = preset["workers"] if args.workers is None else args.workers
+    batches = args.batches or (20 if args.preset == "tiny" else 10)
+    device = resolve_device(args.device)
+    amp = resolve_amp("auto", device)
+    with tempfile.TemporaryDirectory() as tmp:
+        print("building synthetic store ...", file=sys.stderr)
+        manifest = build_store(Path(tmp), preset["volume"], preset["cases"])
+        sampler = PatchSampler(read_manifests([manifest]), preset["patch"])
+        texts = sampler.all_texts()
+        generator = torch.Generator().manual_seed(0)
+        cache = PromptCache({t: torch.randn(args.text_dim, generator=generator) for t in texts}, "bench-random", args.text_dim)
+        pin = device.type == "cuda"
+
+        started = time.perf_counter()
+        for _ in make_loader(sampler, 0, preset["batch"], 1, 0, batches, num_workers=workers, pin_memory=pin):
+            pass
+        loader_seconds = time.perf_counter() - started
+
+        table = TextTable(cache, texts, device)
+        model = DuPLUS(ModelConfig.preset(args.preset, text_dim=args.text_dim)).to(device).train()
+        optimizer = build_optimizer(model.parameters(), 1e-4, 3e-5, device)
+        loader = make_loader(sampler, 1, preset["batch"], 1, 0, batches + 2, num_workers=workers, pin_memory=pin)
+        waited = 0.0
+        for number, batch_or_none in enumerate(_timed(loader)):
+            batch, wait = batch_or_none
+            if number == 2:  # the first steps warm up kernels and workers
+                _sync(device)
+                started, waited = time.perf_counter(), 0.0
+            waited += wait
+            loss = batch_loss(model, batch, table, amp)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        train_seconds = time.perf_counter() - started
+    result = {
+        "script": "bench/loader.py",
+        "preset": args.preset,
+        "patch": preset["patch"],
+        "volume": preset["volume"],
+        "batch": preset["batch"],
+        "workers": workers,
+        "loader_patches_per_s": batches * preset["batch"] / loader_seconds,
+        "train_steps_per_s": batches / train_seconds,
+        "train_patches_per_s": batches * preset["batch"] / train_seconds,
+        "share_of_step_waiting_for_data": waited / train_seconds,
+        "amp": str(amp).replace("torch.", "") if amp else "fp32",
+        "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "duplus": __version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _timed(loader):
+    """Yield (batch, seconds spent waiting for it)."""
+    iterator = iter(loader)
+    while True:
+        started = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    main()

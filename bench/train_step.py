@@ -1,0 +1,139 @@
+"""Training-step throughput of DuPLUS: samples/s and achieved TFLOP/s, eager vs compiled, fp32 vs bf16.
+
+Prints one JSON object on stdout. Synthetic inputs and untrained weights: speed does not depend on them.
+TFLOP/s counts 3 x forward multiply-adds x 2 FLOPs (forward + backward ~ 3 forwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from duplus import __version__
+from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters
+from duplus.runtime import peak_rss_mb, resolve_device
+from duplus.train.losses import masked_loss
+from duplus.train.optim import GRAD_CLIP, autocast, build_optimizer
+
+PRESETS = {"tiny": {"patch": [32, 32, 32], "batch": 2}, "paper": {"patch": [128, 128, 128], "batch": 2}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--classes", type=int, default=8, help="target prompts per sample")
+    parser.add_argument("--text-dim", type=int, default=512)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10 GPU, 3 CPU)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="subset of eager-fp32 eager-bf16 compiled-fp32 compiled-bf16 (bf16/compile: CUDA only)")
+    parser.add_argument("--threads", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int], batch: int, k: int,
+             steps: int, warmup: int) -> dict:
+    compiled, precision = name.split("-")
+    torch.manual_seed(0)
+    model = DuPLUS(cfg).to(device).train()
+    optimizer = build_optimizer(model.parameters(), 1e-4, 3e-5, device)
+    forward = torch.compile(model) if compiled == "compiled" else model
+    amp = torch.bfloat16 if precision == "bf16" else None
+    image = torch.randn((batch, 1, *patch), device=device)
+    modality = torch.zeros(batch, dtype=torch.long, device=device)
+    context = torch.randn((batch, cfg.text_dim), device=device)
+    targets = torch.randn((batch, k, cfg.text_dim), device=device)
+    truth = (torch.rand((batch, k, *patch), device=device) > 0.9).float()
+    weight = torch.ones((batch, k), device=device)
+
+    def step() -> None:
+        with autocast(device, amp):
+            logits = forward(image, modality, context, targets)
+        masked_loss(logits, truth, weight).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    warmup_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - started) / steps
+    result = {"variant": name, "seconds_per_step": seconds, "samples_per_s": batch / seconds,
+              "warmup_seconds": warmup_seconds, "peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    patch = args.patch or PRESETS[args.preset]["patch"]
+    batch = args.batch or PRESETS[args.preset]["batch"]
+    steps = args.steps or (10 if device.type == "cuda" else 3)
+    cfg = ModelConfig.preset(args.preset, text_dim=args.text_dim)
+    variants = args.variants or (["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16"]
+                                 if device.type == "cuda" else ["eager-fp32"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    macs = count_macs(cfg, patch, args.classes)
+    flops_per_sample = 3 * 2 * macs
+    runs = []
+    for name in variants:
+        print(f"timing {name} ...", file=sys.stderr)
+        try:
+            run = _variant(cfg, device, name, patch, batch, args.classes, steps, args.warmup)
+            run["achieved_tflops"] = run["samples_per_s"] * flops_per_sample / 1e12
+        except Exception as error:  # noqa: BLE001 - one failing variant (OOM, no compiler) must not hide the others
+            run = {"variant": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+        runs.append(run)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {
+        "script": "bench/train_step.py",
+        "preset": args.preset,
+        "patch": patch,
+        "batch": batch,
+        "classes": args.classes,
+        "params": count_parameters(DuPLUS(cfg)),
+        "macs_per_sample_forward": macs,
+        "flops_per_sample_train": flops_per_sample,
+        "timed_steps": steps,
+        "runs": runs,
+        "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "duplus": __version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+        },
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""From collated patch batches to model inputs: prompt embeddings looked up once, moved to the device.
+
+The text encoder never runs here: every text is looked up in the prompt cache before training starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from duplus.errors import PromptError
+from duplus.train.losses import masked_loss
+from duplus.train.optim import autocast
+
+
+class TextTable:
+    """Embeddings of a fixed set of texts on the training device, plus a zero row for padding."""
+
+    def __init__(self, cache: Any, texts: Sequence[str], device: torch.device) -> None:
+        self.texts = list(dict.fromkeys(texts))
+        self.index = {text: i for i, text in enumerate(self.texts)}
+        if not self.texts:
+            raise PromptError("no prompt text to look up")
+        vectors = cache.get_many(self.texts).detach().to(torch.float32).cpu()
+        if vectors.shape[0] != len(self.texts):
+            raise PromptError(f"prompt cache returned {vectors.shape[0]} vectors for {len(self.texts)} texts")
+        self.dim = int(vectors.shape[1])
+        self.matrix = torch.cat([vectors, torch.zeros(1, self.dim)]).to(device)
+        self.pad = len(self.texts)
+        self.device = device
+
+    def _rows(self, texts: Sequence[str]) -> list[int]:
+        try:
+            return [self.index[t] for t in texts]
+        except KeyError as error:
+            raise PromptError(f"prompt {error.args[0]!r} was not looked up before training") from None
+
+    def context(self, texts: Sequence[str]) -> torch.Tensor:
+        """[B, T] context embeddings."""
+        rows = torch.tensor(self._rows(texts), dtype=torch.long)
+        return self.matrix[rows.to(self.device, non_blocking=True)]
+
+    def targets(self, texts: Sequence[Sequence[str]], k: int) -> torch.Tensor:
+        """[B, k, T] target embeddings; rows beyond a sample's classes are zeros (weight-0 padding)."""
+        rows = torch.full((len(texts), k), self.pad, dtype=torch.long)
+        for b, sample in enumerate(texts):
+            rows[b, : len(sample)] = torch.tensor(self._rows(sample), dtype=torch.long)
+        return self.matrix[rows.to(self.device, non_blocking=True)]
+
+
+def batch_loss(model: nn.Module, batch: dict[str, Any], table: TextTable, amp: torch.dtype | None) -> torch.Tensor:
+    """Forward one collated batch and return its masked Dice + BCE loss (0-dim, on the device)."""
+    device = table.device
+    image = batch["image"].to(device, non_blocking=True)
+    target = batch["target"].to(device, non_blocking=True)
+    weight = batch["class_weight"].to(device, non_blocking=True)
+    modality = batch["modality"].to(device, non_blocking=True)
+    context = table.context(batch["context"])
+    targets = table.targets(batch["target_texts"], target.shape[1])
+    with autocast(device, amp):
+        logits = model(image, modality, context, targets)
+    return masked_loss(logits, target, weight)
+
+
+def open_prompt_cache(prompt_cache: Any) -> Any:
+    """A loaded prompt cache: a path is opened with ``PromptCache.load``; a loaded cache is returned."""
+    if hasattr(prompt_cache, "get_many") and hasattr(prompt_cache, "dim"):
+        return prompt_cache
+    from duplus.prompts.cache import PromptCache
+
+    return PromptCache.load(prompt_cache)

@@ -1,0 +1,163 @@
+"""Resumable training checkpoints: tensors in safetensors, the rest in JSON (written last, with their sha256).
+
+A checkpoint whose JSON is missing or unreadable, or whose tensors do not match the hash, is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from duplus.atomic import write_bytes, write_json
+from duplus.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "duplus-train-checkpoint/1"
+_NAME = re.compile(r"^step_(\d{8,})\.json$")
+
+
+def _split(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor of a nested structure by a reference; keep the rest JSON-able."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        # A clone: safetensors refuses tensors that share storage (views of one buffer).
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj and "__items__" not in obj:
+            return {k: _split(v, tensors) for k, v in obj.items()}
+        # Optimizer state is keyed by int parameter ids; keep the key types.
+        return {"__items__": [[k, _split(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_split(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_split(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    raise CheckpointError(f"cannot store a {type(obj).__name__} in a checkpoint (tensors and JSON values only)")
+
+
+def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``_split``."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {_key(k): _join(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(_join(v, tensors) for v in obj["__tuple__"])
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+def _key(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def checkpoint_paths(folder: str | os.PathLike, step: int) -> tuple[Path, Path]:
+    """(tensors file, JSON file) of the checkpoint of ``step``."""
+    stem = Path(folder) / f"step_{int(step):08d}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[int]:
+    """Steps with a checkpoint JSON in ``folder``, newest first (not yet verified)."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(steps, reverse=True)
+
+
+def save_checkpoint(folder: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write the checkpoint of ``step`` atomically, then delete all but the newest ``keep`` complete ones.
+
+    Args:
+        folder: checkpoint folder (created).
+        step: optimizer steps done; names the checkpoint.
+        state: nested dicts/lists/tuples of tensors and JSON values (state_dicts, RNG states, ...).
+        keep: complete checkpoints kept (the newest and, by default, the one before it).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split(state, tensors)
+    payload = save_safetensors_bytes(tensors, metadata={"format": FORMAT, "step": str(int(step))})
+    digest = hashlib.sha256(payload).hexdigest()
+    tensor_path, json_path = checkpoint_paths(folder, step)
+    write_bytes(tensor_path, payload)
+    # The JSON goes last: its presence with a matching hash is what makes a checkpoint complete.
+    write_json(json_path, {"format": FORMAT, "step": int(step), "tensors": tensor_path.name, "sha256": digest, "state": skeleton})
+    _prune(Path(folder), keep)
+    return json_path
+
+
+def _prune(folder: Path, keep: int) -> None:
+    complete = 0
+    for step in list_checkpoints(folder):
+        tensor_path, json_path = checkpoint_paths(folder, step)
+        if complete >= keep:
+            for path in (json_path, tensor_path):
+                path.unlink(missing_ok=True)
+            continue
+        try:
+            _read(folder, step)
+            complete += 1
+        except CheckpointError:
+            continue  # a broken newer one does not count, and is left for inspection
+    # Leftovers of writes that were killed: temporary files, and tensors whose record never came.
+    for path in folder.glob(".step_*.tmp*"):
+        path.unlink(missing_ok=True)
+    listed = set(list_checkpoints(folder))
+    for path in folder.glob("step_*.safetensors"):
+        if path.stem[5:].isdigit() and int(path.stem[5:]) not in listed:
+            path.unlink(missing_ok=True)
+
+
+def _read(folder: Path, step: int) -> dict[str, Any]:
+    tensor_path, json_path = checkpoint_paths(folder, step)
+    try:
+        record = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{json_path}: unreadable checkpoint record ({error})") from error
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("step") != step:
+        raise CheckpointError(f"{json_path}: not a {FORMAT} record of step {step}")
+    try:
+        payload = tensor_path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{tensor_path}: missing checkpoint tensors ({error})") from error
+    if hashlib.sha256(payload).hexdigest() != record.get("sha256"):
+        raise CheckpointError(f"{tensor_path}: sha256 differs from the one recorded in {json_path.name} (truncated or replaced)")
+    # Hash and parse the same bytes: the file cannot change between the check and the load.
+    tensors = load_safetensors_bytes(payload)
+    return _join(record["state"], tensors)
+
+
+def load_checkpoint(folder: str | os.PathLike, step: int) -> dict[str, Any]:
+    """The verified state of one checkpoint; ``CheckpointError`` if it is incomplete or altered."""
+    return _read(Path(folder), int(step))
+
+
+def load_latest_checkpoint(folder: str | os.PathLike) -> tuple[int, dict[str, Any]] | None:
+    """(step, state) of the newest complete checkpoint in ``folder``, or None when there is none.
+
+    Incomplete or altered checkpoints are skipped with a warning, never read.
+    """
+    for step in list_checkpoints(folder):
+        try:
+            return step, _read(Path(folder), step)
+        except CheckpointError as error:
+            log.warning("skipping checkpoint of step %d: %s", step, error)
+    return None

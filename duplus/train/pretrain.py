@@ -1,0 +1,265 @@
+"""Universal pretraining: one text-steered network trained on every dataset and modality at once.
+
+A killed or preempted run restarted resumes from its newest complete checkpoint (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+import torch
+
+from duplus.atomic import write_csv
+from duplus.errors import CheckpointError, ConfigError
+from duplus.hashing import sha256_text
+from duplus.progress import progress
+from duplus.runtime import resolve_device, seed_everything
+from duplus.train.batches import TextTable, batch_loss, open_prompt_cache
+from duplus.train.cases import pretraining_cases
+from duplus.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from duplus.train.ema import EMA
+from duplus.train.interrupt import StopFlag, TrainingInterrupted
+from duplus.train.optim import GRAD_CLIP, build_optimizer, resolve_amp, warmup_cosine
+from duplus.train.sampling import PatchSampler, make_loader
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ["step", "loss", "lr", "seconds"]
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """``config["pretrain"]`` with the schema's defaults for absent keys."""
+
+    steps: int = 160000
+    batch_size: int = 8
+    patch_size: tuple[int, int, int] = (128, 128, 128)
+    lr: float = 3e-4
+    weight_decay: float = 3e-5
+    warmup_steps: int = 1000
+    ema_decay: float = 0.99
+    grad_accum: int = 1
+    amp: str = "auto"
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    num_workers: int = 4
+    foreground_ratio: float = 0.67
+    dataset_weights: Mapping[str, float] | None = None
+    exclude_centers: Mapping[str, list[str]] | None = None
+    compile: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "PretrainSettings":
+        section = dict(config.get("pretrain") or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(f"pretrain: unknown key(s) {unknown}")
+        if "patch_size" in section:
+            section["patch_size"] = tuple(int(v) for v in section["patch_size"])
+            if len(section["patch_size"]) != 3:
+                raise ConfigError(f"pretrain.patch_size must be 3 integers (Z, Y, X), got {section['patch_size']}")
+        settings = cls(**section)
+        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if int(getattr(settings, key)) < 1:
+                raise ConfigError(f"pretrain.{key} must be >= 1, got {getattr(settings, key)}")
+        return settings
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings that change the numbers a run produces (bookkeeping ones left out)."""
+        data = asdict(self)
+        for key in ("checkpoint_every", "log_every", "num_workers", "compile"):
+            data.pop(key)
+        data["patch_size"] = list(self.patch_size)
+        return json.loads(json.dumps(data, sort_keys=True, default=dict))
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _run_identity(config: Mapping[str, Any], settings: PretrainSettings, sampler: PatchSampler, cache: Any) -> dict[str, Any]:
+    cases = sorted(f"{c.dataset}/{c.case}" for cs in sampler.by_dataset.values() for c in cs)
+    return {
+        "seed": int(config.get("seed", 0)),
+        "pretrain": settings.fingerprint(),
+        "model": json.loads(json.dumps(config.get("model") or {}, sort_keys=True)),
+        "paraphrases": sampler.paraphrases,
+        "cases_sha256": sha256_text("\n".join(cases)),
+        "prompt_cache": str(getattr(cache, "encoder_identity", "")),
+    }
+
+
+def _check_resumable(folder: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        raise CheckpointError(
+            f"{folder}: the checkpoints there come from a run with different {differing}; "
+            "delete the folder to start over, or restore the settings to resume"
+        )
+
+
+def _write_log(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    write_csv(path, pd.DataFrame(rows, columns=LOG_COLUMNS))
+
+
+def _classes_per_dataset(sampler: PatchSampler) -> dict[str, list[str]]:
+    return {name: sampler.by_dataset[name][0].classes for name in sampler.datasets}
+
+
+def run_pretrain(
+    config: Mapping[str, Any],
+    manifests: Iterable[str | os.PathLike],
+    prompt_cache: Any,
+    out_model: str | os.PathLike,
+    out_log: str | os.PathLike,
+) -> dict[str, Any]:
+    """Train the universal model on the train split of ``manifests``; write EMA weights and the log.
+
+    Args:
+        config: the full validated pipeline config.
+        manifests: ``manifest.csv`` of every dataset.
+        prompt_cache: path of the prompt cache (or a loaded ``PromptCache``).
+        out_model: ``.../model.safetensors``; checkpoints go to ``checkpoints/`` beside it.
+        out_log: ``train_log.csv`` (``step, loss, lr, seconds``).
+
+    Returns:
+        the model sidecar written by ``save_model``.
+
+    Raises:
+        TrainingInterrupted: after SIGTERM, once the current step is done and checkpointed.
+    """
+    from duplus.model import DuPLUS, ModelConfig, save_model
+
+    settings = PretrainSettings.from_config(config)
+    device = resolve_device(str(config.get("device", "auto")))
+    seed = int(config.get("seed", 0))
+    amp = resolve_amp(settings.amp, device)
+    manifests = [str(m) for m in manifests]
+    cache = open_prompt_cache(prompt_cache)
+
+    cases = pretraining_cases(config, manifests)
+    sampler = PatchSampler(
+        cases,
+        settings.patch_size,
+        weights=settings.dataset_weights,
+        foreground_ratio=settings.foreground_ratio,
+        paraphrases=bool((config.get("prompts") or {}).get("paraphrases", True)),
+    )
+    table = TextTable(cache, sampler.all_texts(), device)
+    identity = _run_identity(config, settings, sampler, cache)
+
+    seed_everything(seed)
+    model = DuPLUS(ModelConfig.from_config(config, text_dim=table.dim)).to(device)
+    optimizer = build_optimizer(model.parameters(), settings.lr, settings.weight_decay, device)
+    scheduler = warmup_cosine(optimizer, settings.warmup_steps, settings.steps)
+    ema = EMA(model, settings.ema_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    running = torch.zeros((), device=device)
+    rows: list[dict[str, Any]] = []
+    start, seconds_before, micro_batches = 0, 0.0, 0
+
+    folder = Path(out_model).parent / "checkpoints"
+    resumed = load_latest_checkpoint(folder)
+    if resumed is not None:
+        start, state = resumed
+        _check_resumable(folder, state["run"], identity)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        running = state["running_loss"].to(device)
+        micro_batches = int(state["micro_batches"])
+        rows = list(state["log"])
+        seconds_before = float(state["seconds"])
+        _set_rng_state(state["rng"], device)
+        log.info("resuming pretraining at step %d of %d from %s", start, settings.steps, folder)
+
+    forward_model = torch.compile(model) if settings.compile else model
+    started = time.perf_counter()
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(folder, step, {
+            "run": identity,
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "running_loss": running,
+            "micro_batches": micro_batches,
+            "log": rows,
+            "seconds": seconds_before + time.perf_counter() - started,
+            "rng": _rng_state(device),
+        })
+
+    loader = make_loader(
+        sampler, seed, settings.batch_size, settings.grad_accum, start, settings.steps,
+        num_workers=settings.num_workers, pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)
+    model.train()
+    with StopFlag() as stop, progress(total=settings.steps, initial=start, desc="pretrain") as bar:
+        for step in range(start, settings.steps):
+            lr = scheduler.get_last_lr()[0]
+            for _ in range(settings.grad_accum):
+                loss = batch_loss(forward_model, next(batches), table, amp)
+                scaler.scale(loss / settings.grad_accum).backward()
+                running += loss.detach()  # stays on the device: no per-step host sync
+                micro_batches += 1
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            ema.update(model)
+            done = step + 1
+            bar.update(1)
+            if done % settings.log_every == 0 or done == settings.steps:
+                mean = (running / max(micro_batches, 1)).item()  # the only sync, every log_every steps
+                rows.append({"step": done, "loss": mean, "lr": lr,
+                             "seconds": round(seconds_before + time.perf_counter() - started, 3)})
+                _write_log(out_log, rows)
+                running.zero_()
+                micro_batches = 0
+            if done % settings.checkpoint_every == 0 or done == settings.steps or stop.requested:
+                checkpoint(done)
+            if stop.requested and done < settings.steps:
+                raise TrainingInterrupted(
+                    f"pretraining stopped at step {done} of {settings.steps}; checkpoint in {folder}, rerun to resume"
+                )
+
+    _write_log(out_log, rows)
+    ema.copy_to(model)
+    meta = {
+        "averaging": "ema",
+        "ema_decay": settings.ema_decay,
+        "steps": settings.steps,
+        "seed": seed,
+        "datasets": sampler.datasets,
+        "classes": _classes_per_dataset(sampler),
+        "text_encoder": str(getattr(cache, "encoder_identity", "")),
+        "prompt_cache": str(getattr(cache, "encoder_identity", "")),
+        "patch_size": list(settings.patch_size),
+    }
+    sidecar = save_model(model.to("cpu"), out_model, meta=meta)
+    log.info("pretraining done: %d steps, model %s", settings.steps, out_model)
+    return sidecar

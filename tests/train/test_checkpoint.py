@@ -1,0 +1,118 @@
+"""Checkpoints: exact round trip without pickle, atomic replacement, corrupt newest one skipped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from duplus.errors import CheckpointError
+from duplus.train.checkpoint import (
+    checkpoint_paths,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
+
+
+def _state(seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.95))
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state()}, "step": seed, "log": [{"step": 1, "loss": 0.5}]}
+
+
+def _assert_same(a, b):
+    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()) or set(a) == set(b)
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_round_trip_is_exact_and_keeps_key_types(tmp_path):
+    state = _state(1)
+    save_checkpoint(tmp_path, 5, state)
+    loaded = load_checkpoint(tmp_path, 5)
+    _assert_same(state, loaded)
+    assert set(loaded["optimizer"]["state"]) == {0, 1, 2, 3}  # int parameter ids survive
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    # The optimizer accepts the restored state.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    optimizer.load_state_dict(loaded["optimizer"])
+    # No pickle anywhere: the record is plain JSON.
+    _, json_path = checkpoint_paths(tmp_path, 5)
+    assert json.loads(json_path.read_text())["step"] == 5
+
+
+def test_keeps_newest_two(tmp_path):
+    for step in (3, 6, 9, 12):
+        save_checkpoint(tmp_path, step, _state(step))
+    assert list_checkpoints(tmp_path) == [12, 9]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_00000009.json", "step_00000009.safetensors", "step_00000012.json", "step_00000012.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["truncate_tensors", "truncate_json", "missing_tensors"])
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
+    save_checkpoint(tmp_path, 3, _state(3))
+    save_checkpoint(tmp_path, 6, _state(6))
+    tensors, record = checkpoint_paths(tmp_path, 6)
+    if damage == "truncate_tensors":
+        tensors.write_bytes(tensors.read_bytes()[:-100])
+    elif damage == "truncate_json":
+        record.write_text(record.read_text()[:50])
+    else:
+        tensors.unlink()
+    with pytest.raises(CheckpointError, match="step_00000006"):
+        load_checkpoint(tmp_path, 6)
+    step, state = load_latest_checkpoint(tmp_path)
+    assert step == 3
+    _assert_same(state, _state(3))
+
+
+def test_same_size_tampering_is_detected(tmp_path):
+    save_checkpoint(tmp_path, 4, _state(4))
+    tensors, _ = checkpoint_paths(tmp_path, 4)
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    assert load_latest_checkpoint(tmp_path) is None
+
+
+def test_killed_write_leaves_previous_checkpoint_readable(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 2, _state(2))
+    import duplus.train.checkpoint as module
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # as if killed between the tensors and the record
+
+    monkeypatch.setattr(module, "write_json", die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 4, _state(4))
+    step, _ = load_latest_checkpoint(tmp_path)
+    assert step == 2
+
+
+def test_empty_or_missing_folder_has_no_checkpoint(tmp_path):
+    assert load_latest_checkpoint(tmp_path / "none") is None
+    assert load_latest_checkpoint(tmp_path) is None
+
+
+def test_rejects_values_that_would_need_pickle(tmp_path):
+    with pytest.raises(CheckpointError, match="object"):
+        save_checkpoint(tmp_path, 1, {"bad": object()})

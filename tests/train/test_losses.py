@@ -1,0 +1,60 @@
+"""Masked Dice + BCE: only supervised classes carry loss and gradient."""
+
+from __future__ import annotations
+
+import torch
+
+from duplus.train.losses import masked_loss, per_class_loss
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 8, 8, 8, generator=g, requires_grad=True)
+    target = (torch.rand(2, 3, 8, 8, 8, generator=g) > 0.7).float()
+    return logits, target
+
+
+def test_unsupervised_class_gets_zero_gradient():
+    logits, target = _inputs()
+    weight = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    masked_loss(logits, target, weight).backward()
+    grad = logits.grad
+    assert torch.all(grad[0, 2] == 0) and torch.all(grad[1, 1:] == 0)
+    assert grad[0, :2].abs().sum() > 0 and grad[1, 0].abs().sum() > 0
+
+
+def test_loss_is_mean_over_supervised_classes_only():
+    logits, target = _inputs(1)
+    per = per_class_loss(logits, target)
+    weight = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    expected = (per[0, 0] + per[0, 2] + per[1, 2]) / 3
+    assert torch.allclose(masked_loss(logits, target, weight), expected)
+    # Changing the logits of an unsupervised class does not change the loss.
+    other = logits.detach().clone()
+    other[1, 0] += 5.0
+    assert torch.equal(masked_loss(other, target, weight), masked_loss(logits.detach(), target, weight))
+
+
+def test_non_finite_loss_of_padding_class_does_not_leak():
+    logits, target = _inputs(2)
+    logits = logits.detach().clone()
+    logits[0, 2] = float("nan")
+    logits.requires_grad_(True)
+    weight = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    loss = masked_loss(logits, target, weight)
+    assert torch.isfinite(loss)
+
+
+def test_loss_decreases_towards_perfect_prediction():
+    _, target = _inputs(3)
+    weight = torch.ones(2, 3)
+    good = masked_loss((target * 2 - 1) * 8, target, weight)
+    bad = masked_loss((1 - target * 2) * 8, target, weight)
+    assert good < 0.05 < 1.0 < bad
+
+
+def test_no_supervised_class_gives_zero_loss():
+    logits, target = _inputs(4)
+    loss = masked_loss(logits, target, torch.zeros(2, 3))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logits.grad == 0)

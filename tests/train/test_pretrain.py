@@ -1,0 +1,145 @@
+"""Pretraining: bit-identical resume, SIGTERM checkpoint, EMA weights saved, no text encoder in the loop."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from duplus.errors import CheckpointError
+from duplus.model import load_model
+from duplus.train.checkpoint import list_checkpoints
+from duplus.train.interrupt import TrainingInterrupted
+from duplus.train.pretrain import run_pretrain
+from duplus.train.sampling import PatchSampler
+
+
+def _run(config, store, cache, folder):
+    return run_pretrain(config, list(store.values()), cache, folder / "model.safetensors", folder / "train_log.csv")
+
+
+def _kill_at(monkeypatch, step_to_fail: int):
+    original = PatchSampler.sample
+
+    def sample(self, seed, step, index):
+        if step == step_to_fail:
+            raise RuntimeError("killed")
+        return original(self, seed, step, index)
+
+    monkeypatch.setattr(PatchSampler, "sample", sample)
+
+
+@pytest.fixture(scope="module")
+def straight(store, tmp_path_factory):
+    """An uninterrupted 7-step run (checkpoints every 3 steps, log every 2)."""
+    from .conftest import BASE_CONFIG, FakePromptCache
+
+    folder = tmp_path_factory.mktemp("straight")
+    config = {**BASE_CONFIG, "pretrain": {**BASE_CONFIG["pretrain"], "steps": 7}}
+    sidecar = _run(config, store, FakePromptCache(), folder)
+    return folder, sidecar, config
+
+
+def test_outputs_log_and_sidecar(straight):
+    folder, sidecar, _ = straight
+    log = pd.read_csv(folder / "train_log.csv")
+    assert list(log.columns) == ["step", "loss", "lr", "seconds"]
+    assert log["step"].tolist() == [2, 4, 6, 7]
+    assert log["loss"].notna().all() and (log["loss"] > 0).all()
+    assert log["lr"].iloc[0] == pytest.approx(0.002)  # end of the 2-step warm-up
+    assert log["lr"].is_monotonic_decreasing and log["lr"].iloc[-1] < 0.0005
+    assert log["seconds"].is_monotonic_increasing
+    assert list_checkpoints(folder / "checkpoints") == [7, 6]
+    model, meta = load_model(folder / "model.safetensors")
+    assert meta["steps"] == 7 and meta["seed"] == 3 and meta["averaging"] == "ema"
+    assert meta["classes"] == {"toy_ct": ["liver", "liver tumor", "spleen"], "toy_mr": ["liver", "right kidney"]}
+    assert meta["prompt_cache"] == "fake-encoder"
+
+
+def test_saved_weights_are_the_ema_not_the_raw_weights(straight):
+    from duplus.train.checkpoint import load_checkpoint
+
+    folder, _, _ = straight
+    state = load_checkpoint(folder / "checkpoints", 7)
+    saved = load_file(str(folder / "model.safetensors"))
+    key = next(k for k, v in saved.items() if v.is_floating_point() and v.numel() > 100)
+    assert torch.equal(saved[key], state["ema"]["shadow"][key])
+    assert not torch.equal(saved[key], state["model"][key])
+
+
+def test_resume_after_kill_is_bit_identical(straight, store, tmp_path, monkeypatch):
+    from .conftest import FakePromptCache
+
+    folder, _, config = straight
+    with monkeypatch.context() as patch:
+        _kill_at(patch, 4)  # dies during step 5, after the checkpoint of step 3
+        with pytest.raises(RuntimeError, match="killed"):
+            _run(config, store, FakePromptCache(), tmp_path)
+    assert list_checkpoints(tmp_path / "checkpoints") == [3]
+    _run(config, store, FakePromptCache(), tmp_path)
+    expected = load_file(str(folder / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "model.safetensors"))
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    a, b = pd.read_csv(folder / "train_log.csv"), pd.read_csv(tmp_path / "train_log.csv")
+    assert a["step"].tolist() == b["step"].tolist() and a["loss"].tolist() == b["loss"].tolist()
+
+
+def test_sigterm_writes_checkpoint_and_raises(store, config, tmp_path, monkeypatch):
+    from .conftest import FakePromptCache
+
+    config["pretrain"]["steps"] = 6
+    config["pretrain"]["checkpoint_every"] = 100
+    original = PatchSampler.sample
+
+    def sample(self, seed, step, index):
+        if step == 1 and index == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step, like a preemption notice
+        return original(self, seed, step, index)
+
+    monkeypatch.setattr(PatchSampler, "sample", sample)
+    with pytest.raises(TrainingInterrupted, match="step 2"):
+        _run(config, store, FakePromptCache(), tmp_path)
+    assert list_checkpoints(tmp_path / "checkpoints") == [2]
+    assert not (tmp_path / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_changed_settings_refuse_to_resume(store, config, tmp_path, monkeypatch):
+    from .conftest import FakePromptCache
+
+    config["pretrain"]["steps"] = 3
+    config["pretrain"]["checkpoint_every"] = 1
+    with monkeypatch.context() as patch:
+        _kill_at(patch, 2)
+        with pytest.raises(RuntimeError):
+            _run(config, store, FakePromptCache(), tmp_path)
+    config["pretrain"]["lr"] = 0.01
+    with pytest.raises(CheckpointError, match="pretrain"):
+        _run(config, store, FakePromptCache(), tmp_path)
+
+
+def test_text_encoder_never_runs_and_cache_is_read_once(store, config, tmp_path, monkeypatch):
+    from .conftest import FakePromptCache
+
+    try:
+        encoder = importlib.import_module("duplus.prompts.encoder")
+    except ImportError:
+        encoder = None
+    if encoder is not None and hasattr(encoder, "TextEncoder"):
+        def forbidden(*args, **kwargs):
+            raise AssertionError("the text encoder ran during training")
+
+        monkeypatch.setattr(encoder.TextEncoder, "encode", forbidden)
+    lookups = []
+    for steps in (1, 3):
+        config["pretrain"]["steps"] = steps
+        cache = FakePromptCache()
+        _run(config, store, cache, tmp_path / str(steps))
+        lookups.append(cache.lookups)
+    assert lookups[0] == lookups[1] > 0  # all lookups happen before the loop, none per step
