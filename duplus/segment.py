@@ -120,9 +120,14 @@ def _load_network(weights: str, sha256: str | None, adapter: str | None, device:
     if adapter:
         if not Path(adapter).exists():
             raise ModelError(f"{adapter}: adapter folder not found")
-        from duplus.train.lora import load_adapter  # peft loads only when an adapter is asked for
+        from duplus.train.adapters import load_adapter  # peft loads only when an adapter is asked for
 
-        model = load_adapter(model, adapter, sidecar["sha256"]).to(device).eval()
+        folder = Path(adapter)
+        # Accept the center's results folder (results/lora/<center>) as well as its adapter/ inside.
+        if (folder / "adapter").is_dir():
+            folder = folder / "adapter"
+        load_adapter(model, folder, sidecar["sha256"])
+        model = model.to(device).eval()
     return model, sidecar
 
 

@@ -259,6 +259,8 @@ def run_pretrain(
         "text_encoder": str(getattr(cache, "encoder_identity", "")),
         "prompt_cache": str(getattr(cache, "encoder_identity", "")),
         "patch_size": list(settings.patch_size),
+        # The model describes itself: a new scan must be preprocessed exactly as its training data.
+        "preprocess": dict(config.get("preprocess") or {}),
     }
     sidecar = save_model(model.to("cpu"), out_model, meta=meta)
     log.info("pretraining done: %d steps, model %s", settings.steps, out_model)

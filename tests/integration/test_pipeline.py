@@ -113,3 +113,31 @@ def test_lint_and_dry_run_list_every_stage() -> None:
     for stage in ("download", "preprocess", "cache_prompts", "universal_pretrain", "lora_center", "prognosis", "report"):
         assert stage in dry.stdout
     shutil.rmtree("/tmp/duplus-dry", ignore_errors=True)
+
+
+def test_segment_with_a_center_adapter_writes_on_the_input_grid(finished_run: Path, tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    raw = sorted((finished_run / "data/raw/demo_abdomen_ct/imagesTr").glob("*siteB*.nii.gz"))[0]
+    out = tmp_path / "seg"
+    duplus = str(Path(sys.executable).with_name("duplus"))
+    result = subprocess.run(
+        [duplus, "segment", "-i", str(raw), "-o", str(out), "--prompts", "liver, hepatic tumour",
+         "--modality", "CT", "--region", "abdomen",
+         "--weights", str(finished_run / "results/pretrain/model.safetensors"),
+         "--prompt-cache", str(finished_run / "results/prompts/minilm.safetensors"),
+         "--adapter", str(finished_run / "results/lora/ct_siteB"), "--device", "cpu"],
+        capture_output=True, text=True, cwd=finished_run, env=dict(os.environ, DUPLUS_NO_PROGRESS="1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    image = sitk.ReadImage(str(raw))
+    written = sorted(out.glob("*.nii.gz"))
+    assert {p.name for p in written} == {"liver.nii.gz", "liver_tumor.nii.gz"}
+    for path in written:
+        mask = sitk.ReadImage(str(path))
+        assert mask.GetSize() == image.GetSize()
+        assert mask.GetSpacing() == pytest.approx(image.GetSpacing())
+        assert mask.GetOrigin() == pytest.approx(image.GetOrigin())
+        assert mask.GetDirection() == pytest.approx(image.GetDirection())
+    report = json.loads((out / "report.json").read_text())
+    assert report["adapter"]

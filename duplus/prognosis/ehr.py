@@ -1,0 +1,272 @@
+"""EHR (clinical table) schema from config.prognosis.ehr, and loading + validation of the table;
+every problem raises EHRError naming the file, the column and the offending ids or rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from duplus.errors import EHRError
+
+log = logging.getLogger(__name__)
+
+# Spellings accepted for binary covariates. Sex follows the HECKTOR convention (1 = male).
+_TRUE = {"1", "1.0", "true", "yes", "y", "positive", "pos", "+", "m", "male"}
+_FALSE = {"0", "0.0", "false", "no", "n", "negative", "neg", "-", "f", "female"}
+# Events must be exactly 0/1; booleans are accepted because sksurv tables store them so.
+_EVENT_VALUES = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+_MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class EHRSchema:
+    """Roles of the EHR table's columns (config ``prognosis.ehr``)."""
+
+    id: str = "patient_id"
+    time: str = "rfs_months"
+    event: str = "relapse"
+    numeric: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    binary: tuple[str, ...] = ()
+    table: str | None = None
+    allow_unmatched: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "EHRSchema":
+        """Build from the full config dict (reads ``prognosis.ehr``)."""
+        ehr = dict((config.get("prognosis") or {}).get("ehr") or {})
+        schema = cls(
+            id=ehr.get("id", cls.id),
+            time=ehr.get("time", cls.time),
+            event=ehr.get("event", cls.event),
+            numeric=tuple(ehr.get("numeric", ("age", "weight"))),
+            categorical=tuple(ehr.get("categorical", ("center", "tobacco", "alcohol", "performance_status"))),
+            binary=tuple(ehr.get("binary", ("gender", "hpv", "surgery", "chemotherapy"))),
+            table=ehr.get("table"),
+            allow_unmatched=bool(ehr.get("allow_unmatched", False)),
+        )
+        schema.check()
+        return schema
+
+    @property
+    def covariates(self) -> tuple[str, ...]:
+        return self.numeric + self.categorical + self.binary
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return (self.id, self.time, self.event) + self.covariates
+
+    def check(self) -> None:
+        """A column may have one role only; a repeated name is a config mistake."""
+        seen: dict[str, str] = {}
+        roles = [("id", [self.id]), ("time", [self.time]), ("event", [self.event]),
+                 ("numeric", self.numeric), ("categorical", self.categorical), ("binary", self.binary)]
+        for role, columns in roles:
+            for column in columns:
+                if column in seen:
+                    raise EHRError(f"config prognosis.ehr: column '{column}' is listed as both "
+                                   f"{seen[column]} and {role}; give each column one role")
+                seen[column] = role
+
+
+@dataclass
+class EHRTable:
+    """A validated EHR table: one row per patient, ids as strings, in file order.
+
+    ``frame`` holds the id column (str), time (float), event (int 0/1), numerics (float, NaN when
+    missing), categoricals (str, None when missing) and binaries (float 0/1, NaN when missing).
+    """
+
+    frame: pd.DataFrame
+    schema: EHRSchema
+    source: str
+    unmatched: list[str] = field(default_factory=list)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.frame[self.schema.id].to_numpy(dtype=str)
+
+    @property
+    def time(self) -> np.ndarray:
+        return self.frame[self.schema.time].to_numpy(dtype=float)
+
+    @property
+    def event(self) -> np.ndarray:
+        return self.frame[self.schema.event].to_numpy(dtype=int).astype(bool)
+
+
+def load_ehr(path: str | os.PathLike, schema: EHRSchema, image_ids: Iterable[str] | None = None,
+             allow_unmatched: bool | None = None) -> EHRTable:
+    """Read and validate the EHR CSV at ``path``.
+
+    Args:
+        path: the clinical CSV.
+        schema: column roles.
+        image_ids: case ids that have an image; ids of the table not among them are an error
+            unless ``allow_unmatched`` (default: ``schema.allow_unmatched``), then they are dropped.
+        allow_unmatched: override of the schema's flag.
+
+    Raises:
+        EHRError: unreadable file, missing columns, duplicate or missing ids, missing, negative or
+            non-numeric times, events not in {0, 1}, non-numeric numerics, unknown binary values,
+            unmatched ids.
+    """
+    source = str(path)
+    if not Path(path).is_file():
+        raise EHRError(f"EHR table {source} does not exist (config prognosis.ehr.table, or "
+                       f"clinical.csv in the dataset's raw folder)")
+    try:
+        # Ids stay text: "007" and "7" are different patients.
+        frame = pd.read_csv(path, dtype={schema.id: str}, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise EHRError(f"EHR table {source} cannot be read as CSV: {error}") from error
+    return validate_ehr(frame, schema, source=source, image_ids=image_ids, allow_unmatched=allow_unmatched)
+
+
+def validate_ehr(frame: pd.DataFrame, schema: EHRSchema, source: str = "<table>",
+                 image_ids: Iterable[str] | None = None, allow_unmatched: bool | None = None) -> EHRTable:
+    """Validate an in-memory EHR table (see ``load_ehr``); ``source`` names it in errors."""
+    schema.check()
+    missing = [c for c in schema.required if c not in frame.columns]
+    if missing:
+        raise EHRError(f"EHR table {source}: missing column(s) {missing}; the table has "
+                       f"{list(map(str, frame.columns))} (config prognosis.ehr names the columns)")
+    out = pd.DataFrame(index=pd.RangeIndex(len(frame)))
+    out[schema.id] = _ids(frame, schema.id, source)
+    ids = out[schema.id]
+    out[schema.time] = _times(frame[schema.time], ids, schema.time, source)
+    out[schema.event] = _events(frame[schema.event], ids, schema.event, source)
+    for column in schema.numeric:
+        out[column] = _numeric(frame[column], ids, column, source)
+    for column in schema.categorical:
+        out[column] = _categorical(frame[column])
+    for column in schema.binary:
+        out[column] = _binary(frame[column], ids, column, source)
+
+    unmatched: list[str] = []
+    if image_ids is not None:
+        known = {str(i) for i in image_ids}
+        unmatched = [i for i in ids if i not in known]
+        allow = schema.allow_unmatched if allow_unmatched is None else allow_unmatched
+        if unmatched and not allow:
+            raise EHRError(f"EHR table {source}, column '{schema.id}': {len(unmatched)} id(s) match no "
+                           f"image case: {_listing(unmatched)}; fix the ids or set "
+                           f"prognosis.ehr.allow_unmatched: true to drop them")
+        if unmatched:
+            log.warning("EHR table %s: dropping %d id(s) with no image: %s", source, len(unmatched),
+                        _listing(unmatched))
+            out = out[~ids.isin(unmatched)].reset_index(drop=True)
+        without_ehr = sorted(known - set(out[schema.id]))
+        if without_ehr:
+            log.warning("EHR table %s has no row for %d image case(s): %s", source, len(without_ehr),
+                        _listing(without_ehr))
+    return EHRTable(frame=out, schema=schema, source=source, unmatched=unmatched)
+
+
+def _listing(values: Sequence[Any]) -> str:
+    shown = ", ".join(str(v) for v in list(values)[:_MAX_LISTED])
+    more = len(values) - _MAX_LISTED
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _rows(mask: pd.Series, ids: pd.Series) -> str:
+    """Offending rows as 'row N (id X)'; rows count from 1 after the header, like a spreadsheet."""
+    where = np.flatnonzero(mask.to_numpy())
+    return _listing([f"row {i + 2} (id {ids.iloc[i]})" for i in where])
+
+
+def _ids(frame: pd.DataFrame, column: str, source: str) -> pd.Series:
+    raw = frame[column]
+    missing = raw.isna()
+    if missing.any():
+        rows = _listing([f"row {i + 2}" for i in np.flatnonzero(missing.to_numpy())])
+        raise EHRError(f"EHR table {source}, column '{column}': missing id at {rows}")
+    ids = raw.astype(str).str.strip()
+    duplicated = ids[ids.duplicated(keep=False)]
+    if len(duplicated):
+        raise EHRError(f"EHR table {source}, column '{column}': duplicate id(s) "
+                       f"{_listing(sorted(set(duplicated)))} at {_rows(ids.duplicated(keep=False), ids)}")
+    return ids.reset_index(drop=True)
+
+
+def _as_float(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Numeric values and a mask of entries that are present but not numbers."""
+    raw = raw.astype(object).reset_index(drop=True)
+    values = pd.to_numeric(raw, errors="coerce").astype(float)
+    present = raw.map(lambda v: not (pd.isna(v) or str(v).strip() == ""))
+    return values, present & values.isna()
+
+
+def _times(raw: pd.Series, ids: pd.Series, column: str, source: str) -> pd.Series:
+    values, bad = _as_float(raw)
+    if bad.any():
+        raise EHRError(f"EHR table {source}, column '{column}': non-numeric follow-up time at {_rows(bad, ids)}")
+    if values.isna().any():
+        raise EHRError(f"EHR table {source}, column '{column}': missing follow-up time at "
+                       f"{_rows(values.isna(), ids)}; every patient needs a time")
+    if not np.isfinite(values).all():
+        raise EHRError(f"EHR table {source}, column '{column}': infinite time at {_rows(~np.isfinite(values), ids)}")
+    if (values < 0).any():
+        raise EHRError(f"EHR table {source}, column '{column}': negative time at {_rows(values < 0, ids)}")
+    return values
+
+
+def _events(raw: pd.Series, ids: pd.Series, column: str, source: str) -> pd.Series:
+    text = raw.reset_index(drop=True).map(lambda v: None if pd.isna(v) else str(v).strip().lower())
+    mapped = text.map(lambda v: _EVENT_VALUES.get(v) if v is not None else None)
+    bad = mapped.isna()
+    if bad.any():
+        found = sorted({str(v) for v in raw.reset_index(drop=True)[bad]})
+        raise EHRError(f"EHR table {source}, column '{column}': event must be 0 or 1, found {found} at "
+                       f"{_rows(bad, ids)}")
+    return mapped.astype(int)
+
+
+def _numeric(raw: pd.Series, ids: pd.Series, column: str, source: str) -> pd.Series:
+    values, bad = _as_float(raw)
+    if bad.any():
+        found = sorted({str(v) for v in raw.reset_index(drop=True)[bad]})
+        raise EHRError(f"EHR table {source}, column '{column}': non-numeric value(s) {found} at {_rows(bad, ids)}")
+    values[~np.isfinite(values)] = np.nan
+    return values
+
+
+def _categorical(raw: pd.Series) -> pd.Series:
+    def level(value: Any) -> str | None:
+        if pd.isna(value) or str(value).strip() == "":
+            return None
+        # 1.0 read from a column with gaps is the same level as 1.
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            return str(int(value))
+        return str(value).strip()
+
+    return raw.reset_index(drop=True).map(level).astype(object)
+
+
+def _binary(raw: pd.Series, ids: pd.Series, column: str, source: str) -> pd.Series:
+    def code(value: Any) -> float | None:
+        if pd.isna(value) or str(value).strip() == "":
+            return np.nan
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return 1.0
+        if text in _FALSE:
+            return 0.0
+        return None
+
+    values = [code(v) for v in raw.reset_index(drop=True)]
+    # A list, not Series.map: pandas would turn the "unknown" marker None into NaN (= missing).
+    bad = pd.Series([v is None for v in values])
+    coded = pd.Series([np.nan if v is None else v for v in values], dtype=float)
+    if bad.any():
+        found = sorted({str(v) for v in raw.reset_index(drop=True)[bad]})
+        raise EHRError(f"EHR table {source}, column '{column}': binary value(s) {found} are not 0/1, "
+                       f"yes/no, true/false, positive/negative or M/F, at {_rows(bad, ids)}")
+    return coded

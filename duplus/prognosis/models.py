@@ -1,0 +1,183 @@
+"""The survival models compared in cross-validation and their inputs, fitted on one training fold:
+ehr_coxph, ehr_rsf, ehr_mlp (EHR only), image_mlp, image_ehr_tabular, image_ehr_text (MLP_Prog).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+from sklearn.decomposition import PCA
+from sksurv.util import Surv
+
+from duplus.prognosis.ehr import EHRSchema
+from duplus.prognosis.heads import MLPSettings, SurvivalMLP
+from duplus.prognosis.tabular import EHRPreprocessor
+
+# model name -> (learner, input blocks)
+MODEL_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ehr_coxph": ("coxph", ("ehr",)),
+    "ehr_rsf": ("rsf", ("ehr",)),
+    "ehr_mlp": ("mlp", ("ehr",)),
+    "image_mlp": ("mlp", ("image",)),
+    "image_ehr_tabular": ("mlp", ("image", "ehr")),
+    "image_ehr_text": ("mlp", ("image", "text")),
+}
+MERGE_MODELS = {"tabular": "image_ehr_tabular", "text": "image_ehr_text"}
+# Wide blocks (bottleneck features, sentence embeddings) are reduced with a PCA fitted on the
+# training fold: a cohort of tens to hundreds of patients cannot support hundreds of inputs.
+MAX_BLOCK_DIM = 16
+# Image columns reduced by that PCA; any other named column (the log tumour volume, a known
+# prognostic factor) is passed through so that it cannot be lost among the components.
+REDUCED_PREFIXES = ("gap_", "tumour_")
+
+
+@dataclass
+class Cohort:
+    """Patients with outcome and model inputs, all arrays aligned by row.
+
+    ehr: validated EHR rows (``EHRTable.frame``) with its schema; image: features (N, F) with
+    optional column names (``features.feature_names``); text: EHR sentence embeddings (N, D);
+    center: used to stratify folds and report centers without events.
+    """
+
+    ids: np.ndarray
+    time: np.ndarray
+    event: np.ndarray
+    ehr: pd.DataFrame | None = None
+    schema: EHRSchema | None = None
+    image: np.ndarray | None = None
+    text: np.ndarray | None = None
+    center: np.ndarray | None = None
+    image_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids).astype(str)
+        self.time = np.asarray(self.time, dtype=float)
+        self.event = np.asarray(self.event).astype(bool)
+        n = len(self.ids)
+        for name in ("time", "event", "ehr", "image", "text", "center"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"cohort: {name} has {len(value)} rows, ids have {n}")
+        if self.ehr is not None:
+            self.ehr = self.ehr.reset_index(drop=True)
+            if self.schema is None:
+                raise ValueError("cohort: an EHR frame needs its schema")
+        if self.image_names is not None and (self.image is None or len(self.image_names) != self.image.shape[1]):
+            raise ValueError("cohort: image_names must name every image column")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def y(self, index: np.ndarray | slice = slice(None)) -> np.ndarray:
+        return Surv.from_arrays(event=self.event[index], time=self.time[index])
+
+    def has(self, block: str) -> bool:
+        return getattr(self, block) is not None
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Hyper-parameters of the compared models (the MLP ones come from config ``prognosis``)."""
+
+    mlp: MLPSettings = field(default_factory=MLPSettings)
+    cox_alpha: float = 0.1          # ridge: one-hot levels are collinear under the partial likelihood
+    rsf_trees: int = 50
+    rsf_min_leaf: int = 5
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ModelSettings":
+        return cls(mlp=MLPSettings.from_config(config), seed=int(config.get("seed", 0)))
+
+
+@dataclass
+class FoldFit:
+    """One model's predictions on one fold."""
+
+    risk_train: np.ndarray
+    risk_test: np.ndarray
+    survival: Callable[[np.ndarray], np.ndarray]     # times -> S(t | x_test), (n_test, len(times))
+
+
+def model_names(config: Mapping[str, Any], cohort: Cohort) -> list[str]:
+    """The models to compare: the EHR baselines, image_mlp, and one per config ``prognosis.merge``."""
+    names = ["ehr_coxph", "ehr_rsf", "ehr_mlp"] if cohort.has("ehr") else []
+    if cohort.has("image"):
+        names.append("image_mlp")
+        for merge in (config.get("prognosis") or {}).get("merge", ["tabular", "text"]):
+            name = MERGE_MODELS[merge]
+            if all(cohort.has(b) for b in MODEL_INPUTS[name][1]):
+                names.append(name)
+    return names
+
+
+def build_inputs(cohort: Cohort, blocks: tuple[str, ...], train: np.ndarray,
+                 test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Design matrices for the training and test rows; every statistic comes from ``train``."""
+    parts_train, parts_test = [], []
+    for block in blocks:
+        if not cohort.has(block):
+            raise ValueError(f"cohort has no '{block}' input")
+        if block == "ehr":
+            prep = EHRPreprocessor(cohort.schema).fit(cohort.ehr.iloc[train])
+            parts_train.append(prep.transform(cohort.ehr.iloc[train]))
+            parts_test.append(prep.transform(cohort.ehr.iloc[test]))
+            continue
+        values = np.asarray(getattr(cohort, block), dtype=np.float64)
+        a, b = values[train], values[test]
+        mean, std = a.mean(axis=0), a.std(axis=0)
+        std = np.where(std > 1e-8, std, 1.0)
+        a, b = (a - mean) / std, (b - mean) / std
+        reduce = np.ones(a.shape[1], dtype=bool)
+        if block == "image" and cohort.image_names is not None:
+            reduce = np.array([name.startswith(REDUCED_PREFIXES) for name in cohort.image_names])
+        k = min(MAX_BLOCK_DIM, len(train) - 1)
+        if reduce.sum() > MAX_BLOCK_DIM and k >= 1:
+            pca = PCA(n_components=k, random_state=0).fit(a[:, reduce])
+            a = np.concatenate([pca.transform(a[:, reduce]), a[:, ~reduce]], axis=1)
+            b = np.concatenate([pca.transform(b[:, reduce]), b[:, ~reduce]], axis=1)
+        parts_train.append(a)
+        parts_test.append(b)
+    return np.concatenate(parts_train, axis=1), np.concatenate(parts_test, axis=1)
+
+
+def fit_predict(name: str, cohort: Cohort, train: np.ndarray, test: np.ndarray,
+                settings: ModelSettings, fold: int = 0) -> FoldFit:
+    """Fit model ``name`` on the ``train`` rows and predict the ``test`` rows."""
+    if name not in MODEL_INPUTS:
+        raise ValueError(f"unknown prognosis model '{name}'; known: {sorted(MODEL_INPUTS)}")
+    learner, blocks = MODEL_INPUTS[name]
+    X_train, X_test = build_inputs(cohort, blocks, train, test)
+    time, event = cohort.time[train], cohort.event[train]
+    if learner == "mlp":
+        mlp = SurvivalMLP(replace(settings.mlp, seed=settings.mlp.seed + fold)).fit(X_train, time, event)
+        return FoldFit(mlp.predict_risk(X_train), mlp.predict_risk(X_test),
+                       lambda times: mlp.predict_survival(X_test, times))
+    if learner == "coxph":
+        from sksurv.linear_model import CoxPHSurvivalAnalysis
+
+        estimator = CoxPHSurvivalAnalysis(alpha=settings.cox_alpha, ties="efron", n_iter=200)
+    else:
+        from sksurv.ensemble import RandomSurvivalForest
+
+        estimator = RandomSurvivalForest(n_estimators=settings.rsf_trees, min_samples_leaf=settings.rsf_min_leaf,
+                                         max_features="sqrt", random_state=settings.seed + fold, n_jobs=1)
+    with warnings.catch_warnings():
+        # Separable folds make Newton steps diverge slowly; the ridge keeps the fit finite.
+        warnings.filterwarnings("ignore", message=".*converge.*")
+        warnings.filterwarnings("ignore", message=".*overflow.*")
+        estimator.fit(X_train, Surv.from_arrays(event=event, time=time))
+    return FoldFit(np.asarray(estimator.predict(X_train), dtype=float),
+                   np.asarray(estimator.predict(X_test), dtype=float),
+                   lambda times: _step_functions(estimator, X_test, times))
+
+
+def _step_functions(estimator: Any, X: np.ndarray, times: np.ndarray) -> np.ndarray:
+    functions = estimator.predict_survival_function(X)
+    # A step function is defined on the training times only; beyond them it is flat.
+    return np.stack([fn(np.clip(times, fn.domain[0], fn.domain[1])) for fn in functions])

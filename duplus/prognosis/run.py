@@ -1,0 +1,219 @@
+"""The prognosis stage: EHR + image features of the prognosis dataset -> cross-validated survival
+models -> results/prognosis/{folds,summary,risks}.csv and km.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from duplus.atomic import write_csv, write_json
+from duplus.errors import ConfigError, DataError, EHRError
+from duplus.hashing import sha256_file
+from duplus.prognosis.ehr import EHRSchema, load_ehr
+from duplus.prognosis.evaluate import (FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS, cross_validate, km_curves,
+                                       make_folds, summarize)
+from duplus.prognosis.features import MASK_SOURCES, CaseInput, FeatureSettings, extract_features, feature_names
+from duplus.prognosis.models import Cohort, ModelSettings, model_names
+from duplus.prognosis.sentence import ehr_to_sentence
+from duplus.runtime import resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Sequence[str | os.PathLike],
+                  prompt_cache: str | os.PathLike | Any, model_path: str | os.PathLike, out_dir: str | os.PathLike,
+                  model: Any = None, model_key: str | None = None) -> pd.DataFrame:
+    """Run the prognosis stage and write its outputs to ``out_dir``; returns the summary table.
+
+    Args:
+        config: the full validated config.
+        manifest: manifest.csv of the prognosis dataset (or several manifests; rows of
+            ``prognosis.dataset`` are used, all splits).
+        prompt_cache: the prompt cache file (or a loaded cache with ``get``).
+        model_path: the pretrained DuPLUS weights.
+        out_dir: results/prognosis; image features are cached in ``out_dir/features/``.
+        model: an already loaded (e.g. LoRA-adapted) model to take features from instead of
+            ``model_path``'s; pass ``model_key`` (a hash of base + adapter) so the cache tells them apart.
+    """
+    out = Path(out_dir)
+    prog = dict(config.get("prognosis") or {})
+    if not prog.get("enabled", True):
+        return _write_disabled(out)
+    seed = int(config.get("seed", 0))
+    seed_everything(seed)
+    dataset = prog.get("dataset", "demo_headneck_pet")
+    cases = _manifest_rows(manifest, dataset)
+    schema = EHRSchema.from_config(config)
+    table = load_ehr(_ehr_path(config, schema, dataset), schema, image_ids=cases.index)
+    matched = table.frame[schema.id].tolist()
+    cases = cases.loc[matched]
+    n_folds = int(prog.get("folds", 5))
+    if len(matched) < max(n_folds, 2):
+        raise EHRError(f"EHR table {table.source}: only {len(matched)} patient(s) have an image in dataset "
+                       f"'{dataset}'; {n_folds}-fold cross-validation needs at least {n_folds}")
+
+    device = resolve_device(str(config.get("device", "auto")))
+    merge = list(prog.get("merge", ["tabular", "text"]))
+    if model is None:
+        model = _load_model(model_path, device)
+        model_key = sha256_file(model_path)
+    elif model_key is None:
+        raise ConfigError("run_prognosis: an adapted model needs model_key (hash of its base and adapter)")
+    cache = _load_prompt_cache(prompt_cache) if not hasattr(prompt_cache, "get") else prompt_cache
+    settings = _feature_settings(config, cases)
+    inputs = [_case_input(case, row, cache) for case, row in cases.iterrows()]
+    features = extract_features(model, inputs, out, model_key, settings, device=device)
+    image = np.stack([features[c] for c in matched])
+
+    text = None
+    if "text" in merge:
+        sentences = [ehr_to_sentence(row, schema) for _, row in table.frame.iterrows()]
+        text = np.asarray(_encode_sentences(config, sentences), dtype=np.float64)
+
+    center = cases["center"].astype(str).to_numpy() if "center" in cases else None
+    cohort = Cohort(ids=np.asarray(matched), time=table.time, event=table.event, ehr=table.frame,
+                    schema=schema, image=image, text=text, center=center,
+                    image_names=feature_names((image.shape[1] - 1) // 2))
+    folds, stratified_by = make_folds(cohort.event, cohort.center, n_folds, seed)
+    models = model_names(config, cohort)
+    result = cross_validate(cohort, models, folds, ModelSettings.from_config(config))
+    summary = summarize(result.folds)
+
+    write_csv(out / "folds.csv", result.folds)
+    write_csv(out / "risks.csv", result.risks)
+    write_json(out / "km.json", km_curves(result.groups))
+    write_csv(out / "summary.csv", summary)
+    write_json(out / "cohort.json", {
+        "dataset": dataset, "ehr_table": table.source, "patients": len(cohort), "events": int(cohort.event.sum()),
+        "unmatched_ehr_ids": table.unmatched, "folds": n_folds, "stratified_by": stratified_by,
+        "models": models, "model_sha256": model_key, "tumour_mask": settings.mask_source,
+        "feature_dim": int(image.shape[1]), "text_dim": None if text is None else int(text.shape[1])})
+    for _, row in summary.iterrows():
+        log.info("prognosis %s: Harrell C %.3f ± %.3f, Uno C %.3f ± %.3f, IBS %.3f", row["model"],
+                 row["harrell_c_mean"], row["harrell_c_std"], row["uno_c_mean"], row["uno_c_std"], row["ibs_mean"])
+    return summary
+
+
+def _write_disabled(out: Path) -> pd.DataFrame:
+    """Outputs that say the stage was switched off (so the report and Snakemake find them)."""
+    note = "prognosis disabled (config prognosis.enabled: false)"
+    summary = pd.DataFrame([{**{c: math.nan for c in SUMMARY_COLUMNS}, "model": "none", "note": note}],
+                           columns=SUMMARY_COLUMNS)
+    write_csv(out / "folds.csv", pd.DataFrame(columns=FOLD_COLUMNS))
+    write_csv(out / "risks.csv", pd.DataFrame(columns=RISK_COLUMNS))
+    write_json(out / "km.json", {})
+    write_csv(out / "summary.csv", summary)
+    log.info(note)
+    return summary
+
+
+def _manifest_rows(manifest: str | os.PathLike | Sequence[str | os.PathLike], dataset: str) -> pd.DataFrame:
+    """Rows of ``dataset`` from the manifest(s), indexed by case id, paths made absolute."""
+    paths = [manifest] if isinstance(manifest, (str, os.PathLike)) else list(manifest)
+    frames = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"prognosis: manifest {path} does not exist (run the preprocess stage)")
+        frame = pd.read_csv(path, dtype={"case": str, "sequence": str})
+        missing = {"dataset", "case", "modality", "region", "image", "label", "labels"} - set(frame.columns)
+        if missing:
+            raise DataError(f"prognosis: manifest {path} lacks column(s) {sorted(missing)}")
+        root = Path(path).parent
+        frame = frame[frame["dataset"] == dataset].copy()
+        for column in ("image", "label"):
+            frame[column] = [str(root / p) for p in frame[column]]
+        frames.append(frame)
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if rows.empty:
+        raise DataError(f"prognosis: no case of dataset '{dataset}' (config prognosis.dataset) in manifest(s) "
+                        f"{[str(p) for p in paths]}")
+    duplicated = rows["case"][rows["case"].duplicated()].tolist()
+    if duplicated:
+        raise DataError(f"prognosis: case id(s) {duplicated[:10]} appear twice in the manifest(s) of '{dataset}'")
+    return rows.set_index("case", drop=False)
+
+
+def _ehr_path(config: Mapping[str, Any], schema: EHRSchema, dataset: str) -> Path:
+    if schema.table:
+        return Path(schema.table)
+    raw = (config.get("paths") or {}).get("raw", "data/raw")
+    return Path(raw) / dataset / "clinical.csv"
+
+
+def _feature_settings(config: Mapping[str, Any], cases: pd.DataFrame) -> FeatureSettings:
+    prog = config.get("prognosis") or {}
+    # Which mask pools the tumour features: the model's own prediction (what a new patient has)
+    # or the ground-truth label (an upper bound).
+    mask_source = prog.get("tumour_mask", "predicted")
+    if mask_source not in MASK_SOURCES:
+        raise ConfigError(f"config prognosis.tumour_mask must be one of {MASK_SOURCES}, got {mask_source!r}")
+    spacing = (config.get("preprocess") or {}).get("spacing", [1.5, 1.5, 1.5])
+    patch = (config.get("pretrain") or {}).get("patch_size")
+    tumour_ids = sorted({int(k) for labels in cases["labels"] for k in json.loads(labels)})
+    return FeatureSettings(mask_source=mask_source,
+                           threshold=float((config.get("inference") or {}).get("threshold", 0.5)),
+                           tumour_labels=tuple(tumour_ids), voxel_ml=float(np.prod(spacing)) / 1000.0,
+                           patch_size=tuple(int(p) for p in patch) if patch else None)
+
+
+def _case_input(case: str, row: pd.Series, cache: Any) -> CaseInput:
+    """Prompt embeddings of one case: T1 from its modality and region, T2 for each class the
+    dataset annotates (for head and neck: primary tumour and lymph node), canonical wording."""
+    sequence = row.get("sequence")
+    sequence = None if sequence is None or (isinstance(sequence, float) and math.isnan(sequence)) or \
+        str(sequence).strip() in ("", "nan") else str(sequence)
+    labels = json.loads(row["labels"])
+    classes = [labels[k] for k in sorted(labels, key=int)]
+    context_text, target_texts = _prompt_texts(row["modality"], row["region"], sequence, classes)
+    context = torch.as_tensor(np.asarray(cache.get(context_text)), dtype=torch.float32)
+    targets = torch.stack([torch.as_tensor(np.asarray(cache.get(t)), dtype=torch.float32) for t in target_texts])
+    return CaseInput(case=case, image_path=Path(row["image"]), label_path=Path(row["label"]),
+                     modality=int(_modality_index(row["modality"])), context=context, targets=targets)
+
+
+# Calls into the other packages, kept here so that the seams are visible in one place.
+
+def _load_model(path: str | os.PathLike, device: torch.device) -> Any:
+    from duplus.model import load_model
+
+    model, _meta = load_model(path, device=str(device))
+    return model
+
+
+def _modality_index(name: str) -> int:
+    from duplus.model import modality_index
+
+    return modality_index(name)
+
+
+def _prompt_texts(modality: str, region: str, sequence: str | None, classes: list[str]) -> tuple[str, list[str]]:
+    from duplus.prompts.templates import context_prompt, target_prompts
+
+    return (context_prompt(modality, region, sequence),
+            [target_prompts(modality, name, sequence)[0] for name in classes])
+
+
+def _load_prompt_cache(path: str | os.PathLike) -> Any:
+    from duplus.prompts.cache import PromptCache
+
+    return PromptCache.load(path)
+
+
+def _encode_sentences(config: Mapping[str, Any], sentences: list[str]) -> np.ndarray:
+    from duplus.prompts.encoder import TextEncoder
+
+    prompts = config.get("prompts") or {}
+    # The constructor loads the model; a ``load`` factory is preferred where the class offers one.
+    loader = getattr(TextEncoder, "load", TextEncoder)
+    encoder = loader(str(prompts.get("source", "minilm")), str(prompts.get("pooling", "auto")))
+    embeddings = encoder.encode(sentences, batch_size=int(prompts.get("batch_size", 64)))
+    return embeddings.detach().cpu().numpy() if hasattr(embeddings, "detach") else np.asarray(embeddings)

@@ -1,0 +1,28 @@
+"""Shared fixtures of the prognosis tests: one torch thread (the machine is shared), EHR schema."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duplus.prognosis.ehr import EHRSchema
+
+HEADNECK = {
+    "prognosis": {"ehr": {
+        "table": None, "id": "patient_id", "time": "rfs_months", "event": "relapse",
+        "numeric": ["age", "weight"], "categorical": ["center", "tobacco", "alcohol", "performance_status"],
+        "binary": ["gender", "hpv", "surgery", "chemotherapy"], "allow_unmatched": False}},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def schema() -> EHRSchema:
+    return EHRSchema.from_config(HEADNECK)

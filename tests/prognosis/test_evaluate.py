@@ -1,0 +1,144 @@
+"""Cross-validation: shared stratified folds, metrics, NaN + note where undefined, no leakage,
+image + EHR beating either alone, Kaplan-Meier groups."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from duplus.prognosis import evaluate as ev
+from duplus.prognosis.heads import MLPSettings
+from duplus.prognosis.models import Cohort, ModelSettings, model_names
+from duplus.prognosis.tabular import EHRPreprocessor
+from tests.prognosis.fakes import synthetic_cohort
+
+FAST = ModelSettings(mlp=MLPSettings(epochs=60, hidden=16, lr=0.01), rsf_trees=10)
+
+
+def test_folds_are_stratified_by_event_and_center_with_fallback():
+    event = np.array([1, 0] * 30, dtype=bool)
+    center = np.repeat(["A", "B", "C"], 20)
+    folds, how = ev.make_folds(event, center, 5, seed=0)
+    assert how == "event x center"
+    for k in range(5):
+        for c in "ABC":
+            assert event[(folds == k) & (center == c)].sum() == 2     # 10 events per center / 5 folds
+    again, _ = ev.make_folds(event, center, 5, seed=0)
+    np.testing.assert_array_equal(folds, again)
+    center[0] = "D"                                                   # a one-patient center
+    assert ev.make_folds(event, center, 5)[1] == "event"
+    assert ev.make_folds(np.array([1, 0, 0, 0, 0, 0], bool), None, 3)[1] == "none"
+
+
+def test_metrics_on_a_perfect_ranking_and_without_events():
+    cohort = synthetic_cohort(120, seed=1)
+    train, test = np.arange(80), np.arange(80, 120)
+    perfect = -cohort.time[test]
+    metrics = ev.survival_metrics(cohort.y(train), cohort.y(test), perfect)
+    assert metrics["harrell_c"] == pytest.approx(1.0)
+    assert metrics["uno_c"] == pytest.approx(1.0) and metrics["mean_auc"] > 0.95
+    assert math.isnan(metrics["ibs"]) and "no survival function" in metrics["note"]
+    y_none = cohort.y(test).copy()
+    y_none["event"] = False
+    undefined = ev.survival_metrics(cohort.y(train), y_none, perfect)
+    assert all(math.isnan(undefined[m]) for m in ev.METRICS)
+    assert undefined["note"] == "no events in test fold: metrics undefined"
+
+
+def test_fold_and_center_without_events_give_nan_and_note_not_a_crash():
+    cohort = synthetic_cohort(90, seed=2)
+    folds = np.arange(90) % 3
+    cohort.event[folds == 1] = False                        # fold 1: nobody relapses
+    cohort.event[(folds == 2) & (cohort.center == "C")] = False
+    result = ev.cross_validate(cohort, ["ehr_coxph", "ehr_mlp"], folds, FAST)
+    empty = result.folds[result.folds["fold"] == 1]
+    assert empty[list(ev.METRICS)].isna().all().all()
+    assert empty["note"].str.contains("no events in test fold").all()
+    fold2 = result.folds[result.folds["fold"] == 2]
+    assert fold2["harrell_c"].notna().all()
+    assert fold2["note"].str.contains("center(s) C without events in test fold", regex=False).all()
+    summary = ev.summarize(result.folds)
+    assert summary["harrell_c_mean"].notna().all() and (summary["note"] == "1 of 3 folds undefined").all()
+    per_center = ev.per_center_concordance(result.risks[result.risks["fold"] == 2],
+                                           pd.Series(cohort.center, index=cohort.ids))
+    row = per_center[(per_center["center"] == "C") & (per_center["model"] == "ehr_coxph")].iloc[0]
+    assert math.isnan(row["harrell_c"]) and "no events in this center" in row["note"]
+
+
+def test_preprocessing_never_sees_test_rows(monkeypatch):
+    cohort = synthetic_cohort(60, seed=4)
+    folds, _ = ev.make_folds(cohort.event, cohort.center, 3)
+    seen: list[set[str]] = []
+    original = EHRPreprocessor.fit
+
+    def spy(self, frame, y=None):
+        seen.append(set(cohort.ids[frame.index.to_numpy()]))
+        return original(self, frame, y)
+
+    monkeypatch.setattr(EHRPreprocessor, "fit", spy)
+    ev.cross_validate(cohort, ["ehr_coxph", "ehr_mlp", "image_ehr_tabular"], folds, FAST)
+    assert len(seen) == 9
+    for i, ids in enumerate(seen):
+        test_ids = set(cohort.ids[folds == i // 3])
+        assert ids and not ids & test_ids and ids | test_ids == set(cohort.ids)
+
+
+def test_every_model_sees_the_same_folds_and_risks_are_complete():
+    cohort = synthetic_cohort(60, seed=5)
+    cohort.text = np.random.default_rng(0).normal(size=(60, 40))     # wide block -> PCA on train
+    names = model_names({"prognosis": {"merge": ["tabular", "text"]}}, cohort)
+    assert names == ["ehr_coxph", "ehr_rsf", "ehr_mlp", "image_mlp", "image_ehr_tabular", "image_ehr_text"]
+    folds, _ = ev.make_folds(cohort.event, cohort.center, 3)
+    result = ev.cross_validate(cohort, names, folds, FAST)
+    assert list(result.risks.columns) == ev.RISK_COLUMNS and list(result.folds.columns) == ev.FOLD_COLUMNS
+    per_model = result.risks.pivot(index="patient_id", columns="model", values="fold")
+    assert per_model.shape == (60, 6) and (per_model.nunique(axis=1) == 1).all()
+    assert result.risks["risk"].notna().all()
+    assert result.folds[["harrell_c", "uno_c", "ibs", "mean_auc"]].notna().all().all()
+    assert result.folds["ibs"].between(0, 0.5).all()
+
+
+def test_image_plus_ehr_beats_each_alone():
+    cohort = synthetic_cohort(300, seed=0)
+    folds, _ = ev.make_folds(cohort.event, cohort.center, 3)
+    result = ev.cross_validate(cohort, ["ehr_mlp", "image_mlp", "image_ehr_tabular"], folds, FAST)
+    c = ev.summarize(result.folds).set_index("model")["harrell_c_mean"]
+    assert c["image_ehr_tabular"] > c["ehr_mlp"] + 0.03
+    assert c["image_ehr_tabular"] > c["image_mlp"] + 0.03
+    km = ev.km_curves(result.groups)
+    best = km["image_ehr_tabular"]
+    assert best["logrank_p"] < 1e-4
+    assert best["low"]["time"][0] == 0 and best["low"]["survival"][0] == 1
+    at = float(np.median(cohort.time))
+
+    def survival_at(curve):
+        return curve["survival"][np.searchsorted(curve["time"], at, side="right") - 1]
+
+    assert survival_at(best["low"]) > survival_at(best["high"]) + 0.2
+
+
+def test_km_with_one_group_has_no_p_value():
+    groups = pd.DataFrame({"patient_id": ["a", "b"], "model": "m", "high": [True, True],
+                           "time": [1.0, 2.0], "event": [True, False]})
+    km = ev.km_curves(groups)
+    assert km["m"]["logrank_p"] is None and km["m"]["low"] == {"time": [], "survival": []}
+    assert km["m"]["high"]["survival"] == [1.0, 0.5, 0.5]
+
+
+def test_wide_blocks_are_reduced_on_train_but_tumour_volume_passes_through():
+    from duplus.prognosis.features import feature_names
+    from duplus.prognosis.models import MAX_BLOCK_DIM, build_inputs
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(50, 41))
+    cohort = Cohort(ids=np.arange(50), time=rng.uniform(1, 9, 50), event=rng.random(50) < 0.5,
+                    image=image, image_names=feature_names(20))
+    train, test = np.arange(35), np.arange(35, 50)
+    X_train, X_test = build_inputs(cohort, ("image",), train, test)
+    assert X_train.shape == (35, MAX_BLOCK_DIM + 1) and X_test.shape == (15, MAX_BLOCK_DIM + 1)
+    volume = image[:, -1]
+    expected = (volume[test] - volume[train].mean()) / volume[train].std()
+    np.testing.assert_allclose(X_test[:, -1], expected)

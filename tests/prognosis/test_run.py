@@ -1,0 +1,136 @@
+"""The prognosis stage end to end on a tiny store, with fakes for the model, prompts and encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from duplus.errors import EHRError
+from duplus.prognosis import run as run_module
+from duplus.prognosis.evaluate import FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS
+from duplus.prognosis.run import run_prognosis
+from tests.prognosis.conftest import HEADNECK
+from tests.prognosis.fakes import FakeDuPLUS, FakePromptCache
+
+N = 24
+
+
+def make_project(root: Path) -> dict:
+    rng = np.random.default_rng(0)
+    store = root / "data" / "preprocessed" / "demo_headneck_pet"
+    rows, clinical = [], []
+    for i in range(N):
+        case = f"HN{i:02d}"
+        (store / case).mkdir(parents=True)
+        image = np.zeros((8, 8, 8), np.float32)
+        size = 1 + i % 4                                   # tumour size drives the hazard
+        image[:size, :size, :size] = 1.0
+        label = (image > 0).astype(np.uint8)
+        np.save(store / case / "image.npy", image)
+        np.save(store / case / "label.npy", label)
+        center = ["CHUM", "CHUP"][i % 2]
+        rows.append({"dataset": "demo_headneck_pet", "case": case, "center": center, "modality": "PET",
+                     "sequence": "", "region": "head and neck", "split": "train" if i % 4 else "test",
+                     "image": f"{case}/image.npy", "label": f"{case}/label.npy",
+                     "labels": json.dumps({"1": "primary tumor", "2": "lymph node"})})
+        clinical.append({"patient_id": case, "rfs_months": float(rng.exponential(40 / size)),
+                         "relapse": int(i % 3 != 0), "age": 50 + i, "weight": np.nan if i == 3 else 70 + i % 7,
+                         "center": center, "tobacco": ["current", "never"][i % 2], "alcohol": i % 2,
+                         "performance_status": i % 3, "gender": "M" if i % 2 else "F", "hpv": i % 2,
+                         "surgery": 0, "chemotherapy": 1})
+    pd.DataFrame(rows).to_csv(store / "manifest.csv", index=False)
+    (root / "data" / "raw" / "demo_headneck_pet").mkdir(parents=True)
+    pd.DataFrame(clinical).to_csv(root / "data" / "raw" / "demo_headneck_pet" / "clinical.csv", index=False)
+    config = {"seed": 0, "device": "cpu", "paths": {"raw": str(root / "data" / "raw")},
+              "preprocess": {"spacing": [4.0, 4.0, 4.0]}, "pretrain": {"patch_size": [8, 8, 8]},
+              "inference": {"threshold": 0.5}, "prompts": {"source": "fake", "pooling": "mean", "batch_size": 8},
+              "prognosis": {**HEADNECK["prognosis"], "enabled": True, "dataset": "demo_headneck_pet", "folds": 3,
+                            "merge": ["tabular", "text"], "epochs": 10, "lr": 0.01, "hidden": 8, "time_bins": 4}}
+    return {"config": config, "manifest": store / "manifest.csv"}
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    calls = {"sentences": []}
+    monkeypatch.setattr(run_module, "_modality_index", lambda name: {"CT": 0, "MRI": 1, "PET": 2}[name])
+    monkeypatch.setattr(run_module, "_prompt_texts", lambda m, r, s, classes: (
+        f"A {m} of the {r}", [f"A {m} of a {c}." for c in classes]))
+
+    def encode(config, sentences):
+        calls["sentences"] = list(sentences)
+        return np.stack([np.random.default_rng(len(s)).normal(size=12) for s in sentences])
+
+    monkeypatch.setattr(run_module, "_encode_sentences", encode)
+    model = FakeDuPLUS()
+    monkeypatch.setattr(run_module, "_load_model", lambda path, device: model)
+    return calls, model
+
+
+def test_stage_writes_the_documented_files(tmp_path, fakes):
+    calls, model = fakes
+    project = make_project(tmp_path)
+    model_file = tmp_path / "model.safetensors"
+    model_file.write_bytes(b"weights v1")
+    out = tmp_path / "results" / "prognosis"
+    summary = run_prognosis(project["config"], project["manifest"], FakePromptCache(), model_file, out)
+
+    assert list(pd.read_csv(out / "summary.csv").columns) == SUMMARY_COLUMNS
+    folds = pd.read_csv(out / "folds.csv")
+    risks = pd.read_csv(out / "risks.csv", dtype={"patient_id": str})
+    assert list(folds.columns) == FOLD_COLUMNS and list(risks.columns) == RISK_COLUMNS
+    models = ["ehr_coxph", "ehr_rsf", "ehr_mlp", "image_mlp", "image_ehr_tabular", "image_ehr_text"]
+    assert list(summary["model"]) == models
+    assert len(folds) == 3 * len(models) and len(risks) == N * len(models)
+    assert set(risks["patient_id"]) == {f"HN{i:02d}" for i in range(N)}
+    km = json.loads((out / "km.json").read_text())
+    assert set(km) == set(models)
+    assert set(km["image_mlp"]) == {"low", "high", "logrank_p"}
+    assert set(km["image_mlp"]["low"]) == {"time", "survival"}
+    assert len(calls["sentences"]) == N and calls["sentences"][1].startswith("A 51-year-old male")
+    assert len(list((out / "features").glob("*.npy"))) == N
+    cohort = json.loads((out / "cohort.json").read_text())
+    assert cohort["patients"] == N and cohort["stratified_by"] == "event x center"
+
+    # The cache is keyed by the weights file's hash (reuse itself is tested in test_features).
+    encoded = model.encode_calls
+    assert json.loads((out / "features" / "HN00.json").read_text())["model_sha256"] == cohort["model_sha256"]
+    model_file.write_bytes(b"weights v2")
+    run_prognosis(project["config"], project["manifest"], FakePromptCache(), model_file, out)
+    assert model.encode_calls == encoded + N
+
+
+def test_adapted_model_and_label_masks(tmp_path, fakes):
+    project = make_project(tmp_path)
+    config = project["config"]
+    config["prognosis"].update(merge=["tabular"], tumour_mask="label")
+    adapted = FakeDuPLUS(2)
+    out = tmp_path / "out"
+    summary = run_prognosis(config, [project["manifest"]], FakePromptCache(), tmp_path / "absent.safetensors",
+                            out, model=adapted, model_key="base+adapter")
+    assert "image_ehr_text" not in set(summary["model"]) and adapted.forward_calls == 0
+    assert np.load(out / "features" / "HN00.npy").shape == (5,)
+    assert json.loads((out / "features" / "HN00.json").read_text())["model_sha256"] == "base+adapter"
+
+
+def test_unmatched_ehr_ids_stop_the_stage(tmp_path, fakes):
+    project = make_project(tmp_path)
+    clinical = tmp_path / "data" / "raw" / "demo_headneck_pet" / "clinical.csv"
+    table = pd.read_csv(clinical)
+    table.loc[0, "patient_id"] = "GHOST"
+    table.to_csv(clinical, index=False)
+    with pytest.raises(EHRError, match=r"clinical\.csv, column 'patient_id': 1 id\(s\) match no image case: GHOST"):
+        run_prognosis(project["config"], project["manifest"], FakePromptCache(), tmp_path / "m", tmp_path / "out")
+
+
+def test_disabled_stage_writes_a_note(tmp_path):
+    out = tmp_path / "out"
+    run_prognosis({"prognosis": {"enabled": False}}, tmp_path / "none.csv", None, tmp_path / "m", out)
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert summary.loc[0, "model"] == "none" and "disabled" in summary.loc[0, "note"]
+    assert json.loads((out / "km.json").read_text()) == {}
+    assert pd.read_csv(out / "folds.csv").empty
