@@ -24,7 +24,7 @@ run: venv
 	$(BIN)/snakemake --profile profiles/default --cores $(CORES) all
 
 test: venv
-	DUPLUS_NO_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	PYTHONUTF8=1 DUPLUS_NO_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/snakemake --lint

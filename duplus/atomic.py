@@ -35,22 +35,38 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         ...     save_file(tensors, str(tmp))
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(target.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    except OSError as error:
+        raise _naming(error, target) from error
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, _FILE_MODE)
     try:
+        os.chmod(tmp, _FILE_MODE)
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(error, OSError):
+            raise _naming(error, target) from error
         raise
+
+
+def _naming(error: OSError, target: Path) -> OSError:
+    """``error`` naming the output ``target``: a full disk (write, fsync) raises without a file
+    name, a refused rename names the hidden temporary file; the user needs the output's path.
+
+    The errno, and with it the subclass (PermissionError, ...), is kept for callers that handle it.
+    """
+    if error.errno is None or error.filename == str(target):
+        return error
+    return OSError(error.errno, error.strerror or str(error), str(target))
 
 
 def _fsync_file(path: Path) -> None:

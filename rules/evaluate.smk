@@ -10,7 +10,7 @@ rule evaluate:
         efficiency=results_dir() / "evaluate" / "universal" / "efficiency.json",
     log:
         "logs/evaluate.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=16000,
         runtime=240,

@@ -8,7 +8,7 @@ rule lora_center:
         metrics=results_dir() / "lora" / "{center}" / "metrics.json",
     log:
         "logs/lora_finetune/{center}.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=16000,
         runtime=480,

@@ -8,7 +8,7 @@ rule universal_pretrain:
         log_csv=results_dir() / "pretrain" / "train_log.csv",
     log:
         "logs/universal_pretrain.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=16000,
         runtime=2880,

@@ -8,7 +8,7 @@ rule prognosis:
         summary=results_dir() / "prognosis" / "summary.csv",
     log:
         "logs/prognosis.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=240,

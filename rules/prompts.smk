@@ -5,7 +5,7 @@ rule cache_prompts:
         manifest=results_dir() / "prompts" / "{encoder}.json",
     log:
         "logs/cache_prompts/{encoder}.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=30,

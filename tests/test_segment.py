@@ -72,7 +72,7 @@ def test_masks_are_written_on_the_input_grid(setup, tmp_path):
         mask = sitk.ReadImage(str(out / name))
         _same_grid(mask, setup["image"])
         assert set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
-    saved = json.loads((out / "report.json").read_text())
+    saved = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert saved["model"]["sha256"] == setup["sha"] and saved["region"] == "abdomen" and saved["window"] == [16, 16, 16]
     assert [p["class"] for p in saved["prompts"]] == ["liver", "liver tumor"]
 
@@ -83,7 +83,7 @@ def test_multilabel_output(setup, tmp_path):
                                    weights=str(setup["weights"]), device="cpu", config=setup["config"], multilabel=True)
     assert report["outputs"] == ["labels.nii.gz", "labels.json"]
     _same_grid(sitk.ReadImage(str(out / "labels.nii.gz")), setup["image"])
-    assert json.loads((out / "labels.json").read_text()) == {"0": "background", "1": "liver", "2": "spleen-ish blob"}
+    assert json.loads((out / "labels.json").read_text(encoding="utf-8")) == {"0": "background", "1": "liver", "2": "spleen-ish blob"}
 
 
 def _run(argv, capsys):

@@ -35,7 +35,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path: Path
 
 def test_msd_layout_with_centers_and_labels(demo_raw: Path) -> None:
     root = demo_raw / "demo_abdomen_ct"
-    index = json.loads((root / "dataset.json").read_text())
+    index = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     assert index["labels"] == {"0": "background", "1": "liver", "2": "right kidney", "3": "left kidney",
                                "4": "spleen", "5": "liver tumor"}
     assert len(index["training"]) == 2 * TINY["demo"]["cases_per_center"]
@@ -46,7 +46,7 @@ def test_msd_layout_with_centers_and_labels(demo_raw: Path) -> None:
         values = set(np.unique(sitk.GetArrayFromImage(label)).tolist())
         assert values == {0, 1, 2, 3, 4, 5}
         assert 60 <= image.GetSize()[0] <= 130 and 30 <= image.GetSize()[2] <= 60
-    mri = json.loads((demo_raw / "demo_abdomen_mri" / "dataset.json").read_text())
+    mri = json.loads((demo_raw / "demo_abdomen_mri" / "dataset.json").read_text(encoding="utf-8"))
     assert "5" not in mri["labels"] and mri["sequence"] == "T2"
 
 

@@ -160,7 +160,7 @@ def test_url_dataset_downloads_extracts_and_records(server: _Server, tmp_path: P
     monkeypatch.setattr(download, "BACKOFF_S", 0.0)
     record_path = tmp_path / "raw" / "toy_msd" / "download.json"
     record = download.run_download("toy_msd", {"datasets": {"toy_msd": {}}}, record_path)
-    assert json.loads(record_path.read_text()) == record
+    assert json.loads(record_path.read_text(encoding="utf-8")) == record
     root = Path(record["root"])
     assert root == (tmp_path / "raw" / "toy_msd" / "Task99_Toy").resolve()
     assert set(record["files"]) == {"dataset.json", "imagesTr/a.nii.gz"}

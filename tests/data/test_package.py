@@ -55,5 +55,5 @@ def test_lung_members_are_in_the_sdist(sdist: Path) -> None:
 def test_radiomics_datasets_are_not_enabled_by_the_demo_config() -> None:
     import yaml
 
-    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "config.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "config.yaml").read_text(encoding="utf-8"))
     assert not {"radiomics_lung_ct", "radiomics_brain_mri"} & set(config["datasets"])

@@ -57,7 +57,7 @@ def test_manifest_and_arrays_follow_the_contract(demo_store: Path, name: str, mo
             assert len(points) <= preprocess.MAX_LOCATIONS
             if len(points):
                 assert (label[tuple(points.T)] == int(key)).all()
-        meta = json.loads((folder / row.meta).read_text())
+        meta = json.loads((folder / row.meta).read_text(encoding="utf-8"))
         assert meta["resampled"]["direction"] == [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]
         assert meta["target_spacing"] == TINY["preprocess"]["spacing"]
         assert meta["original"]["orientation"] in ("LPS", "RAS", "LPI")
@@ -68,7 +68,7 @@ def test_manifest_and_arrays_follow_the_contract(demo_store: Path, name: str, mo
 def test_ct_window_and_zscore(demo_store: Path) -> None:
     folder = demo_store / "demo_abdomen_ct"
     manifest = pd.read_csv(folder / "manifest.csv")
-    meta = json.loads((folder / manifest["meta"][0]).read_text())
+    meta = json.loads((folder / manifest["meta"][0]).read_text(encoding="utf-8"))
     assert meta["normalization"]["kind"] == "ct_window" and meta["normalization"]["clip"] == [-991.0, 500.0]
     image = np.load(folder / manifest["image"][0])
     low = (-991.0 - meta["normalization"]["mean"]) / meta["normalization"]["std"]
@@ -79,13 +79,13 @@ def test_ct_window_and_zscore(demo_store: Path) -> None:
 
 def test_mri_is_clipped_at_body_percentiles(demo_store: Path) -> None:
     folder = demo_store / "demo_abdomen_mri"
-    meta = json.loads((folder / pd.read_csv(folder / "manifest.csv")["meta"][0]).read_text())
+    meta = json.loads((folder / pd.read_csv(folder / "manifest.csv")["meta"][0]).read_text(encoding="utf-8"))
     assert meta["normalization"]["kind"] == "percentiles" and meta["normalization"]["percentiles"] == [2.0, 98.0]
 
 
 def test_siteB_was_reoriented_and_cropped(demo_store: Path) -> None:
     folder = demo_store / "demo_abdomen_ct"
-    meta = json.loads((folder / "abdct_siteB_000" / "meta.json").read_text())
+    meta = json.loads((folder / "abdct_siteB_000" / "meta.json").read_text(encoding="utf-8"))
     assert meta["original"]["orientation"] == "RAS"
     full = [int(s) for s in meta["resampled"]["size"]][::-1]
     box = meta["crop_box"]

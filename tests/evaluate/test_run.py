@@ -127,7 +127,7 @@ def test_run_evaluate_writes_the_documented_files(dataset, tmp_path, monkeypatch
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == ["dataset", "class", "dice", "hd95", "nsd", "n"]
     assert summary[summary["class"] == "mean"]["n"].tolist() == [1]
-    efficiency = json.loads((out / "efficiency.json").read_text())
+    efficiency = json.loads((out / "efficiency.json").read_text(encoding="utf-8"))
     for key in ("params", "macs_per_window", "window", "seconds_per_volume", "peak_rss_mb", "class_scaling_ratio", "device"):
         assert key in efficiency
     assert efficiency["window"] == [16, 16, 16] and efficiency["class_scaling_ratio"] > 0

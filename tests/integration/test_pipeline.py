@@ -23,7 +23,7 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     command = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
                "--configfile", str(ROOT / "config.yaml"), str(TINY), "--cores", "2", *args]
     env = dict(os.environ, DUPLUS_NO_PROGRESS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=1800)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
@@ -61,7 +61,7 @@ def test_metrics_are_sane_numbers(finished_run: Path) -> None:
     assert means["dice"].between(0, 1).all()
     log = pd.read_csv(results / "pretrain/train_log.csv")
     assert log["loss"].notna().all() and (log["loss"] > 0).all()
-    lora = json.loads((results / "lora/ct_siteB/metrics.json").read_text())
+    lora = json.loads((results / "lora/ct_siteB/metrics.json").read_text(encoding="utf-8"))
     for key in ("zero_shot_dice", "lora_dice", "full_ft_dice"):
         assert 0.0 <= lora[key] <= 1.0
     assert lora["trainable_params_lora"] < lora["trainable_params_full"]
@@ -85,7 +85,7 @@ def test_misspelled_config_key_fails_before_any_job(tmp_path: Path) -> None:
     result = subprocess.run(
         [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile",
          str(ROOT / "config.yaml"), str(bad), "--cores", "1", "all"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, encoding="utf-8", errors="replace",
     )
     assert result.returncode != 0
     assert "stepz" in result.stdout + result.stderr
@@ -98,17 +98,17 @@ def test_wrong_type_names_the_key(tmp_path: Path) -> None:
     result = subprocess.run(
         [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile",
          str(ROOT / "config.yaml"), str(bad), "--cores", "1", "-n", "all"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, encoding="utf-8", errors="replace",
     )
     assert result.returncode != 0
     assert "steps" in result.stdout + result.stderr and "many" in result.stdout + result.stderr
 
 
 def test_lint_and_dry_run_list_every_stage() -> None:
-    lint = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--lint"], capture_output=True, text=True, cwd=ROOT)
+    lint = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--lint"], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=ROOT)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     dry = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-n", "all", "--directory", "/tmp/duplus-dry"],
-                         capture_output=True, text=True, cwd=ROOT)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=ROOT)
     assert dry.returncode == 0, dry.stderr
     for stage in ("download", "preprocess", "cache_prompts", "universal_pretrain", "lora_center", "prognosis", "report"):
         assert stage in dry.stdout
@@ -127,7 +127,7 @@ def test_segment_with_a_center_adapter_writes_on_the_input_grid(finished_run: Pa
          "--weights", str(finished_run / "results/pretrain/model.safetensors"),
          "--prompt-cache", str(finished_run / "results/prompts/minilm.safetensors"),
          "--adapter", str(finished_run / "results/lora/ct_siteB"), "--device", "cpu"],
-        capture_output=True, text=True, cwd=finished_run, env=dict(os.environ, DUPLUS_NO_PROGRESS="1"),
+        capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=finished_run, env=dict(os.environ, DUPLUS_NO_PROGRESS="1"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     image = sitk.ReadImage(str(raw))
@@ -139,5 +139,5 @@ def test_segment_with_a_center_adapter_writes_on_the_input_grid(finished_run: Pa
         assert mask.GetSpacing() == pytest.approx(image.GetSpacing())
         assert mask.GetOrigin() == pytest.approx(image.GetOrigin())
         assert mask.GetDirection() == pytest.approx(image.GetDirection())
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["adapter"]

@@ -85,7 +85,7 @@ def test_cache_is_keyed_by_model_and_recomputed_when_stale(tmp_path):
     model, settings, out = FakeDuPLUS(), FeatureSettings(), tmp_path / "out"
     first = extract_features(model, cases, out, "sha-A", settings)
     assert model.encode_calls == 3 and sorted(first) == ["case0", "case1", "case2"]
-    sidecar = json.loads((out / "features" / "case1.json").read_text())
+    sidecar = json.loads((out / "features" / "case1.json").read_text(encoding="utf-8"))
     assert sidecar["model_sha256"] == "sha-A"
     np.testing.assert_array_equal(np.load(out / "features" / "case1.npy"), first["case1"])
 

@@ -86,18 +86,18 @@ def test_stage_writes_the_documented_files(tmp_path, fakes):
     assert list(summary["model"]) == models
     assert len(folds) == 3 * len(models) and len(risks) == N * len(models)
     assert set(risks["patient_id"]) == {f"HN{i:02d}" for i in range(N)}
-    km = json.loads((out / "km.json").read_text())
+    km = json.loads((out / "km.json").read_text(encoding="utf-8"))
     assert set(km) == set(models)
     assert set(km["image_mlp"]) == {"low", "high", "logrank_p"}
     assert set(km["image_mlp"]["low"]) == {"time", "survival"}
     assert len(calls["sentences"]) == N and calls["sentences"][1].startswith("A 51-year-old male")
     assert len(list((out / "features").glob("*.npy"))) == N
-    cohort = json.loads((out / "cohort.json").read_text())
+    cohort = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
     assert cohort["patients"] == N and cohort["stratified_by"] == "event x center"
 
     # The cache is keyed by the weights file's hash (reuse itself is tested in test_features).
     encoded = model.encode_calls
-    assert json.loads((out / "features" / "HN00.json").read_text())["model_sha256"] == cohort["model_sha256"]
+    assert json.loads((out / "features" / "HN00.json").read_text(encoding="utf-8"))["model_sha256"] == cohort["model_sha256"]
     model_file.write_bytes(b"weights v2")
     run_prognosis(project["config"], project["manifest"], FakePromptCache(), model_file, out)
     assert model.encode_calls == encoded + N
@@ -113,7 +113,7 @@ def test_adapted_model_and_label_masks(tmp_path, fakes):
                             out, model=adapted, model_key="base+adapter")
     assert "image_ehr_text" not in set(summary["model"]) and adapted.forward_calls == 0
     assert np.load(out / "features" / "HN00.npy").shape == (5,)
-    assert json.loads((out / "features" / "HN00.json").read_text())["model_sha256"] == "base+adapter"
+    assert json.loads((out / "features" / "HN00.json").read_text(encoding="utf-8"))["model_sha256"] == "base+adapter"
 
 
 def test_unmatched_ehr_ids_stop_the_stage(tmp_path, fakes):
@@ -132,5 +132,5 @@ def test_disabled_stage_writes_a_note(tmp_path):
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == SUMMARY_COLUMNS
     assert summary.loc[0, "model"] == "none" and "disabled" in summary.loc[0, "note"]
-    assert json.loads((out / "km.json").read_text()) == {}
+    assert json.loads((out / "km.json").read_text(encoding="utf-8")) == {}
     assert pd.read_csv(out / "folds.csv").empty

@@ -37,7 +37,7 @@ def test_build_then_load_round_trips(path, fake_encoder):
     assert torch.equal(cache.get(TEXTS[0]), fake_encoder.vector(TEXTS[0]))
     stacked = cache.get_many(TEXTS[:3])
     assert stacked.shape == (3, 8) and torch.equal(stacked[2], fake_encoder.vector(TEXTS[2]))
-    manifest = json.loads(manifest_path(path).read_text())
+    manifest = json.loads(manifest_path(path).read_text(encoding="utf-8"))
     assert manifest["texts"][TEXTS[0]] == cache_module.sha256_text(TEXTS[0])
     assert manifest["count"] == len(TEXTS) and manifest["created"]
 
@@ -161,7 +161,7 @@ def test_missing_or_corrupt_files_are_named(path, fake_encoder):
         PromptCache.load(path)
     build_prompt_cache(TEXTS, fake_encoder, path)
     manifest = manifest_path(path)
-    saved = manifest.read_text()
+    saved = manifest.read_text(encoding="utf-8")
     manifest.unlink()
     with pytest.raises(PromptError, match=re.escape(str(manifest))):
         PromptCache.load(path)

@@ -94,7 +94,7 @@ def test_folder_without_weights_is_refused_not_randomly_initialized(tmp_path, ti
 def test_weights_missing_a_layer_are_refused(tmp_path, tiny_clip):
     # A text tower saved without its projection, whose config claims one: the projection would be random.
     folder = tiny_clip(tmp_path / "clip", projection=False)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config["architectures"] = ["CLIPTextModelWithProjection"]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(PromptError, match="text_projection"):

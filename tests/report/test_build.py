@@ -59,7 +59,7 @@ def test_full_report_writes_every_table_figure_and_index_last(full):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
     assert set(_snapshot(out)) == {str(p.relative_to(out)) for p in written}  # no temporaries left behind
-    assert "0.8308" in (out / "tables/table1_segmentation.md").read_text()
+    assert "0.8308" in (out / "tables/table1_segmentation.md").read_text(encoding="utf-8")
     assert b"CreationDate" not in (out / "figures/km_curves.pdf").read_bytes()
 
 
@@ -71,7 +71,7 @@ def test_index_references_only_existing_files(full):
     assert not [h for h in local if "://" in h or h.startswith("/")], "the page must only use relative paths"
     assert [h for h in local if not (out / h).is_file()] == []
     assert {"provenance.json", "tables/table3_prognosis.tex", "figures/km_curves.pdf"} <= set(local)
-    html = (out / "index.html").read_text()
+    html = (out / "index.html").read_text(encoding="utf-8")
     for table in ("table1_segmentation", "table2_adaptation", "table3_prognosis", "table4_efficiency"):
         assert f'<table id="{table}">' in html
     assert "(published)" in html and 'class="published"' in html
@@ -94,7 +94,7 @@ def test_missing_prognosis_is_a_note_and_its_stale_outputs_go(full, tmp_path):
     assert not any(p.name.startswith(("table3", "km_curves")) for p in written)
     assert not (out / "tables/table3_prognosis.csv").exists()
     assert not (out / "figures/km_curves.png").exists()
-    html = (out / "index.html").read_text()
+    html = (out / "index.html").read_text(encoding="utf-8")
     assert "Prognosis metrics not found (prognosis/summary.csv): stage disabled or not run." in html
     assert "table3_prognosis" not in html
     links = _links(out / "index.html")
@@ -106,7 +106,7 @@ def test_empty_results_still_give_a_page(config, tmp_path):
     out = tmp_path / "report"
     written = run_report(config, tmp_path / "nothing", out)
     assert [p.name for p in written] == ["provenance.json", "index.html"]
-    html = (out / "index.html").read_text()
+    html = (out / "index.html").read_text(encoding="utf-8")
     for stage in ("Pretraining log", "Segmentation metrics", "LoRA metrics", "Prognosis metrics", "Efficiency metrics"):
         assert f"{stage} not found" in html
     assert "stage disabled in the config" in html
@@ -121,9 +121,9 @@ def test_published_values_can_be_turned_off(config, tmp_path):
     (results / "prognosis/summary.csv").write_text(PROGNOSIS_SUMMARY)
     config["report"]["published"] = False
     run_report(config, results, tmp_path / "report")
-    assert "published" not in (tmp_path / "report/tables/table1_segmentation.csv").read_text()
-    assert "HECKTOR" not in (tmp_path / "report/tables/table3_prognosis.md").read_text()
-    assert 'class="published"' not in (tmp_path / "report/index.html").read_text()
+    assert "published" not in (tmp_path / "report/tables/table1_segmentation.csv").read_text(encoding="utf-8")
+    assert "HECKTOR" not in (tmp_path / "report/tables/table3_prognosis.md").read_text(encoding="utf-8")
+    assert 'class="published"' not in (tmp_path / "report/index.html").read_text(encoding="utf-8")
 
 
 def test_broken_example_is_skipped_with_a_note(config, tmp_path):
@@ -133,7 +133,7 @@ def test_broken_example_is_skipped_with_a_note(config, tmp_path):
     (examples.parent / "summary.csv").write_text(SUMMARY)
     written = run_report(config, tmp_path / "results", tmp_path / "report")
     assert not any(p.suffix == ".png" for p in written)
-    html = (tmp_path / "report/index.html").read_text()
+    html = (tmp_path / "report/index.html").read_text(encoding="utf-8")
     assert "Figure skipped (broken: prediction (solid) vs ground truth (dashed))" in html
     assert "broken.npz" in html
 

@@ -48,11 +48,11 @@ def test_collect_provenance(tmp_path, config, results):
     assert provenance.package_versions(["no-such-package-xyz"]) == {"no-such-package-xyz": None}
     assert record["hardware"]["cpu_count"] >= 1
     path = provenance.write_provenance(tmp_path / "p.json", record)
-    assert json.loads(path.read_text()) == json.loads(json.dumps(record))
+    assert json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(record))
 
 
 def test_report_package_never_imports_torch():
     code = ("import sys, duplus.report.build, duplus.report.provenance as p; p.package_versions(); "
             "print('torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
     assert done.stdout.strip() == "False"

@@ -68,4 +68,4 @@ def test_latex_is_booktabs_and_escaped():
 def test_write_creates_three_formats(tmp_path):
     paths = _table().write(tmp_path)
     assert [p.name for p in paths] == ["t_x.md", "t_x.csv", "t_x.tex"]
-    assert all(p.read_text() for p in paths)
+    assert all(p.read_text(encoding="utf-8") for p in paths)

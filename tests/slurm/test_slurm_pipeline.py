@@ -39,20 +39,20 @@ def slurm(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     work = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run(["bash", str(SCRIPT), "start", str(work)], capture_output=True, text=True, timeout=600)
+    started = subprocess.run(["bash", str(SCRIPT), "start", str(work)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     if started.returncode != 0:
         pytest.fail(f"local SLURM did not start:\n{started.stdout}\n{started.stderr}")
     env = dict(os.environ, SLURM_CONF=str(work / "etc" / "slurm.conf"), PATH=f"{work / 'bin'}:{os.environ['PATH']}",
                DUPLUS_NO_PROGRESS="1", HF_HUB_OFFLINE="1")
     yield env
-    subprocess.run(["bash", str(SCRIPT), "stop", str(work)], capture_output=True, text=True, timeout=120)
+    subprocess.run(["bash", str(SCRIPT), "stop", str(work)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def run_snakemake(env: dict, workdir: Path, *args: str, configs: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     command = ["timeout", "-s", "INT", "-k", "30", "1200", SNAKEMAKE, "-s", str(ROOT / "Snakefile"),
                "--directory", str(workdir), "--profile", str(ROOT / "profiles" / "slurm-local"),
                "--configfile", str(ROOT / "config.yaml"), str(TINY), *map(str, configs), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1500)
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=1500)
 
 
 def test_demo_pipeline_runs_through_sbatch(slurm, tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_failed_job_is_reported_with_its_log_and_rerun_continues(slurm, tmp_path
     assert (tmp_path / "data" / "raw" / "demo_abdomen_ct" / "download.json").is_file()
     dry = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "-n",
                           "--configfile", str(ROOT / "config.yaml"), str(TINY), str(bad), "all"],
-                         capture_output=True, text=True, env=slurm)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", env=slurm)
     planned = dry.stdout + dry.stderr
     assert "data/raw/missing_site/download.json" in planned
     assert "data/raw/demo_abdomen_ct/download.json" not in planned

@@ -56,7 +56,7 @@ def test_round_trip_is_exact_and_keeps_key_types(tmp_path):
     optimizer.load_state_dict(loaded["optimizer"])
     # No pickle anywhere: the record is plain JSON.
     _, json_path = checkpoint_paths(tmp_path, 5)
-    assert json.loads(json_path.read_text())["step"] == 5
+    assert json.loads(json_path.read_text(encoding="utf-8"))["step"] == 5
 
 
 def test_keeps_newest_two(tmp_path):
@@ -75,7 +75,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
     if damage == "truncate_tensors":
         tensors.write_bytes(tensors.read_bytes()[:-100])
     elif damage == "truncate_json":
-        record.write_text(record.read_text()[:50])
+        record.write_text(record.read_text(encoding="utf-8")[:50])
     else:
         tensors.unlink()
     with pytest.raises(CheckpointError, match="step_00000006"):

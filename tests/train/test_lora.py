@@ -103,7 +103,7 @@ def test_adapter_round_trip_gives_identical_outputs(adapted, base_file, tmp_path
     sha = sha256_file(base_file)
     save_adapter(model, "siteB", config, tmp_path / "adapter", sha)
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))["peft_type"] == "LORA"
     fresh, _ = load_model(base_file)
     name = load_adapter(fresh, tmp_path / "adapter", sha)
     assert name == "siteB" and adapter_names(fresh) == ["siteB"]
@@ -176,7 +176,7 @@ def test_run_lora_writes_adapter_meta_and_metrics(store, base_file, tmp_path, mo
     config["lora"]["rank"] = 1
     out = tmp_path / "ct_siteB"
     metrics = lora.run_lora(config, "ct_siteB", list(store.values()), FakePromptCache(), base_file, out)
-    on_disk = json.loads((out / "metrics.json").read_text())
+    on_disk = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert on_disk == json.loads(json.dumps(metrics))
     for key in ("center", "dataset", "zero_shot_dice", "lora_dice", "full_ft_dice", "gap_closed",
                 "trainable_params_lora", "trainable_params_full", "total_params", "adapter_bytes",
@@ -185,7 +185,7 @@ def test_run_lora_writes_adapter_meta_and_metrics(store, base_file, tmp_path, mo
     assert on_disk["gap_closed"] == pytest.approx((0.7 - 0.5) / (0.8 - 0.5))
     assert on_disk["trainable_params_lora"] < 0.05 * on_disk["total_params"] == 0.05 * on_disk["trainable_params_full"]
     assert on_disk["per_class"]["liver"] == {"zero_shot": 0.5, "lora": 0.7, "full_ft": 0.8}
-    meta = json.loads((out / "adapter_meta.json").read_text())
+    meta = json.loads((out / "adapter_meta.json").read_text(encoding="utf-8"))
     assert meta["base_sha256"] == sha256_file(base_file) and meta["center"] == "ct_siteB"
     assert meta["label_map"] == {"1": "liver", "2": "liver tumor", "3": "spleen"}
     assert meta["target_modules"] and all(not t.startswith("stems") for t in meta["target_modules"])

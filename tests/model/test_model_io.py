@@ -16,7 +16,7 @@ def test_round_trip_gives_identical_outputs(tiny_model, tmp_path):
     path = tmp_path / "model.safetensors"
     sidecar = save_model(tiny_model, path, {"text_encoder": {"identity": "fake", "dim": TEXT_DIM}, "steps": 3})
     assert sidecar_path(path) == tmp_path / "model.json"
-    on_disk = json.loads((tmp_path / "model.json").read_text())
+    on_disk = json.loads((tmp_path / "model.json").read_text(encoding="utf-8"))
     assert on_disk["sha256"] == sidecar["sha256"] and on_disk["steps"] == 3 and on_disk["config"]["text_dim"] == TEXT_DIM
     model, meta = load_model(path, expected_sha256=sidecar["sha256"])
     assert meta["text_encoder"]["identity"] == "fake" and not model.training
@@ -53,7 +53,7 @@ def test_pickles_are_refused_unless_plain_tensors(tiny_model, tmp_path):
     save_model(tiny_model, tmp_path / "model.safetensors", {})
     evil = tmp_path / "evil.pt"
     torch.save({"x": _Payload()}, evil)
-    sidecar = json.loads((tmp_path / "model.json").read_text())
+    sidecar = json.loads((tmp_path / "model.json").read_text(encoding="utf-8"))
     from duplus.hashing import sha256_file
 
     (tmp_path / "evil.json").write_text(json.dumps({**sidecar, "sha256": sha256_file(evil)}))
