@@ -141,3 +141,12 @@ def test_segment_with_a_center_adapter_writes_on_the_input_grid(finished_run: Pa
         assert mask.GetDirection() == pytest.approx(image.GetDirection())
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["adapter"]
+
+
+def test_rerunning_the_report_touches_only_report_outputs(finished_run: Path) -> None:
+    results = finished_run / "results"
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file() and "report" not in p.parts}
+    snakemake(finished_run, "--forcerun", "report", "report")
+    after = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file() and "report" not in p.parts}
+    assert before == after
+    assert (results / "report" / "index.html").is_file()
