@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,16 @@ def user_config(root: Path, kind: str = "msd", name: str = "mydata") -> dict[str
 
 def write_dicom_series(image: sitk.Image, folder: Path, prefix: str = "IMG") -> list[Path]:
     """Write a 3-D image as one DICOM file per slice (file names in slice order)."""
+    # GDCM's writer switches the process locale to "C": afterwards default-encoded text I/O in the
+    # same test session (read_text(), subprocess text=True) would be ASCII. Put it back when done.
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_slices(image, folder, prefix)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(image: sitk.Image, folder: Path, prefix: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
