@@ -8,6 +8,9 @@ set -euo pipefail
 ACTION="${1:-status}"
 WORK="${2:-${DUPLUS_SLURM_DIR:-/tmp/duplus-slurm}}"
 CONF="$WORK/etc/slurm.conf"
+# munged runs as the munge user, which cannot enter a root-only WORKDIR (pytest's tmp is 0700), so
+# its key, socket and log live in a folder of their own, named after WORKDIR.
+MUNGE="${DUPLUS_MUNGE_DIR:-/tmp/duplus-munge-$(printf '%s' "$WORK" | sha256sum | cut -c1-12)}"
 
 need_root_debian() {
     if [[ $(id -u) -ne 0 ]]; then echo "slurm_local: needs root" >&2; exit 3; fi
@@ -24,7 +27,7 @@ install_packages() {
 }
 
 write_config() {
-    mkdir -p "$WORK"/{etc,log,state,spool,run,munge,bin}
+    mkdir -p "$WORK"/{etc,log,state,spool,run,bin} "$MUNGE"
     local cpus mem
     cpus=$(nproc)
     mem=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
@@ -33,7 +36,7 @@ ClusterName=duplus-local
 SlurmctldHost=localhost(127.0.0.1)
 CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
 AuthType=auth/munge
-AuthInfo=socket=$WORK/munge/munge.socket.2
+AuthInfo=socket=$MUNGE/munge.socket.2
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -65,19 +68,19 @@ WRAP
 }
 
 start_munge() {
-    chown -R munge:munge "$WORK/munge"
-    chmod 0755 "$WORK/munge"
-    if [[ ! -f "$WORK/munge/munge.key" ]]; then
+    chown -R munge:munge "$MUNGE"
+    chmod 0755 "$MUNGE"
+    if [[ ! -f "$MUNGE/munge.key" ]]; then
         if command -v mungekey >/dev/null; then
-            mungekey --create --keyfile="$WORK/munge/munge.key"
+            mungekey --create --keyfile="$MUNGE/munge.key"
         else
-            dd if=/dev/urandom bs=1 count=1024 of="$WORK/munge/munge.key" status=none
+            dd if=/dev/urandom bs=1 count=1024 of="$MUNGE/munge.key" status=none
         fi
-        chown munge:munge "$WORK/munge/munge.key"
-        chmod 0400 "$WORK/munge/munge.key"
+        chown munge:munge "$MUNGE/munge.key"
+        chmod 0400 "$MUNGE/munge.key"
     fi
-    runuser -u munge -- munged --socket="$WORK/munge/munge.socket.2" --key-file="$WORK/munge/munge.key" \
-        --pid-file="$WORK/munge/munged.pid" --log-file="$WORK/munge/munged.log" --seed-file="$WORK/munge/munge.seed"
+    runuser -u munge -- munged --socket="$MUNGE/munge.socket.2" --key-file="$MUNGE/munge.key" \
+        --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munge.seed"
 }
 
 start() {
@@ -103,7 +106,7 @@ start() {
 
 stop() {
     # Only the daemons this script started, by their pid files; never by name.
-    for pidfile in "$WORK/run/slurmd.pid" "$WORK/run/slurmctld.pid" "$WORK/munge/munged.pid"; do
+    for pidfile in "$WORK/run/slurmd.pid" "$WORK/run/slurmctld.pid" "$MUNGE/munged.pid"; do
         if [[ -f "$pidfile" ]]; then
             pid=$(cat "$pidfile")
             kill "$pid" 2>/dev/null || true
@@ -112,6 +115,7 @@ stop() {
             rm -f "$pidfile"
         fi
     done
+    rm -rf "$MUNGE"
     echo "slurm_local: stopped"
 }
 

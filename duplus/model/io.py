@@ -5,6 +5,8 @@ Loading verifies the hash before anything is deserialised and never unpickles ar
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -13,9 +15,8 @@ from typing import Any
 import torch
 
 from duplus import __version__
-from duplus.atomic import save_safetensors, write_json
+from duplus.atomic import write_bytes, write_json
 from duplus.errors import CheckpointError, ModelError
-from duplus.hashing import sha256_file
 from duplus.model.config import ModelConfig
 from duplus.model.duplus import DuPLUS, count_parameters
 
@@ -41,16 +42,20 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, meta: dict[str, 
     target = Path(path)
     if target.suffix != ".safetensors":
         raise ModelError(f"{target}: model weights are written as .safetensors")
-    state = {k: v for k, v in model.state_dict().items()}
-    save_safetensors(target, state, metadata={"format": FORMAT})
+    from safetensors.torch import save as serialise
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    payload = serialise(state, metadata={"format": FORMAT})
+    # The hash is of the bytes written, not of the file re-read: another writer may replace it.
+    write_bytes(target, payload)
     sidecar = dict(meta or {})
     sidecar.update(
         format=FORMAT,
         duplus_version=__version__,
         config=model.cfg.to_dict(),
         weights=target.name,
-        sha256=sha256_file(target),
-        bytes=target.stat().st_size,
+        sha256=hashlib.sha256(payload).hexdigest(),
+        bytes=len(payload),
         params=count_parameters(model),
         text_dim=model.cfg.text_dim,
     )
@@ -88,7 +93,12 @@ def load_model(
     if not weights.is_file():
         raise CheckpointError(f"{weights}: model weights not found")
     sidecar = read_sidecar(weights)
-    actual = sha256_file(weights)
+    try:
+        payload = weights.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{weights}: unreadable model weights ({error})") from error
+    # Hash and parse the same bytes: a concurrent writer cannot slip other weights in between.
+    actual = hashlib.sha256(payload).hexdigest()
     if actual != sidecar["sha256"]:
         raise CheckpointError(
             f"{weights}: sha256 {actual[:12]}... differs from {sidecar_path(weights).name} "
@@ -97,7 +107,7 @@ def load_model(
     if expected_sha256 and actual.lower() != expected_sha256.strip().lower():
         raise CheckpointError(f"{weights}: sha256 {actual} does not match the expected {expected_sha256.strip()}")
     cfg = ModelConfig.from_dict(sidecar["config"], where=f"{sidecar_path(weights)}:config")
-    state = _read_state(weights)
+    state = _read_state(weights, payload)
     model = DuPLUS(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -108,11 +118,11 @@ def load_model(
     return model.to(device).eval(), sidecar
 
 
-def _read_state(weights: Path) -> dict[str, torch.Tensor]:
+def _read_state(weights: Path, payload: bytes) -> dict[str, torch.Tensor]:
     if weights.suffix in PICKLE_SUFFIXES:
         # Pickles can run code when loaded; only plain tensor dicts pass weights_only.
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unpickling failure means "untrusted"
             raise CheckpointError(
                 f"{weights}: refused to load a pickle file that is not a plain tensor dict ({type(error).__name__}); "
@@ -122,9 +132,9 @@ def _read_state(weights: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{weights}: pickle file does not hold a plain tensor state dict")
         return state
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as parse
 
     try:
-        return load_file(str(weights), device="cpu")
+        return parse(payload)
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({error})") from error

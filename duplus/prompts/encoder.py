@@ -9,6 +9,7 @@ import hashlib
 import inspect
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -226,6 +227,13 @@ def _load(location: str, local_only: bool, pooling: str, name: str):
     try:
         model, info = model_class.from_pretrained(location, local_files_only=local_only, output_loading_info=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, local_files_only=local_only)
+    except pickle.UnpicklingError as error:
+        # transformers loads .bin weights with weights_only=True; a refusal means they hold more
+        # than tensors (possibly code), so the folder is unusable rather than merely missing.
+        raise PromptError(
+            f"cannot load {where}: its pickled weights hold more than tensors and were refused "
+            f"({_first_line(error)}); use a folder with model.safetensors"
+        ) from None
     except (OSError, ValueError) as error:
         raise PromptError(f"cannot load {where}: {_first_line(error)}; {_INSTALL_HINT}") from None
     missing = set(info.get("missing_keys") or ())

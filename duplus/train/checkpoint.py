@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
@@ -141,8 +142,11 @@ def _read(folder: Path, step: int) -> dict[str, Any]:
     if hashlib.sha256(payload).hexdigest() != record.get("sha256"):
         raise CheckpointError(f"{tensor_path}: sha256 differs from the one recorded in {json_path.name} (truncated or replaced)")
     # Hash and parse the same bytes: the file cannot change between the check and the load.
-    tensors = load_safetensors_bytes(payload)
-    return _join(record["state"], tensors)
+    try:
+        tensors = load_safetensors_bytes(payload)
+        return _join(record["state"], tensors)
+    except (SafetensorError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{tensor_path}: not a safetensors checkpoint of this project ({error})") from error
 
 
 def load_checkpoint(folder: str | os.PathLike, step: int) -> dict[str, Any]:

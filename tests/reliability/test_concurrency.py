@@ -186,8 +186,9 @@ def _tiny_model(fill: float) -> Any:
 
 def test_model_replaced_while_being_loaded_is_never_mixed_with_its_sidecar(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A writer replaces the weights right after the loader checked their hash (the worst instant,
-    made deterministic here): the loader must not return the new weights with the old sidecar."""
+    """A writer replaces the weights right after the loader read them (the worst instant, made
+    deterministic here): the loader must not return the new weights with the old sidecar, nor
+    weights it did not verify."""
     import duplus.model.io as model_io
     from duplus.errors import DuplusError
 
@@ -195,21 +196,23 @@ def test_model_replaced_while_being_loaded_is_never_mixed_with_its_sidecar(tmp_p
     model_io.save_model(_tiny_model(1.0), path, meta={"fill": 1.0})
     replacement = tmp_path / "other" / "model.safetensors"
     model_io.save_model(_tiny_model(2.0), replacement, meta={"fill": 2.0})
-    real_hash = model_io.sha256_file
+    real_read = Path.read_bytes
     swapped = [False]
 
-    def hash_then_swap(file: Any) -> str:
-        digest = real_hash(file)
-        if not swapped[0] and Path(file) == path:
+    def read_then_swap(self: Path) -> bytes:
+        data = real_read(self)
+        if not swapped[0] and self == path:
             swapped[0] = True
             os.replace(replacement, path)  # the concurrent writer's rename lands now
-        return digest
+        return data
 
-    monkeypatch.setattr(model_io, "sha256_file", hash_then_swap)
+    monkeypatch.setattr(Path, "read_bytes", read_then_swap)
     try:
         model, sidecar = model_io.load_model(path)
     except DuplusError:
+        assert swapped[0]
         return  # refusing is fine: the file changed under the reader
+    assert swapped[0], "the loader never read the weights file, so the race was not exercised"
     value = next(model.parameters()).flatten()[0].item()
     assert value == sidecar["fill"], "weights of one write were returned with the sidecar of another"
 
