@@ -42,6 +42,16 @@ def pretrained_model(wildcards=None):
     return results_dir() / "pretrain" / "model.safetensors"
 
 
+def baseline_models(wildcards=None):
+    return [results_dir() / "baseline" / name / "model.safetensors" for name in dataset_names()]
+
+
+def baseline_outputs(wildcards=None):
+    if not config["baseline"]["enabled"]:
+        return []
+    return [results_dir() / "evaluate" / "baseline" / "summary.csv"]
+
+
 def lora_centers():
     return sorted(config["lora"]["centers"])
 
@@ -66,6 +76,7 @@ def report_inputs(wildcards=None):
         "train_log": results_dir() / "pretrain" / "train_log.csv",
         "lora": lora_metrics(),
         "prognosis": prognosis_outputs(),
+        "baseline": baseline_outputs(),
     }
 
 

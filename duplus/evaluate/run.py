@@ -174,3 +174,38 @@ def run_evaluate(config: Mapping[str, Any], manifests: Sequence[str], prompt_cac
     write_examples(out, result.examples)
     write_json(out / "efficiency.json", efficiency_report(model, config, result))
     return per_case
+
+
+def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], prompt_cache: str,
+                           model_paths: Sequence[str], out_dir: str) -> pd.DataFrame:
+    """Evaluate each task-specific baseline on its own dataset's cases; one per_case/summary for all.
+
+    The dataset of a baseline is the one its sidecar names; cases are chosen exactly as for the
+    universal model, so the two summaries compare like with like.
+    """
+    from duplus.model import load_model
+    from duplus.model.task_specific import ARCHITECTURE
+    from duplus.prompts.cache import PromptCache
+    from duplus.runtime import resolve_device
+
+    device = resolve_device(str(config.get("device", "auto")))
+    cache = PromptCache.load(prompt_cache)
+    cases = select_cases(read_manifests(manifests), config)
+    frames = []
+    for path in model_paths:
+        model, sidecar = load_model(path, device=device, architectures=(ARCHITECTURE,))
+        datasets = list(sidecar.get("datasets") or [])
+        if len(datasets) != 1:
+            raise ModelError(f"{path}: a baseline's sidecar names one dataset, found {datasets}")
+        mine = cases[cases["dataset"] == datasets[0]]
+        if mine.empty:
+            raise DataError(f"{path}: no '{config.get('evaluate', {}).get('split', 'test')}' case of {datasets[0]} to evaluate")
+        log.info("baseline %s: %d cases", datasets[0], len(mine))
+        frames.append(evaluate_frame(model, mine, cache, config).frame()[PER_CASE_COLUMNS])
+    if not frames:
+        raise ModelError("baseline_evaluate: no baseline model given")
+    per_case = pd.concat(frames, ignore_index=True)
+    out = Path(out_dir)
+    write_csv(out / "per_case.csv", per_case)
+    write_csv(out / "summary.csv", summarize(per_case))
+    return per_case

@@ -7,6 +7,7 @@ from duplus.model.config import MODALITIES, PRESETS, ModelConfig
 from duplus.model.duplus import LORA_GROUPS, DuPLUS, count_parameters, lora_target_names, modality_index
 from duplus.model.flops import count_macs, efficiency
 from duplus.model.io import load_model, read_sidecar, save_model, sidecar_path
+from duplus.model.task_specific import TaskSpecificNet
 
 __all__ = [
     "MODALITIES",
@@ -14,6 +15,7 @@ __all__ = [
     "LORA_GROUPS",
     "ModelConfig",
     "DuPLUS",
+    "TaskSpecificNet",
     "count_parameters",
     "count_macs",
     "efficiency",

@@ -19,11 +19,20 @@ from duplus.atomic import write_bytes, write_json
 from duplus.errors import CheckpointError, ModelError
 from duplus.model.config import ModelConfig
 from duplus.model.duplus import DuPLUS, count_parameters
+from duplus.model.task_specific import ARCHITECTURE as TASK_SPECIFIC
+from duplus.model.task_specific import TaskSpecificNet
 
 FORMAT = "duplus-model/1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 # Keys of the sidecar written by save_model; a caller's meta cannot override them.
-RESERVED = ("format", "duplus_version", "config", "weights", "sha256", "bytes", "params", "text_dim")
+RESERVED = ("format", "duplus_version", "config", "weights", "sha256", "bytes", "params", "text_dim", "architecture",
+            "head_classes")
+UNIVERSAL = "duplus"
+
+
+def architecture_of(model: torch.nn.Module) -> str:
+    """``duplus`` (the universal, prompt-driven network) or ``task_specific`` (the baseline)."""
+    return TASK_SPECIFIC if isinstance(model, TaskSpecificNet) else UNIVERSAL
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -37,7 +46,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, meta: dict[str, 
     ``meta`` is stored as given (e.g. ``text_encoder``, ``label_map``, ``classes``, ``steps``) next
     to the reserved keys ``config``, ``sha256``, ``weights``, ``bytes``, ``params``, ``text_dim``.
     """
-    if not isinstance(model, DuPLUS):
+    if not isinstance(model, (DuPLUS, TaskSpecificNet)):
         raise ModelError(f"save_model expects a DuPLUS network, got {type(model).__name__} (merge adapters first)")
     target = Path(path)
     if target.suffix != ".safetensors":
@@ -58,7 +67,10 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, meta: dict[str, 
         bytes=len(payload),
         params=count_parameters(model),
         text_dim=model.cfg.text_dim,
+        architecture=architecture_of(model),
     )
+    if isinstance(model, TaskSpecificNet):
+        sidecar["head_classes"] = list(model.classes)
     # Weights first, sidecar second: a sidecar never points to weights that are not complete.
     write_json(sidecar_path(target), sidecar)
     return sidecar
@@ -82,9 +94,15 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(
-    path: str | os.PathLike, expected_sha256: str | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    expected_sha256: str | None = None,
+    device: str | torch.device = "cpu",
+    architectures: tuple[str, ...] = (UNIVERSAL,),
 ) -> tuple[DuPLUS, dict[str, Any]]:
     """Load a DuPLUS model; returns (model in eval mode on ``device``, sidecar dict).
+
+    ``architectures`` lists the kinds the caller can use: only the universal network by default, so
+    a task-specific baseline given where prompts are needed is refused by name.
 
     Raises ``CheckpointError`` naming the file when it is missing, truncated, altered (hash differs
     from the sidecar or from ``expected_sha256``), or an untrusted pickle.
@@ -107,8 +125,17 @@ def load_model(
     if expected_sha256 and actual.lower() != expected_sha256.strip().lower():
         raise CheckpointError(f"{weights}: sha256 {actual} does not match the expected {expected_sha256.strip()}")
     cfg = ModelConfig.from_dict(sidecar["config"], where=f"{sidecar_path(weights)}:config")
+    architecture = str(sidecar.get("architecture", UNIVERSAL))
+    if architecture not in architectures:
+        raise ModelError(
+            f"{weights}: is a {architecture!r} network; here only {list(architectures)} can be used"
+            + (" (a task-specific baseline has no prompts)" if architecture == TASK_SPECIFIC else "")
+        )
     state = _read_state(weights, payload)
-    model = DuPLUS(cfg)
+    if architecture == TASK_SPECIFIC:
+        model: torch.nn.Module = TaskSpecificNet(cfg, list(sidecar.get("head_classes") or []))
+    else:
+        model = DuPLUS(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(

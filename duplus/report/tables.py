@@ -95,7 +95,8 @@ def segmentation_table(summary: pd.DataFrame, baseline: pd.DataFrame | None = No
         "Rounding: Dice / NSD 3 decimals, HD95 1 decimal; a dash is a value that could not be computed.",
     ]
     if base_means is not None:
-        notes.append("Baseline columns: a task-specific model trained and evaluated on each dataset alone.")
+        notes.append("Baseline columns: a task-specific model (the same backbone, no prompts, a fixed head) trained "
+                     "and evaluated on each dataset alone, by default on an equal share of the universal training steps.")
     if published:
         notes.append(PUBLISHED_NOTE)
         notes.append(f"Published Dice: {pub.NNUNET_REVISITED}, on the named benchmark (published in percent, "

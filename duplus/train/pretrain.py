@@ -145,16 +145,32 @@ def run_pretrain(
     Raises:
         TrainingInterrupted: after SIGTERM, once the current step is done and checkpointed.
     """
-    from duplus.model import DuPLUS, ModelConfig, save_model
-
     settings = PretrainSettings.from_config(config)
+    cases = pretraining_cases(config, [str(m) for m in manifests])
+    return train_network(config, settings, cases, prompt_cache, out_model, out_log)
+
+
+def train_network(
+    config: Mapping[str, Any],
+    settings: PretrainSettings,
+    cases: list[Any],
+    prompt_cache: Any,
+    out_model: str | os.PathLike,
+    out_log: str | os.PathLike,
+    task_specific: bool = False,
+) -> dict[str, Any]:
+    """The training loop shared by universal pretraining and the task-specific baseline.
+
+    ``task_specific``: train the prompt-free baseline network (one dataset's cases only) instead
+    of the universal one; everything else (sampling, loss, schedule, EMA, checkpoints) is identical,
+    which is what makes the comparison fair.
+    """
+    from duplus.model import DuPLUS, ModelConfig, TaskSpecificNet, save_model
+
     device = resolve_device(str(config.get("device", "auto")))
     seed = int(config.get("seed", 0))
     amp = resolve_amp(settings.amp, device)
-    manifests = [str(m) for m in manifests]
     cache = open_prompt_cache(prompt_cache)
-
-    cases = pretraining_cases(config, manifests)
     sampler = PatchSampler(
         cases,
         settings.patch_size,
@@ -164,9 +180,16 @@ def run_pretrain(
     )
     table = TextTable(cache, sampler.all_texts(), device)
     identity = _run_identity(config, settings, sampler, cache)
+    identity["architecture"] = "task_specific" if task_specific else "duplus"
 
     seed_everything(seed)
-    model = DuPLUS(ModelConfig.from_config(config, text_dim=table.dim)).to(device)
+    model_config = ModelConfig.from_config(config, text_dim=table.dim)
+    if task_specific:
+        if len(sampler.datasets) != 1:
+            raise ConfigError(f"a task-specific network trains on one dataset, got {sampler.datasets}")
+        model = TaskSpecificNet(model_config, _classes_per_dataset(sampler)[sampler.datasets[0]]).to(device)
+    else:
+        model = DuPLUS(model_config).to(device)
     optimizer = build_optimizer(model.parameters(), settings.lr, settings.weight_decay, device)
     scheduler = warmup_cosine(optimizer, settings.warmup_steps, settings.steps)
     ema = EMA(model, settings.ema_decay)
@@ -216,7 +239,8 @@ def run_pretrain(
     )
     batches = iter(loader)
     model.train()
-    with StopFlag() as stop, progress(total=settings.steps, initial=start, desc="pretrain") as bar:
+    desc = f"baseline {sampler.datasets[0]}" if task_specific else "pretrain"
+    with StopFlag() as stop, progress(total=settings.steps, initial=start, desc=desc) as bar:
         for step in range(start, settings.steps):
             lr = scheduler.get_last_lr()[0]
             for _ in range(settings.grad_accum):
@@ -244,7 +268,7 @@ def run_pretrain(
                 checkpoint(done)
             if stop.requested and done < settings.steps:
                 raise TrainingInterrupted(
-                    f"pretraining stopped at step {done} of {settings.steps}; checkpoint in {folder}, rerun to resume"
+                    f"{desc} stopped at step {done} of {settings.steps}; checkpoint in {folder}, rerun to resume"
                 )
 
     _write_log(out_log, rows)
@@ -263,5 +287,5 @@ def run_pretrain(
         "preprocess": dict(config.get("preprocess") or {}),
     }
     sidecar = save_model(model.to("cpu"), out_model, meta=meta)
-    log.info("pretraining done: %d steps, model %s", settings.steps, out_model)
+    log.info("%s done: %d steps, model %s", desc, settings.steps, out_model)
     return sidecar

@@ -44,6 +44,8 @@ def test_every_stage_writes_its_outputs(finished_run: Path) -> None:
         "pretrain/train_log.csv",
         "evaluate/universal/summary.csv",
         "evaluate/universal/per_case.csv",
+        "evaluate/baseline/summary.csv",
+        "baseline/demo_abdomen_ct/model.safetensors",
         "lora/ct_siteB/metrics.json",
         "prognosis/summary.csv",
         "report/index.html",
@@ -59,6 +61,13 @@ def test_metrics_are_sane_numbers(finished_run: Path) -> None:
     means = summary[summary["class"] == "mean"]
     assert set(means["dataset"]) == {"demo_abdomen_ct", "demo_abdomen_mri", "demo_headneck_pet"}
     assert means["dice"].between(0, 1).all()
+    baseline = pd.read_csv(results / "evaluate/baseline/summary.csv")
+    # Each baseline is scored on its own dataset's classes, exactly as the universal model.
+    assert set(baseline["dataset"]) == set(means["dataset"])
+    assert set(zip(baseline["dataset"], baseline["class"])) == set(zip(summary["dataset"], summary["class"]))
+    baseline_log = pd.read_csv(results / "baseline/demo_abdomen_ct/train_log.csv")
+    assert baseline_log["step"].iloc[-1] == 16 // 3  # an equal share of the universal budget
+    assert "baseline Dice" in (results / "report/index.html").read_text(encoding="utf-8")
     log = pd.read_csv(results / "pretrain/train_log.csv")
     assert log["loss"].notna().all() and (log["loss"] > 0).all()
     lora = json.loads((results / "lora/ct_siteB/metrics.json").read_text(encoding="utf-8"))

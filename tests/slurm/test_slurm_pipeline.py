@@ -51,7 +51,8 @@ def slurm(tmp_path_factory):
 def run_snakemake(env: dict, workdir: Path, *args: str, configs: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     command = ["timeout", "-s", "INT", "-k", "30", "1200", SNAKEMAKE, "-s", str(ROOT / "Snakefile"),
                "--directory", str(workdir), "--profile", str(ROOT / "profiles" / "slurm-local"),
-               "--configfile", str(ROOT / "config.yaml"), str(TINY), *map(str, configs), *args]
+               # Targets and flags before --configfile, which takes every following word as a file.
+               *args, "--configfile", str(ROOT / "config.yaml"), str(TINY), *map(str, configs)]
     return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=1500)
 
 
@@ -78,8 +79,8 @@ def test_failed_job_is_reported_with_its_log_and_rerun_continues(slurm, tmp_path
     assert "missing_site" in output
     # What succeeded is kept: the good dataset's download is not redone.
     assert (tmp_path / "data" / "raw" / "demo_abdomen_ct" / "download.json").is_file()
-    dry = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "-n",
-                          "--configfile", str(ROOT / "config.yaml"), str(TINY), str(bad), "all"],
+    dry = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "-n", "all",
+                          "--configfile", str(ROOT / "config.yaml"), str(TINY), str(bad)],
                          capture_output=True, text=True, encoding="utf-8", errors="replace", env=slurm)
     planned = dry.stdout + dry.stderr
     assert "data/raw/missing_site/download.json" in planned

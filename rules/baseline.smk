@@ -1,0 +1,43 @@
+rule baseline_train:
+    """The task-specific baseline of one dataset: same backbone, no prompts, equal share of the budget."""
+    input:
+        manifests=all_manifests,
+        prompts=prompt_cache,
+    output:
+        model=results_dir() / "baseline" / "{dataset}" / "model.safetensors",
+        log_csv=results_dir() / "baseline" / "{dataset}" / "train_log.csv",
+    log:
+        "logs/baseline_train/{dataset}.log",
+    wildcard_constraints:
+        dataset="[^/]+",
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=2880,
+        gpu=gpus(),
+    conda:
+        "../envs/duplus.yaml"
+    script:
+        "../workflow_scripts/baseline_train.py"
+
+
+rule baseline_evaluate:
+    """Every baseline on its own dataset's test cases, scored exactly as the universal model."""
+    input:
+        manifests=all_manifests,
+        prompts=prompt_cache,
+        models=baseline_models,
+    output:
+        summary=results_dir() / "evaluate" / "baseline" / "summary.csv",
+        per_case=results_dir() / "evaluate" / "baseline" / "per_case.csv",
+    log:
+        "logs/baseline_evaluate.log",
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=gpus(),
+    conda:
+        "../envs/duplus.yaml"
+    script:
+        "../workflow_scripts/baseline_evaluate.py"
