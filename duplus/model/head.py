@@ -28,6 +28,7 @@ class Controller(nn.Module):
         self.image_act = get_act_layer(cfg.act)
         self.image_proj = conv3d(cfg.bottleneck_channels, cfg.embed_dim, kernel=1)
         self.params = nn.Linear(2 * cfg.embed_dim, cfg.n_dynamic_params)
+        _init_as_head(self.params, cfg.head_channels)
 
     def pooled(self, bottleneck: torch.Tensor) -> torch.Tensor:
         """GAP of the projected bottleneck: the image summary [B, E] (also used for prognosis)."""
@@ -39,6 +40,25 @@ class Controller(nn.Module):
         k = class_embed.shape[1]
         joint = torch.cat([image.unsqueeze(1).expand(-1, k, -1), class_embed.to(image.dtype)], dim=-1)
         return self.params(joint)
+
+
+def _init_as_head(layer: nn.Linear, channels: int) -> None:
+    """Start the generated convs as a He-initialised C->C->C->1 head.
+
+    With PyTorch's default Linear init the generated weights are ~0.1, the three stacked 1x1x1
+    convs shrink the features to nearly constant logits and almost no gradient reaches the
+    backbone: training stalls for hundreds of steps. Putting a He-scaled random head in the bias
+    (weight part scaled down) makes the initial head a well-conditioned fixed MLP that the image
+    and the class prompt then modulate, the usual hypernetwork initialisation.
+    """
+    c = channels
+    with torch.no_grad():
+        layer.weight.mul_(0.1)
+        bias = torch.zeros_like(layer.bias)
+        bias[: c * c].normal_(0.0, (2.0 / c) ** 0.5)
+        bias[c * c : 2 * c * c].normal_(0.0, (2.0 / c) ** 0.5)
+        bias[2 * c * c : 2 * c * c + c].normal_(0.0, (1.0 / c) ** 0.5)
+        layer.bias.copy_(bias)
 
 
 class DynamicHead(nn.Module):

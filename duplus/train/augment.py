@@ -28,12 +28,28 @@ INTENSITY = {
 }
 
 
-def build_augmentation(modality: str, patch_size: Sequence[int]) -> Compose:
-    """Random flips, axial 90-degree rotations (square axial patches only) and intensity changes."""
+# Array axes of a preprocessed patch are (Z, Y, X) in the canonical orientation; X is left-right.
+LEFT_RIGHT_AXIS = 2
+
+
+def has_lateral_classes(classes: Sequence[str]) -> bool:
+    """True when a class name says left or right (left kidney, right lung, ...)."""
+    words = {word for name in classes for word in str(name).lower().replace("_", " ").split()}
+    return bool(words & {"left", "right"})
+
+
+def build_augmentation(modality: str, patch_size: Sequence[int], lateral: bool = False) -> Compose:
+    """Random flips, axial 90-degree rotations (square axial patches only) and intensity changes.
+
+    ``lateral``: the dataset has left/right classes. A left-right mirror, or an axial rotation
+    (180 degrees is a mirror of both in-plane axes), would then show a left kidney labelled as the
+    right one, so those are left out and only the other two axes are mirrored.
+    """
     keys = ["image", "target"]
     params = INTENSITY.get(modality, INTENSITY["MRI"])
-    transforms = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
-    if patch_size[1] == patch_size[2]:
+    axes = [axis for axis in range(3) if not (lateral and axis == LEFT_RIGHT_AXIS)]
+    transforms = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in axes]
+    if patch_size[1] == patch_size[2] and not lateral:
         # Rotating a non-square axial plane would change the patch shape.
         transforms.append(RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(1, 2)))
     transforms += [

@@ -5,7 +5,7 @@ The text encoder never runs here: every text is looked up in the prompt cache be
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -50,8 +50,18 @@ class TextTable:
         return self.matrix[rows.to(self.device, non_blocking=True)]
 
 
-def batch_loss(model: nn.Module, batch: dict[str, Any], table: TextTable, amp: torch.dtype | None) -> torch.Tensor:
-    """Forward one collated batch and return its masked Dice + BCE loss (0-dim, on the device)."""
+def batch_loss(
+    model: nn.Module,
+    batch: dict[str, Any],
+    table: TextTable,
+    amp: torch.dtype | None,
+    weight_total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Forward one collated batch and return its masked Dice + BCE loss (0-dim, on the device).
+
+    ``weight_total`` maps this batch's class weights to the loss divisor (data-parallel training
+    sums them over ranks); by default the batch's own sum.
+    """
     device = table.device
     image = batch["image"].to(device, non_blocking=True)
     target = batch["target"].to(device, non_blocking=True)
@@ -61,7 +71,7 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], table: TextTable, amp: t
     targets = table.targets(batch["target_texts"], target.shape[1])
     with autocast(device, amp):
         logits = model(image, modality, context, targets)
-    return masked_loss(logits, target, weight)
+    return masked_loss(logits, target, weight, weight_total(weight) if weight_total is not None else None)
 
 
 def open_prompt_cache(prompt_cache: Any) -> Any:

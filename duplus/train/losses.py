@@ -25,8 +25,14 @@ def per_class_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dice + BCE_WEIGHT * bce
 
 
-def masked_loss(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor) -> torch.Tensor:
+def masked_loss(
+    logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor, weight_total: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean per-class loss over supervised classes (``class_weight > 0``); a 0-dim tensor.
+
+    ``weight_total`` replaces this batch's sum of class weights as the divisor: data-parallel
+    ranks pass the global sum (times the number of ranks), so the gradients DDP averages are those
+    of one process holding the whole batch.
 
     Uses ``torch.where`` rather than a product so that even a non-finite loss of an unsupervised
     class cannot leak into the result or the gradient. No host synchronisation.
@@ -40,4 +46,5 @@ def masked_loss(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.
     weight = class_weight.to(losses.dtype)
     supervised = weight > 0
     weighted = torch.where(supervised, losses * weight, torch.zeros_like(losses))
-    return weighted.sum() / weight.sum().clamp_min(1e-6)
+    total = weight.sum() if weight_total is None else weight_total.to(weighted.dtype)
+    return weighted.sum() / total.clamp_min(1e-6)

@@ -21,6 +21,7 @@ from duplus.errors import CheckpointError, ConfigError
 from duplus.hashing import sha256_text
 from duplus.progress import progress
 from duplus.runtime import resolve_device, seed_everything
+from duplus.train import distributed
 from duplus.train.batches import TextTable, batch_loss, open_prompt_cache
 from duplus.train.cases import pretraining_cases
 from duplus.train.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -54,6 +55,7 @@ class PretrainSettings:
     dataset_weights: Mapping[str, float] | None = None
     exclude_centers: Mapping[str, list[str]] | None = None
     compile: bool = False
+    processes: int | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "PretrainSettings":
@@ -75,7 +77,7 @@ class PretrainSettings:
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change the numbers a run produces (bookkeeping ones left out)."""
         data = asdict(self)
-        for key in ("checkpoint_every", "log_every", "num_workers", "compile"):
+        for key in ("checkpoint_every", "log_every", "num_workers", "compile", "processes"):
             data.pop(key)
         data["patch_size"] = list(self.patch_size)
         return json.loads(json.dumps(data, sort_keys=True, default=dict))
@@ -163,11 +165,30 @@ def train_network(
 
     ``task_specific``: train the prompt-free baseline network (one dataset's cases only) instead
     of the universal one; everything else (sampling, loss, schedule, EMA, checkpoints) is identical,
-    which is what makes the comparison fair.
+    which is what makes the comparison fair. Under torchrun it trains data-parallel (see
+    ``duplus.train.distributed``).
     """
+    ranks = distributed.from_environment()
+    device = distributed.start(ranks, resolve_device(str(config.get("device", "auto"))))
+    try:
+        return _train(config, settings, cases, prompt_cache, out_model, out_log, task_specific, ranks, device)
+    finally:
+        distributed.stop(ranks)
+
+
+def _train(
+    config: Mapping[str, Any],
+    settings: PretrainSettings,
+    cases: list[Any],
+    prompt_cache: Any,
+    out_model: str | os.PathLike,
+    out_log: str | os.PathLike,
+    task_specific: bool,
+    ranks: distributed.Ranks,
+    device: torch.device,
+) -> dict[str, Any]:
     from duplus.model import DuPLUS, ModelConfig, TaskSpecificNet, save_model
 
-    device = resolve_device(str(config.get("device", "auto")))
     seed = int(config.get("seed", 0))
     amp = resolve_amp(settings.amp, device)
     cache = open_prompt_cache(prompt_cache)
@@ -215,10 +236,19 @@ def train_network(
         _set_rng_state(state["rng"], device)
         log.info("resuming pretraining at step %d of %d from %s", start, settings.steps, folder)
 
-    forward_model = torch.compile(model) if settings.compile else model
+    forward_model = distributed.wrap(model, ranks, device)
+    forward_model = torch.compile(forward_model) if settings.compile else forward_model
     started = time.perf_counter()
 
+    def weight_total(weight: torch.Tensor) -> torch.Tensor:
+        # Global sum of class weights over ranks, times the number of ranks: DDP's gradient
+        # average then equals the gradient of one process holding the whole batch.
+        return distributed.all_reduce_sum(weight.sum().detach().clone(), ranks) / ranks.world
+
     def checkpoint(step: int) -> None:
+        if not ranks.main:
+            distributed.barrier(ranks)  # wait until rank 0 has written it
+            return
         save_checkpoint(folder, step, {
             "run": identity,
             "model": model.state_dict(),
@@ -232,10 +262,12 @@ def train_network(
             "seconds": seconds_before + time.perf_counter() - started,
             "rng": _rng_state(device),
         })
+        distributed.barrier(ranks)
 
+    distributed.per_rank_batch(settings.batch_size, ranks)
     loader = make_loader(
         sampler, seed, settings.batch_size, settings.grad_accum, start, settings.steps,
-        num_workers=settings.num_workers, pin_memory=device.type == "cuda",
+        num_workers=settings.num_workers, pin_memory=device.type == "cuda", rank=ranks.rank, world=ranks.world,
     )
     batches = iter(loader)
     model.train()
@@ -244,7 +276,8 @@ def train_network(
         for step in range(start, settings.steps):
             lr = scheduler.get_last_lr()[0]
             for _ in range(settings.grad_accum):
-                loss = batch_loss(forward_model, next(batches), table, amp)
+                loss = batch_loss(forward_model, next(batches), table, amp,
+                                  weight_total if ranks.active else None)
                 scaler.scale(loss / settings.grad_accum).backward()
                 running += loss.detach()  # stays on the device: no per-step host sync
                 micro_batches += 1
@@ -257,20 +290,31 @@ def train_network(
             ema.update(model)
             done = step + 1
             bar.update(1)
-            if done % settings.log_every == 0 or done == settings.steps:
-                mean = (running / max(micro_batches, 1)).item()  # the only sync, every log_every steps
+            at_log = done % settings.log_every == 0 or done == settings.steps
+            if at_log:
+                total = distributed.all_reduce_sum(running.clone(), ranks) / ranks.world
+                mean = (total / max(micro_batches, 1)).item()  # the only sync, every log_every steps
                 rows.append({"step": done, "loss": mean, "lr": lr,
                              "seconds": round(seconds_before + time.perf_counter() - started, 3)})
-                _write_log(out_log, rows)
+                if ranks.main:
+                    _write_log(out_log, rows)
                 running.zero_()
                 micro_batches = 0
-            if done % settings.checkpoint_every == 0 or done == settings.steps or stop.requested:
+            # Ranks agree on a stop request only where they sync anyway (at log steps), so that
+            # all of them checkpoint and leave at the same step.
+            if ranks.active:
+                stopping = at_log and distributed.any_rank(stop.requested, ranks, device)
+            else:
+                stopping = stop.requested
+            if done % settings.checkpoint_every == 0 or done == settings.steps or stopping:
                 checkpoint(done)
-            if stop.requested and done < settings.steps:
+            if stopping and done < settings.steps:
                 raise TrainingInterrupted(
                     f"{desc} stopped at step {done} of {settings.steps}; checkpoint in {folder}, rerun to resume"
                 )
 
+    if not ranks.main:
+        return {}
     _write_log(out_log, rows)
     ema.copy_to(model)
     meta = {

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from duplus.errors import DataError
-from duplus.train.augment import augment, build_augmentation
+from duplus.train.augment import augment, build_augmentation, has_lateral_classes
 from duplus.train.cases import CaseRecord
 
 # Locations per case are tiny (<= 4096 x 3 int32 per label); keeping them saves a zip open per
@@ -100,7 +100,11 @@ class PatchSampler:
         self.augment_patches = augment_patches
         self.modality_ids = {c.modality: modality_index(c.modality) for c in cases}
         self.texts = {(c.dataset, c.case): texts_for_case(c, paraphrases) for c in cases}
-        self._augmenters = {m: build_augmentation(m, self.patch_size) for m in self.modality_ids}
+        self.lateral = {name: has_lateral_classes(cases_[0].classes) for name, cases_ in self.by_dataset.items()}
+        self._augmenters = {
+            (c.modality, self.lateral[c.dataset]): build_augmentation(c.modality, self.patch_size, self.lateral[c.dataset])
+            for c in cases
+        }
         self._locations: dict[tuple[str, str], dict[int, np.ndarray]] = {}
 
     def all_texts(self) -> list[str]:
@@ -155,7 +159,8 @@ class PatchSampler:
         target_t = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))
         aug_seed = int(rng.integers(2**31 - 1))
         if self.augment_patches:
-            image_t, target_t = augment(self._augmenters[record.modality], image_t, target_t, aug_seed)
+            augmenter = self._augmenters[(record.modality, self.lateral[record.dataset])]
+            image_t, target_t = augment(augmenter, image_t, target_t, aug_seed)
         context, options = self.texts[(record.dataset, record.case)]
         chosen = [texts[int(rng.integers(len(texts)))] for texts in options]
         return {
@@ -213,6 +218,26 @@ class StepSamples(Dataset):
         return 2**62
 
 
+class RankIndices:
+    """Flat sample indices of one rank, step by step, micro-batch by micro-batch (lazy)."""
+
+    def __init__(self, start_step: int, end_step: int, batch_size: int, grad_accum: int, rank: int, world: int) -> None:
+        self.start_step, self.end_step = int(start_step), int(end_step)
+        self.batch_size, self.grad_accum = int(batch_size), int(grad_accum)
+        self.per_rank = self.batch_size // int(world)
+        self.offset = int(rank) * self.per_rank
+
+    def __iter__(self):
+        per_step = self.batch_size * self.grad_accum
+        for step in range(self.start_step, self.end_step):
+            for micro in range(self.grad_accum):
+                first = step * per_step + micro * self.batch_size + self.offset
+                yield from range(first, first + self.per_rank)
+
+    def __len__(self) -> int:
+        return max(0, self.end_step - self.start_step) * self.grad_accum * self.per_rank
+
+
 def _worker_init(_: int) -> None:
     # Each worker cuts and augments one patch at a time; many intra-op threads only oversubscribe.
     torch.set_num_threads(1)
@@ -227,13 +252,23 @@ def make_loader(
     end_step: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
-    """Micro-batches of optimizer steps ``start_step .. end_step-1``, ``grad_accum`` per step, in order."""
+    """Micro-batches of optimizer steps ``start_step .. end_step-1``, ``grad_accum`` per step, in order.
+
+    ``batch_size`` is the global micro-batch; with ``world`` data-parallel ranks, rank ``rank``
+    loads its contiguous ``batch_size // world`` share of each, so the ranks together draw exactly
+    the samples one process would.
+    """
     per_step = batch_size * grad_accum
-    indices = range(start_step * per_step, end_step * per_step)
+    per_rank = batch_size // world
+    if per_rank * world != batch_size:
+        raise DataError(f"a global batch of {batch_size} does not split over {world} ranks")
+    indices = RankIndices(start_step, end_step, batch_size, grad_accum, rank, world)
     return DataLoader(
         StepSamples(sampler, seed, per_step),
-        batch_size=batch_size,
+        batch_size=per_rank,
         sampler=indices,
         num_workers=num_workers,
         collate_fn=collate_patches,

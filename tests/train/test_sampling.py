@@ -143,3 +143,23 @@ def test_missing_array_names_the_file(store, config, tmp_path):
     sampler = PatchSampler(broken, PATCH, augment_patches=False)
     with pytest.raises(DataError, match="gone.npy"):
         sampler.sample(0, 0, 0)
+
+
+def test_left_right_classes_are_never_mirrored_into_each_other():
+    """A patch whose left half is 'left kidney': after augmentation the label stays on the left."""
+    from duplus.train.augment import augment, build_augmentation, has_lateral_classes
+
+    assert has_lateral_classes(["liver", "left kidney"]) and has_lateral_classes(["Right_Lung"])
+    assert not has_lateral_classes(["liver", "spleen", "liver tumor"])
+    image = torch.zeros((1, 8, 8, 8))
+    target = torch.zeros((1, 8, 8, 8))
+    target[0, :, :, :4] = 1  # the low-X half
+    lateral = build_augmentation("CT", (8, 8, 8), lateral=True)
+    free = build_augmentation("CT", (8, 8, 8), lateral=False)
+    moved_free = 0
+    for seed in range(40):
+        _, kept = augment(lateral, image, target, seed)
+        assert kept[0, :, :, :4].sum() == target.sum(), f"seed {seed} mirrored a lateral class"
+        _, other = augment(free, image, target, seed)
+        moved_free += int(other[0, :, :, :4].sum() != target.sum())
+    assert moved_free > 0  # without the rule, some seeds do swap the sides

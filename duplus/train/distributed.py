@@ -1,0 +1,189 @@
+"""Data-parallel training over several processes (one per GPU), launched with torchrun.
+
+A rule given N > 1 processes re-launches its training function under ``torchrun --standalone``;
+each rank trains on its slice of every optimizer step's samples, gradients are averaged by
+DistributedDataParallel, and only rank 0 writes checkpoints, logs and the model. ``pretrain.batch_size``
+stays the global batch, so a run gives the same numbers with 1 or N processes (up to float
+reduction order) and may resume with a different process count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from duplus.errors import ConfigError, DuplusError
+
+log = logging.getLogger(__name__)
+
+# Entry points a worker may run, by name: the arguments travel as JSON, never as pickles.
+ENTRY_POINTS = {
+    "pretrain": "duplus.train.pretrain:run_pretrain",
+    "baseline": "duplus.train.baseline:run_baseline",
+}
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def from_environment() -> Ranks:
+    """The ranks torchrun (or ``srun`` with one task per GPU) put in the environment."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    return Ranks(rank=int(env["RANK"]), world=world, local_rank=int(env.get("LOCAL_RANK", env["RANK"])))
+
+
+def start(ranks: Ranks, device: torch.device) -> torch.device:
+    """Join the process group (NCCL on GPUs, gloo on CPUs); returns this rank's device."""
+    if not ranks.active:
+        return device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def stop(ranks: Ranks) -> None:
+    if ranks.active:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Sum over ranks, in place and on the device (an asynchronous collective, not a host sync)."""
+    if ranks.active:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (e.g. one rank got SIGTERM)."""
+    if not ranks.active:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(value, ranks).item() > 0)
+
+
+def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` when distributed, else ``model`` itself."""
+    if not ranks.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # A batch may hold one modality only: the other stems then get no gradient in that step.
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+    )
+
+
+def per_rank_batch(batch_size: int, ranks: Ranks) -> int:
+    """This rank's share of the global batch; the global batch must split evenly."""
+    if batch_size % ranks.world:
+        raise ConfigError(
+            f"pretrain.batch_size {batch_size} (the global batch) does not split evenly over {ranks.world} processes"
+        )
+    return batch_size // ranks.world
+
+
+def training_processes(config: Mapping[str, Any], gpus_given: int | None = None) -> int:
+    """``pretrain.processes``, or one per GPU the job was given, at least 1.
+
+    ``gpus_given``: the rule's ``gpu`` resource as the scheduler granted it (a profile's
+    ``set-resources`` may raise it above the config's ``resources.gpus``).
+    """
+    given = (config.get("pretrain") or {}).get("processes")
+    if given is not None:
+        if int(given) < 1:
+            raise ConfigError(f"pretrain.processes must be >= 1, got {given}")
+        return int(given)
+    if gpus_given is None:
+        gpus_given = int((config.get("resources") or {}).get("gpus", 0) or 0)
+    return max(1, int(gpus_given))
+
+
+def launch(entry: str, processes: int, kwargs: dict[str, Any], worker_log: str | None = None) -> Any:
+    """Run entry point ``entry`` with ``kwargs`` in this process, or under torchrun with ``processes`` ranks.
+
+    Already inside a distributed job (torchrun or srun set WORLD_SIZE), the call runs directly.
+    ``worker_log``: the file the ranks append their log lines to (the rule's log).
+    """
+    if entry not in ENTRY_POINTS:
+        raise ConfigError(f"unknown training entry point {entry!r}; choose from {sorted(ENTRY_POINTS)}")
+    if processes <= 1 or from_environment().active:
+        return _resolve(entry)(**kwargs)
+    with tempfile.TemporaryDirectory(prefix="duplus-launch-") as folder:
+        arguments = Path(folder) / "arguments.json"
+        arguments.write_text(json.dumps({"entry": entry, "kwargs": kwargs, "log_path": worker_log}, default=str), encoding="utf-8")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "duplus.train.distributed", str(arguments)]
+        log.info("launching %s on %d processes: %s", entry, processes, " ".join(command))
+        result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        raise DuplusError(f"distributed {entry} failed (torchrun exit code {result.returncode}); see the ranks' messages above")
+    return None
+
+
+def _resolve(entry: str) -> Callable[..., Any]:
+    import importlib
+
+    module, name = ENTRY_POINTS[entry].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker side of ``launch``: read the arguments file and run the entry point on this rank."""
+    from duplus.runtime import setup_logging
+
+    args = argv if argv is not None else sys.argv[1:]
+    payload = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    setup_logging(payload.get("log_path"))
+    try:
+        _resolve(payload["entry"])(**payload["kwargs"])
+    except DuplusError as error:
+        log.error("rank %s: %s", os.environ.get("RANK", "?"), error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

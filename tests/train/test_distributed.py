@@ -1,0 +1,96 @@
+"""Data-parallel pretraining: two gloo ranks on CPU reproduce one process holding the whole batch."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from duplus.errors import ConfigError
+from duplus.prompts.cache import build_prompt_cache
+from duplus.train import distributed
+from duplus.train.cases import pretraining_cases
+from duplus.train.sampling import PatchSampler, RankIndices
+
+
+def test_ranks_together_draw_exactly_the_single_process_samples():
+    single = list(RankIndices(3, 6, batch_size=4, grad_accum=2, rank=0, world=1))
+    ranks = [list(RankIndices(3, 6, batch_size=4, grad_accum=2, rank=r, world=2)) for r in range(2)]
+    assert single == list(range(3 * 8, 6 * 8))
+    assert sorted(ranks[0] + ranks[1]) == single
+    # Micro-batch by micro-batch: rank 0 takes the first half of each global micro-batch.
+    assert ranks[0][:2] == [24, 25] and ranks[1][:2] == [26, 27]
+    assert len(ranks[0]) == len(ranks[0]) == 12
+
+
+def test_global_batch_must_split_over_the_ranks():
+    with pytest.raises(ConfigError, match="batch_size 3"):
+        distributed.per_rank_batch(3, distributed.Ranks(rank=0, world=2))
+    assert distributed.per_rank_batch(4, distributed.Ranks(rank=1, world=2)) == 2
+
+
+class _FixedEncoder:
+    """A deterministic stand-in text encoder, so the cache can be written to a file for the ranks."""
+
+    identity = "test-encoder"
+    dim = 12
+
+    def encode(self, texts, batch_size=64):
+        from .conftest import FakePromptCache
+
+        return FakePromptCache(dim=self.dim).get_many(list(texts))
+
+
+@pytest.fixture(scope="module")
+def prompt_file(store, tmp_path_factory) -> Path:
+    from .conftest import BASE_CONFIG
+
+    sampler = PatchSampler(pretraining_cases(BASE_CONFIG, list(store.values())), BASE_CONFIG["pretrain"]["patch_size"])
+    path = tmp_path_factory.mktemp("prompts") / "fixed.safetensors"
+    build_prompt_cache(sampler.all_texts(), _FixedEncoder(), path)
+    return path
+
+
+def _train(store, prompt_file: Path, folder: Path, processes: int) -> None:
+    from .conftest import BASE_CONFIG
+
+    config = copy.deepcopy(BASE_CONFIG)
+    config["pretrain"].update(steps=4, batch_size=2, log_every=1, checkpoint_every=2, warmup_steps=1)
+    kwargs = {"config": config, "manifests": [str(m) for m in store.values()], "prompt_cache": str(prompt_file),
+              "out_model": str(folder / "model.safetensors"), "out_log": str(folder / "train_log.csv")}
+    distributed.launch("pretrain", processes, kwargs)
+
+
+def test_two_gloo_ranks_match_one_process_with_the_whole_batch(store, prompt_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _train(store, prompt_file, tmp_path / "single", processes=1)
+    _train(store, prompt_file, tmp_path / "ddp", processes=2)
+    single = pd.read_csv(tmp_path / "single" / "train_log.csv")
+    ddp = pd.read_csv(tmp_path / "ddp" / "train_log.csv")
+    assert ddp["step"].tolist() == single["step"].tolist() == [1, 2, 3, 4]
+    assert ddp["loss"].to_numpy() == pytest.approx(single["loss"].to_numpy(), rel=1e-3)
+    a = load_file(tmp_path / "single" / "model.safetensors")
+    b = load_file(tmp_path / "ddp" / "model.safetensors")
+    assert a.keys() == b.keys()
+    # Adam moves a weight by up to ~lr per step whatever its gradient's size, so weights with a
+    # near-zero gradient may differ by float noise times that; the bulk must agree closely.
+    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    print("weight difference: max", diff.max().item(), "mean", diff.mean().item())
+    assert diff.mean().item() < 1e-5 and diff.max().item() < 4 * 0.002 * 4
+    # Only rank 0 wrote: one set of checkpoints, no stray temporary files.
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir() if p.suffix == ".json") == [
+        "step_00000002.json", "step_00000004.json"]
+
+
+def test_failed_rank_is_a_clear_error(store, tmp_path, monkeypatch):
+    from duplus.errors import DuplusError
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with pytest.raises(DuplusError, match="torchrun exit code"):
+        _train(store, tmp_path / "missing.safetensors", tmp_path / "ddp", processes=2)
+    assert not (tmp_path / "ddp" / "model.safetensors").exists()
