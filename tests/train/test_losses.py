@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from duplus.train.losses import masked_loss, per_class_loss
@@ -58,3 +59,18 @@ def test_no_supervised_class_gives_zero_loss():
     loss = masked_loss(logits, target, torch.zeros(2, 3))
     loss.backward()
     assert loss.item() == 0.0 and torch.all(logits.grad == 0)
+
+
+def test_absent_class_is_held_down_by_bce_only():
+    """A class absent from the patch adds no Dice term (which would swamp the present classes)."""
+    logits = torch.zeros(1, 2, 8, 8, 8, requires_grad=True)
+    target = torch.zeros(1, 2, 8, 8, 8)
+    target[0, 0, 2:5, 2:5, 2:5] = 1
+    per = per_class_loss(logits, target)
+    bce_at_half = torch.log(torch.tensor(2.0)).item()
+    assert per[0, 1].item() == pytest.approx(0.5 * bce_at_half, rel=1e-5)
+    assert per[0, 0].item() > 0.5 * bce_at_half + 0.5  # the present class keeps its Dice term
+    masked_loss(logits, target, torch.ones(1, 2)).backward()
+    absent, present = logits.grad[0, 1], logits.grad[0, 0][target[0, 0] > 0]
+    # Per voxel, the absent class is pushed down no harder than the present class is pulled up.
+    assert absent.abs().max() <= present.abs().mean()
