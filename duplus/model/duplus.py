@@ -49,6 +49,14 @@ class DuPLUS(nn.Module):
         self.text_proj = nn.ModuleDict(
             {"context": nn.Linear(cfg.text_dim, cfg.embed_dim), "target": nn.Linear(cfg.text_dim, cfg.embed_dim)}
         )
+        # Sentence embeddings of prompts that differ in one word are nearly parallel (MiniLM:
+        # cosine 0.97 for left vs right kidney) and small per dimension, so raw they barely move
+        # the controller. They are centred on the mean of the training prompts (buffers, saved
+        # with the weights) and the projections are layer-normalised: the differences that tell
+        # classes apart reach the head at full scale from the first step.
+        self.register_buffer("context_center", torch.zeros(cfg.text_dim))
+        self.register_buffer("target_center", torch.zeros(cfg.text_dim))
+        self.text_norm = nn.ModuleDict({"context": nn.LayerNorm(cfg.embed_dim), "target": nn.LayerNorm(cfg.embed_dim)})
         self.text_act = get_act_layer(cfg.act)
         slots = {**self.encoder.film_slots(), **self.decoder.film_slots()}
         self.film = build_film_bank(slots, cfg.embed_dim, cfg.film_hidden, cfg.act)
@@ -58,12 +66,20 @@ class DuPLUS(nn.Module):
     # -- conditioning -------------------------------------------------------------------------
     def film_params(self, context: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(gamma, beta) of every FiLM slot for context embeddings [B, T]."""
-        embed = self.text_act(self.text_proj["context"](context))
+        centred = context - self.context_center.to(context.dtype)
+        embed = self.text_act(self.text_norm["context"](self.text_proj["context"](centred)))
         return {name: generator(embed) for name, generator in self.film.items()}
 
     def project_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Class embeddings [B, K, T] -> [B, K, E]."""
-        return self.text_act(self.text_proj["target"](targets))
+        centred = targets - self.target_center.to(targets.dtype)
+        return self.text_act(self.text_norm["target"](self.text_proj["target"](centred)))
+
+    def set_text_centers(self, context_mean: torch.Tensor, target_mean: torch.Tensor) -> None:
+        """Centre prompt embeddings on these means (of the training prompts; set before training)."""
+        with torch.no_grad():
+            self.context_center.copy_(torch.as_tensor(context_mean, dtype=torch.float32).reshape(-1))
+            self.target_center.copy_(torch.as_tensor(target_mean, dtype=torch.float32).reshape(-1))
 
     # -- passes -------------------------------------------------------------------------------
     def features(

@@ -45,15 +45,14 @@ class Controller(nn.Module):
 def _init_as_head(layer: nn.Linear, channels: int) -> None:
     """Start the generated convs as a He-initialised C->C->C->1 head.
 
-    With PyTorch's default Linear init the generated weights are ~0.1, the three stacked 1x1x1
-    convs shrink the features to nearly constant logits and almost no gradient reaches the
-    backbone: training stalls for hundreds of steps. Putting a He-scaled random head in the bias
-    (weight part scaled down) makes the initial head a well-conditioned fixed MLP that the image
-    and the class prompt then modulate, the usual hypernetwork initialisation.
+    With PyTorch's default Linear init alone the generated weights are ~0.1, the three stacked
+    1x1x1 convs shrink the features to nearly constant logits and almost no gradient reaches the
+    backbone: training stalls for hundreds of steps. A He-scaled random head in the bias makes the
+    initial head a well-conditioned MLP; the weight part (default init, fed layer-normalised class
+    embeddings) gives each class its own head of the same scale from the first step.
     """
     c = channels
     with torch.no_grad():
-        layer.weight.mul_(0.1)
         bias = torch.zeros_like(layer.bias)
         bias[: c * c].normal_(0.0, (2.0 / c) ** 0.5)
         bias[c * c : 2 * c * c].normal_(0.0, (2.0 / c) ** 0.5)

@@ -211,6 +211,8 @@ def _train(
         model = TaskSpecificNet(model_config, _classes_per_dataset(sampler)[sampler.datasets[0]]).to(device)
     else:
         model = DuPLUS(model_config).to(device)
+        contexts, targets = sampler.text_groups()
+        model.set_text_centers(table.mean(contexts), table.mean(targets))
     optimizer = build_optimizer(model.parameters(), settings.lr, settings.weight_decay, device)
     scheduler = warmup_cosine(optimizer, settings.warmup_steps, settings.steps)
     ema = EMA(model, settings.ema_decay)

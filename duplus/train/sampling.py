@@ -116,6 +116,12 @@ class PatchSampler:
                 texts.extend(options)
         return sorted(set(texts))
 
+    def text_groups(self) -> tuple[list[str], list[str]]:
+        """(every context text, every target text) a sample can carry, sorted, without repeats."""
+        contexts = sorted({context for context, _ in self.texts.values()})
+        targets = sorted({text for _, options in self.texts.values() for texts in options for text in texts})
+        return contexts, targets
+
     def _case_locations(self, record: CaseRecord) -> dict[int, np.ndarray]:
         key = (record.dataset, record.case)
         if key not in self._locations:
