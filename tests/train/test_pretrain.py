@@ -90,7 +90,7 @@ def test_resume_after_kill_is_bit_identical(straight, store, tmp_path, monkeypat
     assert a["step"].tolist() == b["step"].tolist() and a["loss"].tolist() == b["loss"].tolist()
 
 
-def test_sigterm_writes_checkpoint_and_raises(store, config, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_raises_and_the_rerun_matches_an_uninterrupted_run(store, config, tmp_path, monkeypatch):
     from .conftest import FakePromptCache
 
     config["pretrain"]["steps"] = 6
@@ -102,12 +102,19 @@ def test_sigterm_writes_checkpoint_and_raises(store, config, tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step, like a preemption notice
         return original(self, seed, step, index)
 
-    monkeypatch.setattr(PatchSampler, "sample", sample)
-    with pytest.raises(TrainingInterrupted, match="step 2"):
-        _run(config, store, FakePromptCache(), tmp_path)
-    assert list_checkpoints(tmp_path / "checkpoints") == [2]
-    assert not (tmp_path / "model.safetensors").exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(PatchSampler, "sample", sample)
+        with pytest.raises(TrainingInterrupted, match="step 2"):
+            _run(config, store, FakePromptCache(), tmp_path / "preempted")
+    assert list_checkpoints(tmp_path / "preempted" / "checkpoints") == [2]
+    assert not (tmp_path / "preempted" / "model.safetensors").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    # The next attempt (Snakemake's retry, or a rerun) resumes and ends where an uninterrupted run does.
+    _run(config, store, FakePromptCache(), tmp_path / "preempted")
+    _run(config, store, FakePromptCache(), tmp_path / "straight")
+    resumed = load_file(str(tmp_path / "preempted" / "model.safetensors"))
+    expected = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
 def test_changed_settings_refuse_to_resume(store, config, tmp_path, monkeypatch):
