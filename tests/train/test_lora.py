@@ -76,13 +76,18 @@ def _out(model):
         return model.eval()(*_inputs())
 
 
-def test_paper_model_lora_share_is_small():
+def test_paper_model_lora_share_is_small(tmp_path):
     torch.manual_seed(0)
     model = DuPLUS(ModelConfig.from_config({"model": {"preset": "paper"}}, text_dim=512))
     total = sum(p.numel() for p in model.parameters())
     trainable = add_adapter(model, lora_config_from({"rank": 4, "alpha": 8}, lora_target_names(model, TARGETS)), "c")
     assert 0 < trainable < 0.03 * total
     assert trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    # The adapter file against the full checkpoint (float32 safetensors: 4 bytes a parameter).
+    config = lora_config_from({"rank": 4, "alpha": 8}, lora_target_names(model, TARGETS))
+    weights = save_adapter(model, "c", config, tmp_path / "adapter", base_sha256="0" * 64)
+    adapter_bytes = weights.stat().st_size
+    assert 0 < adapter_bytes < 0.05 * 4 * total
 
 
 def test_only_adapter_trains_and_base_stays_bit_identical(adapted):
