@@ -53,11 +53,10 @@ def _init_as_head(layer: nn.Linear, channels: int) -> None:
     """
     c = channels
     with torch.no_grad():
-        bias = torch.zeros_like(layer.bias)
-        bias[: c * c].normal_(0.0, (2.0 / c) ** 0.5)
-        bias[c * c : 2 * c * c].normal_(0.0, (2.0 / c) ** 0.5)
-        bias[2 * c * c : 2 * c * c + c].normal_(0.0, (1.0 / c) ** 0.5)
-        layer.bias.copy_(bias)
+        layer.bias.zero_()
+        layer.bias[: c * c].normal_(0.0, (2.0 / c) ** 0.5)  # w1
+        layer.bias[c * c : 2 * c * c].normal_(0.0, (2.0 / c) ** 0.5)  # w2
+        layer.bias[2 * c * c : 2 * c * c + c].normal_(0.0, (1.0 / c) ** 0.5)  # w3
 
 
 class DynamicHead(nn.Module):

@@ -38,8 +38,8 @@ class TextTable:
             raise PromptError(f"prompt {error.args[0]!r} was not looked up before training") from None
 
     def mean(self, texts: Sequence[str]) -> torch.Tensor:
-        """Mean embedding [T] of ``texts`` (each counted once)."""
-        rows = torch.tensor(self._rows(list(dict.fromkeys(texts))), dtype=torch.long)
+        """Mean embedding [T] of ``texts``."""
+        rows = torch.tensor(self._rows(texts), dtype=torch.long)
         return self.matrix[rows.to(self.device)].mean(dim=0)
 
     def context(self, texts: Sequence[str]) -> torch.Tensor:

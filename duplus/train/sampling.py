@@ -109,12 +109,8 @@ class PatchSampler:
 
     def all_texts(self) -> list[str]:
         """Every context and target text a sample can carry (to look up before training starts)."""
-        texts: list[str] = []
-        for context, targets in self.texts.values():
-            texts.append(context)
-            for options in targets:
-                texts.extend(options)
-        return sorted(set(texts))
+        contexts, targets = self.text_groups()
+        return sorted(set(contexts) | set(targets))
 
     def text_groups(self) -> tuple[list[str], list[str]]:
         """(every context text, every target text) a sample can carry, sorted, without repeats."""
