@@ -1,5 +1,8 @@
 """Inference cost of DuPLUS: seconds and peak memory per volume for 1, 8 and 32 prompts, plus MACs.
 
+Runs what ``duplus segment`` runs (``predict_masks``: streaming Gaussian blending, thresholded slabs).
+Prompt counts run in increasing order, so each run's peak RSS is the process high-water mark so far:
+the last (largest) one is the figure to compare with a memory budget.
 Prints one JSON object on stdout (progress on stderr). Untrained weights: speed does not depend on them.
 """
 
@@ -14,7 +17,7 @@ import time
 import torch
 
 from duplus import __version__
-from duplus.evaluate.inference import count_windows, predict_probabilities
+from duplus.evaluate.inference import count_windows, predict_masks
 from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters
 from duplus.runtime import peak_rss_mb, resolve_device
 
@@ -69,13 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
               "inference": {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "blend": "gaussian"}}
     volume = torch.randn(args.size)
     runs = []
-    for k in args.prompts:
+    for k in sorted(args.prompts):
         targets = torch.randn(k, cfg.text_dim)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         start = time.perf_counter()
-        predict_probabilities(model, volume, "CT", torch.randn(cfg.text_dim), targets, config, desc=f"{k} prompts")
+        predict_masks(model, volume, "CT", torch.randn(cfg.text_dim), targets, config, desc=f"{k} prompts")
         _sync(device)
         run = {"prompts": k, "seconds_per_volume": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
         if device.type == "cuda":
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "class_scaling_ratio": many / one,
         "class_scaling_k": many_k,
+        # Whole volume (windows + blending + thresholding): the largest prompt count vs the smallest.
+        "volume_class_scaling_ratio": runs[-1]["seconds_per_volume"] / runs[0]["seconds_per_volume"] if len(runs) > 1 else None,
         "machine": {
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "cpu": platform.processor() or platform.machine(),

@@ -153,7 +153,7 @@ def segment_image(
     from duplus.atomic import write_json
     from duplus.data.io import read_image
     from duplus.data.preprocess import prepare_image
-    from duplus.evaluate.inference import inference_settings, predict_probabilities
+    from duplus.evaluate.inference import inference_settings, predict_masks
     from duplus.hashing import sha256_file
     from duplus.model import MODALITIES, modality_index
     from duplus.runtime import resolve_device
@@ -194,13 +194,13 @@ def segment_image(
     settings = inference_settings(window_config)
     cut = settings["threshold"] if threshold is None else float(threshold)
     mark = time.perf_counter()
-    probs = predict_probabilities(model, array, modality_name, cache.get(context_text),
-                                  cache.get_many([item[2] for item in resolved]), window_config, desc="segment")
+    masks = predict_masks(model, array, modality_name, cache.get(context_text),
+                          cache.get_many([item[2] for item in resolved]), window_config, threshold=cut, desc="segment")
     timings["predict"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     names = [item[1] or item[0] for item in resolved]
-    outputs = write_masks(Path(out_dir), (probs > cut).numpy(), meta, names, multilabel)
+    outputs = write_masks(Path(out_dir), masks, meta, names, multilabel)
     timings["restore_and_write"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
 
@@ -243,8 +243,12 @@ def _adapter_hash(adapter: str | None) -> str | None:
     return sha256_tree(adapter) if adapter and Path(adapter).is_dir() else None
 
 
-def write_masks(out: Path, masks: np.ndarray, meta: Mapping[str, Any], names: list[str], multilabel: bool) -> list[str]:
-    """Restore [K, Z, Y, X] preprocessed-grid masks to the input grid and write them; returns file names."""
+def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str], multilabel: bool) -> list[str]:
+    """Restore [K, Z, Y, X] preprocessed-grid masks to the input grid and write them; returns file names.
+
+    ``masks[k]`` is class k (a bool array or ``PackedMasks``); one class is restored at a time, so
+    memory holds one full-resolution mask (plus the label map), not K of them.
+    """
     import SimpleITK as sitk
 
     from duplus.atomic import write_json
@@ -252,24 +256,31 @@ def write_masks(out: Path, masks: np.ndarray, meta: Mapping[str, Any], names: li
     from duplus.data.restore import restore_to_original
 
     out.mkdir(parents=True, exist_ok=True)
-    restored = [restore_to_original(masks[k].astype(np.uint8), meta, is_label=True) for k in range(len(names))]
+
+    def restored(k: int) -> sitk.Image:
+        return restore_to_original(np.asarray(masks[k], dtype=np.uint8), meta, is_label=True)
+
     if not multilabel:
         files, used = [], set()
-        for name, image in zip(names, restored):
+        for k, name in enumerate(names):
             stem = safe_name(name)
             while stem in used:  # two phrases resolving to one class keep both files
                 stem += "_"
             used.add(stem)
-            write_image(sitk.Cast(image, sitk.sitkUInt8), out / f"{stem}.nii.gz")
+            write_image(restored(k), out / f"{stem}.nii.gz")
             files.append(f"{stem}.nii.gz")
         return files
-    arrays = [sitk.GetArrayViewFromImage(image) > 0 for image in restored]
-    label = np.zeros(arrays[0].shape, np.uint8 if len(names) < 256 else np.uint16)
+    sizes = [int(np.count_nonzero(masks[k])) for k in range(len(names))]
+    label, reference = None, None
     # Larger structures first, so a lesion inside its organ (liver tumor in liver) stays visible.
-    for k in sorted(range(len(names)), key=lambda i: -int(arrays[i].sum())):
-        label[arrays[k]] = k + 1
+    for k in sorted(range(len(names)), key=lambda i: -sizes[i]):
+        image = restored(k)
+        if label is None:
+            label = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8 if len(names) < 256 else np.uint16)
+            reference = image
+        label[sitk.GetArrayViewFromImage(image) > 0] = k + 1
     image = sitk.GetImageFromArray(label)
-    image.CopyInformation(restored[0])
+    image.CopyInformation(reference)
     write_image(image, out / "labels.nii.gz")
     write_json(out / "labels.json", {"0": "background", **{str(k + 1): name for k, name in enumerate(names)}})
     return ["labels.nii.gz", "labels.json"]

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from duplus.errors import DataError, PromptError
-from duplus.evaluate.inference import inference_settings, predict_probabilities
+from duplus.evaluate.inference import predict_masks
 from duplus.evaluate.metrics import case_metrics
 
 log = logging.getLogger("duplus.evaluate")
@@ -134,11 +134,9 @@ def evaluate_case(
     meta = json.loads((folder / str(row["meta"])).read_text(encoding="utf-8"))
 
     started = time.perf_counter()
-    probs = predict_probabilities(model, np.asarray(image, dtype=np.float32), modality, context, targets, config,
-                                  show_progress=False)
+    pred_small = predict_masks(model, np.asarray(image, dtype=np.float32), modality, context, targets, config,
+                               show_progress=False)
     result.seconds.append(time.perf_counter() - started)
-    threshold = inference_settings(config)["threshold"]
-    pred_small = (probs > threshold).numpy()
 
     label, label_spacing = read_array(row["raw_label"])
     raw_image, spacing = read_array(row["raw_image"]) if keep_example else (None, label_spacing)

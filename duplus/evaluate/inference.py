@@ -1,23 +1,25 @@
 """Sliding-window inference of a DuPLUS model on one preprocessed volume, all classes at once.
 
-Each window runs the backbone once and the dynamic head once per prompt; windows are blended (Gaussian).
+Each window runs the backbone once and the dynamic head once per prompt; windows are blended
+(Gaussian) slab by slab (``duplus.evaluate.stitching``), so memory grows with the volume's
+cross-section, not its depth.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from duplus.errors import ConfigError, ModelError
+from duplus.evaluate.packed import PackedMasks
+from duplus.evaluate.stitching import blend_slabs, count_windows
 from duplus.progress import progress
 
-# Stitch on the GPU only while the [K, Z, Y, X] output and its weight map take at most this share
-# of the free GPU memory; beyond it the windows still run on the GPU but are blended in CPU memory.
+# Blend on the GPU only while the [K, window depth, Y, X] slab buffer takes at most this share of the
+# free GPU memory; beyond it the windows still run on the GPU but are blended in CPU memory.
 GPU_STITCH_FRACTION = 0.5
 
 
@@ -33,24 +35,17 @@ def inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     overlap = float(section.get("overlap", 0.5))
     if not 0.0 <= overlap < 1.0:
         raise ConfigError(f"inference.overlap must be in [0, 1), got {overlap!r}")
+    buffer_mb = float(section.get("blend_buffer_mb", 2048))
+    if buffer_mb <= 0:
+        raise ConfigError(f"inference.blend_buffer_mb must be positive, got {buffer_mb!r}")
     return {
         "roi": tuple(int(p) for p in patch),
+        "blend_buffer_mb": buffer_mb,
         "overlap": overlap,
         "sw_batch_size": int(section.get("sw_batch_size", 2)),
         "mode": blend,
         "threshold": float(section.get("threshold", 0.5)),
     }
-
-
-def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
-    """Number of windows sliding_window_inference visits (after padding up to the window)."""
-    total = 1
-    for size, window in zip(shape, roi):
-        size = max(size, window)
-        step = max(int(window * (1 - overlap)), 1)
-        starts = {min(i * step, size - window) for i in range(math.ceil(size / step))}
-        total *= len(starts)
-    return total
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -60,12 +55,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def stitch_device_for(device: torch.device, output_elements: int) -> torch.device:
-    """Where the blended output lives: the compute device unless a GPU lacks room for it."""
+def stitch_device_for(device: torch.device, buffer_elements: int) -> torch.device:
+    """Where the slab buffer lives: the compute device unless a GPU lacks room for it."""
     if device.type != "cuda":
         return device
     free, _ = torch.cuda.mem_get_info(device)
-    needed = 4 * output_elements * 2  # float32 output plus its share of the weight map and the final copy
+    needed = 4 * buffer_elements * 2  # float32 buffer plus the finished slab divided out of it
     return device if needed <= GPU_STITCH_FRACTION * free else torch.device("cpu")
 
 
@@ -119,27 +114,76 @@ def predict_probabilities(
         modality: index or name (``CT``/``MRI``/``PET``).
         context: T1 embedding [T]; targets: T2 embeddings [K, T].
         config: the run config (``pretrain.patch_size`` and ``inference``).
+
+    ``predict_masks`` needs 4x less memory for the result; use it when only the masks matter.
     """
+    volume = _as_volume(image)
+    out = torch.empty((len(targets), *volume.shape), dtype=torch.float32)
+    for z0, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc):
+        out[:, z0 : z0 + slab.shape[1]] = slab.clamp_(0.0, 1.0)
+    return out
+
+
+def predict_masks(
+    model: torch.nn.Module,
+    image: np.ndarray | torch.Tensor,
+    modality: int | str,
+    context: torch.Tensor,
+    targets: torch.Tensor,
+    config: Mapping[str, Any],
+    *,
+    threshold: float | None = None,
+    amp: str = "auto",
+    show_progress: bool = True,
+    desc: str = "windows",
+) -> PackedMasks:
+    """Masks [K, Z, Y, X] (bit-packed; ``masks[k]`` is class k as bool): probabilities above ``threshold``.
+
+    Each finished slab is thresholded at once, so no [K, Z, Y, X] float array ever exists.
+    ``threshold`` defaults to ``inference.threshold``.
+    """
+    cut = inference_settings(config)["threshold"] if threshold is None else float(threshold)
+    volume = _as_volume(image)
+    masks = PackedMasks(len(targets), tuple(volume.shape))
+    for z0, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc):
+        masks.write(z0, (slab > cut).cpu().numpy())
+    return masks
+
+
+def _slabs(
+    model: torch.nn.Module,
+    volume: torch.Tensor,
+    modality: int | str,
+    context: torch.Tensor,
+    targets: torch.Tensor,
+    config: Mapping[str, Any],
+    amp: str,
+    show_progress: bool,
+    desc: str,
+) -> Iterator[tuple[int, torch.Tensor]]:
     from duplus.model import modality_index
 
     settings = inference_settings(config)
     device = model_device(model)
-    volume = _as_volume(image)
     index = modality if isinstance(modality, int) else modality_index(modality)
     context = torch.as_tensor(context, dtype=torch.float32, device=device).reshape(1, -1)
     targets = torch.as_tensor(targets, dtype=torch.float32, device=device)
     if targets.dim() != 2 or targets.shape[0] == 0:
         raise ModelError(f"targets must be [K, T] with K >= 1, got {tuple(targets.shape)}")
     k = targets.shape[0]
-    stitch_device = stitch_device_for(device, k * volume.numel())
+    roi = settings["roi"]
+    slab_elements = k * roi[0] * max(volume.shape[1], roi[1]) * max(volume.shape[2], roi[2])
+    stitch_device = stitch_device_for(device, slab_elements)
+    # Many prompts on a wide volume: a float16 buffer rather than one that outgrows the machine.
+    buffer_dtype = torch.float32 if 4 * slab_elements <= settings["blend_buffer_mb"] * 2**20 else torch.float16
 
-    total = count_windows(volume.shape, settings["roi"], settings["overlap"])
+    total = count_windows(volume.shape, roi, settings["overlap"])
     bar = progress(total=total, desc=desc, unit="win") if show_progress else _NoBar()
     modality_ids = torch.full((settings["sw_batch_size"],), index, dtype=torch.long, device=device)
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         n = windows.shape[0]
-        with autocast_for(device, amp):
+        with torch.no_grad(), autocast_for(device, amp):
             logits = model(windows, modality_ids[:n], context.expand(n, -1), targets)
         bar.update(n)
         # Blend probabilities in fp32: bf16 loses the small weights at window borders.
@@ -148,18 +192,9 @@ def predict_probabilities(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            probs = sliding_window_inference(
-                volume[None, None].to(device),
-                roi_size=settings["roi"],
-                sw_batch_size=settings["sw_batch_size"],
-                predictor=predictor,
-                overlap=settings["overlap"],
-                mode=settings["mode"],
-                sw_device=device,
-                device=stitch_device,
-            )
+        yield from blend_slabs(volume, predictor, k, roi=roi, overlap=settings["overlap"],
+                               sw_batch_size=settings["sw_batch_size"], mode=settings["mode"],
+                               device=device, stitch_device=stitch_device, buffer_dtype=buffer_dtype)
     finally:
         bar.close()
         model.train(was_training)
-    return probs[0].float().cpu().clamp_(0.0, 1.0)

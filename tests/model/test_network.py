@@ -117,3 +117,26 @@ def test_bad_inputs_are_named(tiny_model):
     assert modality_index("mr") == 1 and modality_index("PET") == 2
     with pytest.raises(ConfigError, match="US"):
         modality_index("US")
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 1 << 12])  # one pass; many voxel chunks
+def test_dynamic_head_equals_per_class_convolutions(monkeypatch, budget):
+    """The batched head gives each class exactly its own 1x1x1 conv stack C->C->C->1 with ReLU between."""
+    import torch.nn.functional as F
+
+    import duplus.model.head as head_module
+
+    monkeypatch.setitem(head_module.HIDDEN_ELEMENTS, "cpu", budget)
+    c, k = 8, 5
+    head = head_module.DynamicHead(c)
+    torch.manual_seed(0)
+    features, params = torch.randn(2, c, 10, 11, 12), torch.randn(2, k, sum(head.splits))  # 1320 voxels: 2 chunks at the small budget
+    logits = head(features, params)
+    assert logits.shape == (2, k, 10, 11, 12)
+    for b in range(2):
+        for cls in range(k):
+            w1, w2, w3, b1, b2, b3 = params[b, cls].split(head.splits)
+            h = F.relu(F.conv3d(features[b : b + 1], w1.reshape(c, c, 1, 1, 1), b1))
+            h = F.relu(F.conv3d(h, w2.reshape(c, c, 1, 1, 1), b2))
+            expected = F.conv3d(h, w3.reshape(1, c, 1, 1, 1), b3)[0, 0]
+            assert torch.allclose(logits[b, cls], expected, atol=1e-5)

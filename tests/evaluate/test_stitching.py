@@ -1,0 +1,120 @@
+"""Streaming slab blending: same result as MONAI's whole-volume blending, in order, without the whole buffer."""
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from duplus.evaluate.inference import predict_masks, predict_probabilities
+from duplus.evaluate.packed import PackedMasks
+from duplus.evaluate.stitching import blend_slabs, count_windows, window_starts
+from duplus.model import DuPLUS, ModelConfig
+
+CPU = torch.device("cpu")
+
+
+def _predictor(classes: int):
+    """A deterministic, position-dependent function of each window (a fixed random conv)."""
+    torch.manual_seed(1)
+    conv = torch.nn.Conv3d(1, classes, 3, padding=1)
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(conv(windows))
+
+    return predict
+
+
+def _blend(volume, predictor, classes, roi, overlap, mode, batch=3):
+    out = torch.full((classes, *volume.shape), float("nan"))
+    order = []
+    for z0, slab in blend_slabs(volume, predictor, classes, roi=roi, overlap=overlap, sw_batch_size=batch,
+                                mode=mode, device=CPU, stitch_device=CPU):
+        order.append((z0, slab.shape[1]))
+        out[:, z0 : z0 + slab.shape[1]] = slab
+    return out, order
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
+@pytest.mark.parametrize("shape", [(37, 21, 26), (16, 40, 16), (50, 16, 19)])
+def test_equals_monai_sliding_window_inference(mode, overlap, shape):
+    volume = torch.randn(shape)
+    predictor = _predictor(3)
+    ours, order = _blend(volume, predictor, 3, (16, 16, 16), overlap, mode)
+    theirs = sliding_window_inference(volume[None, None], (16, 16, 16), 3, predictor, overlap=overlap, mode=mode)[0]
+    assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+    # Consecutive slabs, in order, covering every slice exactly once.
+    assert [z for z, _ in order] == list(np.cumsum([0] + [n for _, n in order])[:-1])
+    assert sum(n for _, n in order) == shape[0]
+
+
+def test_volume_smaller_than_the_window_is_padded_and_cropped_back():
+    volume = torch.randn(5, 9, 16)
+    ours, _ = _blend(volume, _predictor(2), 2, (8, 16, 16), 0.5, "gaussian")
+    padded = torch.nn.functional.pad(volume, (0, 0, 0, 7, 0, 3))
+    direct = _predictor(2)(padded[None, None])[0, :, :5, :9]
+    assert torch.allclose(ours, direct, atol=1e-6)
+
+
+def test_slabs_leave_before_the_last_window_runs():
+    """The first slab is handed over while later z-rows are still to come: memory is one window deep."""
+    events = []
+    predictor = _predictor(1)
+
+    def counting(windows):
+        events.append("window")
+        return predictor(windows)
+
+    volume = torch.randn(64, 16, 16)
+    for _, slab in blend_slabs(volume, counting, 1, roi=(16, 16, 16), overlap=0.5, sw_batch_size=1,
+                               mode="gaussian", device=CPU, stitch_device=CPU):
+        events.append("slab")
+        assert slab.shape[1] <= 16
+    assert events.index("slab") < len(events) - 1 - events[::-1].index("window")
+    assert events.count("window") == count_windows(volume.shape, (16, 16, 16), 0.5) == 7
+
+
+def test_window_starts_reach_the_far_end():
+    assert window_starts(37, 16, 0.5) == [0, 8, 16, 21]
+    assert window_starts(10, 16, 0.5) == [0]
+    assert window_starts(32, 16, 0.0) == [0, 16]
+
+
+def test_masks_equal_thresholded_probabilities():
+    torch.manual_seed(0)
+    model = DuPLUS(ModelConfig.preset("tiny", text_dim=12)).eval()
+    config = {"pretrain": {"patch_size": [16, 16, 16]},
+              "inference": {"overlap": 0.5, "sw_batch_size": 2, "blend": "gaussian", "threshold": 0.5}}
+    image, ctx, targets = torch.randn(30, 20, 17), torch.randn(12), torch.randn(3, 12)
+    probs = predict_probabilities(model, image, "CT", ctx, targets, config, show_progress=False)
+    cut = float(probs.median())  # a threshold that splits the (untrained) output in half
+    masks = predict_masks(model, image, "CT", ctx, targets, config, threshold=cut, show_progress=False)
+    assert isinstance(masks, PackedMasks) and masks.shape == (3, 30, 20, 17)
+    full = np.asarray(masks)
+    np.testing.assert_array_equal(full, (probs > cut).numpy())
+    assert 0 < full.sum() < full.size
+
+
+def test_packed_masks_round_trip_any_width():
+    rng = np.random.default_rng(0)
+    full = rng.random((3, 7, 5, 13)) > 0.6  # x = 13: not a multiple of 8
+    masks = PackedMasks(3, (7, 5, 13))
+    masks.write(0, full[:, :4])
+    masks.write(4, full[:, 4:])
+    assert len(masks) == 3 and masks.shape == full.shape and masks.nbytes == 3 * 7 * 5 * 2
+    for k in range(3):
+        np.testing.assert_array_equal(masks[k], full[k])
+    np.testing.assert_array_equal(np.asarray(masks), full)
+    with pytest.raises(ValueError, match="does not fit"):
+        masks.write(0, full[:2])
+
+
+def test_float16_buffer_changes_probabilities_by_at_most_3e_3():
+    volume = torch.randn(40, 20, 20)
+    exact, _ = _blend(volume, _predictor(2), 2, (16, 16, 16), 0.5, "gaussian")
+    half = torch.empty_like(exact)
+    for z0, slab in blend_slabs(volume, _predictor(2), 2, roi=(16, 16, 16), overlap=0.5, sw_batch_size=2,
+                                mode="gaussian", device=CPU, stitch_device=CPU, buffer_dtype=torch.float16):
+        half[:, z0 : z0 + slab.shape[1]] = slab
+    assert float((half - exact).abs().max()) < 3e-3
