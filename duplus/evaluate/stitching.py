@@ -98,7 +98,7 @@ def blend_slabs(
             corners = plane[first : first + sw_batch_size]
             windows = torch.stack([volume[z : z + rz, y : y + ry, x : x + rx] for y, x in corners])
             out = predictor(windows[:, None].to(device, non_blocking=True)) * weight
-            out = out.to(stitch_device, non_blocking=True)
+            out = out.to(stitch_device)  # blocking: a non-blocking copy to host memory may be read too early
             for (y, x), values in zip(corners, out):
                 for ring, offset in _ring(z, rz, rz):
                     acc[:, ring, y : y + ry, x : x + rx] += values[:, offset]
