@@ -60,6 +60,26 @@ def _window_batch_seconds(model: DuPLUS, device: torch.device, patch: list[int],
     return best
 
 
+def _head_seconds(model: DuPLUS, device: torch.device, patch: list[int], batch: int, k: int) -> float:
+    """Best of 3: the per-prompt work of one window batch alone (dynamic head, sigmoid, blend weights).
+
+    Whole-window timings on a shared CPU swing by more than this part costs; backbone + head(K)
+    over backbone + head(1) from these numbers is the steadier class-scaling estimate.
+    """
+    features = torch.randn((batch, model.cfg.head_channels, *patch), device=device)
+    params = torch.randn((batch, k, sum(model.head.splits)), device=device)
+    weight = torch.rand(patch, device=device)
+    best = float("inf")
+    for _ in range(4):
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            torch.sigmoid(model.head(features, params).float()) * weight
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -88,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     one = _window_batch_seconds(model, device, patch, args.sw_batch_size, 1)
     many_k = max(8, max(args.prompts))
     many = _window_batch_seconds(model, device, patch, args.sw_batch_size, many_k)
+    head_one = _head_seconds(model, device, patch, args.sw_batch_size, 1)
+    head_many = _head_seconds(model, device, patch, args.sw_batch_size, many_k)
     result = {
         "script": "bench/inference.py",
         "preset": args.preset,
@@ -101,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "class_scaling_ratio": many / one,
         "class_scaling_k": many_k,
+        "window_batch_seconds": {"1": one, str(many_k): many},
+        "head_seconds_per_window_batch": {"1": head_one, str(many_k): head_many},
+        "class_scaling_ratio_from_head": (one + head_many - head_one) / one,
         # Whole volume (windows + blending + thresholding): the largest prompt count vs the smallest.
         "volume_class_scaling_ratio": runs[-1]["seconds_per_volume"] / runs[0]["seconds_per_volume"] if len(runs) > 1 else None,
         "machine": {
