@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -77,18 +78,26 @@ def _out(model):
         return model.eval()(*_inputs())
 
 
-def test_paper_model_lora_share_is_small(tmp_path):
+@pytest.mark.parametrize("config_file", ["config.yaml", "config/paper.yaml"])
+def test_shipped_lora_settings_train_under_3_percent(config_file, tmp_path):
+    """The LoRA settings each shipped config uses, on the model size it trains: < 3 % trainable, adapter < 5 %."""
+    import yaml
+    from snakemake.utils import validate
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / config_file).read_text(encoding="utf-8"))
+    validate(config, str(root / "schemas" / "config.schema.yaml"))  # fills the schema's defaults
+    settings = config["lora"]
     torch.manual_seed(0)
-    model = DuPLUS(ModelConfig.from_config({"model": {"preset": "paper"}}, text_dim=512))
+    model = DuPLUS(ModelConfig.from_config(config, text_dim=512))
     total = sum(p.numel() for p in model.parameters())
-    trainable = add_adapter(model, lora_config_from({"rank": 4, "alpha": 8}, lora_target_names(model, TARGETS)), "c")
-    assert 0 < trainable < 0.03 * total
+    lora_config = lora_config_from(settings, lora_target_names(model, settings["targets"], settings["text_projection"]))
+    trainable = add_adapter(model, lora_config, "c")
+    assert 0 < trainable < 0.03 * total, f"{config_file}: {trainable} of {total} trainable"
     assert trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     # The adapter file against the full checkpoint (float32 safetensors: 4 bytes a parameter).
-    config = lora_config_from({"rank": 4, "alpha": 8}, lora_target_names(model, TARGETS))
-    weights = save_adapter(model, "c", config, tmp_path / "adapter", base_sha256="0" * 64)
-    adapter_bytes = weights.stat().st_size
-    assert 0 < adapter_bytes < 0.05 * 4 * total
+    weights = save_adapter(model, "c", lora_config, tmp_path / "adapter", base_sha256="0" * 64)
+    assert 0 < weights.stat().st_size < 0.05 * 4 * total
 
 
 def test_only_adapter_trains_and_base_stays_bit_identical(adapted):
