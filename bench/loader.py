@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from duplus.prompts.cache import PromptCache
 from duplus.runtime import resolve_device
 from duplus.train.batches import TextTable, batch_loss
 from duplus.train.cases import read_manifests
-from duplus.train.optim import autocast, build_optimizer, resolve_amp
+from duplus.train.optim import build_optimizer, resolve_amp
 from duplus.train.sampling import PatchSampler, make_loader
 
 PRESETS = {
@@ -38,10 +40,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--workers", type=int, default=None, help="loader worker processes")
-    parser.add_argument("--batches", type=int, default=None, help="batches timed (default 20 tiny, 10 paper)")
+    parser.add_argument("--batches", type=int, default=None, help="batches timed (default 20 tiny, 16 paper)")
+    parser.add_argument("--warmup-batches", type=int, default=4,
+                        help="batches drawn before timing starts (worker start-up, first page faults)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--text-dim", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-train", action="store_true",
+                        help="time the loader only (a paper-size step on CPU takes minutes)")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="a bench/train_step.py JSON (e.g. from a GPU machine): compare the loader with its "
+                             "fastest samples/s")
     return parser.parse_args(argv)
 
 
@@ -82,46 +91,102 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _machine(device: torch.device) -> dict:
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpus": os.cpu_count(), "torch": torch.__version__, "duplus": __version__,
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def seconds_per_sample(sampler: PatchSampler, count: int = 8) -> float:
+    """Cost of one patch (read, crop, masks, augmentation) in this process, one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker
+    try:
+        sampler.sample(0, 0, 0)
+        started = time.perf_counter()
+        for step in range(1, count + 1):
+            sampler.sample(0, step, 0)
+        return (time.perf_counter() - started) / count
+    finally:
+        torch.set_num_threads(threads)
+
+
+def time_loader(sampler: PatchSampler, batch: int, batches: int, warmup: int, workers: int, pin: bool) -> tuple[float, float]:
+    """(steady-state patches/s, seconds until the first batch) of the loader alone.
+
+    Timing starts once ``warmup`` (at least 1) batches have arrived, so worker start-up is left out.
+    """
+    warmup = max(1, warmup)
+    started = time.perf_counter()
+    first = timed_from = 0.0
+    loader = make_loader(sampler, 0, batch, 1, 0, warmup + batches, num_workers=workers, pin_memory=pin)
+    for number, _ in enumerate(loader, start=1):
+        if number == 1:
+            first = time.perf_counter() - started
+        if number == warmup:
+            timed_from = time.perf_counter()
+    return batches * batch / (time.perf_counter() - timed_from), first
+
+
+def time_training(sampler: PatchSampler, texts: list[str], args: argparse.Namespace, preset: dict, device: torch.device,
+                  batches: int, workers: int) -> dict:
+    """Training steps/s fed by the loader, and the share of step time spent waiting for a batch."""
+    amp = resolve_amp("auto", device)
+    generator = torch.Generator().manual_seed(0)
+    cache = PromptCache({t: torch.randn(args.text_dim, generator=generator) for t in texts}, "bench-random", args.text_dim)
+    table = TextTable(cache, texts, device)
+    model = DuPLUS(ModelConfig.preset(args.preset, text_dim=args.text_dim)).to(device).train()
+    optimizer = build_optimizer(model.parameters(), 1e-4, 3e-5, device)
+    loader = make_loader(sampler, 1, preset["batch"], 1, 0, batches + 2, num_workers=workers, pin_memory=device.type == "cuda")
+    waited, started = 0.0, time.perf_counter()
+    for number, (batch, wait) in enumerate(_timed(loader)):
+        if number == 2:  # the first steps warm up kernels and workers
+            _sync(device)
+            started, waited = time.perf_counter(), 0.0
+        waited += wait
+        loss = batch_loss(model, batch, table, amp)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    return {"train_steps_per_s": batches / seconds, "train_patches_per_s": batches * preset["batch"] / seconds,
+            "share_of_step_waiting_for_data": waited / seconds, "amp": str(amp).replace("torch.", "") if amp else "fp32"}
+
+
+def fastest_step(path: Path) -> dict:
+    """The fastest variant of a bench/train_step.py result."""
+    measured = json.loads(path.read_text())
+    runs = [run for run in measured.get("runs", []) if "samples_per_s" in run]
+    if not runs:
+        raise SystemExit(f"{path}: no timed run in this train_step result")
+    best = max(runs, key=lambda run: run["samples_per_s"])
+    return {"file": str(path), "variant": best["variant"], "samples_per_s": best["samples_per_s"],
+            "batch": best.get("batch", measured.get("batch")), "device": measured.get("machine", {}).get("device")}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     workers = preset["workers"] if args.workers is None else args.workers
-    batches = args.batches or (20 if args.preset == "tiny" else 10)
+    batches = args.batches or (20 if args.preset == "tiny" else 16)
     device = resolve_device(args.device)
-    amp = resolve_amp("auto", device)
     with tempfile.TemporaryDirectory() as tmp:
         print("building synthetic store ...", file=sys.stderr)
         manifest = build_store(Path(tmp), preset["volume"], preset["cases"])
         sampler = PatchSampler(read_manifests([manifest]), preset["patch"])
-        texts = sampler.all_texts()
-        generator = torch.Generator().manual_seed(0)
-        cache = PromptCache({t: torch.randn(args.text_dim, generator=generator) for t in texts}, "bench-random", args.text_dim)
-        pin = device.type == "cuda"
-
-        started = time.perf_counter()
-        for _ in make_loader(sampler, 0, preset["batch"], 1, 0, batches, num_workers=workers, pin_memory=pin):
-            pass
-        loader_seconds = time.perf_counter() - started
-
-        table = TextTable(cache, texts, device)
-        model = DuPLUS(ModelConfig.preset(args.preset, text_dim=args.text_dim)).to(device).train()
-        optimizer = build_optimizer(model.parameters(), 1e-4, 3e-5, device)
-        loader = make_loader(sampler, 1, preset["batch"], 1, 0, batches + 2, num_workers=workers, pin_memory=pin)
-        waited = 0.0
-        for number, batch_or_none in enumerate(_timed(loader)):
-            batch, wait = batch_or_none
-            if number == 2:  # the first steps warm up kernels and workers
-                _sync(device)
-                started, waited = time.perf_counter(), 0.0
-            waited += wait
-            loss = batch_loss(model, batch, table, amp)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        train_seconds = time.perf_counter() - started
+        per_sample = seconds_per_sample(sampler)
+        print("timing the loader ...", file=sys.stderr)
+        loader_rate, first_batch = time_loader(sampler, preset["batch"], batches, args.warmup_batches, workers,
+                                               device.type == "cuda")
+        training = None
+        if not args.no_train:
+            print("timing training steps ...", file=sys.stderr)
+            training = time_training(sampler, sampler.all_texts(), args, preset, device, batches, workers)
     result = {
         "script": "bench/loader.py",
         "preset": args.preset,
@@ -129,17 +194,22 @@ def main(argv: list[str] | None = None) -> dict:
         "volume": preset["volume"],
         "batch": preset["batch"],
         "workers": workers,
-        "loader_patches_per_s": batches * preset["batch"] / loader_seconds,
-        "train_steps_per_s": batches / train_seconds,
-        "train_patches_per_s": batches * preset["batch"] / train_seconds,
-        "share_of_step_waiting_for_data": waited / train_seconds,
-        "amp": str(amp).replace("torch.", "") if amp else "fp32",
-        "machine": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "duplus": __version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d"),
-        },
+        "sample_seconds_one_thread": per_sample,
+        "loader_patches_per_s": loader_rate,
+        "loader_first_batch_seconds": first_batch,
+        "timed_batches": batches,
     }
+    if training:
+        result.update(training)
+        result["loader_to_train_ratio"] = loader_rate / training["train_patches_per_s"]
+    if args.compare:
+        step = fastest_step(args.compare)
+        result["compared_with"] = step
+        result["loader_to_compared_ratio"] = loader_rate / step["samples_per_s"]
+        # Workers needed to stay 2x ahead of that step rate, at this run's measured rate per worker.
+        per_worker = loader_rate / max(workers, 1)
+        result["workers_for_2x_compared"] = math.ceil(2 * step["samples_per_s"] / per_worker)
+    result["machine"] = _machine(device)
     print(json.dumps(result, indent=2))
     return result
 

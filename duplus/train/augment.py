@@ -70,7 +70,10 @@ def _plain(value: torch.Tensor | np.ndarray) -> torch.Tensor:
 def augment(
     transform: Compose, image: torch.Tensor, target: torch.Tensor, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply ``transform`` with its random state set from ``seed`` (so the result is a pure function)."""
+    """Apply ``transform`` with its random state set from ``seed`` (so the result is a pure function).
+
+    The target keeps its dtype (uint8 masks stay uint8); the image comes back float32.
+    """
     transform.set_random_state(seed=int(seed))
     out = transform({"image": image, "target": target})
-    return _plain(out["image"]).float(), _plain(out["target"]).float()
+    return _plain(out["image"]).float(), _plain(out["target"]).to(target.dtype)

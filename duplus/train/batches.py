@@ -69,7 +69,7 @@ def batch_loss(
     """
     device = table.device
     image = batch["image"].to(device, non_blocking=True)
-    target = batch["target"].to(device, non_blocking=True)
+    target = batch["target"].to(device, non_blocking=True).float()  # uint8 masks from the loader
     weight = batch["class_weight"].to(device, non_blocking=True)
     modality = batch["modality"].to(device, non_blocking=True)
     context = table.context(batch["context"])

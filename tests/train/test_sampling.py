@@ -125,6 +125,31 @@ def test_collate_pads_classes_with_zero_weight(store, config):
     assert batch["class_weight"].tolist() == [[1, 1, 0], [1, 1, 1]]
     assert not batch["target"][0, 2].any()
     assert batch["modality"].dtype == torch.long
+    # Masks cross worker processes and the host-to-device copy as bytes, not float32.
+    assert batch["target"].dtype == torch.uint8 and batch["image"].dtype == torch.float32
+
+
+def test_batch_loss_on_uint8_masks_equals_float_targets(store, config):
+    from duplus.model import DuPLUS, ModelConfig
+    from duplus.prompts.cache import PromptCache
+    from duplus.train.batches import TextTable, batch_loss
+    from duplus.train.losses import masked_loss
+
+    sampler = _sampler(store, config)
+    batch = collate_patches([sampler.sample(0, 0, i) for i in range(2)])
+    texts = sampler.all_texts()
+    cache = PromptCache({t: torch.randn(16, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(texts)},
+                        "test", 16)
+    table = TextTable(cache, texts, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = DuPLUS(ModelConfig.preset("tiny", text_dim=16)).eval()
+    loss = batch_loss(model, batch, table, None)
+    with torch.no_grad():
+        logits = model(batch["image"], batch["modality"], table.context(batch["context"]),
+                       table.targets(batch["target_texts"], batch["target"].shape[1]))
+    expected = masked_loss(logits, batch["target"].float(), batch["class_weight"])
+    assert batch["target"].any()
+    assert torch.allclose(loss, expected, atol=1e-6)
 
 
 def test_loader_batches_do_not_depend_on_worker_count_or_start(store, config):
