@@ -18,7 +18,7 @@ import torch
 
 from duplus import __version__
 from duplus.evaluate.inference import count_windows, predict_masks
-from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters
+from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters, use_channels_last
 from duplus.runtime import peak_rss_mb, resolve_device
 
 
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--text-dim", type=int, default=512, help="prompt embedding width (512: ClipMD)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--channels-last", action="store_true", help="run the network in NDHWC layout")
     return parser.parse_args(argv)
 
 
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     patch = args.patch or ([128, 128, 128] if args.preset == "paper" else [32, 32, 32])
     cfg = ModelConfig.preset(args.preset, text_dim=args.text_dim)
     model = DuPLUS(cfg).to(device).eval()
+    if args.channels_last:
+        use_channels_last(model)
     config = {"pretrain": {"patch_size": patch},
               "inference": {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "blend": "gaussian"}}
     volume = torch.randn(args.size)
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "script": "bench/inference.py",
         "preset": args.preset,
+        "channels_last": args.channels_last,
         "volume": list(args.size),
         "window": patch,
         "windows_per_volume": count_windows(args.size, patch, args.overlap),

@@ -1,7 +1,9 @@
-"""Training-step throughput of DuPLUS: samples/s and achieved TFLOP/s, eager vs compiled, fp32 vs bf16.
+"""Training-step throughput of DuPLUS: samples/s and achieved TFLOP/s, eager vs compiled, fp32 vs bf16,
+default vs channels-last layout, at one or more batch sizes.
 
 Prints one JSON object on stdout. Synthetic inputs and untrained weights: speed does not depend on them.
-TFLOP/s counts 3 x forward multiply-adds x 2 FLOPs (forward + backward ~ 3 forwards).
+TFLOP/s counts 3 x forward multiply-adds x 2 FLOPs (forward + backward ~ 3 forwards). On a GPU with a
+known dense bf16 peak the summary gives the best run's share of it and its speed-up over eager fp32.
 """
 
 from __future__ import annotations
@@ -15,26 +17,33 @@ import time
 import torch
 
 from duplus import __version__
-from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters
+from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters, use_channels_last
 from duplus.runtime import peak_rss_mb, resolve_device
 from duplus.train.losses import masked_loss
 from duplus.train.optim import GRAD_CLIP, autocast, build_optimizer
 
 PRESETS = {"tiny": {"patch": [32, 32, 32], "batch": 2}, "paper": {"patch": [128, 128, 128], "batch": 2}}
+VARIANTS = ["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "eager-fp32-cl", "eager-bf16-cl",
+            "compiled-bf16-cl"]
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; matched
+# against torch.cuda.get_device_name().
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
-    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="one or more batch sizes")
     parser.add_argument("--classes", type=int, default=8, help="target prompts per sample")
     parser.add_argument("--text-dim", type=int, default=512)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10 GPU, 3 CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--variants", nargs="+", default=None,
-                        help="subset of eager-fp32 eager-bf16 compiled-fp32 compiled-bf16 (bf16/compile: CUDA only)")
+                        help=f"subset of {' '.join(VARIANTS)} (-cl: channels-last; bf16/compile: CUDA only)")
     parser.add_argument("--threads", type=int, default=None)
     return parser.parse_args(argv)
 
@@ -46,9 +55,11 @@ def _sync(device: torch.device) -> None:
 
 def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int], batch: int, k: int,
              steps: int, warmup: int) -> dict:
-    compiled, precision = name.split("-")
+    compiled, precision, *layout = name.split("-")
     torch.manual_seed(0)
     model = DuPLUS(cfg).to(device).train()
+    if layout == ["cl"]:
+        use_channels_last(model)
     optimizer = build_optimizer(model.parameters(), 1e-4, 3e-5, device)
     forward = torch.compile(model) if compiled == "compiled" else model
     amp = torch.bfloat16 if precision == "bf16" else None
@@ -79,11 +90,36 @@ def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int]
         step()
     _sync(device)
     seconds = (time.perf_counter() - started) / steps
-    result = {"variant": name, "seconds_per_step": seconds, "samples_per_s": batch / seconds,
+    result = {"variant": name, "batch": batch, "seconds_per_step": seconds, "samples_per_s": batch / seconds,
               "warmup_seconds": warmup_seconds, "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
+
+
+def bf16_peak(device_name: str | None) -> float | None:
+    """Dense bf16 peak TFLOP/s of a known GPU (None for CPUs and GPUs not in the table)."""
+    if not device_name:
+        return None
+    matches = [peak for key, peak in BF16_PEAK_TFLOPS.items() if key in device_name]
+    return matches[0] if matches else None
+
+
+def summarize(runs: list[dict], device_name: str | None) -> dict:
+    """Fastest run, its speed-up over the fastest eager fp32 run and its share of the bf16 peak."""
+    timed = [run for run in runs if "samples_per_s" in run]
+    if not timed:
+        return {}
+    best = max(timed, key=lambda run: run["samples_per_s"])
+    summary = {"fastest": f"{best['variant']} at batch {best['batch']}", "fastest_tflops": best["achieved_tflops"]}
+    baseline = [run["samples_per_s"] for run in timed if run["variant"] == "eager-fp32"]
+    if baseline:
+        summary["speedup_vs_eager_fp32"] = best["samples_per_s"] / max(baseline)
+    peak = bf16_peak(device_name)
+    if peak:
+        summary["bf16_peak_tflops"] = peak
+        summary["share_of_bf16_peak"] = best["achieved_tflops"] / peak
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -92,11 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     patch = args.patch or PRESETS[args.preset]["patch"]
-    batch = args.batch or PRESETS[args.preset]["batch"]
+    batches = args.batch or [PRESETS[args.preset]["batch"]]
     steps = args.steps or (10 if device.type == "cuda" else 3)
     cfg = ModelConfig.preset(args.preset, text_dim=args.text_dim)
-    variants = args.variants or (["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16"]
-                                 if device.type == "cuda" else ["eager-fp32"])
+    variants = args.variants or (VARIANTS if device.type == "cuda" else ["eager-fp32", "eager-fp32-cl"])
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {VARIANTS}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -104,27 +142,30 @@ def main(argv: list[str] | None = None) -> dict:
     macs = count_macs(cfg, patch, args.classes)
     flops_per_sample = 3 * 2 * macs
     runs = []
-    for name in variants:
-        print(f"timing {name} ...", file=sys.stderr)
-        try:
-            run = _variant(cfg, device, name, patch, batch, args.classes, steps, args.warmup)
-            run["achieved_tflops"] = run["samples_per_s"] * flops_per_sample / 1e12
-        except Exception as error:  # noqa: BLE001 - one failing variant (OOM, no compiler) must not hide the others
-            run = {"variant": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
-        runs.append(run)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for batch in batches:
+        for name in variants:
+            print(f"timing {name} at batch {batch} ...", file=sys.stderr)
+            try:
+                run = _variant(cfg, device, name, patch, batch, args.classes, steps, args.warmup)
+                run["achieved_tflops"] = run["samples_per_s"] * flops_per_sample / 1e12
+            except Exception as error:  # noqa: BLE001 - one failing variant (OOM, no compiler) must not hide the others
+                run = {"variant": name, "batch": batch,
+                       "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+            runs.append(run)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     result = {
         "script": "bench/train_step.py",
         "preset": args.preset,
         "patch": patch,
-        "batch": batch,
+        "batch": batches,
         "classes": args.classes,
         "params": count_parameters(DuPLUS(cfg)),
         "macs_per_sample_forward": macs,
         "flops_per_sample_train": flops_per_sample,
         "timed_steps": steps,
         "runs": runs,
+        "summary": summarize(runs, torch.cuda.get_device_name(device) if device.type == "cuda" else None),
         "machine": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "duplus": __version__, "python": platform.python_version(),

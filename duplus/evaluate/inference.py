@@ -179,7 +179,7 @@ def _slabs(
 
     total = count_windows(volume.shape, roi, settings["overlap"])
     bar = progress(total=total, desc=desc, unit="win") if show_progress else _NoBar()
-    modality_ids = torch.full((settings["sw_batch_size"],), index, dtype=torch.long, device=device)
+    modality_ids = torch.full((settings["sw_batch_size"],), index, dtype=torch.long)  # host-side routing index
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         n = windows.shape[0]

@@ -3,6 +3,7 @@
 Import from here: ``ModelConfig``, ``DuPLUS``, ``MODALITIES``, ``save_model``, ``load_model``, ...
 """
 
+from duplus.model.backbone import use_channels_last
 from duplus.model.config import MODALITIES, PRESETS, ModelConfig
 from duplus.model.duplus import LORA_GROUPS, DuPLUS, count_parameters, lora_target_names, modality_index
 from duplus.model.flops import count_macs, efficiency
@@ -25,4 +26,5 @@ __all__ = [
     "load_model",
     "read_sidecar",
     "sidecar_path",
+    "use_channels_last",
 ]

@@ -18,9 +18,53 @@ from duplus.model.film import apply_film
 FilmParams = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d for an NDHWC tensor (that is not also NCDHW), else the default layout."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def use_channels_last(model: nn.Module) -> nn.Module:
+    """Switch a DuPLUS (or task-specific) network to channels-last (NDHWC), in place; returns it.
+
+    cuDNN's tensor-core kernels for bf16/fp16 3-D convolutions then need no layout transposes.
+    Outputs equal the default layout's up to float rounding; only speed differs, which depends on
+    the GPU and on ``torch.compile`` (``bench/train_step.py`` measures it), so it is a switch.
+    """
+    model.to(memory_format=torch.channels_last_3d)
+    for module in model.modules():
+        if isinstance(module, ModalityStems):
+            module.channels_last = True
+    return model
+
+
+class InstanceNorm3dKeepLayout(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` whose output keeps a channels-last (NDHWC) input's layout.
+
+    PyTorch's instance-norm kernel returns NCDHW whatever it is given, so in a channels-last
+    network every block would pay a transpose into the norm and one back for the next conv. For
+    a channels-last input the statistics are taken here with layout-preserving ops (float32, as
+    the native kernel accumulates); any other input takes the native kernel. Same parameters.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() != 5 or self.track_running_stats or x.is_contiguous()
+                or not x.is_contiguous(memory_format=torch.channels_last_3d)):
+            return super().forward(x)
+        xf = x.float()
+        var, mean = torch.var_mean(xf, dim=(2, 3, 4), keepdim=True, correction=0)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.float().view(1, -1, 1, 1, 1) + self.bias.float().view(1, -1, 1, 1, 1)
+        return y.to(x.dtype)
+
+
 def make_norm(name: str, channels: int) -> nn.Module:
     """Norm layer by name; instance and batch norms get learnable affine parameters."""
-    if name in ("instance", "batch"):
+    if name == "instance":
+        return InstanceNorm3dKeepLayout(channels, affine=True)
+    if name == "batch":
         return get_norm_layer((name, {"affine": True}), spatial_dims=3, channels=channels)
     if name == "group":
         groups = max(g for g in (8, 4, 2, 1) if channels % g == 0)
@@ -55,29 +99,44 @@ class PreActResBlock(nn.Module):
             # After the norm, as in FiLM: the context rescales normalised channel statistics.
             h = apply_film(h, films[self.film_key])
         h = self.conv2(self.drop(self.act2(h)))
-        return self.shortcut(x) + h
+        skip = self.shortcut(x)
+        if skip is not x:
+            # Some CPU backends run a 1x1x1 conv in NCDHW whatever the input's layout; keep the block's.
+            skip = skip.contiguous(memory_format=layout_of(x))
+        return skip + h
 
 
 class ModalityStems(nn.ModuleDict):
-    """One input conv per modality; a mixed batch is split by modality and reassembled in order."""
+    """One input conv per modality; a mixed batch is split by modality and reassembled in order.
+
+    ``channels_last`` (set by ``use_channels_last``): emit NDHWC features. It must be said here:
+    a one-channel image and a one-input-channel weight are both layouts at once, so the
+    convolution alone would fall back to NCDHW.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__({name: conv3d(1, cfg.channels[0]) for name in cfg.modalities})
         self.names = tuple(cfg.modalities)
+        self.channels_last = False
 
     def forward(self, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         if modality.dim() != 1 or modality.shape[0] != image.shape[0]:
             raise ModelError(f"modality must be a [B] index tensor for B={image.shape[0]}, got {tuple(modality.shape)}")
+        layout = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+        # Routing reads the indices on the host: a CPU ``modality`` (as the training loop passes)
+        # costs no GPU synchronisation; a GPU one waits for the device once.
+        modality = modality.cpu()
         present = torch.unique(modality).tolist()
         if len(present) == 1:  # the common case: no gather/scatter copies
-            return self[self._name(present[0])](image)
+            return self[self._name(present[0])](image).contiguous(memory_format=layout)
         out: torch.Tensor | None = None
         for index in present:
-            rows = (modality == index).nonzero(as_tuple=True)[0]
+            rows = (modality == index).nonzero(as_tuple=True)[0].to(image.device, non_blocking=True)
             part = self[self._name(index)](image.index_select(0, rows))
             if out is None:
-                out = part.new_empty((image.shape[0],) + part.shape[1:])
-            out = out.index_copy(0, rows, part)
+                out = torch.empty((image.shape[0],) + part.shape[1:], dtype=part.dtype, device=part.device,
+                                  memory_format=layout)
+            out.index_copy_(0, rows, part)
         assert out is not None
         return out
 
@@ -140,7 +199,9 @@ class DecoderStage(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, films: FilmParams) -> torch.Tensor:
         x = F.interpolate(self.up(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
-        x = torch.cat([x, skip], dim=1)
+        # Interpolation may return NCDHW for an NDHWC input; follow the skip's layout so the
+        # concatenation (and the 1x1x1 shortcut conv after it) stay in the network's layout.
+        x = torch.cat([x.contiguous(memory_format=layout_of(skip)), skip], dim=1)
         for block in self.blocks:
             x = block(x, films)
         return x

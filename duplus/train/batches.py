@@ -71,7 +71,7 @@ def batch_loss(
     image = batch["image"].to(device, non_blocking=True)
     target = batch["target"].to(device, non_blocking=True).float()  # uint8 masks from the loader
     weight = batch["class_weight"].to(device, non_blocking=True)
-    modality = batch["modality"].to(device, non_blocking=True)
+    modality = batch["modality"]  # stays on the host: the stems route on it without a GPU sync
     context = table.context(batch["context"])
     targets = table.targets(batch["target_texts"], target.shape[1])
     with autocast(device, amp):

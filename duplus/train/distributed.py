@@ -104,16 +104,16 @@ def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
     return bool(all_reduce_sum(value, ranks).item() > 0)
 
 
-def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` when distributed, else ``model`` itself."""
     if not ranks.active:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     # A batch may hold one modality only: the other stems then get no gradient in that step.
-    return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
-    )
+    # No device_ids: inputs are already on the device, and DDP would otherwise move the modality
+    # index there too, making the stems' routing wait for the GPU every step.
+    return DistributedDataParallel(model, device_ids=None, find_unused_parameters=True)
 
 
 def per_rank_batch(batch_size: int, ranks: Ranks) -> int:

@@ -55,6 +55,7 @@ class PretrainSettings:
     dataset_weights: Mapping[str, float] | None = None
     exclude_centers: Mapping[str, list[str]] | None = None
     compile: bool = False
+    channels_last: bool = False
     processes: int | None = None
 
     @classmethod
@@ -77,7 +78,7 @@ class PretrainSettings:
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change the numbers a run produces (bookkeeping ones left out)."""
         data = asdict(self)
-        for key in ("checkpoint_every", "log_every", "num_workers", "compile", "processes"):
+        for key in ("checkpoint_every", "log_every", "num_workers", "compile", "channels_last", "processes"):
             data.pop(key)
         data["patch_size"] = list(self.patch_size)
         return json.loads(json.dumps(data, sort_keys=True, default=dict))
@@ -187,7 +188,7 @@ def _train(
     ranks: distributed.Ranks,
     device: torch.device,
 ) -> dict[str, Any]:
-    from duplus.model import DuPLUS, ModelConfig, TaskSpecificNet, save_model
+    from duplus.model import DuPLUS, ModelConfig, TaskSpecificNet, save_model, use_channels_last
 
     seed = int(config.get("seed", 0))
     amp = resolve_amp(settings.amp, device)
@@ -213,6 +214,8 @@ def _train(
         model = DuPLUS(model_config).to(device)
         contexts, targets = sampler.text_groups()
         model.set_text_centers(table.mean(contexts), table.mean(targets))
+    if settings.channels_last:
+        use_channels_last(model)
     optimizer = build_optimizer(model.parameters(), settings.lr, settings.weight_decay, device)
     scheduler = warmup_cosine(optimizer, settings.warmup_steps, settings.steps)
     ema = EMA(model, settings.ema_decay)
@@ -238,7 +241,7 @@ def _train(
         _set_rng_state(state["rng"], device)
         log.info("resuming pretraining at step %d of %d from %s", start, settings.steps, folder)
 
-    forward_model = distributed.wrap(model, ranks, device)
+    forward_model = distributed.wrap(model, ranks)
     forward_model = torch.compile(forward_model) if settings.compile else forward_model
     started = time.perf_counter()
 

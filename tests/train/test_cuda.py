@@ -74,3 +74,39 @@ def test_lora_on_gpu_round_trip(store, tmp_path):
     args = (image, torch.tensor([0], device=device), torch.randn(1, 12, device=device), torch.randn(1, 2, 12, device=device))
     with torch.no_grad():
         assert torch.equal(fresh.eval()(*args), model.eval()(*args))
+
+
+def test_training_step_never_waits_for_the_gpu(store):
+    """No host synchronisation inside a step (no .item(), no GPU-side routing index, no implicit sync)."""
+    from duplus.model import DuPLUS, ModelConfig
+    from duplus.train.batches import batch_loss
+    from duplus.train.optim import GRAD_CLIP, build_optimizer
+    from duplus.train.sampling import collate_patches
+
+    device = torch.device("cuda")
+    cases = select_cases(read_manifests(store.values()), split="train")
+    sampler = PatchSampler(cases, PATCH)
+    table = TextTable(FakePromptCache(), sampler.all_texts(), device)
+    model = DuPLUS(ModelConfig.preset("tiny", text_dim=FakePromptCache().dim)).to(device).train()
+    optimizer = build_optimizer(model.parameters(), 1e-3, 0.0, device)
+    # A batch mixing modalities takes the stems' gather/scatter path as well.
+    samples = [sampler.sample(0, 0, i) for i in range(8)]
+    assert len({s["modality"] for s in samples}) > 1
+    batch = collate_patches(samples)
+    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def step() -> None:
+        loss = batch_loss(model, batch, table, torch.bfloat16)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # first step: lazy initialisations (cuDNN plans, optimizer state) may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -192,3 +192,17 @@ def test_pretraining_learns_every_dataset_far_beyond_an_untrained_network(store,
         after = sum(a for a, _ in pairs) / len(pairs)
         before = sum(b for _, b in pairs) / len(pairs)
         assert after > before + 0.3 and after > 0.4, f"{dataset}: Dice {before:.2f} untrained -> {after:.2f} trained"
+
+
+def test_channels_last_pretraining_follows_the_default_layout_run(store, tmp_path):
+    from .conftest import BASE_CONFIG, FakePromptCache
+
+    logs = []
+    for channels_last in (False, True):
+        folder = tmp_path / str(channels_last)
+        config = {**BASE_CONFIG, "pretrain": {**BASE_CONFIG["pretrain"], "steps": 4, "channels_last": channels_last}}
+        _run(config, store, FakePromptCache(), folder)
+        logs.append(pd.read_csv(folder / "train_log.csv"))
+    # Same samples, same initial weights: only float rounding of the layout differs.
+    assert logs[0]["step"].tolist() == logs[1]["step"].tolist()
+    assert logs[1]["loss"].tolist() == pytest.approx(logs[0]["loss"].tolist(), rel=1e-3)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One short run of every GPU measurement behind the performance targets (docs: bench/README.md).
+#
+#   bash bench/gpu_suite.sh [OUT_DIR]        # paper size; about 7 minutes on an H100/H200
+#   PRESET=tiny bash bench/gpu_suite.sh /tmp/x   # the same chain at the tiny size (a smoke run, CPU too)
+#
+# Needs only torch, monai and this repository (PYTHONPATH is set to it). Writes one JSON per
+# script to OUT_DIR (default bench/results) named <script>-<machine>.json; a part that fails or
+# runs past its time limit leaves its log beside the JSON files and the others still run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-bench/results}
+PRESET=${PRESET:-paper}
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DUPLUS_NO_PROGRESS=1
+mkdir -p "$OUT_DIR"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    MACHINE=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-' | sed 's/[^a-z0-9.-]//g')
+else
+    MACHINE="cpu$(nproc)"
+fi
+[ "$PRESET" = paper ] || MACHINE="$MACHINE-$PRESET"
+
+part() {  # part SCRIPT NAME LIMIT_SECONDS ARGS...: run bench/SCRIPT.py, keep its JSON as NAME or its log
+    local script=$1 name=$2 limit=$3; shift 3
+    local json="$OUT_DIR/$name-$MACHINE.json" log="$OUT_DIR/$name-$MACHINE.log"
+    echo "== $name (at most ${limit}s)" >&2
+    local started=$SECONDS
+    if timeout "$limit" "$PYTHON" "bench/$script.py" "$@" >"$json.tmp" 2>"$log"; then
+        mv "$json.tmp" "$json" && rm -f "$log"
+        echo "   done in $((SECONDS - started))s: $json" >&2
+    else
+        rm -f "$json.tmp"
+        echo "   FAILED after $((SECONDS - started))s; last lines of $log:" >&2
+        tail -5 "$log" >&2
+    fi
+}
+
+if [ "$PRESET" = paper ]; then
+    # Batch 2: every precision and layout; batch 8 (the paper's): the channels-last compiled step.
+    part train_step train_step 330 --preset paper --batch 2 --steps 10 \
+        --variants eager-fp32 eager-bf16 eager-bf16-cl compiled-bf16 compiled-bf16-cl
+    part train_step train_step_b8 150 --preset paper --batch 8 --steps 6 --variants compiled-bf16-cl
+    part inference inference 150 --preset paper --prompts 1 8 32
+    part loader loader 90 --preset paper --workers 8 --no-train --compare "$OUT_DIR/train_step-$MACHINE.json"
+else
+    part train_step train_step 120 --preset tiny --steps 2 --warmup 1 --variants eager-fp32 eager-fp32-cl
+    part inference inference 120 --preset tiny --size 64 64 64 --prompts 1 8
+    part loader loader 60 --preset tiny --batches 4 --no-train --compare "$OUT_DIR/train_step-$MACHINE.json"
+fi

@@ -1,0 +1,73 @@
+"""The benchmark scripts run and report what they claim (tiny sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_reports_each_variant_and_batch_with_a_summary(capsys):
+    bench = _script("train_step")
+    result = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--batch", "1", "2",
+                         "--variants", "eager-fp32", "eager-fp32-cl", "--device", "cpu"])
+    assert [(run["variant"], run["batch"]) for run in result["runs"]] == [
+        ("eager-fp32", 1), ("eager-fp32-cl", 1), ("eager-fp32", 2), ("eager-fp32-cl", 2)]
+    assert all(run["samples_per_s"] > 0 and run["achieved_tflops"] > 0 for run in result["runs"])
+    assert result["summary"]["speedup_vs_eager_fp32"] >= 1.0  # the fastest run is at least the baseline
+    assert "share_of_bf16_peak" not in result["summary"]  # no peak for a CPU
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+
+
+def test_train_step_summary_against_a_known_gpu_peak():
+    bench = _script("train_step")
+    runs = [{"variant": "eager-fp32", "batch": 2, "samples_per_s": 7.0, "achieved_tflops": 44.0},
+            {"variant": "compiled-bf16-cl", "batch": 8, "samples_per_s": 35.0, "achieved_tflops": 220.0},
+            {"variant": "compiled-fp32", "batch": 8, "error": "OutOfMemoryError: ..."}]
+    summary = bench.summarize(runs, "NVIDIA H100 80GB HBM3")
+    assert summary["fastest"] == "compiled-bf16-cl at batch 8"
+    assert summary["speedup_vs_eager_fp32"] == pytest.approx(5.0)
+    assert summary["share_of_bf16_peak"] == pytest.approx(220.0 / 989.4)
+    assert bench.bf16_peak("Intel Xeon") is None
+    with pytest.raises(SystemExit, match="unknown variant"):
+        bench.main(["--preset", "tiny", "--variants", "eager-fp64"])
+
+
+def test_loader_bench_compares_with_a_measured_step_rate(tmp_path):
+    bench = _script("loader")
+    measured = tmp_path / "train_step.json"
+    measured.write_text(json.dumps({"batch": 2, "machine": {"device": "GPU X"}, "runs": [
+        {"variant": "eager-fp32", "samples_per_s": 4.0}, {"variant": "compiled-bf16", "samples_per_s": 10.0}]}))
+    result = bench.main(["--preset", "tiny", "--batches", "3", "--warmup-batches", "1", "--no-train",
+                         "--compare", str(measured), "--device", "cpu"])
+    assert result["compared_with"]["variant"] == "compiled-bf16"
+    assert result["loader_to_compared_ratio"] == pytest.approx(result["loader_patches_per_s"] / 10.0)
+    assert result["workers_for_2x_compared"] >= 1
+    assert result["sample_seconds_one_thread"] > 0 and "train_steps_per_s" not in result
+
+
+def test_gpu_suite_chain_runs_at_the_tiny_size(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PRESET": "tiny", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    written = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json"))
+    assert written == ["inference", "loader", "train_step"], done.stderr
+    loader = json.loads(next(tmp_path.glob("loader-*.json")).read_text())
+    assert loader["compared_with"]["file"].endswith(".json")  # fed by the train_step JSON just written
+    assert not list(tmp_path.glob("*.log")) and not list(tmp_path.glob("*.tmp"))
