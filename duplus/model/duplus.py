@@ -142,20 +142,34 @@ def _find_duplus(model: nn.Module) -> tuple[str, DuPLUS]:
     raise ModelError(f"{type(model).__name__} contains no DuPLUS network")
 
 
-def lora_target_names(model: nn.Module, groups: list[str] | tuple[str, ...], text_projection: bool = False) -> list[str]:
+def lora_target_names(
+    model: nn.Module,
+    groups: list[str] | tuple[str, ...],
+    text_projection: bool = False,
+    modalities: list[str] | tuple[str, ...] | None = None,
+) -> list[str]:
     """Full names of the Conv3d/Linear modules in ``groups`` (+ ``text_proj``), for peft ``target_modules``.
 
     Names are relative to the DuPLUS network (what ``peft.get_peft_model(model, ...)`` matches).
+    ``modalities``: the modalities the adapted center scans; of the ``stems`` group only their
+    stems are adapted (the others never see the center's images, so their LoRA would stay idle).
     """
     unknown = sorted(set(groups) - set(LORA_GROUPS))
     if unknown:
         raise ConfigError(f"lora.targets has unknown part(s) {unknown}; choose from {list(LORA_GROUPS)}")
     _, net = _find_duplus(model)
     wanted = set(groups) | ({"text_proj"} if text_projection else set())
+    stems = None
+    if modalities is not None:
+        stems = {net.cfg.modalities[modality_index(m, tuple(net.cfg.modalities))] for m in modalities}
     names = []
     for name, module in net.named_modules():
-        if isinstance(module, (nn.Conv3d, nn.Linear)) and name.split(".", 1)[0] in wanted:
-            names.append(name)
+        part, _, rest = name.partition(".")
+        if not isinstance(module, (nn.Conv3d, nn.Linear)) or part not in wanted:
+            continue
+        if part == "stems" and stems is not None and rest.split(".", 1)[0] not in stems:
+            continue
+        names.append(name)
     return names
 
 

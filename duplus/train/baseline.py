@@ -29,12 +29,17 @@ def baseline_steps(config: Mapping[str, Any], n_datasets: int) -> int:
 
 
 def baseline_settings(config: Mapping[str, Any], n_datasets: int) -> PretrainSettings:
-    """The universal run's settings with the baseline's step count (warm-up scaled alike)."""
+    """The universal run's settings with the baseline's step count (warm-up scaled alike) and
+    ``baseline.lr`` when set."""
     universal = PretrainSettings.from_config(config)
     steps = baseline_steps(config, n_datasets)
     warmup = min(steps - 1, round(universal.warmup_steps * steps / universal.steps)) if steps > 1 else 0
+    lr = (config.get("baseline") or {}).get("lr")
+    if lr is not None and not float(lr) > 0:
+        raise ConfigError(f"baseline.lr must be positive, got {lr}")
     # One dataset: dataset weights of the universal run do not apply.
-    return dataclasses.replace(universal, steps=steps, warmup_steps=max(0, warmup), dataset_weights=None)
+    return dataclasses.replace(universal, steps=steps, warmup_steps=max(0, warmup), dataset_weights=None,
+                               lr=universal.lr if lr is None else float(lr))
 
 
 def run_baseline(

@@ -141,7 +141,8 @@ def run_lora(
     results["zero_shot"] = _evaluate(base, test_rows, cache, config, manifest_dir)
 
     targets = lora_target_names(base, list(settings.get("targets") or ["encoder", "decoder", "film", "controller"]),
-                                bool(settings.get("text_projection", False)))
+                                bool(settings.get("text_projection", False)),
+                                modalities=sorted({case.modality for case in train_cases}))
     lora_config = lora_config_from(settings, targets)
     adapted = copy.deepcopy(base)
     trainable_lora = add_adapter(adapted, lora_config, center)

@@ -23,6 +23,18 @@ def test_targets_are_conv_or_linear_by_group(tiny_model):
         lora_target_names(tiny_model, ["backbone"], False)
 
 
+def test_stems_of_the_centers_modalities_only(tiny_model):
+    every = lora_target_names(tiny_model, ["stems", "encoder"])
+    mri = lora_target_names(tiny_model, ["stems", "encoder"], modalities=["MR"])  # an alias spelling
+    assert [n for n in mri if n.startswith("stems.")] == ["stems.MRI.conv"]
+    assert {"stems.CT.conv", "stems.PET.conv"} <= set(every) - set(mri)
+    assert [n for n in every if not n.startswith("stems.")] == [n for n in mri if not n.startswith("stems.")]
+    both = lora_target_names(tiny_model, ["stems"], modalities=["PET", "CT"])
+    assert sorted(both) == ["stems.CT.conv", "stems.PET.conv"]
+    with pytest.raises(ConfigError, match="unknown modality"):
+        lora_target_names(tiny_model, ["stems"], modalities=["ultrasound"])
+
+
 def test_peft_wraps_the_selected_modules(tiny_model):
     peft = pytest.importorskip("peft")
     names = lora_target_names(tiny_model, ["encoder", "decoder", "film", "controller"], text_projection=False)

@@ -22,6 +22,12 @@ def test_budget_is_the_universal_steps_shared_among_datasets(config):
     assert baseline_steps(config, 2) == 4
     settings = baseline_settings(config, 2)
     assert settings.steps == 4 and settings.warmup_steps <= 3 and settings.dataset_weights is None
+    assert settings.lr == config["pretrain"]["lr"]  # the universal run's step size by default
+    config["baseline"] = {"steps": 4, "lr": 0.02}
+    assert baseline_settings(config, 2).lr == 0.02
+    config["baseline"] = {"lr": 0}
+    with pytest.raises(ConfigError, match="baseline.lr"):
+        baseline_settings(config, 2)
     config["baseline"] = {"steps": 0}
     with pytest.raises(ConfigError, match="baseline.steps"):
         baseline_steps(config, 2)
