@@ -61,4 +61,3 @@ def resolve_amp(setting: str, device: torch.device, where: str = "pretrain.amp")
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     """Autocast context for ``dtype`` (disabled when None)."""
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
