@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 CORES ?= all
 
-.PHONY: venv run test lint dryrun slurm-test bench clean
+.PHONY: venv run test lint dryrun slurm-test bench bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/inference.py --preset tiny --size 128 128 96
+
+# On a GPU node (about 7 minutes): training, inference and loader at the paper size, JSON per script.
+bench-gpu: venv
+	PYTHON=$(BIN)/python bash bench/gpu_suite.sh bench/results
 
 clean:
 	rm -rf data results logs .snakemake
