@@ -23,7 +23,7 @@ import torch
 from duplus import __version__
 from duplus.model import DuPLUS, ModelConfig
 from duplus.prompts.cache import PromptCache
-from duplus.runtime import resolve_device
+from duplus.runtime import configure_kernels, resolve_device
 from duplus.train.batches import TextTable, batch_loss
 from duplus.train.cases import read_manifests
 from duplus.train.optim import build_optimizer, resolve_amp
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     workers = preset["workers"] if args.workers is None else args.workers
     batches = args.batches or (20 if args.preset == "tiny" else 16)
     device = resolve_device(args.device)
+    configure_kernels(device)  # as the pipeline runs (deterministic: false)
     with tempfile.TemporaryDirectory() as tmp:
         print("building synthetic store ...", file=sys.stderr)
         manifest = build_store(Path(tmp), preset["volume"], preset["cases"])

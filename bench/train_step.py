@@ -18,7 +18,7 @@ import torch
 
 from duplus import __version__
 from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters, use_channels_last
-from duplus.runtime import peak_rss_mb, resolve_device
+from duplus.runtime import configure_kernels, peak_rss_mb, resolve_device
 from duplus.train.losses import masked_loss
 from duplus.train.optim import GRAD_CLIP, autocast, build_optimizer
 
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    configure_kernels(device)  # as the pipeline runs (deterministic: false)
     patch = args.patch or PRESETS[args.preset]["patch"]
     batches = args.batch or [PRESETS[args.preset]["batch"]]
     steps = args.steps or (10 if device.type == "cuda" else 3)
@@ -135,10 +136,6 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {VARIANTS}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     macs = count_macs(cfg, patch, args.classes)
     flops_per_sample = 3 * 2 * macs
     runs = []

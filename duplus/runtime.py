@@ -7,6 +7,7 @@ import os
 import random
 import resource
 import sys
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -34,6 +35,30 @@ def resolve_device(name: str = "auto") -> "torch.device":  # noqa: F821
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' was asked for but torch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
+
+
+def configure_kernels(device: "torch.device", deterministic: bool = False) -> None:  # noqa: F821
+    """GPU kernel choice: fastest (cuDNN measures its algorithms per shape, TF32 for fp32 maths) or
+    deterministic (fixed algorithms; slower, and the same numbers run after run). No-op on CPU.
+
+    Training patches and inference windows have fixed shapes, so cuDNN's search runs once per
+    shape; nnU-Net trains the same way. bf16 autocast is unaffected by the TF32 switches.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+
+
+def device_for(config: Mapping[str, Any]) -> "torch.device":  # noqa: F821
+    """The run's device (``config["device"]``) with its kernels configured (``config["deterministic"]``)."""
+    device = resolve_device(str(config.get("device", "auto")))
+    configure_kernels(device, bool(config.get("deterministic", False)))
+    return device
 
 
 def seed_everything(seed: int) -> None:

@@ -156,7 +156,7 @@ def segment_image(
     from duplus.evaluate.inference import inference_settings, predict_masks
     from duplus.hashing import sha256_file
     from duplus.model import MODALITIES, modality_index
-    from duplus.runtime import resolve_device
+    from duplus.runtime import configure_kernels, resolve_device
 
     config = dict(config or {})
     timings: dict[str, float] = {}
@@ -174,6 +174,7 @@ def segment_image(
 
     scan = read_image(image)  # DataError naming the file: missing, unreadable, 4-D, NaN
     torch_device = resolve_device(device)
+    configure_kernels(torch_device, bool(config.get("deterministic", False)))
     model, sidecar = _load_network(weights, sha256, adapter, torch_device)
     timings["load_model"] = time.perf_counter() - started
 

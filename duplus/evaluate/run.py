@@ -154,10 +154,10 @@ def run_evaluate(config: Mapping[str, Any], manifests: Sequence[str], prompt_cac
     """Evaluate ``model_path`` on the configured split of ``manifests``; returns the per-case frame."""
     from duplus.model import load_model
     from duplus.prompts.cache import PromptCache
-    from duplus.runtime import resolve_device
+    from duplus.runtime import device_for
 
     out = Path(out_dir)
-    device = resolve_device(str(config.get("device", "auto")))
+    device = device_for(config)
     model, sidecar = load_model(model_path, device=device)
     cache = PromptCache.load(prompt_cache)
     if cache.dim != model.cfg.text_dim:
@@ -186,9 +186,9 @@ def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], 
     from duplus.model import load_model
     from duplus.model.task_specific import ARCHITECTURE
     from duplus.prompts.cache import PromptCache
-    from duplus.runtime import resolve_device
+    from duplus.runtime import device_for
 
-    device = resolve_device(str(config.get("device", "auto")))
+    device = device_for(config)
     cache = PromptCache.load(prompt_cache)
     cases = select_cases(read_manifests(manifests), config)
     frames = []

@@ -24,7 +24,7 @@ from duplus.prognosis.evaluate import (FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUM
 from duplus.prognosis.features import MASK_SOURCES, CaseInput, FeatureSettings, extract_features, feature_names
 from duplus.prognosis.models import Cohort, ModelSettings, model_names
 from duplus.prognosis.sentence import ehr_to_sentence
-from duplus.runtime import resolve_device, seed_everything
+from duplus.runtime import device_for, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
         raise EHRError(f"EHR table {table.source}: only {len(matched)} patient(s) have an image in dataset "
                        f"'{dataset}'; {n_folds}-fold cross-validation needs at least {n_folds}")
 
-    device = resolve_device(str(config.get("device", "auto")))
+    device = device_for(config)
     merge = list(prog.get("merge", ["tabular", "text"]))
     if model is None:
         model = _load_model(model_path, device)

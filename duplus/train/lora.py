@@ -18,7 +18,7 @@ import torch
 from duplus.atomic import write_json
 from duplus.errors import ConfigError, DataError
 from duplus.hashing import sha256_file
-from duplus.runtime import peak_rss_mb, resolve_device
+from duplus.runtime import device_for, peak_rss_mb
 from duplus.train.adapters import WEIGHTS_NAME, add_adapter, lora_config_from, save_adapter
 from duplus.train.batches import TextTable, open_prompt_cache
 from duplus.train.cases import read_manifests, select_cases
@@ -110,7 +110,7 @@ def run_lora(
     dataset, site = center_spec(config, center)
     manifests = [str(m) for m in manifests]
     out = Path(out_dir)
-    device = resolve_device(str(config.get("device", "auto")))
+    device = device_for(config)
     amp = resolve_amp((config.get("pretrain") or {}).get("amp", "auto"), device)
     seed = int(config.get("seed", 0))
     cache = open_prompt_cache(prompt_cache)

@@ -20,7 +20,7 @@ from duplus.atomic import write_csv
 from duplus.errors import CheckpointError, ConfigError
 from duplus.hashing import sha256_text
 from duplus.progress import progress
-from duplus.runtime import resolve_device, seed_everything
+from duplus.runtime import device_for, seed_everything
 from duplus.train import distributed
 from duplus.train.batches import TextTable, batch_loss, open_prompt_cache
 from duplus.train.cases import pretraining_cases
@@ -170,7 +170,7 @@ def train_network(
     ``duplus.train.distributed``).
     """
     ranks = distributed.from_environment()
-    device = distributed.start(ranks, resolve_device(str(config.get("device", "auto"))))
+    device = distributed.start(ranks, device_for(config))
     try:
         return _train(config, settings, cases, prompt_cache, out_model, out_log, task_specific, ranks, device)
     finally:

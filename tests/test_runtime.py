@@ -1,0 +1,46 @@
+"""Device choice and GPU kernel settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duplus.errors import ConfigError
+from duplus.runtime import configure_kernels, device_for, resolve_device
+
+FLAGS = ("benchmark", "deterministic", "allow_tf32")
+
+
+@pytest.fixture
+def restore_flags():
+    saved = {name: getattr(torch.backends.cudnn, name) for name in FLAGS}
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    yield
+    for name, value in saved.items():
+        setattr(torch.backends.cudnn, name, value)
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def test_fast_or_deterministic_kernels_on_a_gpu_device(restore_flags):
+    gpu = torch.device("cuda")  # a device object needs no GPU; only the backend flags are set
+    configure_kernels(gpu, deterministic=False)
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    configure_kernels(gpu, deterministic=True)
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+def test_cpu_runs_leave_the_gpu_flags_alone(restore_flags):
+    torch.backends.cudnn.benchmark = False
+    assert device_for({"device": "cpu", "deterministic": False}) == torch.device("cpu")
+    assert torch.backends.cudnn.benchmark is False
+    assert device_for({}).type in ("cpu", "cuda")  # defaults: auto, not deterministic
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_a_gpu_that_is_not_there_names_the_fix():
+    with pytest.raises(ConfigError, match="--device cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="no CUDA"):
+        device_for({"device": "cuda:1"})
