@@ -48,9 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-train", action="store_true",
                         help="time the loader only (a paper-size step on CPU takes minutes)")
-    parser.add_argument("--compare", type=Path, default=None,
-                        help="a bench/train_step.py JSON (e.g. from a GPU machine): compare the loader with its "
-                             "fastest samples/s")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None,
+                        help="bench/train_step.py JSON files (e.g. from a GPU machine): compare the loader with "
+                             "their fastest samples/s; missing files are skipped")
     return parser.parse_args(argv)
 
 
@@ -156,15 +156,22 @@ def time_training(sampler: PatchSampler, texts: list[str], args: argparse.Namesp
             "share_of_step_waiting_for_data": waited / seconds, "amp": str(amp).replace("torch.", "") if amp else "fp32"}
 
 
-def fastest_step(path: Path) -> dict:
-    """The fastest variant of a bench/train_step.py result."""
-    measured = json.loads(path.read_text())
-    runs = [run for run in measured.get("runs", []) if "samples_per_s" in run]
-    if not runs:
-        raise SystemExit(f"{path}: no timed run in this train_step result")
-    best = max(runs, key=lambda run: run["samples_per_s"])
-    return {"file": str(path), "variant": best["variant"], "samples_per_s": best["samples_per_s"],
-            "batch": best.get("batch", measured.get("batch")), "device": measured.get("machine", {}).get("device")}
+def fastest_step(paths: list[Path]) -> dict:
+    """The fastest timed run over bench/train_step.py results (files that do not exist are skipped)."""
+    found = []
+    for path in paths:
+        if not path.is_file():
+            print(f"{path}: not found, skipped", file=sys.stderr)
+            continue
+        measured = json.loads(path.read_text())
+        for run in measured.get("runs", []):
+            if "samples_per_s" in run:
+                found.append({"file": str(path), "variant": run["variant"], "samples_per_s": run["samples_per_s"],
+                              "batch": run.get("batch", measured.get("batch")),
+                              "device": measured.get("machine", {}).get("device")})
+    if not found:
+        raise SystemExit(f"no timed training step in {[str(p) for p in paths]}")
+    return max(found, key=lambda run: run["samples_per_s"])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -71,3 +71,15 @@ def test_gpu_suite_chain_runs_at_the_tiny_size(tmp_path):
     loader = json.loads(next(tmp_path.glob("loader-*.json")).read_text())
     assert loader["compared_with"]["file"].endswith(".json")  # fed by the train_step JSON just written
     assert not list(tmp_path.glob("*.log")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_loader_compares_with_the_fastest_step_over_several_results(tmp_path):
+    bench = _script("loader")
+    small, large = tmp_path / "b2.json", tmp_path / "b8.json"
+    small.write_text(json.dumps({"runs": [{"variant": "compiled-bf16", "batch": 2, "samples_per_s": 15.0}]}))
+    large.write_text(json.dumps({"runs": [{"variant": "compiled-bf16-cl", "batch": 8, "samples_per_s": 24.0},
+                                          {"variant": "eager-fp32", "batch": 8, "error": "OutOfMemoryError"}]}))
+    best = bench.fastest_step([small, tmp_path / "missing.json", large])
+    assert (best["variant"], best["batch"], best["file"]) == ("compiled-bf16-cl", 8, str(large))
+    with pytest.raises(SystemExit, match="no timed training step"):
+        bench.fastest_step([tmp_path / "missing.json"])
