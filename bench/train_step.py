@@ -64,7 +64,7 @@ def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int]
     forward = torch.compile(model) if compiled == "compiled" else model
     amp = torch.bfloat16 if precision == "bf16" else None
     image = torch.randn((batch, 1, *patch), device=device)
-    modality = torch.zeros(batch, dtype=torch.long, device=device)
+    modality = torch.zeros(batch, dtype=torch.long)  # on the host, as the training loop passes it
     context = torch.randn((batch, cfg.text_dim), device=device)
     targets = torch.randn((batch, k, cfg.text_dim), device=device)
     truth = (torch.rand((batch, k, *patch), device=device) > 0.9).float()

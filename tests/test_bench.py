@@ -67,9 +67,11 @@ def test_gpu_suite_chain_runs_at_the_tiny_size(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     written = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json"))
-    assert written == ["inference", "loader", "train_step"], done.stderr
+    assert written == ["inference", "loader", "roofline", "train_step"], done.stderr
     loader = json.loads(next(tmp_path.glob("loader-*.json")).read_text())
     assert loader["compared_with"]["file"].endswith(".json")  # fed by the train_step JSON just written
+    roofline = json.loads(next(tmp_path.glob("roofline-*.json")).read_text())
+    assert [run["variant"] for run in roofline["measured"]] == ["eager-fp32", "eager-fp32-cl"]
     assert not list(tmp_path.glob("*.log")) and not list(tmp_path.glob("*.tmp"))
 
 
@@ -83,3 +85,36 @@ def test_loader_compares_with_the_fastest_step_over_several_results(tmp_path):
     assert (best["variant"], best["batch"], best["file"]) == ("compiled-bf16-cl", 8, str(large))
     with pytest.raises(SystemExit, match="no timed training step"):
         bench.fastest_step([tmp_path / "missing.json"])
+
+
+def test_roofline_counts_the_step_the_benchmarks_time_and_orders_its_bounds(tmp_path, capsys):
+    bench = _script("roofline")
+    measured = tmp_path / "train_step.json"
+    measured.write_text(json.dumps({"runs": [
+        {"variant": "compiled-bf16", "batch": 2, "seconds_per_step": 0.5},
+        {"variant": "compiled-bf16", "batch": 8, "seconds_per_step": 1.5},
+        {"variant": "eager-fp32", "batch": 2, "error": "OutOfMemoryError"}]}))
+    result = bench.main(["--preset", "tiny", "--patch", "32", "32", "32", "--batch", "2", "--gpu", "h200",
+                         "--compare", str(measured)])
+    # The traced FLOPs are torch's own count of the real step; the benchmarks' 6 x forward MACs
+    # overstates it only by the first convolution's unneeded input gradient.
+    assert 0.97 < result["flops_per_step"] / result["flops_counted_by_benchmarks"] <= 1.0
+    limits = result["bounds_ms"]
+    assert 0 < limits["matmul_at_peak_ms"] < limits["fused_ms"] < limits["unfused_ms"]
+    assert all(0 < share < 1 for share in result["max_share_of_peak"].values())
+    assert result["optimizer_bytes"] == result["params"] * bench.OPTIMIZER_BYTES_PER_PARAM
+    assert result["by_resolution"][0]["side"] == 32.0  # the finest level comes first
+    assert {op["op"] for op in result["top_ops"]} >= {"convolution", "convolution_backward"}
+    (row,) = result["measured"]  # batch 2 only, the failed run left out
+    assert row["measured_ms"] == pytest.approx(500.0)
+    assert row["x_fused"] == pytest.approx(500.0 / limits["fused_ms"])
+    assert json.loads(capsys.readouterr().out)["gpu"] == {"name": "h200", "bf16_peak_tflops": 989.4,
+                                                          "memory_tb_per_s": 4.8}
+
+
+def test_roofline_of_an_inference_window_is_the_forward_count_exactly():
+    bench = _script("roofline")
+    result = bench.main(["--preset", "tiny", "--patch", "32", "32", "32", "--batch", "1", "--mode", "inference",
+                         "--compare", "/nonexistent/train_step.json"])
+    assert result["flops_per_step"] == result["flops_counted_by_benchmarks"]
+    assert result["optimizer_bytes"] == 0 and result["measured"] == []
