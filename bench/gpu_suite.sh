@@ -38,16 +38,21 @@ part() {  # part SCRIPT NAME LIMIT_SECONDS ARGS...: run bench/SCRIPT.py, keep it
 
 if [ "$PRESET" = paper ]; then
     # Batch 2: every precision and layout; batch 8 (the paper's): the channels-last compiled step.
+    # --profile: two more steps under the profiler, time per kernel category (convolution,
+    # layout transpose, norm, ...), which is what the next change to the step has to go on.
     part train_step train_step 330 --preset paper --batch 2 --steps 10 \
-        --variants eager-fp32 eager-bf16 eager-bf16-cl compiled-bf16 compiled-bf16-cl
-    part train_step train_step_b8 150 --preset paper --batch 8 --steps 6 --variants compiled-bf16-cl
+        --variants eager-fp32 eager-bf16 eager-bf16-cl compiled-bf16 compiled-bf16-cl \
+        --profile eager-bf16 eager-bf16-cl compiled-bf16 compiled-bf16-cl
+    part train_step train_step_b8 150 --preset paper --batch 8 --steps 6 --variants compiled-bf16-cl \
+        --profile compiled-bf16-cl
     part inference inference 150 --preset paper --prompts 1 8 32
     part roofline roofline 60 --preset paper --batch 2 --compare "$OUT_DIR/train_step-$MACHINE.json"
     part roofline roofline_b8 60 --preset paper --batch 8 --compare "$OUT_DIR/train_step_b8-$MACHINE.json"
     part loader loader 90 --preset paper --workers 8 --no-train \
         --compare "$OUT_DIR/train_step-$MACHINE.json" "$OUT_DIR/train_step_b8-$MACHINE.json"
 else
-    part train_step train_step 120 --preset tiny --steps 2 --warmup 1 --variants eager-fp32 eager-fp32-cl
+    part train_step train_step 120 --preset tiny --steps 2 --warmup 1 --variants eager-fp32 eager-fp32-cl \
+        --profile eager-fp32-cl
     part inference inference 120 --preset tiny --size 64 64 64 --prompts 1 8
     part roofline roofline 60 --preset tiny --patch 32 32 32 --compare "$OUT_DIR/train_step-$MACHINE.json"
     part loader loader 60 --preset tiny --batches 4 --no-train --compare "$OUT_DIR/train_step-$MACHINE.json"

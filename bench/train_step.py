@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=None,
                         help=f"subset of {' '.join(VARIANTS)} (-cl: channels-last; bf16/compile: CUDA only)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", nargs="*", default=[], metavar="VARIANT",
+                        help="after timing these variants, profile two more steps: where the time goes, by kernel")
     return parser.parse_args(argv)
 
 
@@ -54,7 +56,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int], batch: int, k: int,
-             steps: int, warmup: int) -> dict:
+             steps: int, warmup: int, profiled: bool = False) -> dict:
     compiled, precision, *layout = name.split("-")
     torch.manual_seed(0)
     model = DuPLUS(cfg).to(device).train()
@@ -94,7 +96,69 @@ def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int]
               "warmup_seconds": warmup_seconds, "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if profiled:
+        result["profile"] = profile_steps(step, device, PROFILED_STEPS)
     return result
+
+
+PROFILED_STEPS = 2
+# Kernel (GPU) or operator (CPU) names -> what they do; the first matching rule wins. The
+# categories test where a step's time goes: tensor-core convolutions, layout transposes around
+# them, normalisations, fused elementwise code, the optimizer.
+KERNEL_CATEGORIES = [
+    ("fused (compiled)", ("triton",)),
+    ("layout transpose", ("nchwtonhwc", "nhwctonchw", "transpose", "permute", "copy_", "contiguous", "clone")),
+    ("normalisation", ("norm", "bn_fw", "bn_bw", "var_mean", "welford")),
+    ("convolution", ("conv", "implicit_gemm", "wgrad", "dgrad", "fprop", "xmma", "cudnn", "winograd", "im2col")),
+    ("matmul", ("gemm", "bmm", "addmm", "aten::mm", "cutlass")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("elementwise", ("elementwise", "elu", "add", "mul", "sigmoid", "threshold", "reduce", "sum", "fill", "where")),
+]
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, needles in KERNEL_CATEGORIES:
+        if any(needle in lowered for needle in needles):
+            return category
+    return "other"
+
+
+def profile_steps(step, device: torch.device, n_steps: int, top: int = 15) -> dict:
+    """Self time per GPU kernel (per CPU operator on a CPU) over ``n_steps`` steps, per step.
+
+    Returns ``ms_per_step`` (the profiled total), ``by_category`` and the ``top`` costliest
+    kernels with their share: enough to tell convolution kernels from transposes and norms.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(n_steps):
+            step()
+        _sync(device)
+    rows = []
+    for event in profiler.key_averages():
+        if on_gpu:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            self_us = event.self_device_time_total
+        else:
+            self_us = event.self_cpu_time_total
+        if self_us > 0:
+            rows.append({"name": event.key[:160], "ms_per_step": self_us / 1e3 / n_steps,
+                         "calls_per_step": event.count / n_steps, "category": kernel_category(event.key)})
+    total = sum(row["ms_per_step"] for row in rows) or 1.0
+    categories: dict[str, float] = {}
+    for row in rows:
+        row["share"] = row["ms_per_step"] / total
+        categories[row["category"]] = categories.get(row["category"], 0.0) + row["ms_per_step"]
+    rows.sort(key=lambda row: -row["ms_per_step"])
+    return {"what": "GPU kernel self time" if on_gpu else "CPU operator self time", "ms_per_step": total,
+            "by_category": {name: {"ms_per_step": ms, "share": ms / total}
+                            for name, ms in sorted(categories.items(), key=lambda item: -item[1])},
+            "top": rows[:top]}
 
 
 def bf16_peak(device_name: str | None) -> float | None:
@@ -133,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.steps or (10 if device.type == "cuda" else 3)
     cfg = ModelConfig.preset(args.preset, text_dim=args.text_dim)
     variants = args.variants or (VARIANTS if device.type == "cuda" else ["eager-fp32", "eager-fp32-cl"])
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted((set(variants) | set(args.profile)) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {VARIANTS}")
     macs = count_macs(cfg, patch, args.classes)
@@ -143,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name in variants:
             print(f"timing {name} at batch {batch} ...", file=sys.stderr)
             try:
-                run = _variant(cfg, device, name, patch, batch, args.classes, steps, args.warmup)
+                run = _variant(cfg, device, name, patch, batch, args.classes, steps, args.warmup,
+                               profiled=name in args.profile)
                 run["achieved_tflops"] = run["samples_per_s"] * flops_per_sample / 1e12
             except Exception as error:  # noqa: BLE001 - one failing variant (OOM, no compiler) must not hide the others
                 run = {"variant": name, "batch": batch,

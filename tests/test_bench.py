@@ -30,6 +30,37 @@ def test_train_step_reports_each_variant_and_batch_with_a_summary(capsys):
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
 
 
+def test_train_step_profile_says_where_a_step_spends_its_time():
+    bench = _script("train_step")
+    result = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--batch", "1",
+                         "--variants", "eager-fp32", "eager-fp32-cl", "--profile", "eager-fp32-cl", "--device", "cpu"])
+    plain, profiled = result["runs"]
+    assert "profile" not in plain
+    profile = profiled["profile"]
+    assert profile["ms_per_step"] > 0
+    assert sum(c["share"] for c in profile["by_category"].values()) == pytest.approx(1.0)
+    assert "convolution" in profile["by_category"]  # a 3-D U-Net step without convolutions is not this step
+    assert profile["top"] == sorted(profile["top"], key=lambda row: -row["ms_per_step"])
+    with pytest.raises(SystemExit, match="unknown variant"):
+        bench.main(["--preset", "tiny", "--variants", "eager-fp32", "--profile", "eager-fp64"])
+
+
+def test_kernel_names_fall_into_the_categories_a_gpu_profile_needs():
+    bench = _script("train_step")
+    names = {
+        "void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>": "layout transpose",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_ndhwc_kernel": "convolution",
+        "void cudnn::bn_fw_tr_1C11_kernel_NCHW<__nv_bfloat16>": "normalisation",
+        "triton_per_fused__native_batch_norm_legit_elu_mul_0": "fused (compiled)",
+        "void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>": "layout transpose",
+        "void multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_nn": "matmul",
+        "void at::native::vectorized_elementwise_kernel<4, EluBackwardFunctor>": "elementwise",
+        "Memset (Device)": "other",
+    }
+    assert {name: bench.kernel_category(name) for name in names} == names
+
+
 def test_train_step_summary_against_a_known_gpu_peak():
     bench = _script("train_step")
     runs = [{"variant": "eager-fp32", "batch": 2, "samples_per_s": 7.0, "achieved_tflops": 44.0},
@@ -70,6 +101,8 @@ def test_gpu_suite_chain_runs_at_the_tiny_size(tmp_path):
     assert written == ["inference", "loader", "roofline", "train_step"], done.stderr
     loader = json.loads(next(tmp_path.glob("loader-*.json")).read_text())
     assert loader["compared_with"]["file"].endswith(".json")  # fed by the train_step JSON just written
+    train_step = json.loads(next(tmp_path.glob("train_step-*.json")).read_text())
+    assert [("profile" in run) for run in train_step["runs"]] == [False, True]
     roofline = json.loads(next(tmp_path.glob("roofline-*.json")).read_text())
     assert [run["variant"] for run in roofline["measured"]] == ["eager-fp32", "eager-fp32-cl"]
     assert not list(tmp_path.glob("*.log")) and not list(tmp_path.glob("*.tmp"))
