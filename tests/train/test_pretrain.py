@@ -206,3 +206,19 @@ def test_channels_last_pretraining_follows_the_default_layout_run(store, tmp_pat
     # Same samples, same initial weights: only float rounding of the layout differs.
     assert logs[0]["step"].tolist() == logs[1]["step"].tolist()
     assert logs[1]["loss"].tolist() == pytest.approx(logs[0]["loss"].tolist(), rel=1e-3)
+
+
+def test_compiled_pretraining_follows_the_eager_run_and_saves_plain_weights(store, tmp_path):
+    """``pretrain.compile`` (on in config/paper.yaml): torch.compile changes kernels, not the maths."""
+    from .conftest import BASE_CONFIG, FakePromptCache
+
+    logs = []
+    for compiled in (False, True):
+        folder = tmp_path / str(compiled)
+        config = {**BASE_CONFIG, "pretrain": {**BASE_CONFIG["pretrain"], "steps": 3, "compile": compiled}}
+        _run(config, store, FakePromptCache(), folder)
+        logs.append(pd.read_csv(folder / "train_log.csv"))
+        # The compiled wrapper's "_orig_mod." prefix must not reach the saved weights.
+        assert not any(key.startswith("_orig_mod") for key in load_file(folder / "model.safetensors"))
+        assert load_model(folder / "model.safetensors") is not None
+    assert logs[1]["loss"].tolist() == pytest.approx(logs[0]["loss"].tolist(), rel=1e-3)
