@@ -54,10 +54,15 @@ class InstanceNorm3dKeepLayout(nn.InstanceNorm3d):
             return super().forward(x)
         xf = x.float()
         var, mean = torch.var_mean(xf, dim=(2, 3, 4), keepdim=True, correction=0)
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        # Normalisation and affine folded into one per-(sample, channel) scale and shift, so the
+        # map is read and written once (as in eager mode, where nothing fuses the steps).
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
         if self.affine:
-            y = y * self.weight.float().view(1, -1, 1, 1, 1) + self.bias.float().view(1, -1, 1, 1, 1)
-        return y.to(x.dtype)
+            weight = self.weight.float().view(1, -1, 1, 1, 1)
+            scale = scale * weight
+            shift = shift * weight + self.bias.float().view(1, -1, 1, 1, 1)
+        return torch.addcmul(shift, xf, scale).to(x.dtype)
 
 
 def make_norm(name: str, channels: int) -> nn.Module:
