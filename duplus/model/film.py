@@ -36,7 +36,8 @@ def apply_film(x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None) 
         return x
     gamma, beta = film
     shape = gamma.shape + (1,) * (x.dim() - 2)
-    return x * (1 + gamma.reshape(shape).to(x.dtype)) + beta.reshape(shape).to(x.dtype)
+    # One pass over the map (x * scale + beta), not a multiply and then an add.
+    return torch.addcmul(beta.reshape(shape).to(x.dtype), x, (1 + gamma.reshape(shape)).to(x.dtype))
 
 
 def build_film_bank(slots: dict[str, int], embed_dim: int, hidden: int | None, act: str) -> nn.ModuleDict:
