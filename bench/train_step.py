@@ -97,7 +97,10 @@ def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int]
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     if profiled:
-        result["profile"] = profile_steps(step, device, PROFILED_STEPS)
+        try:
+            result["profile"] = profile_steps(step, device, PROFILED_STEPS)
+        except Exception as error:  # noqa: BLE001 - a profiler that cannot start must not cost the timing
+            result["profile"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
     return result
 
 
