@@ -53,7 +53,9 @@ def _inside(root: Path, path: Path) -> bool:
 
 
 def _copy_limited(source: IO[bytes], destination: Path, archive: Path, name: str, budget: list[int]) -> None:
-    with open(destination, "wb") as handle:
+    # O_NOFOLLOW: never write through a link standing at the member's name (_file_target removes it).
+    descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
         while True:
             chunk = source.read(CHUNK)
             if not chunk:
@@ -73,16 +75,72 @@ def _target(root: Path, archive: Path, name: str) -> Path:
     return path
 
 
+def _file_target(root: Path, archive: Path, name: str) -> Path:
+    """Where a regular member goes; a link already at that name is replaced, never written through."""
+    path = _target(root, archive, name)
+    if path.is_symlink():
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+MAX_LINK_DEPTH = 40  # as the kernel's ELOOP limit
+
+
+def _resolve(archive: Path, links: dict[str, str], path: str, depth: int = 0) -> str | None:
+    """Where ``path`` (relative to the root) lands once the archive's earlier symlinks are followed.
+
+    Component by component, as the operating system walks it: ``a/b/..`` is ``a`` only if ``b``
+    is not a link. ``None`` when the walk climbs above the root.
+    """
+    if depth > MAX_LINK_DEPTH:
+        raise UnsafeArchiveError(f"{archive}: symlinks nest deeper than {MAX_LINK_DEPTH} levels around '{path}'")
+    current: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not current:
+                return None
+            current.pop()
+            continue
+        candidate = "/".join([*current, part])
+        if candidate in links:
+            landed = _resolve(archive, links, posixpath.join("/".join(current), links[candidate]), depth + 1)
+            if landed is None:
+                return None
+            current = landed.split("/") if landed else []
+        else:
+            current.append(part)
+    return "/".join(current)
+
+
 def check_tar(archive: Path, members: Iterable[tarfile.TarInfo], max_bytes: int) -> list[tarfile.TarInfo]:
-    """Validate every member of a tar archive without extracting anything."""
+    """Validate every member of a tar archive without extracting anything.
+
+    Paths and link targets are walked through the symlinks extracted before them, so a chain of
+    links that each look harmless (``p/q -> ..``, then ``f -> p/q/../x``) cannot lead outside.
+    """
     checked, total = [], 0
+    links: dict[str, str] = {}
     for member in members:
         name = _clean_name(archive, member.name)
         if member.isdev() or member.isfifo() or not (member.isfile() or member.isdir() or member.issym()
                                                      or member.islnk()):
             raise UnsafeArchiveError(f"{archive}: member '{member.name}' is a device, fifo or special file")
+        if name and _resolve(archive, links, posixpath.dirname(name)) is None:
+            raise UnsafeArchiveError(f"{archive}: member '{member.name}' would be written through a link "
+                                     f"outside the target folder")
         if member.issym() or member.islnk():
             _check_link(archive, name, member.linkname, hard=member.islnk())
+            base = "" if member.islnk() else posixpath.dirname(name)
+            if _resolve(archive, links, posixpath.join(base, member.linkname.replace("\\", "/"))) is None:
+                raise UnsafeArchiveError(f"{archive}: member '{member.name}' links to '{member.linkname}', which "
+                                         f"leads outside the target folder through another link")
+        if member.issym():
+            links[name] = member.linkname.replace("\\", "/")
+        else:
+            links.pop(name, None)  # a later member replaces the link, as tar extracts it
         total += max(0, member.size) if member.isfile() else 0
         if total > max_bytes:
             raise UnsafeArchiveError(f"{archive}: member '{member.name}' takes the contents past the limit of "
@@ -104,22 +162,27 @@ def _extract_tar(archive: Path, root: Path, max_bytes: int) -> list[str]:
             if member.isdir():
                 path.mkdir(parents=True, exist_ok=True)
             elif member.isfile():
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path = _file_target(root, archive, name)
                 source = tar.extractfile(member)
                 assert source is not None
                 _copy_limited(source, path, archive, member.name, budget)
                 written.append(name)
             elif member.issym():
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_symlink():
+                    path.unlink()
                 os.symlink(member.linkname, path)
+                if not _inside(root, path):  # defence in depth: check_tar has walked the same links
+                    path.unlink()
+                    raise UnsafeArchiveError(f"{archive}: symlink '{member.name}' -> '{member.linkname}' "
+                                             f"leads outside the target folder")
             else:  # hard link: a copy of a file extracted earlier (links never share inodes with the archive)
                 source_name = _check_link(archive, name, member.linkname, hard=True)
                 source_path = root / source_name
                 if not source_path.is_file() or not _inside(root, source_path):
                     raise UnsafeArchiveError(f"{archive}: hard link '{member.name}' points to '{member.linkname}', "
                                              f"which is not a file extracted from the archive")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source_path, path)
+                shutil.copyfile(source_path, _file_target(root, archive, name))
                 written.append(name)
     return written
 
@@ -149,7 +212,7 @@ def _extract_zip(archive: Path, root: Path, max_bytes: int) -> list[str]:
             if info.is_dir():
                 path.mkdir(parents=True, exist_ok=True)
                 continue
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = _file_target(root, archive, name)
             with bundle.open(info) as source:
                 _copy_limited(source, path, archive, info.filename, budget)
             written.append(name)

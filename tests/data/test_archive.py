@@ -87,6 +87,46 @@ def test_dotdot_through_an_inner_link_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "outside" / "x.txt").exists()
 
 
+def test_a_chain_of_innocent_looking_links_cannot_lead_outside(tmp_path: Path) -> None:
+    # p/q -> .. is the root itself; f -> p/q/../escaped.txt reads as p/escaped.txt, but the
+    # operating system follows p/q first and lands beside the target folder.
+    archive = _tar(tmp_path / "chain.tar", [(_link("p/q", "..", tarfile.SYMTYPE), None),
+                                            (_link("f", "p/q/../escaped.txt", tarfile.SYMTYPE), None),
+                                            (_file("f"), b"owned")])
+    with pytest.raises(UnsafeArchiveError, match="'f' links to 'p/q/../escaped.txt'"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # refused before writing
+
+
+def test_a_member_written_through_a_chained_folder_link_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    archive = _tar(tmp_path / "chain.tar", [(_link("a/b", "..", tarfile.SYMTYPE), None),
+                                            (_link("c", "a/b/../outside", tarfile.SYMTYPE), None),
+                                            (_file("c/x.txt"), b"x")])
+    with pytest.raises(UnsafeArchiveError):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "outside" / "x.txt").exists()
+
+
+def test_link_loops_are_refused(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "loop.tar", [(_link("a", "b", tarfile.SYMTYPE), None),
+                                           (_link("b", "a", tarfile.SYMTYPE), None),
+                                           (_file("a/x.txt"), b"x")])
+    with pytest.raises(UnsafeArchiveError, match="nest deeper"):
+        safe_extract(archive, tmp_path / "out")
+
+
+def test_a_file_member_replaces_an_earlier_link_instead_of_writing_through_it(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "replace.tar", [(_file("real.txt"), b"original"),
+                                              (_link("alias.txt", "real.txt", tarfile.SYMTYPE), None),
+                                              (_file("alias.txt"), b"replacement")])
+    safe_extract(archive, tmp_path / "out")
+    assert (tmp_path / "out" / "real.txt").read_bytes() == b"original"
+    assert not (tmp_path / "out" / "alias.txt").is_symlink()
+    assert (tmp_path / "out" / "alias.txt").read_bytes() == b"replacement"
+
+
 def test_tar_over_the_size_limit_is_refused(tmp_path: Path) -> None:
     archive = _tar(tmp_path / "big.tar.gz", [(_file("a.bin"), b"\0" * 4096), (_file("b.bin"), b"\0" * 4096)])
     with pytest.raises(UnsafeArchiveError, match="b.bin.*limit"):
