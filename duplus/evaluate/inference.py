@@ -161,11 +161,11 @@ def _slabs(
     show_progress: bool,
     desc: str,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    from duplus.model import modality_index
+    from duplus.model import modalities_of, modality_index
 
     settings = inference_settings(config)
     device = model_device(model)
-    index = modality if isinstance(modality, int) else modality_index(modality)
+    index = modality if isinstance(modality, int) else modality_index(modality, modalities_of(model))
     context = torch.as_tensor(context, dtype=torch.float32, device=device).reshape(1, -1)
     targets = torch.as_tensor(targets, dtype=torch.float32, device=device)
     if targets.dim() != 2 or targets.shape[0] == 0:

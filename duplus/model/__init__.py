@@ -5,7 +5,7 @@ Import from here: ``ModelConfig``, ``DuPLUS``, ``MODALITIES``, ``save_model``, `
 
 from duplus.model.backbone import use_channels_last
 from duplus.model.config import MODALITIES, PRESETS, ModelConfig
-from duplus.model.duplus import LORA_GROUPS, DuPLUS, count_parameters, lora_target_names, modality_index
+from duplus.model.duplus import LORA_GROUPS, DuPLUS, count_parameters, lora_target_names, modalities_of, modality_index
 from duplus.model.flops import count_macs, efficiency
 from duplus.model.io import load_model, read_sidecar, save_model, sidecar_path
 from duplus.model.task_specific import TaskSpecificNet
@@ -22,6 +22,7 @@ __all__ = [
     "efficiency",
     "lora_target_names",
     "modality_index",
+    "modalities_of",
     "save_model",
     "load_model",
     "read_sidecar",

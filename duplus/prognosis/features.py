@@ -58,7 +58,7 @@ class CaseInput:
     case: str
     image_path: Path
     label_path: Path | None
-    modality: int                # duplus.model.modality_index of the case's modality
+    modality: str                # the case's modality name (the network maps it to its stem)
     context: torch.Tensor        # T1 embedding (T,)
     targets: torch.Tensor        # T2 embeddings of the tumour classes (K, T)
 
@@ -89,7 +89,7 @@ def padded_shape(shape: Sequence[int], divisor: int, patch_size: Sequence[int] |
 
 
 @torch.no_grad()
-def case_features(model: Any, image: np.ndarray, modality: int, context: torch.Tensor,
+def case_features(model: Any, image: np.ndarray, modality: int | str, context: torch.Tensor,
                   targets: torch.Tensor, settings: FeatureSettings, label: np.ndarray | None = None,
                   device: str | torch.device = "cpu") -> tuple[np.ndarray, float]:
     """Features of one preprocessed image (Z, Y, X): (vector of 2C + 1, tumour volume in ml).
@@ -108,6 +108,10 @@ def case_features(model: Any, image: np.ndarray, modality: int, context: torch.T
     pad = [(0, p - s) for s, p in zip(image.shape, shape)]
     padded = np.pad(image.astype(np.float32), pad, constant_values=float(np.min(image)))
     x = torch.from_numpy(padded)[None, None].to(device)
+    if isinstance(modality, str):
+        from duplus.model import modalities_of, modality_index
+
+        modality = modality_index(modality, modalities_of(model))
     mod = torch.tensor([modality], dtype=torch.long, device=device)
     ctx = context.reshape(1, -1).to(device, torch.float32)
 

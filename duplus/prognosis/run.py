@@ -177,7 +177,7 @@ def _case_input(case: str, row: pd.Series, cache: Any) -> CaseInput:
     context = torch.as_tensor(np.asarray(cache.get(context_text)), dtype=torch.float32)
     targets = torch.stack([torch.as_tensor(np.asarray(cache.get(t)), dtype=torch.float32) for t in target_texts])
     return CaseInput(case=case, image_path=Path(row["image"]), label_path=Path(row["label"]),
-                     modality=int(_modality_index(row["modality"])), context=context, targets=targets)
+                     modality=str(row["modality"]), context=context, targets=targets)
 
 
 # Calls into the other packages, kept here so that the seams are visible in one place.
@@ -187,12 +187,6 @@ def _load_model(path: str | os.PathLike, device: torch.device) -> Any:
 
     model, _meta = load_model(path, device=str(device))
     return model
-
-
-def _modality_index(name: str) -> int:
-    from duplus.model import modality_index
-
-    return modality_index(name)
 
 
 def _prompt_texts(modality: str, region: str, sequence: str | None, classes: list[str]) -> tuple[str, list[str]]:

@@ -104,7 +104,7 @@ def run_lora(
     the same batches and step budget. Peak RSS is a process high-water mark, so the full
     fine-tuning figure also covers the LoRA run before it; on a GPU the CUDA peaks are separate.
     """
-    from duplus.model import count_parameters, load_model, lora_target_names
+    from duplus.model import count_parameters, load_model, lora_target_names, modalities_of
 
     settings = dict(config.get("lora") or {})
     dataset, site = center_spec(config, center)
@@ -131,6 +131,7 @@ def run_lora(
         train_cases, patch,
         foreground_ratio=float((config.get("pretrain") or {}).get("foreground_ratio", 0.67)),
         paraphrases=bool((config.get("prompts") or {}).get("paraphrases", True)),
+        modalities=modalities_of(base),
     )
     table = TextTable(cache, sampler.all_texts(), device)
     steps, batch_size = int(settings.get("steps", 2000)), int(settings.get("batch_size", 2))

@@ -193,19 +193,20 @@ def _train(
     seed = int(config.get("seed", 0))
     amp = resolve_amp(settings.amp, device)
     cache = open_prompt_cache(prompt_cache)
+    model_config = ModelConfig.from_config(config, text_dim=cache.dim)
     sampler = PatchSampler(
         cases,
         settings.patch_size,
         weights=settings.dataset_weights,
         foreground_ratio=settings.foreground_ratio,
         paraphrases=bool((config.get("prompts") or {}).get("paraphrases", True)),
+        modalities=model_config.modalities,
     )
     table = TextTable(cache, sampler.all_texts(), device)
     identity = _run_identity(config, settings, sampler, cache)
     identity["architecture"] = "task_specific" if task_specific else "duplus"
 
     seed_everything(seed)
-    model_config = ModelConfig.from_config(config, text_dim=table.dim)
     if task_specific:
         if len(sampler.datasets) != 1:
             raise ConfigError(f"a task-specific network trains on one dataset, got {sampler.datasets}")

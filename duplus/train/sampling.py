@@ -85,8 +85,9 @@ class PatchSampler:
         foreground_ratio: float = 0.67,
         paraphrases: bool = True,
         augment_patches: bool = True,
+        modalities: Sequence[str] | None = None,
     ) -> None:
-        from duplus.model import modality_index
+        from duplus.model import MODALITIES, modality_index
 
         if not cases:
             raise DataError("no case to sample training patches from")
@@ -98,7 +99,9 @@ class PatchSampler:
         self.foreground_ratio = float(foreground_ratio)
         self.paraphrases = paraphrases
         self.augment_patches = augment_patches
-        self.modality_ids = {c.modality: modality_index(c.modality) for c in cases}
+        # Indices in the trained network's stem order (model.overrides.modalities may change it).
+        stems = tuple(modalities) if modalities is not None else MODALITIES
+        self.modality_ids = {c.modality: modality_index(c.modality, stems) for c in cases}
         self.texts = {(c.dataset, c.case): texts_for_case(c, paraphrases) for c in cases}
         self.lateral = {name: has_lateral_classes(cases_[0].classes) for name, cases_ in self.by_dataset.items()}
         self._augmenters = {

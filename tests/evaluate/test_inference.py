@@ -1,5 +1,7 @@
 """Sliding-window inference: shapes, padding, blending and one backbone pass per window."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -54,3 +56,17 @@ def test_settings_are_validated():
         inference_settings(_config(blend="median"))
     with pytest.raises(ConfigError, match="pretrain.patch_size"):
         inference_settings(_config(patch=(16, 16)))
+
+
+def test_a_modality_name_runs_the_stem_of_that_name_whatever_the_stem_order():
+    """model.overrides.modalities may reorder or drop stems: a CT volume must still meet stems.CT."""
+    net = DuPLUS(dataclasses.replace(ModelConfig.preset("tiny", text_dim=TEXT_DIM), modalities=("MRI", "CT")))
+    ran = []
+    for name, stem in net.stems.items():
+        stem.register_forward_hook(lambda m, args, out, name=name: ran.append(name))
+    predict_probabilities(net, torch.randn(16, 16, 16), "CT", torch.randn(TEXT_DIM), torch.randn(1, TEXT_DIM),
+                          _config(), show_progress=False)
+    assert set(ran) == {"CT"}
+    with pytest.raises(ConfigError, match=r"'PET'.*\['MRI', 'CT'\]"):
+        predict_probabilities(net, torch.randn(16, 16, 16), "PET", torch.randn(TEXT_DIM), torch.randn(1, TEXT_DIM),
+                              _config(), show_progress=False)

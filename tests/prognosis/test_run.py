@@ -56,7 +56,6 @@ def make_project(root: Path) -> dict:
 @pytest.fixture
 def fakes(monkeypatch):
     calls = {"sentences": []}
-    monkeypatch.setattr(run_module, "_modality_index", lambda name: {"CT": 0, "MRI": 1, "PET": 2}[name])
     monkeypatch.setattr(run_module, "_prompt_texts", lambda m, r, s, classes: (
         f"A {m} of the {r}", [f"A {m} of a {c}." for c in classes]))
 

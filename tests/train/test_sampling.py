@@ -188,3 +188,13 @@ def test_left_right_classes_are_never_mirrored_into_each_other():
         _, other = augment(free, image, target, seed)
         moved_free += int(other[0, :, :, :4].sum() != target.sum())
     assert moved_free > 0  # without the rule, some seeds do swap the sides
+
+
+def test_modality_indices_follow_the_networks_stem_order(store, config):
+    cases = pretraining_cases(config, store.values())
+    default = PatchSampler(cases, PATCH, augment_patches=False)
+    reordered = PatchSampler(cases, PATCH, augment_patches=False, modalities=("MRI", "CT", "PET"))
+    assert default.modality_ids == {"CT": 0, "MRI": 1}
+    assert reordered.modality_ids == {"CT": 1, "MRI": 0}
+    with pytest.raises(ConfigError, match="'MRI'.*the model has stems for"):
+        PatchSampler(cases, PATCH, modalities=("CT", "PET"))
