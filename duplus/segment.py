@@ -155,7 +155,7 @@ def segment_image(
     from duplus.data.preprocess import prepare_image
     from duplus.evaluate.inference import inference_settings, predict_masks
     from duplus.hashing import sha256_file
-    from duplus.model import MODALITIES, modality_index
+    from duplus.model import MODALITIES, modality_index, with_trained_window
     from duplus.runtime import configure_kernels, resolve_device
 
     config = dict(config or {})
@@ -189,9 +189,7 @@ def segment_image(
     array, meta = prepare_image(scan, modality_name, preprocess_config)
     timings["preprocess"] = time.perf_counter() - mark
 
-    window_config = dict(config)
-    if sidecar.get("patch_size"):  # infer with the window the model was trained on
-        window_config["pretrain"] = {**(config.get("pretrain") or {}), "patch_size": list(sidecar["patch_size"])}
+    window_config = with_trained_window(config, sidecar)
     settings = inference_settings(window_config)
     cut = settings["threshold"] if threshold is None else float(threshold)
     mark = time.perf_counter()

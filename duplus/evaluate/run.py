@@ -152,13 +152,14 @@ def write_examples(out_dir: Path, examples: Mapping[str, Mapping[str, np.ndarray
 def run_evaluate(config: Mapping[str, Any], manifests: Sequence[str], prompt_cache: str, model_path: str,
                  out_dir: str) -> pd.DataFrame:
     """Evaluate ``model_path`` on the configured split of ``manifests``; returns the per-case frame."""
-    from duplus.model import load_model
+    from duplus.model import load_model, with_trained_window
     from duplus.prompts.cache import PromptCache
     from duplus.runtime import device_for
 
     out = Path(out_dir)
     device = device_for(config)
     model, sidecar = load_model(model_path, device=device)
+    config = with_trained_window(config, sidecar)
     cache = PromptCache.load(prompt_cache)
     if cache.dim != model.cfg.text_dim:
         raise ModelError(
@@ -183,7 +184,7 @@ def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], 
     The dataset of a baseline is the one its sidecar names; cases are chosen exactly as for the
     universal model, so the two summaries compare like with like.
     """
-    from duplus.model import load_model
+    from duplus.model import load_model, with_trained_window
     from duplus.model.task_specific import ARCHITECTURE
     from duplus.prompts.cache import PromptCache
     from duplus.runtime import device_for
@@ -201,7 +202,7 @@ def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], 
         if mine.empty:
             raise DataError(f"{path}: no '{config.get('evaluate', {}).get('split', 'test')}' case of {datasets[0]} to evaluate")
         log.info("baseline %s: %d cases", datasets[0], len(mine))
-        frames.append(evaluate_frame(model, mine, cache, config).frame()[PER_CASE_COLUMNS])
+        frames.append(evaluate_frame(model, mine, cache, with_trained_window(config, sidecar)).frame()[PER_CASE_COLUMNS])
     if not frames:
         raise ModelError("baseline_evaluate: no baseline model given")
     per_case = pd.concat(frames, ignore_index=True)

@@ -37,12 +37,13 @@ def modalities_of(model: nn.Module) -> tuple[str, ...]:
     """The modality names a network has stems for, in index order (peft, DDP, compiled wrappers too).
 
     Indices passed to a network must come from these, not from the default ``MODALITIES``: a
-    model built with ``model.overrides.modalities`` orders (or limits) its stems differently.
+    model built with ``model.overrides.modalities`` orders (or limits) its stems differently. A
+    network without per-modality stems takes the default indices.
     """
     for module in model.modules():
         if isinstance(module, ModalityStems):
             return tuple(module.names)
-    raise ModelError(f"{type(model).__name__} has no modality stems")
+    return MODALITIES
 
 
 class DuPLUS(nn.Module):

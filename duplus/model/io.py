@@ -10,7 +10,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -165,3 +165,16 @@ def _read_state(weights: Path, payload: bytes) -> dict[str, torch.Tensor]:
         return parse(payload)
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({error})") from error
+
+
+def with_trained_window(config: Mapping[str, Any], sidecar: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with ``pretrain.patch_size`` set to the window the model was trained on.
+
+    Sliding-window inference must use the training window (the model never saw another size);
+    a config edited since training, or another run's config, must not change it silently. Models
+    whose sidecar records no window keep the config's.
+    """
+    trained = sidecar.get("patch_size")
+    if not trained:
+        return dict(config)
+    return {**config, "pretrain": {**(config.get("pretrain") or {}), "patch_size": [int(v) for v in trained]}}

@@ -66,6 +66,7 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     if model is None:
         model = _load_model(model_path, device)
         model_key = sha256_file(model_path)
+        config = _with_trained_window(config, model_path)
     elif model_key is None:
         raise ConfigError("run_prognosis: an adapted model needs model_key (hash of its base and adapter)")
     cache = _load_prompt_cache(prompt_cache) if not hasattr(prompt_cache, "get") else prompt_cache
@@ -187,6 +188,14 @@ def _load_model(path: str | os.PathLike, device: torch.device) -> Any:
 
     model, _meta = load_model(path, device=str(device))
     return model
+
+
+def _with_trained_window(config: Mapping[str, Any], model_path: str | os.PathLike) -> dict[str, Any]:
+    from duplus.model import read_sidecar, sidecar_path, with_trained_window
+
+    if not sidecar_path(model_path).is_file():
+        return dict(config)
+    return with_trained_window(config, read_sidecar(model_path))
 
 
 def _prompt_texts(modality: str, region: str, sequence: str | None, classes: list[str]) -> tuple[str, list[str]]:

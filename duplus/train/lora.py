@@ -104,7 +104,7 @@ def run_lora(
     the same batches and step budget. Peak RSS is a process high-water mark, so the full
     fine-tuning figure also covers the LoRA run before it; on a GPU the CUDA peaks are separate.
     """
-    from duplus.model import count_parameters, load_model, lora_target_names, modalities_of
+    from duplus.model import count_parameters, load_model, lora_target_names, modalities_of, with_trained_window
 
     settings = dict(config.get("lora") or {})
     dataset, site = center_spec(config, center)
@@ -126,7 +126,9 @@ def run_lora(
 
     base_sha = sha256_file(model_path)
     base, base_meta = load_model(model_path, expected_sha256=base_sha, device=device)
-    patch = base_meta.get("patch_size") or (config.get("pretrain") or {}).get("patch_size", [128, 128, 128])
+    # Train and score with the base model's window, whatever the config says now.
+    config = with_trained_window(config, base_meta)
+    patch = (config.get("pretrain") or {}).get("patch_size", [128, 128, 128])
     sampler = PatchSampler(
         train_cases, patch,
         foreground_ratio=float((config.get("pretrain") or {}).get("foreground_ratio", 0.67)),

@@ -64,3 +64,14 @@ def test_pickles_are_refused_unless_plain_tensors(tiny_model, tmp_path):
     (tmp_path / "plain.json").write_text(json.dumps({**sidecar, "sha256": sha256_file(plain)}))
     model, _ = load_model(plain)
     assert torch.equal(model.controller.params.weight, tiny_model.controller.params.weight)
+
+
+def test_inference_windows_come_from_the_model_not_from_an_edited_config():
+    from duplus.model import with_trained_window
+
+    config = {"pretrain": {"patch_size": [64, 64, 64], "lr": 0.1}, "inference": {"overlap": 0.5}}
+    trained = with_trained_window(config, {"patch_size": [32, 48, 48]})
+    assert trained["pretrain"] == {"patch_size": [32, 48, 48], "lr": 0.1}
+    assert trained["inference"] == config["inference"]
+    assert config["pretrain"]["patch_size"] == [64, 64, 64]  # the caller's config is left alone
+    assert with_trained_window(config, {})["pretrain"]["patch_size"] == [64, 64, 64]

@@ -8,9 +8,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from duplus.model import ModelConfig
-from duplus.model.backbone import ModalityStems
-
 
 class FakeDuPLUS(torch.nn.Module):
     """encode: channel c of the bottleneck is (c + 1) x the mean of each 4^3 cell of the image.
@@ -21,8 +18,6 @@ class FakeDuPLUS(torch.nn.Module):
     def __init__(self, channels: int = 3) -> None:
         super().__init__()
         self.register_buffer("scale", torch.arange(1, channels + 1, dtype=torch.float32))
-        # Real stems (unused by the fake passes) tell callers the stem order, as a network's do.
-        self.stems = ModalityStems(ModelConfig.preset("tiny"))
         self.encode_calls = 0
         self.forward_calls = 0
 
