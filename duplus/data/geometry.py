@@ -67,7 +67,10 @@ def target_grid(image: sitk.Image, spacing: Sequence[float]) -> dict[str, Any]:
     direction = np.array(image.GetDirection()).reshape(3, 3)
     if np.allclose(direction, np.eye(3), atol=1e-6):
         origin = np.array(image.GetOrigin())
-        new_size = np.maximum(1, np.round(size * old / new)).astype(int)
+        # Enough voxels that the last original voxel centre lies inside the new grid: with
+        # round(size * old / new), 100 slices of 0.8 mm became 53 of 1.5 mm, whose last voxel ends
+        # at 78.75 mm, before the last original centre (79.2 mm), and a restored mask lost that slice.
+        new_size = np.maximum(1, np.ceil((size - 1) * old / new - 1e-6).astype(int) + 1)
     else:
         # Oblique acquisitions: the bounding box of the voxel centres in patient space.
         corners = np.array([image.TransformContinuousIndexToPhysicalPoint([float(c[i] * (size[i] - 1))

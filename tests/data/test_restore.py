@@ -92,3 +92,18 @@ def test_shape_mismatch_is_refused(demo_raw: Path) -> None:
     _, label_array, meta = transform_case(image, label, "CT", settings({}), crop=True)
     with pytest.raises(DataError, match="does not match the preprocessed case shape"):
         restore_to_original(label_array[:-1], meta, is_label=True)
+
+
+def test_the_last_original_slice_survives_resampling_and_restore() -> None:
+    # 100 slices of 0.8 mm at 1.5 mm: the grid must reach the last original voxel centre (79.2 mm);
+    # rounding 100 * 0.8 / 1.5 gave 53 slices ending at 78.75 mm and an empty restored last slice.
+    label = sitk.GetImageFromArray(np.ones((100, 12, 12), np.uint8))
+    label.SetSpacing((1.0, 1.0, 0.8))
+    ramp = np.broadcast_to(np.linspace(-400.0, 400.0, 12, dtype=np.float32), (100, 12, 12))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(ramp))
+    image.CopyInformation(label)
+    options = settings({"preprocess": {"spacing": [1.0, 1.0, 1.5]}})
+    _, label_array, meta = transform_case(image, label, "CT", options, crop=False)
+    restored = sitk.GetArrayFromImage(restore_to_original(label_array, meta, is_label=True))
+    assert restored.shape == (100, 12, 12)
+    assert restored.all(), f"slices lost: {np.flatnonzero(~restored.all(axis=(1, 2))).tolist()}"
