@@ -52,8 +52,13 @@ def _stable_int(*parts: Any) -> int:
 
 
 def transform_case(image: sitk.Image, label: sitk.Image | None, modality: str, options: Mapping[str, Any],
-                   crop: bool) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Reorient, resample, (crop), normalise; returns arrays in (Z, Y, X) order and the restore metadata."""
+                   crop: bool, label_in_crop: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Reorient, resample, (crop), normalise; returns arrays in (Z, Y, X) order and the restore metadata.
+
+    The crop box covers the body and, with ``label_in_crop`` (training cases), every labelled
+    voxel. Test cases are cropped by the body alone: a box drawn around the ground truth would tell
+    the evaluated model where the answer is not (no false positive could land outside it).
+    """
     original = geo.geometry_of(image)
     code = geo.orientation_code(image)
     image_lps = geo.reorient_lps(image)
@@ -70,7 +75,7 @@ def transform_case(image: sitk.Image, label: sitk.Image | None, modality: str, o
             raise DataError(f"label values must lie in 0..255 to be stored as uint8, found {label_array.max()}")
         label_array = label_array.astype(np.uint8)
     mask = body_mask(array, modality)
-    box = crop_box(mask, label_array) if crop else [[0, int(n)] for n in array.shape]
+    box = crop_box(mask, label_array if label_in_crop else None) if crop else [[0, int(n)] for n in array.shape]
     array, mask = apply_box(array, box), apply_box(mask, box)
     if label_array is not None:
         label_array = np.ascontiguousarray(apply_box(label_array, box))
@@ -126,14 +131,15 @@ def _originals(case: Case, image: sitk.Image, label: sitk.Image, folder: Path) -
 
 
 def process_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed: int, staging: str,
-                 final_dir: str) -> dict[str, Any]:
+                 final_dir: str, split: str = "train") -> dict[str, Any]:
     """Preprocess one case into ``staging/<case>/``; returns its manifest row (paths as they will be after the move)."""
     try:
         image, label = read_case(case)
         if label is None:
             raise DataError("has no label file")
         crop = bool(options["crop_foreground"])
-        array, label_array, meta = transform_case(image, label, spec.modality, options, crop)
+        array, label_array, meta = transform_case(image, label, spec.modality, options, crop,
+                                                  label_in_crop=split == "train")
     except DataError as error:
         raise DataError(f"dataset {spec.name}, case {case.case_id}: {error}") from None
     folder = Path(staging) / case.case_id
@@ -149,7 +155,7 @@ def process_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed
     raw_label = raw_label.replace(str(folder.resolve()), str(final_folder.resolve()))
     meta.update({"dataset": spec.name, "case": case.case_id, "center": case.center, "sequence": spec.sequence,
                  "region": spec.region, "labels": {str(k): v for k, v in spec.labels.items()},
-                 "raw_image": raw_image, "raw_label": raw_label,
+                 "raw_image": raw_image, "raw_label": raw_label, "split": split,
                  "present_labels": [int(v) for v in np.flatnonzero(np.bincount(label_array.ravel())) if v]})
     write_json(folder / "meta.json", meta)
     return {"dataset": spec.name, "case": case.case_id, "center": case.center, "modality": spec.modality,
@@ -157,7 +163,7 @@ def process_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed
             "label": f"{case.case_id}/label.npy", "meta": f"{case.case_id}/meta.json",
             "locations": f"{case.case_id}/locations.npz", "shape": "x".join(map(str, array.shape)),
             "labels": json.dumps({str(k): v for k, v in spec.labels.items()}), "raw_image": raw_image,
-            "raw_label": raw_label}
+            "raw_label": raw_label, "split": split}
 
 
 def assign_splits(rows: list[dict[str, Any]], seed: int, test_fraction: float) -> None:
@@ -217,8 +223,11 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
     for stale in [*out_dir.glob(".staging-*"), *out_dir.glob(".trash-*")]:
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    # Splits depend only on case ids and centers; known first, they decide how each case is cropped.
+    stubs = [{"case": case.case_id, "center": case.center} for case in cases]
+    assign_splits(stubs, seed, float(options["test_fraction"]))
     try:
-        args = [(case, spec, options, seed, str(staging), str(out_dir)) for case in cases]
+        args = [(case, spec, options, seed, str(staging), str(out_dir), stub["split"]) for case, stub in zip(cases, stubs)]
         if threads > 1 and len(cases) > 1:
             with ProcessPoolExecutor(max_workers=min(threads, len(cases)), mp_context=worker_context(),
                                      initializer=init_worker) as pool:
@@ -226,7 +235,6 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
                 rows = [f.result() for f in progress(futures, desc=f"preprocess {dataset}", total=len(futures))]
         else:
             rows = [process_case(*a) for a in progress(args, desc=f"preprocess {dataset}")]
-        assign_splits(rows, seed, float(options["test_fraction"]))
         _install(staging, out_dir, [row["case"] for row in rows])
     finally:
         shutil.rmtree(staging, ignore_errors=True)

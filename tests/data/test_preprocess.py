@@ -172,3 +172,24 @@ def test_user_csv_dataset_preprocesses(msd_folder, tmp_path: Path) -> None:
     assert list(frame["center"]) == ["A", "B", "A"]
     assert list(frame[frame["center"] == "A"]["split"]).count("test") == 1
     assert not (tmp_path / "pre" / "mydata" / ".staging-killed").exists()
+
+
+def test_test_cases_are_cropped_by_the_body_alone_training_cases_keep_every_label():
+    body = np.full((40, 40, 40), -1000.0, np.float32)
+    body[10:30, 10:30, 10:30] = np.linspace(0.0, 80.0, 20, dtype=np.float32)  # soft tissue, not constant
+    label = np.zeros(body.shape, np.uint8)
+    label[15:20, 15:20, 15:20] = 1
+    label[36, 36, 36] = 1  # an annotation outside the body
+    image, mask = sitk.GetImageFromArray(body), sitk.GetImageFromArray(label)
+    options = preprocess.settings({"preprocess": {"spacing": [1.0, 1.0, 1.0]}})
+    _, _, train = preprocess.transform_case(image, mask, "CT", options, crop=True)
+    _, _, test = preprocess.transform_case(image, mask, "CT", options, crop=True, label_in_crop=False)
+    assert all(high > 36 for _, high in train["crop_box"])  # the training crop keeps the stray label
+    assert all(high <= 36 for _, high in test["crop_box"])  # the test crop knows nothing of the labels
+
+
+def test_each_case_is_cropped_as_its_split_says(demo_store: Path):
+    frame = pd.read_csv(demo_store / "demo_abdomen_ct" / "manifest.csv")
+    for _, row in frame.iterrows():
+        meta = json.loads((demo_store / "demo_abdomen_ct" / row["meta"]).read_text(encoding="utf-8"))
+        assert meta["split"] == row["split"]
