@@ -190,23 +190,41 @@ def _centers_without_events(cohort: Cohort, test: np.ndarray) -> str:
 
 
 def per_center_concordance(risks: pd.DataFrame, centers: pd.Series) -> pd.DataFrame:
-    """Harrell's C of out-of-fold risks within each center (``centers`` indexed by patient_id);
-    a center without events (or without a comparable pair) gets NaN and a reason."""
+    """Harrell's C of out-of-fold risks within each center (``centers`` indexed by patient_id).
+
+    Risks of different folds come from different fitted models whose scales need not agree (an
+    MLP's especially), so pairs are only compared within a fold: C per (fold, center), averaged
+    over the folds where it is defined. A center without events (or without a comparable pair)
+    gets NaN and a reason.
+    """
     rows = []
     frame = risks.assign(center=risks["patient_id"].map(centers))
+    if "fold" not in frame.columns:
+        frame = frame.assign(fold=0)
     for (model, center), part in frame.groupby(["model", "center"], sort=True):
         row = {"model": model, "center": center, "n": len(part), "events": int(part["event"].sum()),
-               "harrell_c": math.nan, "note": ""}
+               "harrell_c": math.nan, "folds": 0, "note": ""}
         if row["events"] == 0:
             row["note"] = "no events in this center: concordance undefined"
-        else:
+            rows.append(row)
+            continue
+        values, problems = [], []
+        for _, fold in part.groupby("fold", sort=True):
+            if not fold["event"].any():
+                continue
             try:
-                row["harrell_c"] = float(concordance_index_censored(
-                    part["event"].astype(bool).to_numpy(), part["time"].to_numpy(float), part["risk"].to_numpy(float))[0])
+                values.append(float(concordance_index_censored(
+                    fold["event"].astype(bool).to_numpy(), fold["time"].to_numpy(float),
+                    fold["risk"].to_numpy(float))[0]))
             except (ValueError, ZeroDivisionError) as error:
-                row["note"] = str(error)
+                problems.append(str(error))
+        if values:
+            row["harrell_c"], row["folds"] = float(np.mean(values)), len(values)
+        row["note"] = "; ".join(dict.fromkeys(problems)) if problems else ""
+        if not values and not problems:
+            row["note"] = "no fold with events and a comparable pair in this center"
         rows.append(row)
-    return pd.DataFrame(rows, columns=["model", "center", "n", "events", "harrell_c", "note"])
+    return pd.DataFrame(rows, columns=["model", "center", "n", "events", "harrell_c", "folds", "note"])
 
 
 def summarize(folds: pd.DataFrame) -> pd.DataFrame:

@@ -142,3 +142,16 @@ def test_wide_blocks_are_reduced_on_train_but_tumour_volume_passes_through():
     volume = image[:, -1]
     expected = (volume[test] - volume[train].mean()) / volume[train].std()
     np.testing.assert_allclose(X_test[:, -1], expected)
+
+
+def test_per_center_concordance_compares_pairs_only_within_a_fold():
+    # Fold 0's model ranks perfectly on a scale around 0, fold 1's perfectly on a scale around 100:
+    # pooled, every fold-1 patient would outrank every fold-0 one and C would fall to about 0.5.
+    times = [1.0, 2.0, 3.0, 4.0]
+    risks = pd.DataFrame({
+        "patient_id": [f"p{i}" for i in range(8)], "model": "m", "fold": [0] * 4 + [1] * 4,
+        "time": [*times, *[t + 0.5 for t in times[::-1]]], "event": [True] * 8,
+        "risk": [4.0, 3.0, 2.0, 1.0, 101.0, 102.0, 103.0, 104.0]})
+    centers = pd.Series("A", index=risks["patient_id"])
+    row = ev.per_center_concordance(risks, centers).iloc[0]
+    assert row["harrell_c"] == pytest.approx(1.0) and row["folds"] == 2
