@@ -4,6 +4,8 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
+from duplus.data.registry import stringify_label_ids
+
 min_version("8.10")
 
 
@@ -11,6 +13,7 @@ min_version("8.10")
 configfile: Path(workflow.basedir) / "config.yaml"
 
 
+stringify_label_ids(config)  # YAML's `labels: {1: liver}` has integer keys; the schema expects strings
 validate(config, "schemas/config.schema.yaml")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 from duplus.errors import ConfigError, DataError
 
@@ -142,6 +142,18 @@ def _replace(spec: DatasetSpec, **changes: Any) -> DatasetSpec:
     from dataclasses import replace
 
     return replace(spec, **changes)
+
+
+def stringify_label_ids(config: MutableMapping[str, Any]) -> None:
+    """Turn the label ids of every dataset's ``labels`` into strings, in place.
+
+    YAML reads ``labels: {1: liver}`` with integer keys, which JSON-schema validation cannot match
+    against its id pattern (it expects JSON's string keys); the ids are the same either way.
+    """
+    for settings in (config.get("datasets") or {}).values():
+        labels = settings.get("labels") if isinstance(settings, MutableMapping) else None
+        if isinstance(labels, Mapping):
+            settings["labels"] = {str(k): v for k, v in labels.items()}
 
 
 def _user_dataset(name: str, settings: Mapping[str, Any]) -> DatasetSpec:

@@ -113,6 +113,23 @@ def test_wrong_type_names_the_key(tmp_path: Path) -> None:
     assert "steps" in result.stdout + result.stderr and "many" in result.stdout + result.stderr
 
 
+def test_the_readme_own_data_example_validates_with_integer_label_ids(tmp_path: Path) -> None:
+    from duplus.data.demo import generate_demo  # any MSD-style folder will do
+
+    folder = tmp_path / "my_liver_ct"
+    generate_demo("demo_abdomen_ct", {}, folder)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"datasets:\n  my_liver_ct:\n    kind: msd\n    root: {folder}\n    modality: CT\n"
+                    f"    region: abdomen\n    labels: {{1: liver, 2: liver tumour}}\n")
+    result = subprocess.run(
+        [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+         str(ROOT / "config.yaml"), str(mine), "--cores", "1", "-n", "all"],
+        capture_output=True, text=True, encoding="utf-8", errors="replace",
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "my_liver_ct" in result.stdout
+
+
 def test_lint_and_dry_run_list_every_stage() -> None:
     lint = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--lint"], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=ROOT)
     assert lint.returncode == 0, lint.stdout + lint.stderr
