@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 CORES ?= all
 
-.PHONY: venv run test lint dryrun slurm-test bench bench-gpu clean
+.PHONY: venv run test lint bench bench-gpu clean
 
 venv: $(VENV)/.installed
 

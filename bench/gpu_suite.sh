@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh [OUT_DIR]        # paper size; about 7 minutes on an H100/H200
 #   PRESET=tiny bash bench/gpu_suite.sh /tmp/x   # the same chain at the tiny size (a smoke run, CPU too)
 #
-# Needs only torch, monai and this repository (PYTHONPATH is set to it). Writes one JSON per
+# Needs torch, monai, numpy, pandas, tqdm and this repository (PYTHONPATH is set to it). Writes one JSON per
 # script to OUT_DIR (default bench/results) named <script>-<machine>.json; a part that fails or
 # runs past its time limit leaves its log beside the JSON files and the others still run.
 set -uo pipefail

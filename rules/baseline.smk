@@ -6,6 +6,8 @@ rule baseline_train:
     output:
         model=results_dir() / "baseline" / "{dataset}" / "model.safetensors",
         log_csv=results_dir() / "baseline" / "{dataset}" / "train_log.csv",
+    params:
+        tracked=tracked("baseline_train"),
     log:
         "logs/baseline_train/{dataset}.log",
     wildcard_constraints:
@@ -30,6 +32,8 @@ rule baseline_evaluate:
     output:
         summary=results_dir() / "evaluate" / "baseline" / "summary.csv",
         per_case=results_dir() / "evaluate" / "baseline" / "per_case.csv",
+    params:
+        tracked=tracked("baseline_evaluate"),
     log:
         "logs/baseline_evaluate.log",
     threads: 1

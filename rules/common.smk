@@ -1,6 +1,8 @@
 # Input functions and path helpers shared by the rules (functions only, no rules).
 from pathlib import Path
 
+from duplus.tracked import stage_settings
+
 
 def raw_dir():
     return Path(config["paths"]["raw"])
@@ -87,3 +89,12 @@ def report_index():
 def gpus():
     """GPUs per GPU-capable job; 0 on the demo, set per rule by the slurm profile."""
     return config["resources"]["gpus"]
+
+
+def tracked(stage):
+    """The settings a job of ``stage`` depends on, as params: Snakemake reruns the job when they change."""
+
+    def settings(wildcards):
+        return stage_settings(stage, config, **{key: value for key, value in wildcards.items()})
+
+    return settings

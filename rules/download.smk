@@ -2,6 +2,8 @@ rule download:
     """Fetch (or generate, for the demo) one dataset and verify it; raw data is never modified afterwards."""
     output:
         record=raw_dir() / "{dataset}" / "download.json",
+    params:
+        tracked=tracked("download"),
     log:
         "logs/download/{dataset}.log",
     threads: 1

@@ -8,6 +8,8 @@ rule evaluate:
         summary=results_dir() / "evaluate" / "universal" / "summary.csv",
         per_case=results_dir() / "evaluate" / "universal" / "per_case.csv",
         efficiency=results_dir() / "evaluate" / "universal" / "efficiency.json",
+    params:
+        tracked=tracked("evaluate"),
     log:
         "logs/evaluate.log",
     threads: 1

@@ -6,6 +6,8 @@ rule lora_center:
         model=pretrained_model,
     output:
         metrics=results_dir() / "lora" / "{center}" / "metrics.json",
+    params:
+        tracked=tracked("lora_center"),
     log:
         "logs/lora_finetune/{center}.log",
     threads: 1

@@ -4,6 +4,8 @@ rule preprocess:
         record=dataset_download_record,
     output:
         manifest=preprocessed_dir() / "{dataset}" / "manifest.csv",
+    params:
+        tracked=tracked("preprocess"),
     log:
         "logs/preprocess/{dataset}.log",
     threads: 2

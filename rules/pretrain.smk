@@ -6,6 +6,8 @@ rule universal_pretrain:
     output:
         model=results_dir() / "pretrain" / "model.safetensors",
         log_csv=results_dir() / "pretrain" / "train_log.csv",
+    params:
+        tracked=tracked("universal_pretrain"),
     log:
         "logs/universal_pretrain.log",
     threads: 1

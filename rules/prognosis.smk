@@ -6,6 +6,8 @@ rule prognosis:
         model=pretrained_model,
     output:
         summary=results_dir() / "prognosis" / "summary.csv",
+    params:
+        tracked=tracked("prognosis"),
     log:
         "logs/prognosis.log",
     threads: 1

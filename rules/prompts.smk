@@ -3,6 +3,8 @@ rule cache_prompts:
     output:
         cache=results_dir() / "prompts" / "{encoder}.safetensors",
         manifest=results_dir() / "prompts" / "{encoder}.json",
+    params:
+        tracked=tracked("cache_prompts"),
     log:
         "logs/cache_prompts/{encoder}.log",
     threads: 1

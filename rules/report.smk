@@ -8,6 +8,8 @@ rule report:
             caption="../docs/report_caption.rst",
             category="Report",
         ),
+    params:
+        tracked=tracked("report"),
     log:
         "logs/report.log",
     threads: 1

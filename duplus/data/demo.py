@@ -37,7 +37,7 @@ def demo_sizes(config: Mapping[str, Any] | None) -> tuple[int, int, int]:
     config = config or {}
     demo = config.get("demo") or {}
     per_center = int(demo.get("cases_per_center", 8))
-    patients = int(demo.get("headneck_patients", 64))
+    patients = int(demo.get("headneck_patients", 200))
     if per_center < 1:
         raise ConfigError(f"demo.cases_per_center: expected a positive number of cases, got {per_center}")
     if patients < len(DEMO_CENTERS):

@@ -88,6 +88,23 @@ def test_rerunning_one_stage_reruns_nothing_upstream(finished_run: Path) -> None
         assert f"rule {upstream}:" not in text
 
 
+def test_a_changed_setting_reruns_the_stages_it_affects_and_no_others(finished_run: Path, tmp_path: Path) -> None:
+    def planned(override: str) -> set[str]:
+        extra = tmp_path / "override.yaml"
+        extra.write_text(override)
+        command = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(finished_run), "--configfile",
+                   str(ROOT / "config.yaml"), str(TINY), str(extra), "--cores", "1", "-n", "all"]
+        dry = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace")
+        assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+        return {line.split()[-1].rstrip(":") for line in dry.stdout.splitlines() if line.startswith(("rule ", "localrule "))}
+
+    assert planned("lora:\n  steps: 7\n") == {"lora_center", "report", "all"}
+    assert planned("evaluate:\n  max_cases_per_dataset: 1\n  nsd_tolerance_mm: 3.0\n") >= {"evaluate", "baseline_evaluate"}
+    assert "universal_pretrain" not in planned("evaluate:\n  max_cases_per_dataset: 1\n  nsd_tolerance_mm: 3.0\n")
+    # Speed-only settings restart nothing.
+    assert planned("pretrain:\n  num_workers: 1\n  compile: false\ninference:\n  sw_batch_size: 1\n") == set()
+
+
 def test_misspelled_config_key_fails_before_any_job(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("pretrain:\n  stepz: 3\n")

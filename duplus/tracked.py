@@ -1,0 +1,70 @@
+"""The config settings each pipeline stage's results depend on.
+
+The rules declare them as Snakemake ``params``, so editing one of them (a ``--configfile`` that
+changes ``lora.steps``, a new dataset that needs more prompts) reruns exactly the stages it
+affects and what lies downstream of them. Settings that change only speed or bookkeeping (worker
+counts, compilation, memory layout, checkpoint spacing, batch sizes of pure inference) are left
+out: changing them must never restart a long pretraining.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+# Keys of a section that change how fast a stage runs, not what it produces.
+SPEED_ONLY = {
+    "pretrain": ("num_workers", "compile", "channels_last", "checkpoint_every", "processes"),
+    "inference": ("sw_batch_size", "blend_buffer_mb"),
+    "prompts": ("batch_size",),
+}
+
+
+def _section(config: Mapping[str, Any], name: str) -> Any:
+    value = copy.deepcopy(config.get(name))
+    if isinstance(value, dict):
+        for key in SPEED_ONLY.get(name, ()):
+            value.pop(key, None)
+    return value
+
+
+def _sections(config: Mapping[str, Any], *names: str) -> dict[str, Any]:
+    return {name: _section(config, name) for name in names}
+
+
+def _is_demo(name: str, config: Mapping[str, Any]) -> bool:
+    from duplus.data.registry import builtin_datasets
+
+    settings = (config.get("datasets") or {}).get(name) or {}
+    builtin = builtin_datasets().get(name)
+    return not settings.get("kind") and builtin is not None and builtin.kind == "demo"
+
+
+def stage_settings(stage: str, config: Mapping[str, Any], **wildcards: str) -> dict[str, Any]:
+    """The settings ``stage`` depends on (``dataset=`` / ``center=`` for per-dataset / per-center jobs)."""
+    datasets = config.get("datasets") or {}
+    if stage == "download":
+        name = wildcards["dataset"]
+        return {"dataset": copy.deepcopy(datasets.get(name)),
+                "demo": _section(config, "demo") if _is_demo(name, config) else None}
+    if stage == "preprocess":
+        return {"dataset": copy.deepcopy(datasets.get(wildcards["dataset"])),
+                **_sections(config, "seed", "preprocess")}
+    if stage == "cache_prompts":
+        # The prompts are built from every dataset's classes, wording and modality.
+        return {"datasets": copy.deepcopy(datasets), **_sections(config, "prompts")}
+    if stage == "universal_pretrain":
+        return _sections(config, "seed", "model", "pretrain")
+    if stage == "baseline_train":
+        return _sections(config, "seed", "model", "pretrain", "baseline")
+    if stage in ("evaluate", "baseline_evaluate"):
+        return _sections(config, "inference", "evaluate")
+    if stage == "lora_center":
+        lora = _section(config, "lora") or {}
+        center = (lora.pop("centers", None) or {}).get(wildcards["center"])
+        return {"center": center, "lora": lora, **_sections(config, "seed", "inference", "evaluate")}
+    if stage == "prognosis":
+        return _sections(config, "seed", "inference", "prognosis")
+    if stage == "report":
+        return _sections(config, "report")
+    raise KeyError(f"no tracked settings for stage '{stage}'")
