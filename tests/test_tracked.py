@@ -1,0 +1,56 @@
+"""The settings each stage depends on: what changes results is tracked, what changes speed is not."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from duplus.tracked import stage_settings
+
+ROOT_CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
+
+
+@pytest.fixture()
+def config():
+    with open(ROOT_CONFIG, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def test_speed_only_settings_are_not_tracked(config):
+    before = stage_settings("universal_pretrain", config)
+    faster = copy.deepcopy(config)
+    faster["pretrain"].update(num_workers=8, compile=True, channels_last=True, checkpoint_every=7)
+    faster["inference"]["sw_batch_size"] = 16
+    assert stage_settings("universal_pretrain", faster) == before
+    assert stage_settings("evaluate", faster) == stage_settings("evaluate", config)
+    assert "num_workers" not in before["pretrain"] and before["pretrain"]["lr"] == config["pretrain"]["lr"]
+
+
+def test_result_settings_are_tracked_by_the_stages_that_use_them(config):
+    changed = copy.deepcopy(config)
+    changed["lora"]["steps"] += 1
+    assert stage_settings("lora_center", changed, center="ct_siteB") != stage_settings("lora_center", config,
+                                                                                       center="ct_siteB")
+    assert stage_settings("universal_pretrain", changed) == stage_settings("universal_pretrain", config)
+    changed["preprocess"]["spacing"] = [3.0, 3.0, 3.0]
+    assert stage_settings("preprocess", changed, dataset="demo_abdomen_ct") != \
+        stage_settings("preprocess", config, dataset="demo_abdomen_ct")
+
+
+def test_a_center_job_tracks_its_own_center_only(config):
+    more = copy.deepcopy(config)
+    more["lora"]["centers"]["another"] = {"dataset": "demo_abdomen_mri", "center": "siteB"}
+    assert stage_settings("lora_center", more, center="ct_siteB") == stage_settings("lora_center", config,
+                                                                                    center="ct_siteB")
+
+
+def test_demo_settings_concern_demo_downloads_only(config):
+    config["datasets"]["my_ct"] = {"kind": "msd", "root": "/data/my_ct", "modality": "CT", "region": "abdomen",
+                                   "labels": {"1": "liver"}}
+    assert stage_settings("download", config, dataset="demo_abdomen_ct")["demo"] == config["demo"]
+    assert stage_settings("download", config, dataset="my_ct")["demo"] is None
+    with pytest.raises(KeyError, match="no tracked settings"):
+        stage_settings("nonsense", config)
