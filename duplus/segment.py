@@ -20,8 +20,12 @@ from duplus.errors import ConfigError, DuplusError, ModelError
 
 log = logging.getLogger("duplus.segment")
 
-DEFAULT_WEIGHTS = "results/pretrain/model.safetensors"
-DEFAULT_CACHE = "results/prompts/minilm.safetensors"
+
+def default_paths(config: Mapping[str, Any]) -> tuple[str, str]:
+    """(weights, prompt cache) of the pipeline run that ``config`` describes."""
+    results = Path(str((config.get("paths") or {}).get("results", "results")))
+    encoder = str((config.get("prompts") or {}).get("encoder", "minilm"))
+    return str(results / "pretrain" / "model.safetensors"), str(results / "prompts" / f"{encoder}.safetensors")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,29 +36,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modality", required=True, help="CT, MRI (MR) or PET")
     parser.add_argument("--region", default=None, help="body region of the context prompt (default: the first class's region)")
     parser.add_argument("--sequence", default=None, help="MRI sequence, e.g. T1, T2 (changes the prompts)")
-    parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help=f"model .safetensors (default {DEFAULT_WEIGHTS})")
+    parser.add_argument("--weights", default=None,
+                        help="model .safetensors (default: <paths.results>/pretrain/model.safetensors of the config)")
     parser.add_argument("--sha256", default=None, help="refuse weights whose sha256 differs from this")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder of a center (results/lora/<center>)")
     parser.add_argument("--dataset-classes", default=None, metavar="NAME",
                         help="segment every class of this dataset (see `duplus list-datasets`)")
     parser.add_argument("--multilabel", action="store_true", help="one label image + labels.json instead of one mask per class")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--prompt-cache", default=DEFAULT_CACHE, help=f"prompt embedding cache (default {DEFAULT_CACHE})")
+    parser.add_argument("--prompt-cache", default=None,
+                        help="prompt embedding cache, read only (default: <paths.results>/prompts/<prompts.encoder>"
+                             ".safetensors of the config); prompts it lacks are encoded for this run")
     parser.add_argument("--config", default=None, help="run config for preprocessing and windows (default ./config.yaml if present)")
     parser.add_argument("--threshold", type=float, default=None, help="sigmoid threshold (default inference.threshold)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """CLI entry: 0 on success; 2 with a one-line message for any ``DuplusError``."""
+    """CLI entry: 0 on success; 2 with a one-line message for any ``DuplusError`` or file-system error."""
     try:
+        config = load_config(args.config)
+        weights, cache = default_paths(config)
         report = segment_image(
             args.input, args.output, args.prompts, args.modality, region=args.region, sequence=args.sequence,
-            weights=args.weights, sha256=args.sha256, adapter=args.adapter, dataset_classes=args.dataset_classes,
-            multilabel=args.multilabel, device=args.device, prompt_cache=args.prompt_cache,
-            config=load_config(args.config), threshold=args.threshold,
+            weights=args.weights or weights, sha256=args.sha256, adapter=args.adapter,
+            dataset_classes=args.dataset_classes, multilabel=args.multilabel, device=args.device,
+            prompt_cache=args.prompt_cache or cache, config=config, threshold=args.threshold,
         )
     except DuplusError as error:
         print(f"duplus: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an unwritable output folder, a full disk: no traceback, the file named
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"duplus: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     print(f"wrote {len(report['outputs'])} file(s) to {args.output} (report: {report['report']})")
     return 0
@@ -91,15 +104,26 @@ def resolve_prompts(prompts: str | Sequence[str] | None, modality: str, sequence
     phrases = list(dataset_classes)
     if prompts:
         phrases.extend([prompts] if isinstance(prompts, str) else prompts)
-    return resolve_free_text(phrases if phrases else (prompts or ""), modality, sequence)
+    resolved = resolve_free_text(phrases if phrases else (prompts or ""), modality, sequence)
+    # Two phrases with one prompt text ("liver" and "hepatic", or a dataset class asked for again)
+    # would give the same mask twice: keep the first.
+    unique: dict[str, Any] = {}
+    for item in resolved:
+        if item[2] in unique:
+            log.info("%r asks for the same class as %r; segmented once", item[0], unique[item[2]][0])
+        else:
+            unique[item[2]] = item
+    return list(unique.values())
 
 
 def prompt_embeddings(cache_path: str, texts: list[str], config: Mapping[str, Any], device: Any) -> Any:
-    """A prompt cache holding ``texts``; missing ones are encoded (the text model loads only then)."""
+    """Embeddings of ``texts``: from the cache, missing ones encoded for this run (the text model
+    loads only then). The cache is never written: it is an input of every pipeline stage, and a
+    changed file would make Snakemake rerun them all."""
     from duplus.prompts.cache import ensure_prompts
     from duplus.prompts.encoder import encoder_from_config
 
-    return ensure_prompts(cache_path, texts, lambda: encoder_from_config(dict(config), device=device))
+    return ensure_prompts(cache_path, texts, lambda: encoder_from_config(dict(config), device=device), persist=False)
 
 
 def default_region(resolved: list[Any], spec_region: str | None) -> str:
@@ -139,13 +163,13 @@ def segment_image(
     *,
     region: str | None = None,
     sequence: str | None = None,
-    weights: str = DEFAULT_WEIGHTS,
+    weights: str = "results/pretrain/model.safetensors",
     sha256: str | None = None,
     adapter: str | None = None,
     dataset_classes: str | None = None,
     multilabel: bool = False,
     device: str = "auto",
-    prompt_cache: str = DEFAULT_CACHE,
+    prompt_cache: str = "results/prompts/minilm.safetensors",
     config: Mapping[str, Any] | None = None,
     threshold: float | None = None,
 ) -> dict[str, Any]:
@@ -159,6 +183,8 @@ def segment_image(
     from duplus.runtime import configure_kernels, resolve_device
 
     config = dict(config or {})
+    if threshold is not None and not 0.0 < float(threshold) < 1.0:
+        raise ConfigError(f"--threshold {threshold}: a sigmoid threshold lies strictly between 0 and 1")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     modality_name = MODALITIES[modality_index(modality)]
@@ -170,7 +196,9 @@ def segment_image(
         classes_of_dataset = list(dict.fromkeys(spec.labels[k] for k in sorted(spec.labels)))
         spec_region, sequence = spec.region, sequence or spec.sequence
     resolved = resolve_prompts(prompts, modality_name, sequence, classes_of_dataset)
-    region = region or default_region(resolved, spec_region)
+    # As the registry spells regions (lower case), so the context prompt is the one trained on.
+    region = " ".join((region or default_region(resolved, spec_region)).split()).lower()
+    sequence = " ".join(sequence.split()) if sequence else sequence
 
     scan = read_image(image)  # DataError naming the file: missing, unreadable, 4-D, NaN
     torch_device = resolve_device(device)

@@ -101,6 +101,8 @@ def _run(argv, capsys):
         ({"--sha256": "ab" * 32}, "does not match the expected"),
         ({"--prompts": " , "}, "no class named"),
         ({"4d": True}, "3-D"),
+        ({"--threshold": "50"}, "strictly between 0 and 1"),
+        ({"-o": "scan.nii.gz/out"}, "scan.nii.gz"),  # an output folder inside a file: no traceback
     ],
 )
 def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, capsys, change, message):
@@ -111,8 +113,19 @@ def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, capsys, change, messag
         volume = sitk.JoinSeries([setup["image"], setup["image"]])
         sitk.WriteImage(volume, str(tmp_path / "4d.nii.gz"))
         change = {"-i": str(tmp_path / "4d.nii.gz")}
-    args.update({k: (str(tmp_path / v) if k == "-i" and not v.startswith("/") else v) for k, v in change.items()})
+    args.update({k: (str(tmp_path / v) if k in ("-i", "-o") and not v.startswith("/") else v) for k, v in change.items()})
     code, err = _run([x for kv in args.items() for x in kv], capsys)
     assert code == 2
     assert err.startswith("duplus: error:") and message in err and "Traceback" not in err
     assert err.count("\n") == 1
+
+
+def test_a_class_asked_for_twice_is_segmented_once():
+    resolved = segment.resolve_prompts("Liver, liver tumour, hepatic tumor", "CT", None, ["liver"])
+    assert [item[1] for item in resolved] == ["liver", "liver tumor"]
+
+
+def test_default_paths_follow_the_run_config():
+    weights, cache = segment.default_paths({"paths": {"results": "runs/paper"}, "prompts": {"encoder": "clipmd"}})
+    assert weights == "runs/paper/pretrain/model.safetensors" and cache == "runs/paper/prompts/clipmd.safetensors"
+    assert segment.default_paths({}) == ("results/pretrain/model.safetensors", "results/prompts/minilm.safetensors")

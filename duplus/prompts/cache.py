@@ -272,17 +272,18 @@ def build_prompt_cache(texts: Iterable[str], encoder: Encoder, path: str | os.Pa
 
 
 def ensure_prompts(cache_path: str | os.PathLike, texts: Iterable[str],
-                   encoder: Encoder | Callable[[], Encoder], batch_size: int = 64) -> PromptCache:
+                   encoder: Encoder | Callable[[], Encoder], batch_size: int = 64,
+                   persist: bool = True) -> PromptCache:
     """The cache at ``cache_path`` with ``texts`` added (for free-text prompts at inference).
 
     ``encoder`` may be a factory so that the model loads only when a text is actually missing.
-    Missing texts are encoded and added atomically; the cache's encoder identity must match,
-    because a model is trained against one embedding space. If the cache's folder is read-only the
-    new embeddings are kept in memory and a warning is logged.
+    Missing texts are encoded and, with ``persist``, added atomically; the cache's encoder identity
+    must match, because a model is trained against one embedding space. Without ``persist`` (or if
+    the cache's folder is read-only) the new embeddings are kept in memory for this run only.
     """
     path = Path(cache_path)
     wanted = _unique_texts(texts)
-    with _locked(path):
+    with _locked(path) if persist else contextlib.nullcontext():
         existing, _ = _read_existing(path)
         present = existing.vectors() if existing is not None else {}
         missing = [text for text in wanted if text not in present]
@@ -296,6 +297,9 @@ def ensure_prompts(cache_path: str | os.PathLike, texts: Iterable[str],
             )
         encoded = resolved.encode(missing, batch_size=batch_size)
         present.update({text: encoded[i] for i, text in enumerate(missing)})
+        if not persist:
+            log.info("encoded %d prompts missing from %s for this run", len(missing), path)
+            return PromptCache(present, resolved.identity, int(resolved.dim), path)
         try:
             cache = _write(path, present, resolved.identity, int(resolved.dim))
         except OSError as error:

@@ -223,3 +223,15 @@ def test_run_cache_prompts_builds_the_runs_cache(tmp_path, monkeypatch, specs, f
     assert len(cache) == 4 * 2 + 4 * 4 and chosen == [config]
     assert "A T2-weighted Magnetic Resonance Imaging scan of the abdomen" in cache
     assert len(fake_encoder.calls) == 1
+
+
+def test_ensure_prompts_without_persist_never_writes(path, fake_encoder):
+    """`duplus segment` reads the pipeline's cache: a rewritten file would rerun every stage after it."""
+    build_prompt_cache(TEXTS, fake_encoder, path)
+    before = _snapshot(path)
+    files = sorted(p.name for p in path.parent.iterdir())
+    cache = ensure_prompts(path, ["A new prompt."], FakeEncoder(), persist=False)
+    assert "A new prompt." in cache and torch.equal(cache.get(TEXTS[0]), fake_encoder.vector(TEXTS[0]))
+    assert _snapshot(path) == before and sorted(p.name for p in path.parent.iterdir()) == files
+    alone = ensure_prompts(path.parent / "absent" / "cache.safetensors", ["A new prompt."], FakeEncoder(), persist=False)
+    assert alone.texts == ["A new prompt."] and not (path.parent / "absent").exists()
