@@ -270,7 +270,7 @@ def class_scaling(efficiency: dict[str, Any], folder: Path) -> list[Path]:
             ratio = number(efficiency.get("class_scaling_ratio"))
             if math.isnan(ratio):
                 return []
-            n = efficiency.get("class_scaling_classes")
+            n = efficiency.get("class_scaling_k")
             many = f"{int(n)} classes" if isinstance(n, (int, float)) and not math.isnan(float(n)) else "all classes"
             bars = ax.bar(["1 class", many], [1.0, ratio], color=["tab:gray", "tab:blue"], width=0.5)
             ax.bar_label(bars, labels=["1.00", f"{ratio:.2f}"])

@@ -98,6 +98,8 @@ def load_inputs(results_dir: str | Path) -> ReportInputs:
     inputs.prognosis_summary = _optional_csv(
         inputs, PROGNOSIS / "summary.csv",
         ["model", "harrell_c_mean", "harrell_c_std", "uno_c_mean", "uno_c_std", "ibs_mean", "ibs_std"])
+    if inputs.prognosis_summary is not None and set(inputs.prognosis_summary["model"].astype(str)) <= {"none"}:
+        inputs.prognosis_summary = None  # the stage ran switched off: no measured row to show
     inputs.prognosis_folds = _optional_csv(inputs, PROGNOSIS / "folds.csv", ["model", "fold", "harrell_c"])
     km = _optional_json(inputs, PROGNOSIS / "km.json")
     if km is not None and not isinstance(km, dict):

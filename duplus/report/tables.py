@@ -88,7 +88,7 @@ def segmentation_table(summary: pd.DataFrame, baseline: pd.DataFrame | None = No
                 row[f"pub_{model}"] = values[model].text() if model in values else None
         rows.append(row)
     if len(means) > 1:
-        rows.append(_overall_row(means, base_means))
+        rows.extend(_overall_rows(means, base_means))
     notes = [
         "Dice and NSD per dataset are the means over its classes and test cases (NSD at the configured "
         "tolerance); HD95 in mm, in the original image space.",
@@ -108,13 +108,28 @@ def segmentation_table(summary: pd.DataFrame, baseline: pd.DataFrame | None = No
     return Table("table1_segmentation", "Table 1. Universal segmentation per dataset", columns, rows, notes)
 
 
-def _overall_row(means: pd.DataFrame, base_means: pd.DataFrame | None) -> dict[str, str | None]:
+def _overall_rows(means: pd.DataFrame, base_means: pd.DataFrame | None) -> list[dict[str, str | None]]:
+    """The mean over all datasets; where the baseline covers fewer, a second row compares the two
+    models over the datasets both were evaluated on (a mean over different sets compares nothing)."""
+    if base_means is None:
+        return [_overall_row(means, None, "all datasets (mean)")]
+    shared = [d for d in means.index if d in base_means.index]
+    if len(shared) == len(means):
+        return [_overall_row(means, base_means, "all datasets (mean)")]
+    rows = [_overall_row(means, None, "all datasets (mean)")]
+    if shared:
+        rows.append(_overall_row(means.loc[shared], base_means.loc[shared],
+                                 f"datasets with a baseline ({len(shared)}, mean)"))
+    return rows
+
+
+def _overall_row(means: pd.DataFrame, base_means: pd.DataFrame | None, label: str) -> dict[str, str | None]:
     def mean_of(frame: pd.DataFrame, key: str) -> float:
         values = frame[key].astype(float).to_numpy()
         values = values[~np.isnan(values)]
         return float(values.mean()) if values.size else math.nan
 
-    row: dict[str, str | None] = {"dataset": "all datasets (mean)", "classes": None, "cases": None}
+    row: dict[str, str | None] = {"dataset": label, "classes": None, "cases": None}
     row.update({"dice": fmt(mean_of(means, "dice"), "score"), "hd95": fmt(mean_of(means, "hd95"), "hd95"),
                 "nsd": fmt(mean_of(means, "nsd"), "score")})
     if base_means is not None:
@@ -192,14 +207,17 @@ def adaptation_table(lora: dict[str, dict[str, Any]]) -> Table:
             "checkpoint_mb": fmt(number(m.get("checkpoint_bytes")) / MIB, "size_mb"),
             "s_lora": fmt(m.get("seconds_lora"), "seconds"),
             "s_full": fmt(m.get("seconds_full"), "seconds"),
-            "mem_lora": fmt(m.get("peak_rss_mb_lora"), "mb"),
-            "mem_full": fmt(m.get("peak_rss_mb_full"), "mb"),
+            # On a GPU its own per-run peak; on a CPU the process's high-water mark (see the note).
+            "mem_lora": fmt(m.get("peak_cuda_mb_lora", m.get("peak_rss_mb_lora")), "mb"),
+            "mem_full": fmt(m.get("peak_cuda_mb_full", m.get("peak_rss_mb_full")), "mb"),
         })
     notes = [
         "Dice is the mean over the center's test cases and classes. Gap closed = (LoRA - zero-shot) / "
         "(full FT - zero-shot): the share of full fine-tuning's gain that LoRA recovers.",
         "LoRA share: trainable LoRA parameters as a percentage of all model parameters. "
-        "MB = 2^20 bytes; sizes 2 decimals, peak resident memory 0, seconds 2.",
+        "MB = 2^20 bytes; sizes 2 decimals, peak memory 0, seconds 2.",
+        "Peak memory: on a GPU, the GPU memory each run allocated at most; on a CPU, the process's "
+        "resident high-water mark, which for full fine-tuning also covers the LoRA run before it.",
     ]
     return Table("table2_adaptation", "Table 2. Per-center adaptation: zero-shot, LoRA and full fine-tuning",
                  list(ADAPTATION_COLUMNS), rows, notes)
@@ -315,13 +333,16 @@ def efficiency_table(efficiency: dict[str, Any], published: bool = True) -> Tabl
         "gmacs": fmt(number(efficiency.get("macs_per_window")) / 1e9, "giga"),
         "window": window_text(efficiency.get("window")),
         "seconds": fmt(efficiency.get("seconds_per_volume"), "seconds"),
-        "memory": fmt(efficiency.get("peak_rss_mb"), "mb"),
+        "memory": fmt(efficiency.get("peak_gpu_mb", efficiency.get("peak_rss_mb")), "mb"),
         "scaling": fmt(efficiency.get("class_scaling_ratio"), "ratio"),
         "device": str(efficiency["device"]) if efficiency.get("device") is not None else None,
         "source": "measured",
     }]
-    notes = ["Class-scaling ratio: inference time with all classes prompted divided by the time for one "
-             "class (one backbone pass serves every class, so it stays near 1).",
+    k = efficiency.get("class_scaling_k")
+    prompts = f"{int(k)} prompts" if isinstance(k, (int, float)) else "many prompts"
+    notes = [f"Class-scaling ratio: time of one window batch with {prompts} divided by the time with one "
+             "(one backbone pass serves every class, so it stays near 1).",
+             "Peak memory: GPU memory allocated at most on a GPU, the process's resident memory on a CPU.",
              "Params and MACs exclude the text encoder (prompts are cached embeddings)."]
     if published:
         for value in pub.EFFICIENCY:

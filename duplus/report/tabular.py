@@ -106,7 +106,7 @@ class Table:
             "\\begin{table}[ht]",
             "\\centering",
             f"\\caption{{{latex_escape(self.title)}}}",
-            f"\\label{{tab:{latex_escape(self.name)}}}",
+            f"\\label{{tab:{self.name}}}",  # a label is an identifier, not text: no escaping
             f"\\begin{{tabular}}{{{spec}}}",
             "\\toprule",
             " & ".join(latex_escape(c.title) for c in self.columns) + " \\\\",

@@ -29,7 +29,10 @@ def test_segmentation_table_means_baseline_and_published(results):
     assert btcv["benchmark (published)"] == "BTCV"
     assert demo["nnU-Net Dice (published)"] == "" and demo["benchmark (published)"] == ""
     overall = rows["all datasets (mean)"]
-    assert overall["Dice"] == f"{(0.70617 + 0.88888) / 2:.3f}"
+    assert overall["Dice"] == f"{(0.70617 + 0.88888) / 2:.3f}" and overall["baseline Dice"] == ""
+    # The baseline ran on btcv only: the two models are compared over btcv alone.
+    shared = rows["datasets with a baseline (1, mean)"]
+    assert (shared["Dice"], shared["baseline Dice"]) == ("0.889", "0.915")
     md = table.to_markdown()
     assert "nnU-Net Dice (published)" in md and "| demo_abdomen_ct |" in md
     assert "| — |" in md  # missing published value shown as a dash
@@ -110,3 +113,10 @@ def test_efficiency_table_units_and_published_rows(results):
     assert (swin["params (M)"], swin["MACs per window (G)"], swin["window"]) == ("62.19", "321", "96x96x96")
     assert swin["source"].startswith("published:")
     assert len(_rows(efficiency_table(inputs.efficiency, published=False))) == 1
+
+
+def test_a_switched_off_prognosis_stage_shows_no_measured_row(results):
+    from duplus.prognosis.run import _write_disabled
+
+    _write_disabled(results / "prognosis")
+    assert load_inputs(results).prognosis_summary is None  # the section says "not found", no row of dashes
