@@ -258,7 +258,9 @@ def check_encoder(cache: Any, sidecar: Mapping[str, Any], cache_path: str, weigh
         raise ModelError(f"{cache_path}: embeddings have dim {cache.dim}, but {weights} expects {sidecar['text_dim']}")
     trained = sidecar.get("text_encoder")
     identity = getattr(cache, "encoder_identity", None)
-    if isinstance(trained, str) and trained and identity and identity != trained:
+    from duplus.prompts.cache import same_encoder
+
+    if isinstance(trained, str) and trained and identity and not same_encoder(identity, trained):
         raise ModelError(
             f"{cache_path}: embeddings come from encoder {identity}, but {weights} was trained with {trained}"
         )

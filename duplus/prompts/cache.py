@@ -38,6 +38,16 @@ class Encoder(Protocol):
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor: ...
 
 
+def same_encoder(a: str | None, b: str | None) -> bool:
+    """Whether two encoder identities (``"<name>@<hash>"``) name the same weights.
+
+    Only the hash counts: the same model files in another folder (another name) give the same
+    embeddings, and their caches must stay interchangeable.
+    """
+    if not a or not b:
+        return a == b
+    return a.rpartition("@")[2] == b.rpartition("@")[2] if "@" in a and "@" in b else a == b
+
 def manifest_path(path: str | os.PathLike) -> Path:
     """The manifest beside a cache: ``results/prompts/minilm.safetensors`` -> ``minilm.json``."""
     return Path(path).with_suffix(".json")
@@ -251,7 +261,7 @@ def build_prompt_cache(texts: Iterable[str], encoder: Encoder, path: str | os.Pa
     with _locked(path):
         existing, manifest_ok = _read_existing(path)
         reused: dict[str, torch.Tensor] = {}
-        if existing is not None and existing.encoder_identity != identity:
+        if existing is not None and not same_encoder(existing.encoder_identity, identity):
             log.info("prompt cache %s was made by %s; re-encoding all for %s", path, existing.encoder_identity, identity)
         elif existing is not None:
             reused = existing.vectors()
@@ -290,7 +300,7 @@ def ensure_prompts(cache_path: str | os.PathLike, texts: Iterable[str],
         if not missing and existing is not None:
             return existing
         resolved = encoder if hasattr(encoder, "encode") else encoder()
-        if existing is not None and existing.encoder_identity != resolved.identity:
+        if existing is not None and not same_encoder(existing.encoder_identity, resolved.identity):
             raise PromptError(
                 f"prompt cache {path} was made by {existing.encoder_identity} but the text encoder is "
                 f"{resolved.identity}; use the prompts.source the model was trained with"

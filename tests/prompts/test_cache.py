@@ -235,3 +235,12 @@ def test_ensure_prompts_without_persist_never_writes(path, fake_encoder):
     assert _snapshot(path) == before and sorted(p.name for p in path.parent.iterdir()) == files
     alone = ensure_prompts(path.parent / "absent" / "cache.safetensors", ["A new prompt."], FakeEncoder(), persist=False)
     assert alone.texts == ["A new prompt."] and not (path.parent / "absent").exists()
+
+
+def test_the_same_weights_in_another_folder_are_the_same_encoder(path, fake_encoder):
+    from duplus.prompts.cache import same_encoder
+
+    build_prompt_cache(TEXTS, FakeEncoder(identity="ClipMD@0123456789ab"), path)
+    cache = ensure_prompts(path, ["A new prompt."], FakeEncoder(identity="clipmd-copy@0123456789ab"))
+    assert "A new prompt." in cache
+    assert same_encoder("a@0123456789ab", "b@0123456789ab") and not same_encoder("a@0123456789ab", "a@ffffffffffff")
