@@ -35,7 +35,7 @@ CHAOS = Source(
     sha256="535f7d3417a0e0f0d9133fb3d962423d2a9cf3f103e4f09a3d8a1daf87d5d2fc",
     subdir="Train_Sets",
     homepage="https://zenodo.org/records/3431873",
-    licence="CC BY-SA 4.0",
+    licence="CC BY-NC-SA 4.0",  # non-commercial
 )
 RADIOMICS = "pyradiomics-bhklab==3.1.4"
 RADIOMICS_SHA256 = "a44a087efc4ede91b5dfa5cf0de58ea3596bfaec1ef2484f278504b0a8fd5ffb"

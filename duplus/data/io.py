@@ -26,7 +26,12 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if not series_ids:
         raise DataError(f"{folder}: folder holds no DICOM series (expected a NIfTI/NRRD/MHA file or DICOM files)")
     # Several series in one folder (scouts, reformats): the one with the most slices is the volume.
-    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids), key=len)
+    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
+    files = max(series, key=len)
+    if len(files) == 1 and len(series) > 1:
+        # Files that each carry their own series UID would otherwise become a one-slice "volume".
+        raise DataError(f"{folder}: its {len(series)} DICOM files each form a series of one slice; expected one "
+                        f"series of slices (convert the folder to NIfTI, or fix the SeriesInstanceUID tags)")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     return reader.Execute()
@@ -35,6 +40,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
 def _select_channel(image: sitk.Image, path: Path, channel: int | None) -> sitk.Image:
     """Reduce a 4-D or multi-component image to the 3-D volume ``channel`` (a sequence or time frame)."""
     components = image.GetNumberOfComponentsPerPixel()
+    if channel and components == 1 and image.GetDimension() == 3:
+        raise DataError(f"{path}: channel {channel} asked for, but the image is a single 3-D volume")
     if components > 1:
         if channel is None:
             raise DataError(f"{path}: image has {components} components per voxel; expected a scalar 3-D image "
@@ -168,12 +175,13 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
         sitk.WriteImage(image, str(tmp), useCompression=compress)
 
 
-def read_png_label_stack(files: Sequence[Path], reference: sitk.Image, value_map: dict[int, int],
-                         tolerance: int = 0) -> sitk.Image:
+def read_png_label_stack(files: Sequence[Path], reference: sitk.Image,
+                         grey_ranges: dict[tuple[int, int], int]) -> sitk.Image:
     """Stack 2-D PNG label slices onto ``reference``'s grid, mapping grey values to label ids.
 
     ``files[k]`` must be the slice with index k along the reference's third axis. A pixel whose grey
-    value lies within ``tolerance`` of a key of ``value_map`` gets that label; others are background.
+    value lies in one of the inclusive ``(low, high)`` ranges gets that range's label; others are
+    background.
     """
     size = reference.GetSize()
     if len(files) != size[2]:
@@ -189,8 +197,8 @@ def read_png_label_stack(files: Sequence[Path], reference: sitk.Image, value_map
             grey = grey[..., 0]
         if grey.shape != stack.shape[1:]:
             raise DataError(f"{file}: label slice is {grey.shape[::-1]} pixels, the image slice is {size[:2]}")
-        for value, label_id in value_map.items():
-            stack[index][np.abs(grey.astype(np.int32) - value) <= tolerance] = label_id
+        for (low, high), label_id in grey_ranges.items():
+            stack[index][(grey >= low) & (grey <= high)] = label_id
     label = sitk.GetImageFromArray(stack)
     label.CopyInformation(reference)
     return label

@@ -15,8 +15,9 @@ from typing import Callable
 from duplus.data.registry import DatasetSpec
 from duplus.errors import DataError
 
-# CHAOS ground-truth PNGs encode organs as grey values (liver 63, right kidney 126, left kidney 189, spleen 252).
-CHAOS_GREY = {63: 1, 126: 2, 189: 3, 252: 4}
+# CHAOS ground-truth PNGs encode organs as grey values around 63 / 126 / 189 / 252 (liver, right
+# kidney, left kidney, spleen); the challenge's own ranges, which also catch the edge pixels.
+CHAOS_GREY = {(55, 70): 1, (110, 135): 2, (175, 200): 3, (240, 255): 4}
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,9 @@ def amos_cases(spec: DatasetSpec, root: Path) -> list[Case]:
 def kits_cases(spec: DatasetSpec, root: Path) -> list[Case]:
     """KiTS19: ``data/case_00000/imaging.nii.gz`` + ``segmentation.nii.gz``."""
     return [Case(folder.name, folder / "imaging.nii.gz", folder / "segmentation.nii.gz", _center(spec, "kits"))
-            for folder in sorted((root / "data").glob("case_*")) if (folder / "imaging.nii.gz").exists()]
+            # The starter code downloads imaging for 300 cases; only 210 have a segmentation.
+            for folder in sorted((root / "data").glob("case_*"))
+            if (folder / "imaging.nii.gz").exists() and (folder / "segmentation.nii.gz").exists()]
 
 
 def structseg_cases(spec: DatasetSpec, root: Path) -> list[Case]:
@@ -247,7 +250,7 @@ def _chaos_label(case: Case, image: "sitk.Image") -> "sitk.Image":
                             f"of case {case.case_id}")
         by_name = dict(zip(sorted(dicoms, key=lambda d: d.name), pngs))
         ordered = [by_name[d] for d in dicoms]
-    return read_png_label_stack(ordered, image, CHAOS_GREY, tolerance=8)
+    return read_png_label_stack(ordered, image, CHAOS_GREY)
 
 
 def read_case(case: Case) -> tuple["sitk.Image", "sitk.Image | None"]:

@@ -54,18 +54,21 @@ def user_config(root: Path, kind: str = "msd", name: str = "mydata") -> dict[str
     return config
 
 
-def write_dicom_series(image: sitk.Image, folder: Path, prefix: str = "IMG") -> list[Path]:
-    """Write a 3-D image as one DICOM file per slice (file names in slice order)."""
+def write_dicom_series(image: sitk.Image, folder: Path, prefix: str = "IMG", uid_per_file: bool = False) -> list[Path]:
+    """Write a 3-D image as one DICOM file per slice (file names in slice order).
+
+    ``uid_per_file``: every file gets its own SeriesInstanceUID, as some converters write them.
+    """
     # GDCM's writer switches the process locale to "C": afterwards default-encoded text I/O in the
     # same test session (read_text(), subprocess text=True) would be ASCII. Put it back when done.
     saved = locale.setlocale(locale.LC_ALL)
     try:
-        return _write_dicom_slices(image, folder, prefix)
+        return _write_dicom_slices(image, folder, prefix, uid_per_file)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
 
 
-def _write_dicom_slices(image: sitk.Image, folder: Path, prefix: str) -> list[Path]:
+def _write_dicom_slices(image: sitk.Image, folder: Path, prefix: str, uid_per_file: bool = False) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -73,7 +76,8 @@ def _write_dicom_slices(image: sitk.Image, folder: Path, prefix: str) -> list[Pa
     files = []
     for k in range(image.GetSize()[2]):
         slice_ = sitk.Cast(image[:, :, k], sitk.sitkInt16)
-        tags = {"0008|0060": "MR", "0020|000e": "1.2.826.0.1.3680043.2.1125.1.77", "0020|0013": str(k + 1),
+        series_uid = "1.2.826.0.1.3680043.2.1125.1.77" + (f".{k + 1}" if uid_per_file else "")
+        tags = {"0008|0060": "MR", "0020|000e": series_uid, "0020|0013": str(k + 1),
                 "0028|0030": "\\".join(map(str, image.GetSpacing()[:2])), "0018|0050": str(image.GetSpacing()[2]),
                 "0020|0032": "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))),
                 "0020|0037": "\\".join(map(str, (direction[0], direction[3], direction[6], direction[1], direction[4],

@@ -100,3 +100,22 @@ def test_bad_inputs_raise_data_error_naming_the_file(tmp_path: Path, case: str) 
     with pytest.raises(DataError) as caught:
         read_image(path)
     assert str(path) in str(caught.value) and expected in str(caught.value)
+
+
+def test_a_channel_asked_of_a_single_volume_is_an_error(tmp_path):
+    import SimpleITK as sitk
+
+    from duplus.data.io import read_image
+
+    path = tmp_path / "flair.nii.gz"
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkFloat32), str(path))
+    assert read_image(path, channel=0).GetSize() == (4, 4, 4)  # the only channel there is
+    with pytest.raises(DataError, match="channel 2 asked for, but the image is a single 3-D volume"):
+        read_image(path, channel=2)
+
+
+def test_dicom_files_that_each_claim_their_own_series_are_refused(tmp_path):
+    image, _ = make_volume(shape_zyx=(5, 8, 8))
+    write_dicom_series(image, tmp_path / "dicom", uid_per_file=True)
+    with pytest.raises(DataError, match="each form a series of one slice"):
+        read_image(tmp_path / "dicom")

@@ -24,7 +24,7 @@ def test_chaos_pngs_follow_the_dicom_slice_order(tmp_path: Path) -> None:
     label.SetDirection(reversed_direction)
     patient = tmp_path / "Train_Sets" / "MR" / "3" / "T2SPIR"
     files = write_dicom_series(image, patient / "DICOM_anon")
-    grey = {0: 0, 1: 63, 2: 252}
+    grey = {0: 0, 1: 63, 2: 241}  # 241: a spleen edge pixel, inside the challenge's 240-255 band
     array = sitk.GetArrayFromImage(label)
     (patient / "Ground").mkdir()
     for k, dicom in enumerate(files):
@@ -35,7 +35,7 @@ def test_chaos_pngs_follow_the_dicom_slice_order(tmp_path: Path) -> None:
     assert [c.case_id for c in cases] == ["chaos_3"]
     read_image_, read_label = read_case(cases[0])
     assert read_label is not None
-    # Grey values become ids (63 liver -> 1, 252 spleen -> 4); each label slice sits on the image slice
+    # Grey values become ids (63 liver -> 1, 241 spleen -> 4); each label slice sits on the image slice
     # that came from the DICOM file of the same name, whatever order the series reader chose.
     mapped = np.select([array == 1, array == 2], [1, 4], 0)
     source, loaded = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(read_image_)
@@ -101,3 +101,14 @@ def test_empty_or_missing_folders_are_reported(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/a.nii.gz"}]}))
     with pytest.raises(DataError, match=r"training\[0\] needs 'image' and 'label'"):
         list_cases(get_dataset("msd_spleen"), tmp_path)
+
+
+def test_kits19_cases_without_a_segmentation_are_not_training_cases(tmp_path: Path) -> None:
+    image, label = make_volume()
+    for case, labelled in (("case_00000", True), ("case_00210", False)):
+        folder = tmp_path / "data" / case
+        folder.mkdir(parents=True)
+        sitk.WriteImage(image, str(folder / "imaging.nii.gz"))
+        if labelled:
+            sitk.WriteImage(label, str(folder / "segmentation.nii.gz"))
+    assert [c.case_id for c in list_cases(get_dataset("kits19"), tmp_path)] == ["case_00000"]
