@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from duplus.data.registry import DatasetSpec
 from duplus.errors import DataError
 
@@ -81,12 +83,20 @@ def msd_cases(spec: DatasetSpec, root: Path) -> list[Case]:
     images = root / "imagesTr"
     if not images.is_dir():
         raise DataError(f"{root}: expected imagesTr/ (and labelsTr/, dataset.json) of an MSD-style dataset")
+    labels = root / "labelsTr"
     for image in _visible_images(images):
         stem = _strip_suffix(image.name)
-        case_id = re.sub(r"_0000$", "", stem)
         suffix = image.name[len(stem):]
-        cases.append(Case(case_id, image, root / "labelsTr" / f"{case_id}{suffix}", _center(spec, "default"),
-                          spec.channel))
+        channel_file = re.fullmatch(r"(.+)_(\d{4})", stem)
+        if channel_file and not (labels / f"{stem}{suffix}").exists():
+            # nnU-Net keeps each input channel in its own file, case_0000, case_0001, ...: one case,
+            # whose image is the file of the dataset's channel (0 unless it names another).
+            if int(channel_file.group(2)) != (spec.channel or 0):
+                continue
+            case_id = channel_file.group(1)
+            cases.append(Case(case_id, image, labels / f"{case_id}{suffix}", _center(spec, "default"), None))
+        else:  # an id that merely ends in four digits keeps them when its label does
+            cases.append(Case(stem, image, labels / f"{stem}{suffix}", _center(spec, "default"), spec.channel))
     return cases
 
 
@@ -253,6 +263,16 @@ def _chaos_label(case: Case, image: "sitk.Image") -> "sitk.Image":
     return read_png_label_stack(ordered, image, CHAOS_GREY)
 
 
+def _check_label_values(label: "sitk.Image", case: Case) -> None:
+    import SimpleITK as sitk
+
+    values = np.unique(sitk.GetArrayViewFromImage(label))
+    bad = [v for v in values if v != np.round(v) or not 0 <= v <= 255]
+    if bad:
+        shown = ", ".join(f"{float(v):g}" for v in bad[:5])
+        raise DataError(f"{case.label}: label of case {case.case_id} holds values that are not label ids 0..255: {shown}")
+
+
 def read_case(case: Case) -> tuple["sitk.Image", "sitk.Image | None"]:
     """Read a case's image and label as 3-D images; a label on another grid is resampled (nearest) onto the image."""
     import SimpleITK as sitk
@@ -268,5 +288,6 @@ def read_case(case: Case) -> tuple["sitk.Image", "sitk.Image | None"]:
         return image, _chaos_label(case, image)
     label = read_image(case.label, channel=case.label_channel)
     if case.label_format == "resample":
+        _check_label_values(label, case)  # before the cast to 8 bits would hide 1.5 or 258
         label = sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return image, label

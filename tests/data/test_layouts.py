@@ -90,6 +90,11 @@ def test_hecktor_label_on_the_ct_grid_is_resampled_onto_pet(tmp_path: Path) -> N
     image, resampled = read_case(cases[0])
     assert resampled is not None and resampled.GetSize() == image.GetSize()
     check_cases("hecktor2022", cases, [1, 2])
+    broken = sitk.Cast(label, sitk.sitkFloat32) * 1.5  # 1.5, 3.0: not label ids
+    broken.CopyInformation(label)
+    sitk.WriteImage(broken, str(tmp_path / "labelsTr" / "CHUM-001.nii.gz"))
+    with pytest.raises(DataError, match="CHUM-001.nii.gz: label of case CHUM-001 holds values .* 1.5"):
+        read_case(cases[0])
 
 
 def test_empty_or_missing_folders_are_reported(tmp_path: Path) -> None:
@@ -112,3 +117,18 @@ def test_kits19_cases_without_a_segmentation_are_not_training_cases(tmp_path: Pa
         if labelled:
             sitk.WriteImage(label, str(folder / "segmentation.nii.gz"))
     assert [c.case_id for c in list_cases(get_dataset("kits19"), tmp_path)] == ["case_00000"]
+
+
+def test_nnunet_channel_files_make_one_case_and_an_id_ending_in_digits_keeps_them(tmp_path: Path) -> None:
+    image, label = make_volume()
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for name in ("a_0000", "a_0001", "scan_2024"):  # two channels of case a; a case whose id ends in digits
+        sitk.WriteImage(image, str(tmp_path / "imagesTr" / f"{name}.nii.gz"))
+    for name in ("a", "scan_2024"):
+        sitk.WriteImage(label, str(tmp_path / "labelsTr" / f"{name}.nii.gz"))
+    settings = {"kind": "msd", "root": str(tmp_path), "modality": "MRI", "region": "brain", "labels": {"1": "liver"}}
+    cases = list_cases(get_dataset("mine", {"datasets": {"mine": settings}}), tmp_path)
+    assert [(c.case_id, Path(c.image).name, Path(c.label).name) for c in cases] == [
+        ("a", "a_0000.nii.gz", "a.nii.gz"), ("scan_2024", "scan_2024.nii.gz", "scan_2024.nii.gz")]
+    assert all(Path(c.label).exists() for c in cases)
