@@ -273,12 +273,14 @@ def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, pu
     rows: list[dict[str, str | None]] = []
     for model in order:
         r = by_model.loc[model]
+        note = str(r["note"]).strip() if "note" in r.index and isinstance(r["note"], str) else ""
         rows.append({
             "model": model, "inputs": PROGNOSIS_MODELS.get(model),
             "harrell": fmt_mean_std(r["harrell_c_mean"], r["harrell_c_std"], "score"),
             "uno": fmt_mean_std(r["uno_c_mean"], r["uno_c_std"], "score"),
             "ibs": fmt_mean_std(r["ibs_mean"], r["ibs_std"], "score"),
-            "source": measured,
+            # A model whose metric is undefined in some folds says so: its mean covers fewer.
+            "source": f"{measured[:-1]}; {note})" if note else measured,
         })
     notes = ["Mean ± standard deviation over the cross-validation folds; C-index higher is better, "
              "integrated Brier score (IBS) lower is better; 3 decimals."]
