@@ -50,7 +50,7 @@ def slurm(tmp_path_factory):
 
 def run_snakemake(env: dict, workdir: Path, *args: str, configs: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     command = ["timeout", "-s", "INT", "-k", "30", "1200", SNAKEMAKE, "-s", str(ROOT / "Snakefile"),
-               "--directory", str(workdir), "--profile", str(ROOT / "profiles" / "slurm-local"),
+               "--directory", str(workdir), "--workflow-profile", str(ROOT / "profiles" / "slurm-local"),
                # Targets and flags before --configfile, which takes every following word as a file.
                *args, "--configfile", str(ROOT / "config.yaml"), str(TINY), *map(str, configs)]
     return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=1500)
