@@ -153,7 +153,7 @@ def run_report(config: Mapping[str, Any], results_dir: str | Path, out_dir: str 
         PosixPath('results/report/index.html')
     """
     out = Path(out_dir)
-    inputs = load_inputs(results_dir)
+    inputs = load_inputs(results_dir, config)
     published = bool((config.get("report") or {}).get("published", True))
     builder = _Builder(out)
     sections = [

@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 
@@ -78,8 +78,27 @@ def _optional_json(inputs: ReportInputs, relative: Path) -> Any:
     return read_json(path)
 
 
-def load_inputs(results_dir: str | Path) -> ReportInputs:
-    """Read every stage's metrics under ``results_dir`` (missing stages stay None)."""
+def load_inputs(results_dir: str | Path, config: Mapping[str, Any] | None = None) -> ReportInputs:
+    """Read every stage's metrics under ``results_dir`` (missing stages stay None).
+
+    With ``config``, only what this run produces: a stage switched off, or a LoRA center no longer
+    configured, may have left results of an earlier run in the folder, and they must not be shown
+    as this run's.
+    """
+    inputs = _load_all(results_dir)
+    if config is None:
+        return inputs
+    if (config.get("baseline") or {}).get("enabled", True) is False:
+        inputs.baseline_summary = None
+    if (config.get("prognosis") or {}).get("enabled", True) is False:
+        inputs.prognosis_summary, inputs.prognosis_folds, inputs.km = None, None, None
+    if "lora" in config:
+        centers = set(((config.get("lora") or {}).get("centers") or {}))
+        inputs.lora = {name: metrics for name, metrics in inputs.lora.items() if name in centers}
+    return inputs
+
+
+def _load_all(results_dir: str | Path) -> ReportInputs:
     inputs = ReportInputs(results_dir=Path(results_dir))
     inputs.train_log = _optional_csv(inputs, TRAIN_LOG, ["step", "loss", "lr", "seconds"])
     seg_columns = ["dataset", "class", "dice", "hd95", "nsd", "n"]

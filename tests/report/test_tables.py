@@ -135,3 +135,18 @@ def test_a_model_with_undefined_folds_says_so_in_its_row():
     rows = {r["model"]: r for r in _rows(prognosis_table(summary, folds, published=False))}
     assert rows["ehr_coxph"]["source"] == "measured (3-fold CV; 1 of 3 folds undefined)"
     assert rows["ehr_rsf"]["source"] == "measured (3-fold CV)"
+
+
+def test_results_an_earlier_run_left_behind_are_not_this_runs(results):
+    import json
+
+    stale = results / "lora" / "old_center"
+    stale.mkdir(parents=True)
+    (stale / "metrics.json").write_text(json.dumps({"zero_shot_dice": 0.1}))
+    everything = load_inputs(results)
+    assert "old_center" in everything.lora and everything.prognosis_summary is not None
+    config = {"lora": {"centers": {name: {} for name in everything.lora if name != "old_center"}},
+              "prognosis": {"enabled": False}, "baseline": {"enabled": False}}
+    this_run = load_inputs(results, config)
+    assert "old_center" not in this_run.lora and set(this_run.lora) == set(everything.lora) - {"old_center"}
+    assert this_run.prognosis_summary is None and this_run.baseline_summary is None
