@@ -34,5 +34,8 @@ def run_stage(name: str, func: Callable[..., Any], *, log_path: str | None, torc
         log.error("stage %s failed: %s", name, error)
         code = EXIT_INTERRUPTED if type(error).__name__ == "TrainingInterrupted" else 1
         sys.exit(code)
+    except Exception:  # noqa: BLE001 - an unexpected error (CUDA out of memory, a bug) belongs in the rule's log too
+        log.exception("stage %s failed with an unexpected error", name)
+        sys.exit(1)
     log.info("stage %s finished in %.1f s", name, time.perf_counter() - started)
     return result

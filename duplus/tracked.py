@@ -45,8 +45,9 @@ def stage_settings(stage: str, config: Mapping[str, Any], **wildcards: str) -> d
     datasets = config.get("datasets") or {}
     if stage == "download":
         name = wildcards["dataset"]
-        return {"dataset": copy.deepcopy(datasets.get(name)),
-                "demo": _section(config, "demo") if _is_demo(name, config) else None}
+        demo = _is_demo(name, config)  # generated phantoms depend on the demo sizes and the seed
+        return {"dataset": copy.deepcopy(datasets.get(name)), "demo": _section(config, "demo") if demo else None,
+                "seed": config.get("seed") if demo else None}
     if stage == "preprocess":
         return {"dataset": copy.deepcopy(datasets.get(wildcards["dataset"])),
                 **_sections(config, "seed", "preprocess")}

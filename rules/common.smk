@@ -66,6 +66,12 @@ def prognosis_manifest(wildcards=None):
     return manifest_path(config["prognosis"]["dataset"])
 
 
+def prognosis_inputs(wildcards=None):
+    """The image manifest, and a user's EHR table when the config names one (edits to it rerun prognosis)."""
+    table = (config["prognosis"].get("ehr") or {}).get("table")
+    return {"manifest": prognosis_manifest(), **({"ehr": table} if table else {})}
+
+
 def prognosis_outputs(wildcards=None):
     if not config["prognosis"]["enabled"]:
         return []

@@ -1,7 +1,7 @@
 rule prognosis:
     """Survival from image features and EHR: cross-validated against EHR-only and image-only baselines."""
     input:
-        manifest=prognosis_manifest,
+        unpack(prognosis_inputs),
         prompts=prompt_cache,
         model=pretrained_model,
     output:

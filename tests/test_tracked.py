@@ -54,3 +54,20 @@ def test_demo_settings_concern_demo_downloads_only(config):
     assert stage_settings("download", config, dataset="my_ct")["demo"] is None
     with pytest.raises(KeyError, match="no tracked settings"):
         stage_settings("nonsense", config)
+
+
+def test_stages_may_only_name_datasets_of_the_run(config):
+    from duplus.data.registry import check_dataset_references
+    from duplus.errors import ConfigError
+
+    check_dataset_references(config)  # the demo is consistent
+    for section, value, key in (("prognosis", {"dataset": "btcv"}, "prognosis.dataset 'btcv'"),
+                                ("lora", {"centers": {"x": {"dataset": "amos_ct", "center": "a"}}},
+                                 "lora.centers.x.dataset 'amos_ct'"),
+                                ("pretrain", {"exclude_centers": {"lits": ["b"]}}, "exclude_centers: 'lits'")):
+        broken = copy.deepcopy(config)
+        broken[section].update(value)
+        with pytest.raises(ConfigError, match=key):
+            check_dataset_references(broken)
+    config["prognosis"].update(enabled=False, dataset="btcv")
+    check_dataset_references(config)  # a switched-off stage names nothing

@@ -156,6 +156,27 @@ def stringify_label_ids(config: MutableMapping[str, Any]) -> None:
             settings["labels"] = {str(k): v for k, v in labels.items()}
 
 
+def check_dataset_references(config: Mapping[str, Any]) -> None:
+    """Every dataset a stage names (prognosis, LoRA centers, held-out centers) is one of the run's.
+
+    Caught before any job runs: otherwise a dataset outside ``datasets`` would be downloaded and
+    preprocessed, but have no prompts in the cache, and fail only after pretraining.
+    """
+    names = sorted(config.get("datasets") or {})
+    known = ", ".join(names) or "none"
+    prognosis = config.get("prognosis") or {}
+    if prognosis.get("enabled", True) and prognosis.get("dataset") is not None and prognosis["dataset"] not in names:
+        raise ConfigError(f"prognosis.dataset '{prognosis['dataset']}' is not one of the run's datasets ({known}); "
+                          "add it under datasets: or set prognosis.enabled: false")
+    for center, spec in ((config.get("lora") or {}).get("centers") or {}).items():
+        dataset = (spec or {}).get("dataset")
+        if dataset not in names:
+            raise ConfigError(f"lora.centers.{center}.dataset '{dataset}' is not one of the run's datasets ({known})")
+    for dataset in ((config.get("pretrain") or {}).get("exclude_centers") or {}):
+        if dataset not in names:
+            raise ConfigError(f"pretrain.exclude_centers: '{dataset}' is not one of the run's datasets ({known})")
+
+
 def _user_dataset(name: str, settings: Mapping[str, Any]) -> DatasetSpec:
     from duplus.data.taxonomy import canonical_label_map
 
