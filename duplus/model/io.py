@@ -136,7 +136,12 @@ def load_model(
         model: torch.nn.Module = TaskSpecificNet(cfg, list(sidecar.get("head_classes") or []))
     else:
         model = DuPLUS(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensors of another shape than the sidecar's network has
+        first = str(error).strip().splitlines()
+        raise ModelError(f"{weights}: weights do not fit the model in its sidecar ({first[-1].strip() if first else error})"
+                         ) from None
     if missing or unexpected:
         raise ModelError(
             f"{weights}: weights do not fit the model in its sidecar "

@@ -141,12 +141,30 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     return state, metadata, lora_config
 
 
+def _check_recorded_hash(adapter_dir: Path) -> None:
+    """An adapter saved by the LoRA stage has its weights' sha256 in ``../adapter_meta.json``: check it."""
+    from duplus.hashing import sha256_file
+
+    meta_path = adapter_dir.parent / "adapter_meta.json"
+    if not meta_path.is_file():
+        return
+    try:
+        expected = json.loads(meta_path.read_text(encoding="utf-8")).get("adapter_sha256")
+    except (OSError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{meta_path}: unreadable adapter record ({error})") from None
+    weights = adapter_dir / WEIGHTS_NAME
+    if expected and weights.is_file() and sha256_file(weights) != expected:
+        raise CheckpointError(f"{weights}: sha256 differs from the one recorded in {meta_path}; "
+                              "the adapter was altered or replaced after training")
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_sha256: str, adapter_name: str | None = None) -> str:
     """Add the adapter in ``adapter_dir`` to ``model`` and activate it; returns its name.
 
     Refuses (``CheckpointError``) an adapter trained on other base weights than ``base_sha256``.
     Several adapters can live on one base; switch between them with ``set_adapter``.
     """
+    _check_recorded_hash(Path(adapter_dir))
     state, metadata, lora_config = read_adapter(adapter_dir)
     recorded = metadata.get("base_sha256")
     if not recorded:

@@ -124,6 +124,10 @@ def run_lora(
             f"{len(test_rows)} test cases; both splits need at least one"
         )
 
+    held_out = ((config.get("pretrain") or {}).get("exclude_centers") or {}).get(dataset) or []
+    if site not in held_out:
+        log.warning("lora.centers.%s: center %s of %s was not held out of pretraining "
+                    "(pretrain.exclude_centers), so its zero-shot score is not zero-shot", center, site, dataset)
     base_sha = sha256_file(model_path)
     base, base_meta = load_model(model_path, expected_sha256=base_sha, device=device)
     # Train and score with the base model's window, whatever the config says now.

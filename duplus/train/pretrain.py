@@ -205,6 +205,9 @@ def _train(
     table = TextTable(cache, sampler.all_texts(), device)
     identity = _run_identity(config, settings, sampler, cache)
     identity["architecture"] = "task_specific" if task_specific else "duplus"
+    # The precision amp "auto" chose here: a checkpoint of a bf16 run must not resume as fp16 (its
+    # gradient scaler has no state) or silently change precision on another machine.
+    identity["precision"] = str(amp)
 
     seed_everything(seed)
     if task_specific:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from duplus.errors import DataError
 from duplus.train.augment import augment, build_augmentation, has_lateral_classes
-from duplus.train.cases import CaseRecord
+from duplus.train.cases import CaseRecord, dataset_weights
 
 # Locations per case are tiny (<= 4096 x 3 int32 per label); keeping them saves a zip open per
 # sample. Memory maps are not cached: each holds a file descriptor.
@@ -94,8 +94,9 @@ class PatchSampler:
         self.patch_size = tuple(int(v) for v in patch_size)
         self.datasets = sorted({c.dataset for c in cases})
         self.by_dataset = {name: [c for c in cases if c.dataset == name] for name in self.datasets}
-        raw = [float((weights or {}).get(name, 1.0)) for name in self.datasets]
-        self.probabilities = np.asarray(raw, dtype=np.float64) / sum(raw)
+        # Checked: a misspelled dataset name or all-zero weights are config errors, not silence or NaN.
+        probabilities = dataset_weights({"pretrain": {"dataset_weights": dict(weights or {})}}, self.datasets)
+        self.probabilities = np.asarray(probabilities, dtype=np.float64)
         self.foreground_ratio = float(foreground_ratio)
         self.paraphrases = paraphrases
         self.augment_patches = augment_patches

@@ -75,3 +75,15 @@ def test_inference_windows_come_from_the_model_not_from_an_edited_config():
     assert trained["inference"] == config["inference"]
     assert config["pretrain"]["patch_size"] == [64, 64, 64]  # the caller's config is left alone
     assert with_trained_window(config, {})["pretrain"]["patch_size"] == [64, 64, 64]
+
+
+def test_weights_of_another_shape_are_a_model_error_naming_the_file(tiny_model, tmp_path):
+    from duplus.errors import ModelError
+
+    path = tmp_path / "model.safetensors"
+    save_model(tiny_model, path, {})
+    sidecar = json.loads((tmp_path / "model.json").read_text(encoding="utf-8"))
+    sidecar["config"]["channels"] = [c * 2 for c in sidecar["config"]["channels"]]
+    (tmp_path / "model.json").write_text(json.dumps(sidecar), encoding="utf-8")
+    with pytest.raises(ModelError, match="model.safetensors: weights do not fit the model in its sidecar"):
+        load_model(path)

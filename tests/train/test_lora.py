@@ -207,6 +207,13 @@ def test_run_lora_writes_adapter_meta_and_metrics(store, base_file, tmp_path, mo
     assert on_disk["adapter_bytes"] == (out / "adapter" / "adapter_model.safetensors").stat().st_size
     fresh, _ = load_model(base_file)
     assert load_adapter(fresh, out / "adapter", meta["base_sha256"]) == "ct_siteB"
+    # Weights replaced after training (same shapes) no longer match the recorded sha256.
+    weights = out / "adapter" / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v + 1 for k, v in load_file(weights).items()}, weights, metadata={"base_sha256": meta["base_sha256"]})
+    with pytest.raises(CheckpointError, match="differs from the one recorded"):
+        load_adapter(load_model(base_file)[0], out / "adapter", meta["base_sha256"])
 
 
 SHIFTED = "toy_shift_mr"

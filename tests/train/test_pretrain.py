@@ -131,6 +131,22 @@ def test_changed_settings_refuse_to_resume(store, config, tmp_path, monkeypatch)
         _run(config, store, FakePromptCache(), tmp_path)
 
 
+def test_a_checkpoint_resumes_only_at_the_precision_it_was_trained_in(store, config, tmp_path, monkeypatch):
+    """amp: auto picks the precision per machine; a bf16 checkpoint must not resume as fp16 elsewhere."""
+    from duplus.train import pretrain as pretrain_module
+
+    from .conftest import FakePromptCache
+
+    config["pretrain"].update(steps=3, checkpoint_every=1)
+    with monkeypatch.context() as patch:
+        _kill_at(patch, 2)
+        with pytest.raises(RuntimeError):
+            _run(config, store, FakePromptCache(), tmp_path)
+    monkeypatch.setattr(pretrain_module, "resolve_amp", lambda amp, device: torch.float16)
+    with pytest.raises(CheckpointError, match="precision"):
+        _run(config, store, FakePromptCache(), tmp_path)
+
+
 def test_text_encoder_never_runs_and_cache_is_read_once(store, config, tmp_path, monkeypatch):
     from .conftest import FakePromptCache
 

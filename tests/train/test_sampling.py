@@ -198,3 +198,13 @@ def test_modality_indices_follow_the_networks_stem_order(store, config):
     assert reordered.modality_ids == {"CT": 1, "MRI": 0}
     with pytest.raises(ConfigError, match="'MRI'.*the model has stems for"):
         PatchSampler(cases, PATCH, modalities=("CT", "PET"))
+
+
+def test_dataset_weights_are_checked(store, config):
+    cases = pretraining_cases(config, store.values())
+    weighted = PatchSampler(cases, PATCH, weights={"toy_ct": 3.0}, augment_patches=False)
+    assert weighted.probabilities.tolist() == pytest.approx([0.75, 0.25])
+    with pytest.raises(ConfigError, match=r"\['typo_name'\] are not datasets being trained"):
+        PatchSampler(cases, PATCH, weights={"typo_name": 5.0})
+    with pytest.raises(ConfigError, match="positive sum"):
+        PatchSampler(cases, PATCH, weights={"toy_ct": 0.0, "toy_mr": 0.0})
