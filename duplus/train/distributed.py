@@ -58,8 +58,14 @@ def from_environment() -> Ranks:
     return Ranks(rank=int(env["RANK"]), world=world, local_rank=int(env.get("LOCAL_RANK", env["RANK"])))
 
 
+# A gloo group beside NCCL for small host-side decisions (stop now?): agreeing on them costs no
+# GPU synchronisation. None while not distributed, or when the main group is gloo already.
+_host_group: Any = None
+
+
 def start(ranks: Ranks, device: torch.device) -> torch.device:
     """Join the process group (NCCL on GPUs, gloo on CPUs); returns this rank's device."""
+    global _host_group
     if not ranks.active:
         return device
     import torch.distributed as dist
@@ -69,10 +75,13 @@ def start(ranks: Ranks, device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return device
 
 
 def stop(ranks: Ranks) -> None:
+    global _host_group
+    _host_group = None
     if ranks.active:
         import torch.distributed as dist
 
@@ -96,12 +105,18 @@ def all_reduce_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any (e.g. one rank got SIGTERM)."""
+def any_rank(flag: bool, ranks: Ranks) -> bool:
+    """True on every rank when ``flag`` is true on any (e.g. one rank got SIGTERM).
+
+    A host-side (gloo) collective: cheap enough for every step, and it never waits for the GPU.
+    """
     if not ranks.active:
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_sum(value, ranks).item() > 0)
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
+    return bool(value.item())
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:

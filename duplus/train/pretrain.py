@@ -309,12 +309,10 @@ def _train(
                     _write_log(out_log, rows)
                 running.zero_()
                 micro_batches = 0
-            # Ranks agree on a stop request only where they sync anyway (at log steps), so that
-            # all of them checkpoint and leave at the same step.
-            if ranks.active:
-                stopping = at_log and distributed.any_rank(stop.requested, ranks, device)
-            else:
-                stopping = stop.requested
+            # Ranks agree on a stop request every step (a host-side collective, no GPU sync), so
+            # all of them checkpoint and leave at the same step, well inside the 30 s torchrun
+            # gives its workers between forwarding SIGTERM and killing them.
+            stopping = distributed.any_rank(stop.requested, ranks)
             if done % settings.checkpoint_every == 0 or done == settings.steps or stopping:
                 checkpoint(done)
             if stopping and done < settings.steps:

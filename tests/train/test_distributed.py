@@ -93,3 +93,21 @@ def test_failed_rank_is_a_clear_error(store, tmp_path, monkeypatch):
     with pytest.raises(DuplusError, match="torchrun exit code"):
         _train(store, tmp_path / "missing.safetensors", tmp_path / "ddp", processes=2)
     assert not (tmp_path / "ddp" / "model.safetensors").exists()
+
+
+def _vote(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    ranks = distributed.Ranks(rank=rank, world=2, local_rank=rank)
+    distributed.start(ranks, torch.device("cpu"))
+    votes = [distributed.any_rank(rank == 1, ranks), distributed.any_rank(False, ranks)]
+    Path(out_dir, f"rank{rank}.txt").write_text(" ".join(map(str, votes)))
+    distributed.stop(ranks)
+
+
+def test_a_stop_requested_on_one_rank_is_agreed_by_all(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_vote, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["True False", "True False"]
