@@ -55,6 +55,8 @@ def baseline_outputs(wildcards=None):
 
 
 def lora_centers():
+    if not config["lora"].get("enabled", True):
+        return []
     return sorted(config["lora"]["centers"])
 
 

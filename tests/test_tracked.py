@@ -71,3 +71,10 @@ def test_stages_may_only_name_datasets_of_the_run(config):
             check_dataset_references(broken)
     config["prognosis"].update(enabled=False, dataset="btcv")
     check_dataset_references(config)  # a switched-off stage names nothing
+
+
+def test_switched_off_lora_names_no_dataset(config):
+    from duplus.data.registry import check_dataset_references
+
+    config["lora"].update(enabled=False, centers={"x": {"dataset": "amos_ct", "center": "a"}})
+    check_dataset_references(config)

@@ -168,7 +168,8 @@ def check_dataset_references(config: Mapping[str, Any]) -> None:
     if prognosis.get("enabled", True) and prognosis.get("dataset") is not None and prognosis["dataset"] not in names:
         raise ConfigError(f"prognosis.dataset '{prognosis['dataset']}' is not one of the run's datasets ({known}); "
                           "add it under datasets: or set prognosis.enabled: false")
-    for center, spec in ((config.get("lora") or {}).get("centers") or {}).items():
+    lora = config.get("lora") or {}
+    for center, spec in ((lora.get("centers") or {}) if lora.get("enabled", True) else {}).items():
         dataset = (spec or {}).get("dataset")
         if dataset not in names:
             raise ConfigError(f"lora.centers.{center}.dataset '{dataset}' is not one of the run's datasets ({known})")

@@ -93,7 +93,8 @@ def load_inputs(results_dir: str | Path, config: Mapping[str, Any] | None = None
     if (config.get("prognosis") or {}).get("enabled", True) is False:
         inputs.prognosis_summary, inputs.prognosis_folds, inputs.km = None, None, None
     if "lora" in config:
-        centers = set(((config.get("lora") or {}).get("centers") or {}))
+        lora = config.get("lora") or {}
+        centers = set(lora.get("centers") or {}) if lora.get("enabled", True) else set()
         inputs.lora = {name: metrics for name, metrics in inputs.lora.items() if name in centers}
     return inputs
 

@@ -150,3 +150,8 @@ def test_results_an_earlier_run_left_behind_are_not_this_runs(results):
     this_run = load_inputs(results, config)
     assert "old_center" not in this_run.lora and set(this_run.lora) == set(everything.lora) - {"old_center"}
     assert this_run.prognosis_summary is None and this_run.baseline_summary is None
+
+
+def test_switched_off_lora_shows_no_adaptation(results):
+    assert load_inputs(results).lora
+    assert load_inputs(results, {"lora": {"enabled": False, "centers": {"ct_siteB": {}}}}).lora == {}
