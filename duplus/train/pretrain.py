@@ -242,7 +242,6 @@ def _train(
         micro_batches = int(state["micro_batches"])
         rows = list(state["log"])
         seconds_before = float(state["seconds"])
-        _set_rng_state(state["rng"], device)
         log.info("resuming pretraining at step %d of %d from %s", start, settings.steps, folder)
 
     forward_model = distributed.wrap(model, ranks)
@@ -255,6 +254,9 @@ def _train(
         return distributed.all_reduce_sum(weight.sum().detach().clone(), ranks) / ranks.world
 
     def checkpoint(step: int) -> None:
+        # Every rank's partial loss sum since the last log step, averaged over ranks: each rank
+        # restores this mean, so the first log row after a resume is the global mean again.
+        running_mean = distributed.all_reduce_sum(running.clone(), ranks) / ranks.world
         if not ranks.main:
             distributed.barrier(ranks)  # wait until rank 0 has written it
             return
@@ -265,7 +267,7 @@ def _train(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
-            "running_loss": running,
+            "running_loss": running_mean,
             "micro_batches": micro_batches,
             "log": rows,
             "seconds": seconds_before + time.perf_counter() - started,
@@ -279,6 +281,10 @@ def _train(
         num_workers=settings.num_workers, pin_memory=device.type == "cuda", rank=ranks.rank, world=ranks.world,
     )
     batches = iter(loader)
+    if resumed is not None:
+        # After the loader's iterator, which draws from the torch RNG when created: the restored
+        # state is then exactly the one the uninterrupted run had at this step (dropout).
+        _set_rng_state(resumed[1]["rng"], device)
     model.train()
     desc = f"baseline {sampler.datasets[0]}" if task_specific else "pretrain"
     with StopFlag() as stop, progress(total=settings.steps, initial=start, desc=desc) as bar:

@@ -90,6 +90,25 @@ def test_resume_after_kill_is_bit_identical(straight, store, tmp_path, monkeypat
     assert a["step"].tolist() == b["step"].tolist() and a["loss"].tolist() == b["loss"].tolist()
 
 
+def test_resume_is_bit_identical_with_dropout_too(store, tmp_path, monkeypatch):
+    """Dropout draws from the torch RNG: the restored state must be the one the straight run had."""
+    from .conftest import BASE_CONFIG, FakePromptCache
+
+    config = {**BASE_CONFIG, "model": {**BASE_CONFIG.get("model", {}),
+                                       "overrides": {**(BASE_CONFIG.get("model", {}).get("overrides") or {}),
+                                                     "dropout": 0.2}},
+              "pretrain": {**BASE_CONFIG["pretrain"], "steps": 5}}
+    _run(config, store, FakePromptCache(), tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        _kill_at(patch, 4)
+        with pytest.raises(RuntimeError, match="killed"):
+            _run(config, store, FakePromptCache(), tmp_path / "resumed")
+    _run(config, store, FakePromptCache(), tmp_path / "resumed")
+    expected = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
 def test_sigterm_checkpoints_raises_and_the_rerun_matches_an_uninterrupted_run(store, config, tmp_path, monkeypatch):
     from .conftest import FakePromptCache
 
