@@ -5,6 +5,7 @@ Everything is verified and hashed into ``download.json``; raw files are read-onl
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -13,7 +14,7 @@ import stat
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from duplus.atomic import write_json
 from duplus.data.archive import safe_extract
@@ -113,15 +114,49 @@ def _demo(spec: DatasetSpec, config: Mapping[str, Any], dataset_dir: Path) -> Pa
     return dataset_dir
 
 
+def _sharing(spec: DatasetSpec) -> list[str]:
+    """The other built-in datasets cut from the same archive (AMOS CT and MRI, the CHAOS sequences)."""
+    from duplus.data.registry import builtin_datasets
+
+    return sorted(name for name, other in builtin_datasets().items()
+                  if name != spec.name and other.source.url and other.source.url == spec.source.url)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An advisory lock beside ``path``: download jobs of datasets sharing one archive (which
+    Snakemake runs in parallel) fetch it once, one after the other, instead of into one file at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no fcntl: unlocked, as before
+        yield
+        return
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _url(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
     source = spec.source
     assert source.url and source.filename
-    archive = raw_dir / DOWNLOADS / spec.name / source.filename
+    shared = _sharing(spec)
+    # An archive several datasets are cut from lives once, by its own name, and stays after
+    # extraction (each dataset extracts its own copy); one dataset's archive goes once extracted.
+    archive = raw_dir / DOWNLOADS / (source.filename if shared else f"{spec.name}/{source.filename}")
     log.info("%s: fetching %s (place the file at %s to skip the download)", spec.name, source.url, archive)
-    download_file(source.url, archive, md5=source.md5, sha256=source.sha256, retries=RETRIES, backoff=BACKOFF_S,
-                  timeout=TIMEOUT_S)
+    with _locked(archive):
+        download_file(source.url, archive, md5=source.md5, sha256=source.sha256, retries=RETRIES,
+                      backoff=BACKOFF_S, timeout=TIMEOUT_S)
     _build_in_place(dataset_dir, lambda built: safe_extract(archive, built))
-    archive.unlink(missing_ok=True)  # verified and extracted: the archive would only double the disk use
+    if shared:
+        log.info("%s: keeping %s for %s (the same archive); delete it once they are downloaded",
+                 spec.name, archive, ", ".join(shared))
+    else:
+        archive.unlink(missing_ok=True)  # verified and extracted: the archive would only double the disk use
     root = dataset_dir / source.subdir if source.subdir else dataset_dir
     if not root.is_dir():
         raise DownloadError(f"{archive}: extracted, but the expected folder '{source.subdir}' is not in it "

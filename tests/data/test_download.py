@@ -211,3 +211,19 @@ def test_demo_download_generates_and_reruns_identically(tmp_path: Path) -> None:
     second = download.run_download("demo_abdomen_mri", config, record_path)
     assert first == second and len(first["files"]) == 5  # 2 images, 2 labels, dataset.json
     assert not [p for p in (tmp_path / "raw").iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_datasets_cut_from_one_archive_download_it_once(server: _Server, tmp_path: Path, monkeypatch) -> None:
+    archive = _msd_tar()
+    server.files["/Shared.tar"] = archive
+    source = Source(url=f"{server.url}/Shared.tar", filename="Shared.tar", md5=hashlib.md5(archive).hexdigest(),
+                    subdir="Task99_Toy")
+    for name in ("toy_ct", "toy_mr"):
+        monkeypatch.setitem(catalog.BUILTIN, name, DatasetSpec(name, "CT", None, "abdomen", {1: "spleen"}, "url", source))
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
+    raw = tmp_path / "raw"
+    for name in ("toy_ct", "toy_mr"):
+        record = download.run_download(name, {"datasets": {name: {}}}, raw / name / "download.json")
+        assert Path(record["root"]) == (raw / name / "Task99_Toy").resolve()
+    assert len(server.ranges) == 1  # one HTTP request for both datasets
+    assert (raw / download.DOWNLOADS / "Shared.tar").is_file()  # kept for the datasets that share it
