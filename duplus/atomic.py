@@ -135,3 +135,30 @@ def write_csv(path: str | os.PathLike, frame: "pandas.DataFrame", **kwargs: Any)
     kwargs.setdefault("index", False)
     with atomic_path(path, suffix=".csv") as tmp:
         frame.to_csv(tmp, **kwargs)
+
+
+@contextlib.contextmanager
+def locked_beside(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an advisory lock in a file beside ``path`` (``.<name>.lock``) for the block.
+
+    Serialises read-merge-write cycles and downloads of one file across processes. Where no lock
+    can be taken (a read-only folder, no ``fcntl``) the block runs unlocked: writes are atomic
+    anyway, so the worst case is work done twice.
+    """
+    path = Path(path)
+    handle = None
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.parent / f".{path.name}.lock", "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        if handle is not None:
+            handle.close()
+        handle = None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # closing releases the lock

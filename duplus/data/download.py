@@ -5,7 +5,6 @@ Everything is verified and hashed into ``download.json``; raw files are read-onl
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
@@ -14,9 +13,9 @@ import stat
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
-from duplus.atomic import write_json
+from duplus.atomic import locked_beside, write_json
 from duplus.data.archive import safe_extract
 from duplus.data.registry import DatasetSpec, check_user_root, get_dataset
 from duplus.data.transfer import download_file
@@ -122,24 +121,6 @@ def _sharing(spec: DatasetSpec) -> list[str]:
                   if name != spec.name and other.source.url and other.source.url == spec.source.url)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An advisory lock beside ``path``: download jobs of datasets sharing one archive (which
-    Snakemake runs in parallel) fetch it once, one after the other, instead of into one file at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # no fcntl: unlocked, as before
-        yield
-        return
-    with open(path.parent / f".{path.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _url(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
     source = spec.source
     assert source.url and source.filename
@@ -148,7 +129,7 @@ def _url(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
     # extraction (each dataset extracts its own copy); one dataset's archive goes once extracted.
     archive = raw_dir / DOWNLOADS / (source.filename if shared else f"{spec.name}/{source.filename}")
     log.info("%s: fetching %s (place the file at %s to skip the download)", spec.name, source.url, archive)
-    with _locked(archive):
+    with locked_beside(archive):  # parallel download jobs of datasets sharing it fetch it once
         download_file(source.url, archive, md5=source.md5, sha256=source.sha256, retries=RETRIES,
                       backoff=BACKOFF_S, timeout=TIMEOUT_S)
     _build_in_place(dataset_dir, lambda built: safe_extract(archive, built))

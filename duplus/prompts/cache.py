@@ -12,11 +12,11 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
-from duplus.atomic import atomic_path, write_json
+from duplus.atomic import atomic_path, locked_beside, write_json
 from duplus.errors import PromptError
 from duplus.hashing import sha256_file, sha256_text
 
@@ -212,31 +212,6 @@ def _write(path: Path, vectors: dict[str, torch.Tensor], identity: str, dim: int
     return PromptCache(vectors, identity, dim, path)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an advisory lock beside ``path`` so two writers never interleave read-merge-write cycles.
-
-    Where no lock can be taken (a read-only folder, no ``fcntl``) the block runs unlocked: every
-    write is atomic anyway, a lost concurrent addition is merely encoded again later.
-    """
-    handle = None
-    try:
-        import fcntl
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path.parent / f".{path.name}.lock", "a")
-        fcntl.flock(handle, fcntl.LOCK_EX)
-    except (ImportError, OSError):
-        if handle is not None:
-            handle.close()
-        handle = None
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.close()  # closing releases the lock
-
-
 def _unique_texts(texts: Iterable[str]) -> list[str]:
     unique = list(dict.fromkeys(texts))
     for text in unique:
@@ -258,7 +233,7 @@ def build_prompt_cache(texts: Iterable[str], encoder: Encoder, path: str | os.Pa
     path = Path(path)
     wanted = _unique_texts(texts)
     identity, dim = encoder.identity, int(encoder.dim)
-    with _locked(path):
+    with locked_beside(path):
         existing, manifest_ok = _read_existing(path)
         reused: dict[str, torch.Tensor] = {}
         if existing is not None and not same_encoder(existing.encoder_identity, identity):
@@ -293,7 +268,7 @@ def ensure_prompts(cache_path: str | os.PathLike, texts: Iterable[str],
     """
     path = Path(cache_path)
     wanted = _unique_texts(texts)
-    with _locked(path) if persist else contextlib.nullcontext():
+    with locked_beside(path) if persist else contextlib.nullcontext():
         existing, _ = _read_existing(path)
         present = existing.vectors() if existing is not None else {}
         missing = [text for text in wanted if text not in present]

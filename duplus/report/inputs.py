@@ -88,14 +88,20 @@ def load_inputs(results_dir: str | Path, config: Mapping[str, Any] | None = None
     inputs = _load_all(results_dir)
     if config is None:
         return inputs
+    root = inputs.results_dir
+    dropped: list[Path] = []  # neither shown nor listed in the provenance
     if (config.get("baseline") or {}).get("enabled", True) is False:
         inputs.baseline_summary = None
+        dropped.append(root / BASELINE_SUMMARY)
     if (config.get("prognosis") or {}).get("enabled", True) is False:
         inputs.prognosis_summary, inputs.prognosis_folds, inputs.km = None, None, None
+        dropped += [p for p in inputs.files if p.is_relative_to(root / PROGNOSIS)]
     if "lora" in config:
         lora = config.get("lora") or {}
         centers = set(lora.get("centers") or {}) if lora.get("enabled", True) else set()
+        dropped += [root / LORA / name / "metrics.json" for name in inputs.lora if name not in centers]
         inputs.lora = {name: metrics for name, metrics in inputs.lora.items() if name in centers}
+    inputs.files = [p for p in inputs.files if p not in dropped]
     return inputs
 
 

@@ -150,6 +150,9 @@ def test_results_an_earlier_run_left_behind_are_not_this_runs(results):
     this_run = load_inputs(results, config)
     assert "old_center" not in this_run.lora and set(this_run.lora) == set(everything.lora) - {"old_center"}
     assert this_run.prognosis_summary is None and this_run.baseline_summary is None
+    # Nor are they listed in the provenance as inputs of this report.
+    assert not any("old_center" in str(p) or "prognosis" in p.parts or "baseline" in p.parts
+                   for p in this_run.files)
 
 
 def test_switched_off_lora_shows_no_adaptation(results):
