@@ -54,13 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """CLI entry: 0 on success; 2 with a one-line message for any ``DuplusError`` or file-system error."""
     try:
-        config = load_config(args.config)
-        weights, cache = default_paths(config)
         report = segment_image(
             args.input, args.output, args.prompts, args.modality, region=args.region, sequence=args.sequence,
-            weights=args.weights or weights, sha256=args.sha256, adapter=args.adapter,
+            weights=args.weights, sha256=args.sha256, adapter=args.adapter,
             dataset_classes=args.dataset_classes, multilabel=args.multilabel, device=args.device,
-            prompt_cache=args.prompt_cache or cache, config=config, threshold=args.threshold,
+            prompt_cache=args.prompt_cache, config=load_config(args.config), threshold=args.threshold,
         )
     except DuplusError as error:
         print(f"duplus: error: {error}", file=sys.stderr)
@@ -163,13 +161,13 @@ def segment_image(
     *,
     region: str | None = None,
     sequence: str | None = None,
-    weights: str = "results/pretrain/model.safetensors",
+    weights: str | None = None,
     sha256: str | None = None,
     adapter: str | None = None,
     dataset_classes: str | None = None,
     multilabel: bool = False,
     device: str = "auto",
-    prompt_cache: str = "results/prompts/minilm.safetensors",
+    prompt_cache: str | None = None,
     config: Mapping[str, Any] | None = None,
     threshold: float | None = None,
 ) -> dict[str, Any]:
@@ -183,6 +181,8 @@ def segment_image(
     from duplus.runtime import configure_kernels, resolve_device
 
     config = dict(config or {})
+    default_weights, default_cache = default_paths(config)  # the run's own files unless given
+    weights, prompt_cache = weights or default_weights, prompt_cache or default_cache
     if threshold is not None and not 0.0 < float(threshold) < 1.0:
         raise ConfigError(f"--threshold {threshold}: a sigmoid threshold lies strictly between 0 and 1")
     timings: dict[str, float] = {}
