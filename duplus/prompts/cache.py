@@ -6,6 +6,7 @@ Built once per run by the cache_prompts stage; training and inference only look 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -115,16 +116,23 @@ class PromptCache:
 
 
 def _read_tensors(path: Path) -> tuple[PromptCache, str]:
-    """The cache the tensors file describes by itself (its metadata lists every text) and its sha256."""
-    from safetensors import SafetensorError, safe_open
+    """The cache the tensors file describes by itself (its metadata lists every text) and its sha256.
+
+    The file is read once and hashed and parsed from those bytes: opening it twice would let a
+    concurrent rewrite slip between the hash and the tensors, so that a manifest could vouch for
+    tensors it never saw.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as parse
 
     try:
-        digest = sha256_file(path)
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        payload = path.read_bytes()
     except OSError as error:
         raise PromptError(f"prompt cache {path} cannot be read ({error}); {_RERUN}") from None
+    digest = hashlib.sha256(payload).hexdigest()
+    try:
+        meta = _safetensors_metadata(payload)
+        tensors = parse(payload)
     except (SafetensorError, ValueError, RuntimeError) as error:
         raise PromptError(f"prompt cache {path} is corrupt or truncated ({error}); {_RERUN}") from None
     if meta.get("format") != FORMAT:
@@ -144,6 +152,22 @@ def _read_tensors(path: Path) -> tuple[PromptCache, str]:
             f"(e.g. {missing[:1]}), {len(extra)} unlisted tensors; {_RERUN}"
         )
     return PromptCache({text: tensors[key] for text, key in keys.items()}, identity, dim, path), digest
+
+
+def _safetensors_metadata(payload: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (8-byte little-endian length, then JSON)."""
+    if len(payload) < 8:
+        raise ValueError(f"{len(payload)} bytes, shorter than a safetensors header")
+    size = int.from_bytes(payload[:8], "little")
+    if size > len(payload) - 8:
+        raise ValueError(f"header of {size} bytes in a file of {len(payload)}")
+    header = json.loads(payload[8 : 8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("__metadata__ is not a JSON object")
+    return meta
 
 
 def _check_manifest(path: Path, cache: PromptCache, digest: str) -> None:

@@ -176,6 +176,55 @@ def test_missing_or_corrupt_files_are_named(path, fake_encoder):
         PromptCache.load(path)
 
 
+@pytest.mark.parametrize("damage", [
+    lambda good: good[:5],                                          # shorter than the length field
+    lambda good: (10**9).to_bytes(8, "little") + good[8:],          # header longer than the file
+    lambda good: (2).to_bytes(8, "little") + b"[]" + good[10:],     # header not a JSON object
+    lambda good: good[:8] + b"\xff" + good[9:],                     # header not UTF-8 JSON
+])
+def test_a_damaged_header_is_named_as_corrupt(path, fake_encoder, damage):
+    build_prompt_cache(TEXTS, fake_encoder, path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(PromptError, match=re.escape(str(path)) + ".*(corrupt|truncated)"):
+        PromptCache.load(path)
+
+
+def test_tensors_replaced_while_loading_never_pass_for_the_manifests(path, fake_encoder, monkeypatch):
+    """A writer swaps in new tensors (before its manifest) just after the reader opened the file:
+    the reader gets what the manifest vouches for, never the new tensors under the old hash."""
+    import io
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    build_prompt_cache(TEXTS, fake_encoder, path)
+    expected = PromptCache.load(path).vectors()
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        newer = {key: handle.get_tensor(key) + 1.0 for key in handle.keys()}
+    real_open = open
+    swapped: list[bool] = []
+
+    def open_then_swap(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if swapped or not isinstance(file, (str, os.PathLike)) or os.fspath(file) != str(path):
+            return handle
+        with handle:
+            snapshot = handle.read()
+        swapped.append(True)
+        save_file(newer, str(path), metadata=meta)  # the writer's tensors rename, manifest not yet
+        return io.BytesIO(snapshot)
+
+    monkeypatch.setattr("builtins.open", open_then_swap)
+    monkeypatch.setattr("io.open", open_then_swap)
+    try:
+        loaded = PromptCache.load(path).vectors()
+    finally:
+        monkeypatch.undo()
+    assert swapped
+    assert all(torch.equal(loaded[text], expected[text]) for text in expected)
+
+
 def test_ensure_prompts_adds_free_text_and_loads_the_encoder_only_when_needed(path, fake_encoder):
     build_prompt_cache(TEXTS, fake_encoder, path)
     made = []
