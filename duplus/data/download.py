@@ -26,6 +26,7 @@ from duplus.progress import progress
 log = logging.getLogger(__name__)
 
 DOWNLOADS = ".downloads"  # beside the dataset folders: archives and partial transfers survive a rerun
+SHARED = ".shared"  # beside the dataset folders: archives several datasets are cut from, extracted once
 RECORD = "download.json"
 RETRIES = 4
 BACKOFF_S = 2.0
@@ -121,27 +122,63 @@ def _sharing(spec: DatasetSpec) -> list[str]:
                   if name != spec.name and other.source.url and other.source.url == spec.source.url)
 
 
+def _archive_stem(filename: str) -> str:
+    """``amos22.zip`` -> ``amos22``; ``Task01.tar.gz`` -> ``Task01``."""
+    name = Path(filename).name
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _fetch(spec: DatasetSpec, archive: Path) -> None:
+    source = spec.source
+    log.info("%s: fetching %s (place the file at %s to skip the download)", spec.name, source.url, archive)
+    download_file(source.url, archive, md5=source.md5, sha256=source.sha256, retries=RETRIES,
+                  backoff=BACKOFF_S, timeout=TIMEOUT_S)
+
+
+def _extract_shared(spec: DatasetSpec, raw_dir: Path, shared: list[str]) -> Path:
+    """The one read-only extraction of an archive several datasets are cut from.
+
+    AMOS (CT and MRI) and CHAOS (three MRI sequences) come as one archive each; extracting it per
+    dataset would store it two or three times. The first dataset's job fetches and extracts it
+    under a lock into ``.shared/<archive>/`` and deletes the archive; the others find the
+    extraction and only record their part of it.
+    """
+    source = spec.source
+    extracted = raw_dir / SHARED / _archive_stem(source.filename)
+    archive = raw_dir / DOWNLOADS / source.filename
+    with locked_beside(archive):  # parallel download jobs of the datasets sharing it fetch it once
+        if extracted.is_dir():  # swapped in whole by _build_in_place: present means complete
+            log.info("%s: %s already extracted at %s", spec.name, source.filename, extracted)
+        else:
+            _clear_leftovers(extracted)
+            _fetch(spec, archive)
+            _build_in_place(extracted, lambda built: safe_extract(archive, built))
+            log.info("%s: extracted %s once at %s for %s too", spec.name, source.filename, extracted,
+                     ", ".join(shared))
+        archive.unlink(missing_ok=True)  # verified and extracted: the archive would only double the disk use
+    return extracted
+
+
 def _url(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
     source = spec.source
     assert source.url and source.filename
     shared = _sharing(spec)
-    # An archive several datasets are cut from lives once, by its own name, and stays after
-    # extraction (each dataset extracts its own copy); one dataset's archive goes once extracted.
-    archive = raw_dir / DOWNLOADS / (source.filename if shared else f"{spec.name}/{source.filename}")
-    log.info("%s: fetching %s (place the file at %s to skip the download)", spec.name, source.url, archive)
-    with locked_beside(archive):  # parallel download jobs of datasets sharing it fetch it once
-        download_file(source.url, archive, md5=source.md5, sha256=source.sha256, retries=RETRIES,
-                      backoff=BACKOFF_S, timeout=TIMEOUT_S)
-    _build_in_place(dataset_dir, lambda built: safe_extract(archive, built))
     if shared:
-        log.info("%s: keeping %s for %s (the same archive); delete it once they are downloaded",
-                 spec.name, archive, ", ".join(shared))
+        extracted = _extract_shared(spec, raw_dir, shared)
     else:
+        archive = raw_dir / DOWNLOADS / spec.name / source.filename
+        _fetch(spec, archive)
+        _build_in_place(dataset_dir, lambda built: safe_extract(archive, built))
         archive.unlink(missing_ok=True)  # verified and extracted: the archive would only double the disk use
-    root = dataset_dir / source.subdir if source.subdir else dataset_dir
+        extracted = dataset_dir
+    root = extracted / source.subdir if source.subdir else extracted
     if not root.is_dir():
-        raise DownloadError(f"{archive}: extracted, but the expected folder '{source.subdir}' is not in it "
-                            f"(found: {', '.join(sorted(p.name for p in dataset_dir.iterdir()))})")
+        raise DownloadError(f"{source.filename}: extracted to {extracted}, but the expected folder "
+                            f"'{source.subdir}' is not in it "
+                            f"(found: {', '.join(sorted(p.name for p in extracted.iterdir()))})")
     return root
 
 

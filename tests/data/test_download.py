@@ -213,7 +213,7 @@ def test_demo_download_generates_and_reruns_identically(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "raw").iterdir() if p.name.startswith(".")]  # no leftovers
 
 
-def test_datasets_cut_from_one_archive_download_it_once(server: _Server, tmp_path: Path, monkeypatch) -> None:
+def test_datasets_cut_from_one_archive_download_and_extract_it_once(server: _Server, tmp_path: Path, monkeypatch) -> None:
     archive = _msd_tar()
     server.files["/Shared.tar"] = archive
     source = Source(url=f"{server.url}/Shared.tar", filename="Shared.tar", md5=hashlib.md5(archive).hexdigest(),
@@ -222,8 +222,29 @@ def test_datasets_cut_from_one_archive_download_it_once(server: _Server, tmp_pat
         monkeypatch.setitem(catalog.BUILTIN, name, DatasetSpec(name, "CT", None, "abdomen", {1: "spleen"}, "url", source))
     monkeypatch.setattr(download, "BACKOFF_S", 0.0)
     raw = tmp_path / "raw"
+    extracted = (raw / download.SHARED / "Shared" / "Task99_Toy").resolve()
+    # The first extraction fails midway: nothing half-extracted is left to pass for complete.
+    real_extract = download.safe_extract
+
+    def failing_extract(archive_path, destination, **kwargs):
+        real_extract(archive_path, destination, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(download, "safe_extract", failing_extract)
+    with pytest.raises(OSError, match="disk full"):
+        download.run_download("toy_ct", {"datasets": {"toy_ct": {}}}, raw / "toy_ct" / "download.json")
+    assert not (raw / download.SHARED / "Shared").exists()
+    assert [p.name for p in (raw / download.SHARED).iterdir()] == []
+    monkeypatch.setattr(download, "safe_extract", real_extract)
+    records = {}
     for name in ("toy_ct", "toy_mr"):
-        record = download.run_download(name, {"datasets": {name: {}}}, raw / name / "download.json")
-        assert Path(record["root"]) == (raw / name / "Task99_Toy").resolve()
-    assert len(server.ranges) == 1  # one HTTP request for both datasets
-    assert (raw / download.DOWNLOADS / "Shared.tar").is_file()  # kept for the datasets that share it
+        records[name] = download.run_download(name, {"datasets": {name: {}}}, raw / name / "download.json")
+        assert Path(records[name]["root"]) == extracted
+        assert sorted(p.name for p in (raw / name).iterdir()) == ["download.json"]  # no copy of its own
+    assert records["toy_ct"]["files"] == records["toy_mr"]["files"]
+    assert len(server.ranges) == 1  # the failed extraction kept the verified archive; the second dataset fetched nothing
+    assert not (raw / download.DOWNLOADS / "Shared.tar").exists()  # extracted once, the archive has gone
+    assert not (extracted / "imagesTr" / "a.nii.gz").stat().st_mode & 0o222  # read-only like any raw data
+    # A rerun of one dataset (snakemake --forcerun download) reuses the extraction, fetching nothing.
+    server.files.clear()
+    assert download.run_download("toy_mr", {"datasets": {"toy_mr": {}}}, raw / "toy_mr" / "download.json") == records["toy_mr"]
