@@ -22,15 +22,25 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_deca
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from lr/warmup to lr, then cosine decay to 0 at ``total_steps``."""
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  cycles: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from lr/warmup to lr, then ``cycles`` cosine decays to 0 ending at ``total_steps``.
+
+    ``cycles=2`` is one warm restart halfway through the decay (back to the peak lr), as the
+    paper's training code does; the cycles are equally long (SGDR with a period factor of 1).
+    """
+    if int(cycles) < 1:
+        raise ConfigError(f"the learning-rate schedule needs at least one cosine cycle, got {cycles}")
     warmup = max(0, min(int(warmup_steps), int(total_steps) - 1))
     decay_steps = max(1, int(total_steps) - warmup)
+    cycle_steps = decay_steps / int(cycles)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / decay_steps)
+        into_decay = min(step - warmup, decay_steps)
+        cycle = min(int(into_decay // cycle_steps), int(cycles) - 1)
+        progress = min(1.0, (into_decay - cycle * cycle_steps) / cycle_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

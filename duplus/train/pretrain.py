@@ -45,6 +45,7 @@ class PretrainSettings:
     lr: float = 3e-4
     weight_decay: float = 3e-5
     warmup_steps: int = 1000
+    lr_cycles: int = 1
     ema_decay: float = 0.99
     grad_accum: int = 1
     amp: str = "auto"
@@ -70,7 +71,7 @@ class PretrainSettings:
             if len(section["patch_size"]) != 3:
                 raise ConfigError(f"pretrain.patch_size must be 3 integers (Z, Y, X), got {section['patch_size']}")
         settings = cls(**section)
-        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "lr_cycles"):
             if int(getattr(settings, key)) < 1:
                 raise ConfigError(f"pretrain.{key} must be >= 1, got {getattr(settings, key)}")
         return settings
@@ -81,6 +82,8 @@ class PretrainSettings:
         for key in ("checkpoint_every", "log_every", "num_workers", "compile", "channels_last", "processes"):
             data.pop(key)
         data["patch_size"] = list(self.patch_size)
+        if self.lr_cycles == 1:
+            data.pop("lr_cycles")  # the plain schedule: runs checkpointed before the key existed still resume
         return json.loads(json.dumps(data, sort_keys=True, default=dict))
 
 
@@ -221,7 +224,7 @@ def _train(
     if settings.channels_last:
         use_channels_last(model)
     optimizer = build_optimizer(model.parameters(), settings.lr, settings.weight_decay, device)
-    scheduler = warmup_cosine(optimizer, settings.warmup_steps, settings.steps)
+    scheduler = warmup_cosine(optimizer, settings.warmup_steps, settings.steps, settings.lr_cycles)
     ema = EMA(model, settings.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     running = torch.zeros((), device=device)
