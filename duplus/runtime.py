@@ -7,6 +7,7 @@ import os
 import random
 import resource
 import sys
+import threading
 from typing import Any, Mapping
 
 import numpy as np
@@ -73,6 +74,55 @@ def seed_everything(seed: int) -> None:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+STATM = "/proc/self/statm"
+
+
+class RssPeak:
+    """The highest resident memory of this process while a block runs, in MiB (``.mb``).
+
+    ``peak_rss_mb`` is a high-water mark of the whole process, so a phase that follows a bigger
+    one cannot be measured with it. Here a thread reads the current RSS from ``/proc/self/statm``
+    every ``interval`` seconds, which gives each phase its own peak (a spike shorter than the
+    interval can be missed). Without ``/proc`` (macOS) it falls back to the high-water mark.
+    """
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = float(interval)
+        self.mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _current_mb(self, handle: Any) -> float:
+        handle.seek(0)
+        return int(handle.read().split()[1]) * self._page / 2**20
+
+    def _sample(self, handle: Any) -> None:
+        with handle:
+            while True:
+                self.mb = max(self.mb, self._current_mb(handle))
+                if self._stop.wait(self.interval):
+                    break
+            self.mb = max(self.mb, self._current_mb(handle))
+
+    def __enter__(self) -> "RssPeak":
+        try:
+            handle = open(STATM, "rb", buffering=0)  # noqa: SIM115 - closed by the sampling thread
+        except OSError:
+            return self
+        self.mb = self._current_mb(handle)
+        self._thread = threading.Thread(target=self._sample, args=(handle,), name="rss-peak", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            self.mb = peak_rss_mb()
+            return
+        self._stop.set()
+        self._thread.join()
 
 
 def set_threads(threads: int | None) -> None:

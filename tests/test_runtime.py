@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
+
+import numpy as np
 import pytest
 import torch
 
 from duplus.errors import ConfigError
-from duplus.runtime import configure_kernels, device_for, resolve_device
+from duplus.runtime import RssPeak, configure_kernels, device_for, peak_rss_mb, resolve_device
 
 FLAGS = ("benchmark", "deterministic", "allow_tf32")
 
@@ -44,3 +48,16 @@ def test_asking_for_a_gpu_that_is_not_there_names_the_fix():
         resolve_device("cuda")
     with pytest.raises(ConfigError, match="no CUDA"):
         device_for({"device": "cuda:1"})
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="per-phase peaks need /proc")
+def test_each_phase_gets_its_own_peak_not_the_process_high_water_mark():
+    with RssPeak() as big:
+        block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+        time.sleep(0.05)
+        del block
+    with RssPeak() as small:
+        time.sleep(0.05)
+    assert big.mb - small.mb > 200, (big.mb, small.mb)
+    assert peak_rss_mb() >= big.mb - 1  # the high-water mark still remembers the big phase
+    assert small.mb > 10  # a real reading: the interpreter and torch are resident

@@ -207,7 +207,7 @@ def adaptation_table(lora: dict[str, dict[str, Any]]) -> Table:
             "checkpoint_mb": fmt(number(m.get("checkpoint_bytes")) / MIB, "size_mb"),
             "s_lora": fmt(m.get("seconds_lora"), "seconds"),
             "s_full": fmt(m.get("seconds_full"), "seconds"),
-            # On a GPU its own per-run peak; on a CPU the process's high-water mark (see the note).
+            # Each training's own peak: GPU memory on a GPU, resident memory on a CPU (see the note).
             "mem_lora": fmt(m.get("peak_cuda_mb_lora", m.get("peak_rss_mb_lora")), "mb"),
             "mem_full": fmt(m.get("peak_cuda_mb_full", m.get("peak_rss_mb_full")), "mb"),
         })
@@ -216,8 +216,9 @@ def adaptation_table(lora: dict[str, dict[str, Any]]) -> Table:
         "(full FT - zero-shot): the share of full fine-tuning's gain that LoRA recovers.",
         "LoRA share: trainable LoRA parameters as a percentage of all model parameters. "
         "MB = 2^20 bytes; sizes 2 decimals, peak memory 0, seconds 2.",
-        "Peak memory: on a GPU, the GPU memory each run allocated at most; on a CPU, the process's "
-        "resident high-water mark, which for full fine-tuning also covers the LoRA run before it.",
+        "Peak memory of each training on its own: on a GPU, the GPU memory it allocated at most; on a "
+        "CPU, the process's resident memory at its highest during that training (sampled every 10 ms; "
+        "the loaded model and data count in both).",
     ]
     return Table("table2_adaptation", "Table 2. Per-center adaptation: zero-shot, LoRA and full fine-tuning",
                  list(ADAPTATION_COLUMNS), rows, notes)

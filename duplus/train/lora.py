@@ -5,12 +5,13 @@ Keeps the LoRA adapter (bound to its base weights) and records dice, gap closed,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import pandas as pd
 import torch
@@ -18,7 +19,7 @@ import torch
 from duplus.atomic import write_json
 from duplus.errors import ConfigError, DataError
 from duplus.hashing import sha256_file
-from duplus.runtime import device_for, peak_rss_mb
+from duplus.runtime import RssPeak, device_for
 from duplus.train.adapters import WEIGHTS_NAME, add_adapter, lora_config_from, save_adapter
 from duplus.train.batches import TextTable, open_prompt_cache
 from duplus.train.cases import read_manifests, select_cases
@@ -77,16 +78,17 @@ def gap_closed(zero: float | None, lora: float | None, full: float | None) -> fl
     return (lora - zero) / (full - zero)
 
 
-def _peak_memory(device: torch.device) -> dict[str, float]:
-    peaks = {"rss_mb": peak_rss_mb()}
-    if device.type == "cuda":
-        peaks["cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return peaks
-
-
-def _reset_peak(device: torch.device) -> None:
+@contextlib.contextmanager
+def _measure_peaks(device: torch.device) -> Iterator[dict[str, float]]:
+    """Peak RSS (and CUDA memory) of the training in the block, on its own, not the process's so far."""
+    peaks: dict[str, float] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    with RssPeak() as rss:
+        yield peaks
+    peaks["rss_mb"] = rss.mb
+    if device.type == "cuda":
+        peaks["cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def run_lora(
@@ -101,8 +103,8 @@ def run_lora(
 
     Zero-shot, LoRA and full fine-tuning are scored on the center's test split with
     ``duplus.evaluate.run.evaluate_cases``; LoRA and full fine-tuning train on its train split with
-    the same batches and step budget. Peak RSS is a process high-water mark, so the full
-    fine-tuning figure also covers the LoRA run before it; on a GPU the CUDA peaks are separate.
+    the same batches and step budget. Peak memory (RSS, and CUDA memory on a GPU) is measured for
+    each training on its own.
     """
     from duplus.model import count_parameters, load_model, lora_target_names, modalities_of, with_trained_window
 
@@ -153,10 +155,10 @@ def run_lora(
     lora_config = lora_config_from(settings, targets)
     adapted = copy.deepcopy(base)
     trainable_lora = add_adapter(adapted, lora_config, center)
-    _reset_peak(device)
-    seconds_lora = fit(adapted, sampler, table, steps=steps, batch_size=batch_size, lr=float(settings.get("lr", 1e-3)),
-                       seed=seed, amp=amp, num_workers=workers, desc=f"lora {center}")
-    peak_lora = _peak_memory(device)
+    with _measure_peaks(device) as peak_lora:
+        seconds_lora = fit(adapted, sampler, table, steps=steps, batch_size=batch_size,
+                           lr=float(settings.get("lr", 1e-3)), seed=seed, amp=amp, num_workers=workers,
+                           desc=f"lora {center}")
     results["lora"] = _evaluate(adapted, test_rows, cache, config, manifest_dir)
     save_adapter(adapted, center, lora_config, out / "adapter", base_sha)
     del adapted
@@ -165,11 +167,10 @@ def run_lora(
     for param in tuned.parameters():
         param.requires_grad_(True)
     trainable_full = count_parameters(tuned, trainable_only=True)
-    _reset_peak(device)
-    seconds_full = fit(tuned, sampler, table, steps=steps, batch_size=batch_size,
-                       lr=float(settings.get("full_finetune_lr", 1e-4)), seed=seed, amp=amp, num_workers=workers,
-                       desc=f"full fine-tuning {center}")
-    peak_full = _peak_memory(device)
+    with _measure_peaks(device) as peak_full:
+        seconds_full = fit(tuned, sampler, table, steps=steps, batch_size=batch_size,
+                           lr=float(settings.get("full_finetune_lr", 1e-4)), seed=seed, amp=amp, num_workers=workers,
+                           desc=f"full fine-tuning {center}")
     results["full_ft"] = _evaluate(tuned, test_rows, cache, config, manifest_dir)
     del tuned
 
