@@ -17,7 +17,6 @@ import torch
 
 from duplus.atomic import write_csv, write_json
 from duplus.errors import ConfigError, DataError, EHRError
-from duplus.hashing import sha256_file
 from duplus.prognosis.ehr import EHRSchema, load_ehr
 from duplus.prognosis.evaluate import (FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS, cross_validate, km_curves,
                                        make_folds, summarize)
@@ -64,9 +63,7 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     device = device_for(config)
     merge = list(prog.get("merge", ["tabular", "text"]))
     if model is None:
-        model = _load_model(model_path, device)
-        model_key = sha256_file(model_path)
-        config = _with_trained_window(config, model_path)
+        model, model_key, config = _load_model(model_path, device, config)
     elif model_key is None:
         raise ConfigError("run_prognosis: an adapted model needs model_key (hash of its base and adapter)")
     cache = _load_prompt_cache(prompt_cache) if not hasattr(prompt_cache, "get") else prompt_cache
@@ -183,19 +180,13 @@ def _case_input(case: str, row: pd.Series, cache: Any) -> CaseInput:
 
 # Calls into the other packages, kept here so that the seams are visible in one place.
 
-def _load_model(path: str | os.PathLike, device: torch.device) -> Any:
-    from duplus.model import load_model
+def _load_model(path: str | os.PathLike, device: torch.device, config: Mapping[str, Any]
+                ) -> tuple[Any, str, dict[str, Any]]:
+    """(model, the sha256 of the weights it was loaded from, ``config`` with the model's training window)."""
+    from duplus.model import load_model, with_trained_window
 
-    model, _meta = load_model(path, device=str(device))
-    return model
-
-
-def _with_trained_window(config: Mapping[str, Any], model_path: str | os.PathLike) -> dict[str, Any]:
-    from duplus.model import read_sidecar, sidecar_path, with_trained_window
-
-    if not sidecar_path(model_path).is_file():
-        return dict(config)
-    return with_trained_window(config, read_sidecar(model_path))
+    model, sidecar = load_model(path, device=str(device))  # checks the weights against the sidecar's sha256
+    return model, str(sidecar["sha256"]), with_trained_window(config, sidecar)
 
 
 def _prompt_texts(modality: str, region: str, sequence: str | None, classes: list[str]) -> tuple[str, list[str]]:

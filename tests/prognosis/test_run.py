@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from duplus.errors import EHRError
+from duplus.hashing import sha256_file
 from duplus.prognosis import run as run_module
 from duplus.prognosis.evaluate import FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS
 from duplus.prognosis.run import run_prognosis
@@ -65,7 +66,8 @@ def fakes(monkeypatch):
 
     monkeypatch.setattr(run_module, "_encode_sentences", encode)
     model = FakeDuPLUS()
-    monkeypatch.setattr(run_module, "_load_model", lambda path, device: model)
+    # As the real loader: the weights' sha256 (from the sidecar it checks them against) comes along.
+    monkeypatch.setattr(run_module, "_load_model", lambda path, device, config: (model, sha256_file(path), dict(config)))
     return calls, model
 
 
