@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,9 @@ import torch
 from duplus.errors import DataError, PromptError
 from duplus.evaluate.inference import predict_masks
 from duplus.evaluate.metrics import case_metrics
+
+if TYPE_CHECKING:
+    from duplus.evaluate.journal import CaseJournal, JournalEntry
 
 log = logging.getLogger("duplus.evaluate")
 
@@ -168,17 +171,47 @@ def evaluate_frame(
     config: Mapping[str, Any],
     manifest_dir: str | Path | None = None,
     keep_examples: bool = False,
+    journal: "CaseJournal | None" = None,
 ) -> Evaluation:
-    """Evaluate every row of ``cases``; keeps the first case of each dataset as an example if asked."""
+    """Evaluate every row of ``cases``; keeps the first case of each dataset as an example if asked.
+
+    With a ``journal`` (``duplus.evaluate.journal``), cases it holds under the same key are taken
+    from it and each newly finished case is added to it: a killed run resumes.
+    """
     from duplus.progress import progress
 
     result = Evaluation()
     seen: set[str] = set()
     for _, row in progress(list(cases.iterrows()), desc="evaluate", unit="case"):
-        first = str(row["dataset"]) not in seen
-        seen.add(str(row["dataset"]))
-        evaluate_case(model, row, prompt_cache, config, manifest_dir, result, keep_example=keep_examples and first)
+        dataset = str(row["dataset"])
+        keep_example = keep_examples and dataset not in seen
+        seen.add(dataset)
+        key = journal.key(row, _manifest_dir(row, manifest_dir)) if journal is not None else ""
+        entry = journal.load(row, key, keep_example) if journal is not None else None
+        if entry is None:
+            first_row = len(result.rows)
+            evaluate_case(model, row, prompt_cache, config, manifest_dir, result, keep_example=keep_example)
+            entry = _entry_of(result, first_row, dataset if keep_example else None)
+            if journal is not None:
+                journal.save(row, key, entry)
+            continue
+        result.rows.extend(entry.rows)
+        result.seconds.append(entry.seconds)
+        result.max_classes = max(result.max_classes, entry.n_classes)
+        if entry.example is not None:
+            result.examples[dataset] = entry.example
+    if journal is not None and journal.reused:
+        log.info("evaluate: %d of %d cases taken from %s (an interrupted run's)", journal.reused, len(cases),
+                 journal.folder)
     return result
+
+
+def _entry_of(result: Evaluation, first_row: int, example_of: str | None) -> "JournalEntry":
+    from duplus.evaluate.journal import JournalEntry
+
+    rows = result.rows[first_row:]
+    return JournalEntry(rows=rows, seconds=result.seconds[-1], n_classes=len(rows),
+                        example=result.examples.get(example_of) if example_of else None)
 
 
 def evaluate_cases(

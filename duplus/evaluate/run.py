@@ -18,6 +18,7 @@ from duplus.atomic import atomic_path, write_csv, write_json
 from duplus.errors import DataError, ModelError
 from duplus.evaluate.cases import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_frame
 from duplus.evaluate.inference import autocast_for, inference_settings, model_device
+from duplus.evaluate.journal import CaseJournal
 
 log = logging.getLogger("duplus.evaluate")
 
@@ -168,13 +169,25 @@ def run_evaluate(config: Mapping[str, Any], manifests: Sequence[str], prompt_cac
         )
     cases = select_cases(read_manifests(manifests), config)
     log.info("evaluating %d cases of %d datasets on %s", len(cases), cases["dataset"].nunique(), device)
-    result = evaluate_frame(model, cases, cache, config, keep_examples=True)
+    journal = case_journal(out, sidecar, config, device)
+    result = evaluate_frame(model, cases, cache, config, keep_examples=True, journal=journal)
     per_case = result.frame()[PER_CASE_COLUMNS]
     write_csv(out / "per_case.csv", per_case)
     write_csv(out / "summary.csv", summarize(per_case))
     write_examples(out, result.examples)
-    write_json(out / "efficiency.json", efficiency_report(model, config, result))
+    write_json(out / "efficiency.json", {**efficiency_report(model, config, result), "cases_resumed": journal.reused})
+    journal.clear()
     return per_case
+
+
+def case_journal(out_dir: Path, sidecar: Mapping[str, Any], config: Mapping[str, Any],
+                 device: torch.device) -> CaseJournal:
+    """The resume journal of one model's evaluation in ``out_dir`` (``duplus.evaluate.journal``)."""
+    from duplus import __version__
+
+    settings = {"inference": inference_settings(config), "evaluate": dict(config.get("evaluate") or {}),
+                "device": device.type, "duplus": __version__}
+    return CaseJournal(out_dir, str(sidecar["sha256"]), settings)
 
 
 def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], prompt_cache: str,
@@ -192,7 +205,8 @@ def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], 
     device = device_for(config)
     cache = PromptCache.load(prompt_cache)
     cases = select_cases(read_manifests(manifests), config)
-    frames = []
+    out = Path(out_dir)
+    frames, journals = [], []
     for path in model_paths:
         model, sidecar = load_model(path, device=device, architectures=(ARCHITECTURE,))
         datasets = list(sidecar.get("datasets") or [])
@@ -202,11 +216,14 @@ def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], 
         if mine.empty:
             raise DataError(f"{path}: no '{config.get('evaluate', {}).get('split', 'test')}' case of {datasets[0]} to evaluate")
         log.info("baseline %s: %d cases", datasets[0], len(mine))
-        frames.append(evaluate_frame(model, mine, cache, with_trained_window(config, sidecar)).frame()[PER_CASE_COLUMNS])
+        trained = with_trained_window(config, sidecar)
+        journals.append(case_journal(out, sidecar, trained, device))
+        frames.append(evaluate_frame(model, mine, cache, trained, journal=journals[-1]).frame()[PER_CASE_COLUMNS])
     if not frames:
         raise ModelError("baseline_evaluate: no baseline model given")
     per_case = pd.concat(frames, ignore_index=True)
-    out = Path(out_dir)
     write_csv(out / "per_case.csv", per_case)
     write_csv(out / "summary.csv", summarize(per_case))
+    for journal in journals:
+        journal.clear()
     return per_case

@@ -145,3 +145,77 @@ def test_summary_means_ignore_nan_distances():
     summary = summarize(per_case)
     row = summary[summary["class"] == "k"].iloc[0]
     assert row["dice"] == 0.5 and row["hd95"] == 4.0 and row["n"] == 2
+
+
+def test_a_killed_evaluation_resumes_with_the_cases_it_finished(dataset, tmp_path, monkeypatch):
+    import duplus.prompts.cache as cache_module
+    from duplus.evaluate.journal import FOLDER
+
+    monkeypatch.setattr(cache_module.PromptCache, "load", classmethod(lambda cls, path: FakeCache()))
+    torch.manual_seed(0)
+    model_path = tmp_path / "model" / "model.safetensors"
+    save_model(DuPLUS(ModelConfig.preset("tiny", text_dim=TEXT_DIM)), model_path, {"text_encoder": "fake"})
+    real_predict = cases_module.predict_masks
+    predicted = []
+
+    def predict(model, image, *args, **kwargs):
+        predicted.append(image.sum())
+        if fail_after[0] is not None and len(predicted) > fail_after[0]:
+            raise KeyboardInterrupt  # the job is killed while predicting
+        return real_predict(model, image, *args, **kwargs)
+
+    monkeypatch.setattr(cases_module, "predict_masks", predict)
+    fail_after = [None]
+    run_evaluate(CONFIG, [str(dataset)], "cache.safetensors", str(model_path), str(tmp_path / "fresh"))
+    assert len(predicted) == 2 and not (tmp_path / "fresh" / FOLDER).exists()  # done: no journal left
+
+    out = tmp_path / "out"
+    predicted.clear()
+    fail_after[0] = 1
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluate(CONFIG, [str(dataset)], "cache.safetensors", str(model_path), str(out))
+    assert len(list((out / FOLDER).glob("*.json"))) == 1 and not (out / "per_case.csv").exists()
+
+    predicted.clear()
+    fail_after[0] = None
+    run_evaluate(CONFIG, [str(dataset)], "cache.safetensors", str(model_path), str(out))
+    assert len(predicted) == 1  # only the case the killed run had not finished
+    for name in ("per_case.csv", "summary.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(tmp_path / "fresh" / name))
+    fresh, resumed = np.load(tmp_path / "fresh" / "examples" / "demo.npz"), np.load(out / "examples" / "demo.npz")
+    assert all(np.array_equal(fresh[k], resumed[k]) for k in fresh.files)
+    assert json.loads((out / "efficiency.json").read_text(encoding="utf-8"))["cases_resumed"] == 1
+    assert not (out / FOLDER).exists()
+
+
+def test_a_journal_entry_is_reused_only_under_the_same_key(dataset, tmp_path, monkeypatch):
+    from duplus.evaluate.journal import CaseJournal
+
+    frame = pd.read_csv(dataset, dtype={"case": str})
+    frame = frame[frame["split"] == "test"].assign(manifest_dir=str(dataset.parent))
+    calls = []
+    real_predict = cases_module.predict_masks
+    monkeypatch.setattr(cases_module, "predict_masks", lambda *a, **k: calls.append(1) or real_predict(*a, **k))
+
+    def evaluate(model_key="m1", settings=None):
+        journal = CaseJournal(tmp_path / "out", model_key, settings or {"threshold": 0.5})
+        calls.clear()
+        frame_out = cases_module.evaluate_frame(OracleModel(), frame, FakeCache(), CONFIG, journal=journal).frame()
+        return frame_out, len(calls)
+
+    first, n = evaluate()
+    assert n == 2
+    again, n = evaluate()
+    assert n == 0
+    pd.testing.assert_frame_equal(first, again)
+    assert evaluate(model_key="m2")[1] == 2  # other weights
+    assert evaluate(settings={"threshold": 0.6})[1] == 2  # other settings
+    evaluate()
+    image = dataset.parent / "c1" / "image.npy"
+    np.save(image, np.load(image) * 1.0 + 0.0)  # same numbers rewritten: same content, reused
+    assert evaluate()[1] == 0
+    np.save(image, np.load(image) + 1.0)  # the preprocessed image changed: c1 is evaluated again
+    assert evaluate()[1] == 1
+    for record in (tmp_path / "out" / ".cases").glob("*.json"):
+        record.write_text("{truncated")  # unreadable entries are evaluated again, never an error
+    assert evaluate()[1] == 2

@@ -1,0 +1,110 @@
+"""Per-case results of an evaluation kept beside its outputs, so that a killed job resumes.
+
+Evaluating the paper's test split means hundreds of full volumes, each predicted and then scored
+in its original space (HD95 and NSD on millions of voxels): hours of work. Every finished case is
+written to ``<out>/.cases/`` (atomically); a rerun after a kill, preemption or time limit takes
+the cases whose key still matches and evaluates only the rest. The key covers everything a
+case's numbers depend on: the model weights' sha256, the inference and evaluation settings, the
+device kind, the package version, the manifest row and the sha256 of the preprocessed image, its
+geometry record and the raw label. The stage deletes the journal once its outputs are written, so
+a completed evaluation never feeds a later one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from duplus.atomic import atomic_path, write_json
+from duplus.hashing import sha256_file, sha256_text
+
+log = logging.getLogger("duplus.evaluate")
+
+FOLDER = ".cases"
+_ROW_FIELDS = ("dataset", "case", "center", "modality", "region", "sequence", "labels", "image", "meta")
+
+
+@dataclass
+class JournalEntry:
+    """One evaluated case: its per-class rows, its inference seconds, and its example arrays if kept."""
+
+    rows: list[dict[str, Any]]
+    seconds: float
+    n_classes: int
+    example: dict[str, np.ndarray] | None = None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None  # NaN (HD95 of an empty mask) travels as null
+    if isinstance(value, (np.floating, np.integer)):
+        return _plain(value.item())
+    return value
+
+
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+class CaseJournal:
+    """The finished cases of one evaluation of one model (see the module docstring)."""
+
+    def __init__(self, out_dir: str | Path, model_key: str, settings: Mapping[str, Any]) -> None:
+        self.folder = Path(out_dir) / FOLDER
+        self._base = {"model": model_key, "settings": json.loads(json.dumps(settings, sort_keys=True, default=str))}
+        self.reused = 0
+
+    def _stem(self, row: Mapping[str, Any]) -> str:
+        name = f"{row['dataset']}__{row['case']}"
+        return re.sub(r"[^A-Za-z0-9._-]", "_", name) + "-" + sha256_text(name)[:8]
+
+    def key(self, row: Mapping[str, Any], folder: Path) -> str:
+        """What this case's numbers depend on, hashed (files by content, not by name or time)."""
+        fields = {name: None if row.get(name) is None else str(row.get(name)) for name in _ROW_FIELDS}
+        files = {}
+        for name, path in (("image", folder / str(row["image"])), ("meta", folder / str(row["meta"])),
+                           ("raw_label", Path(str(row["raw_label"])))):
+            files[name] = sha256_file(path) if path.is_file() else None
+        return sha256_text(json.dumps({**self._base, "row": fields, "files": files}, sort_keys=True))
+
+    def load(self, row: Mapping[str, Any], key: str, need_example: bool) -> JournalEntry | None:
+        """The case's saved results if their key matches (and the example is there when needed)."""
+        stem = self._stem(row)
+        record_path, example_path = self.folder / f"{stem}.json", self.folder / f"{stem}.npz"
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            if record.get("key") != key:
+                return None
+            rows = [{k: _float(v) if k in ("dice", "hd95", "nsd") else v for k, v in r.items()} for r in record["rows"]]
+            example = None
+            if need_example:
+                with np.load(example_path, allow_pickle=False) as arrays:
+                    example = {name: arrays[name] for name in arrays.files}
+            entry = JournalEntry(rows, float(record["seconds"]), int(record["n_classes"]), example)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # absent, unreadable or from another layout: evaluate the case again
+        self.reused += 1
+        return entry
+
+    def save(self, row: Mapping[str, Any], key: str, entry: JournalEntry) -> None:
+        """Record a finished case: the example first, then the record that vouches for it."""
+        stem = self._stem(row)
+        if entry.example is not None:
+            with atomic_path(self.folder / f"{stem}.npz", suffix=".npz") as tmp:
+                np.savez(tmp, **entry.example)
+        write_json(self.folder / f"{stem}.json", {
+            "key": key, "dataset": str(row["dataset"]), "case": str(row["case"]),
+            "rows": [{k: _plain(v) for k, v in r.items()} for r in entry.rows],
+            "seconds": entry.seconds, "n_classes": entry.n_classes,
+        })
+
+    def clear(self) -> None:
+        """Delete the journal (the stage's outputs hold everything now)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
