@@ -1,6 +1,7 @@
 """Preprocessing stage: integrity check, then per case reorient, resample, crop, normalise into the array store.
 
-Outputs are staged and moved into place only when every case succeeded, so a failed run leaves earlier outputs intact.
+Outputs are staged and moved into place only when every case succeeded, so a failed run leaves earlier outputs intact;
+the cases it finished stay staged and a rerun reuses them (``duplus.data.staging``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from duplus import __version__
 from duplus.atomic import atomic_path, save_npy, write_csv, write_json
 from duplus.data import geometry as geo
 from duplus.data.integrity import check_cases, init_worker, worker_context
@@ -26,6 +28,7 @@ from duplus.data.intensity import apply_box, body_mask, crop_box, normalize
 from duplus.data.io import write_image
 from duplus.data.layouts import Case, list_cases, read_case
 from duplus.data.registry import DatasetSpec, get_dataset
+from duplus.data.staging import STAGING, case_key, clear_case, mark_done, raw_file_hashes, staged_row
 from duplus.errors import ConfigError, DataError
 from duplus.progress import progress
 
@@ -166,6 +169,19 @@ def process_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed
             "raw_label": raw_label, "split": split}
 
 
+def _stage_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed: int, staging: str,
+                final_dir: str, split: str, key: str | None) -> tuple[dict[str, Any], bool]:
+    """(manifest row, whether it was staged already): a complete staged case under the same key is
+    taken as it is; anything else is preprocessed afresh (``duplus.data.staging``)."""
+    row = staged_row(Path(staging), case.case_id, key)
+    if row is not None:
+        return row, True
+    clear_case(Path(staging), case.case_id)
+    row = process_case(case, spec, options, seed, staging, final_dir, split)
+    mark_done(Path(staging), case.case_id, key, row)
+    return row, False
+
+
 def assign_splits(rows: list[dict[str, Any]], seed: int, test_fraction: float) -> None:
     """Set ``split`` per row: per center, a deterministic ``test_fraction`` of cases (>= 1 if the center has >= 2)."""
     by_center: dict[str, list[dict[str, Any]]] = {}
@@ -221,23 +237,31 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
     out_dir = Path(out_manifest).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob(".staging-*"), *out_dir.glob(".trash-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of an older layout or its install
+    staging = out_dir / STAGING  # kept across a killed run: finished cases are not redone
+    staging.mkdir(exist_ok=True)
     # Splits depend only on case ids and centers; known first, they decide how each case is cropped.
     stubs = [{"case": case.case_id, "center": case.center} for case in cases]
     assign_splits(stubs, seed, float(options["test_fraction"]))
-    try:
-        args = [(case, spec, options, seed, str(staging), str(out_dir), stub["split"]) for case, stub in zip(cases, stubs)]
-        if threads > 1 and len(cases) > 1:
-            with ProcessPoolExecutor(max_workers=min(threads, len(cases)), mp_context=worker_context(),
-                                     initializer=init_worker) as pool:
-                futures = [pool.submit(process_case, *a) for a in args]
-                rows = [f.result() for f in progress(futures, desc=f"preprocess {dataset}", total=len(futures))]
-        else:
-            rows = [process_case(*a) for a in progress(args, desc=f"preprocess {dataset}")]
-        _install(staging, out_dir, [row["case"] for row in rows])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    hashes = raw_file_hashes(record)
+    common = {"options": options, "seed": seed, "dataset": spec.name, "modality": spec.modality,
+              "region": spec.region, "sequence": spec.sequence, "labels": {str(k): v for k, v in spec.labels.items()},
+              "final_dir": str(out_dir.resolve()), "duplus": __version__}
+    args = [(case, spec, options, seed, str(staging), str(out_dir), stub["split"],
+             case_key(case, hashes, {**common, "split": stub["split"]})) for case, stub in zip(cases, stubs)]
+    if threads > 1 and len(cases) > 1:
+        with ProcessPoolExecutor(max_workers=min(threads, len(cases)), mp_context=worker_context(),
+                                 initializer=init_worker) as pool:
+            futures = [pool.submit(_stage_case, *a) for a in args]
+            results = [f.result() for f in progress(futures, desc=f"preprocess {dataset}", total=len(futures))]
+    else:
+        results = [_stage_case(*a) for a in progress(args, desc=f"preprocess {dataset}")]
+    rows = [row for row, _ in results]
+    reused = sum(1 for _, was_staged in results if was_staged)
+    if reused:
+        log.info("preprocess %s: %d of %d cases staged by an interrupted run were reused", dataset, reused, len(rows))
+    _install(staging, out_dir, [row["case"] for row in rows])
+    shutil.rmtree(staging, ignore_errors=True)
     frame = pd.DataFrame(rows)[MANIFEST_COLUMNS]
     write_csv(out_manifest, frame)
     log.info("preprocessed %s: %d cases (%d test) into %s", dataset, len(frame), int((frame["split"] == "test").sum()),

@@ -110,11 +110,19 @@ def test_splits_are_deterministic_and_per_center() -> None:
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The store as users see it (the hidden staging folder left out)."""
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.relative_to(folder).parts[0].startswith(".")}
+
+
+def _arrays(folder: Path) -> dict[str, str]:
+    return {name: digest for name, digest in _hashes(folder).items() if name.endswith(".npy")}
 
 
 def test_user_msd_dataset_in_parallel_and_failures_leave_outputs_untouched(msd_folder, tmp_path: Path,
                                                                            monkeypatch) -> None:
+    from duplus.data.staging import STAGING
+
     root = msd_folder(n=4)
     config = user_config(root)
     record = tmp_path / "raw" / "mydata" / "download.json"
@@ -125,23 +133,37 @@ def test_user_msd_dataset_in_parallel_and_failures_leave_outputs_untouched(msd_f
     assert set(frame["center"]) == {"north", "south"}
     assert json.loads(frame["labels"][0]) == {"1": "liver", "2": "liver tumor"}
     assert frame["raw_image"][0] == str((root / "imagesTr" / "case00.nii.gz").resolve())
+    assert not (manifest_path.parent / STAGING).exists()
     before = _hashes(manifest_path.parent)
 
-    # A worker that fails half-way: nothing of the new run is installed.
+    # A worker that fails half-way: nothing of the new run is installed ...
     original = preprocess.process_case
-    calls = {"n": 0}
+    calls: list[str] = []
 
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def flaky(case, *args, **kwargs):
+        calls.append(case.case_id)
+        if case.case_id == "case02" and fail[0]:
             raise DataError("dataset mydata, case case02: simulated failure")
-        return original(*args, **kwargs)
+        return original(case, *args, **kwargs)
 
+    fail = [True]
     monkeypatch.setattr(preprocess, "process_case", flaky)
     config["preprocess"]["spacing"] = [3.0, 3.0, 3.0]
     with pytest.raises(DataError, match="simulated failure"):
         preprocess.run_preprocess("mydata", config, record, manifest_path, threads=1)
     assert _hashes(manifest_path.parent) == before
+    # ... and the rerun preprocesses only the cases the failed run had not finished.
+    fail[0] = False
+    calls.clear()
+    resumed = preprocess.run_preprocess("mydata", config, record, manifest_path, threads=1)
+    assert calls == ["case02", "case03"]
+    assert not (manifest_path.parent / STAGING).exists()
+    fresh_path = tmp_path / "fresh" / "mydata" / "manifest.csv"
+    fresh = preprocess.run_preprocess("mydata", config, record, fresh_path, threads=1)
+    assert _arrays(manifest_path.parent) == _arrays(fresh_path.parent) != _arrays(tmp_path / "none")
+    columns = [c for c in fresh.columns if c not in ("raw_image", "raw_label")]
+    pd.testing.assert_frame_equal(resumed[columns], fresh[columns])
+    before = _hashes(manifest_path.parent)
     monkeypatch.setattr(preprocess, "process_case", original)
 
     # A dataset that fails its integrity check: nothing is written either.
@@ -151,6 +173,33 @@ def test_user_msd_dataset_in_parallel_and_failures_leave_outputs_untouched(msd_f
         preprocess.run_preprocess("mydata", config, record, manifest_path, threads=1)
     assert _hashes(manifest_path.parent) == before
     assert not [p for p in manifest_path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_staged_case_is_reused_only_under_the_same_key(msd_folder, tmp_path: Path) -> None:
+    from duplus.data.layouts import list_cases
+    from duplus.data.registry import get_dataset
+    from duplus.data.staging import case_key, mark_done, raw_file_hashes, staged_row
+
+    root = msd_folder(n=2)
+    config = user_config(root)
+    record = run_download("mydata", config, tmp_path / "raw" / "mydata" / "download.json")
+    hashes = raw_file_hashes(record)
+    case = list_cases(get_dataset("mydata", config), record["root"])[0]
+    key = case_key(case, hashes, {"spacing": [3.0, 3.0, 3.0]})
+    assert key is not None
+    assert case_key(case, hashes, {"spacing": [2.0, 3.0, 3.0]}) != key  # other settings
+    changed = {path: ("0" * 64 if path.endswith(f"{case.case_id}.nii.gz") and "images" in path else digest)
+               for path, digest in hashes.items()}
+    assert case_key(case, changed, {"spacing": [3.0, 3.0, 3.0]}) != key  # another raw image
+    assert case_key(case, {}, {"spacing": [3.0, 3.0, 3.0]}) is None  # not in the record: never reused
+    staging = tmp_path / "staging"
+    (staging / case.case_id).mkdir(parents=True)
+    assert staged_row(staging, case.case_id, key) is None  # folder without its record: unfinished
+    mark_done(staging, case.case_id, key, {"case": case.case_id})
+    assert staged_row(staging, case.case_id, key) == {"case": case.case_id}
+    assert staged_row(staging, case.case_id, "other") is None
+    (staging / f"{case.case_id}.done.json").write_text("{trunc")
+    assert staged_row(staging, case.case_id, key) is None
 
 
 def test_record_of_another_dataset_is_refused(demo_raw: Path, tmp_path: Path) -> None:
