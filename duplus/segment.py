@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from duplus import __version__
-from duplus.errors import ConfigError, DuplusError, ModelError
+from duplus.errors import ConfigError, DataError, DuplusError, ModelError
 
 log = logging.getLogger("duplus.segment")
 
@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="output folder (created)")
     parser.add_argument("--prompts", default=None, help='classes to segment, comma-separated: "liver, liver tumor"')
     parser.add_argument("--modality", required=True, help="CT, MRI (MR) or PET")
+    parser.add_argument("--channel", type=int, default=None,
+                        help="volume to segment of a 4-D image (or component of a vector image), from 0")
     parser.add_argument("--region", default=None, help="body region of the context prompt (default: the first class's region)")
     parser.add_argument("--sequence", default=None, help="MRI sequence, e.g. T1, T2 (changes the prompts)")
     parser.add_argument("--weights", default=None,
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             weights=args.weights, sha256=args.sha256, adapter=args.adapter,
             dataset_classes=args.dataset_classes, multilabel=args.multilabel, device=args.device,
             prompt_cache=args.prompt_cache, config=load_config(args.config), threshold=args.threshold,
+            channel=args.channel,
         )
     except DuplusError as error:
         print(f"duplus: error: {error}", file=sys.stderr)
@@ -170,6 +173,7 @@ def segment_image(
     prompt_cache: str | None = None,
     config: Mapping[str, Any] | None = None,
     threshold: float | None = None,
+    channel: int | None = None,
 ) -> dict[str, Any]:
     """Segment ``image`` for the prompted classes; returns the run report (also written as JSON)."""
     from duplus.atomic import write_json
@@ -200,7 +204,10 @@ def segment_image(
     region = " ".join((region or default_region(resolved, spec_region)).split()).lower()
     sequence = " ".join(sequence.split()) if sequence else sequence
 
-    scan = read_image(image)  # DataError naming the file: missing, unreadable, 4-D, NaN
+    names = [item[1] or item[0] for item in resolved]
+    check_outputs(image, out_dir, output_names(names, multilabel))  # before any work: never over the input
+    scan = read_image(image, channel)  # DataError naming the file: missing, unreadable, 4-D, NaN
+    input_sha256 = sha256_file(image) if Path(image).is_file() else None
     torch_device = resolve_device(device)
     configure_kernels(torch_device, bool(config.get("deterministic", False)))
     model, sidecar = _load_network(weights, sha256, adapter, torch_device)
@@ -214,7 +221,10 @@ def segment_image(
     check_encoder(cache, sidecar, prompt_cache, weights)
     mark = time.perf_counter()
     preprocess_config = {**config, "preprocess": sidecar.get("preprocess", config.get("preprocess") or {})}
-    array, meta = prepare_image(scan, modality_name, preprocess_config)
+    try:
+        array, meta = prepare_image(scan, modality_name, preprocess_config)
+    except DataError as error:
+        raise DataError(f"{image}: {error}") from None
     timings["preprocess"] = time.perf_counter() - mark
 
     window_config = with_trained_window(config, sidecar)
@@ -226,7 +236,6 @@ def segment_image(
     timings["predict"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    names = [item[1] or item[0] for item in resolved]
     outputs = write_masks(Path(out_dir), masks, meta, names, multilabel)
     timings["restore_and_write"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
@@ -244,7 +253,7 @@ def segment_image(
         "threshold": cut, "window": list(settings["roi"]), "device": str(torch_device),
         "outputs": outputs,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "input_sha256": sha256_file(image) if Path(image).is_file() else None,
+        "input_sha256": input_sha256, "channel": channel,
     }
     report_path = Path(out_dir) / "report.json"
     report["report"] = str(report_path)
@@ -272,6 +281,32 @@ def _adapter_hash(adapter: str | None) -> str | None:
     return sha256_tree(adapter) if adapter and Path(adapter).is_dir() else None
 
 
+def output_names(names: list[str], multilabel: bool) -> list[str]:
+    """The files ``write_masks`` writes for these classes (``report.json`` comes beside them)."""
+    if multilabel:
+        return ["labels.nii.gz", "labels.json"]
+    files, used = [], set()
+    for name in names:
+        stem = safe_name(name)
+        while stem in used:  # two phrases resolving to one class keep both files
+            stem += "_"
+        used.add(stem)
+        files.append(f"{stem}.nii.gz")
+    return files
+
+
+def check_outputs(image: str | Path, out_dir: str | Path, files: list[str]) -> None:
+    """Refuse an output that would replace the input scan, or land inside its DICOM folder."""
+    source = Path(image).resolve()
+    out = Path(out_dir).resolve()
+    if source.is_dir() and (out == source or source in out.parents):
+        raise ConfigError(f"--output {out_dir} is inside the input DICOM folder {image}; choose another folder")
+    for name in [*files, "report.json"]:
+        if (out / name).resolve() == source:
+            raise ConfigError(f"--output {out_dir} would overwrite the input {image} with {name}; "
+                              "choose another output folder")
+
+
 def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str], multilabel: bool) -> list[str]:
     """Restore [K, Z, Y, X] preprocessed-grid masks to the input grid and write them; returns file names.
 
@@ -289,15 +324,10 @@ def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str]
     def restored(k: int) -> sitk.Image:
         return restore_to_original(np.asarray(masks[k], dtype=np.uint8), meta, is_label=True)
 
+    files = output_names(names, multilabel)
     if not multilabel:
-        files, used = [], set()
-        for k, name in enumerate(names):
-            stem = safe_name(name)
-            while stem in used:  # two phrases resolving to one class keep both files
-                stem += "_"
-            used.add(stem)
-            write_image(restored(k), out / f"{stem}.nii.gz")
-            files.append(f"{stem}.nii.gz")
+        for k, file in enumerate(files):
+            write_image(restored(k), out / file)
         return files
     sizes = [int(np.count_nonzero(masks[k])) for k in range(len(names))]
     label, reference = None, None

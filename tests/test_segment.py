@@ -129,3 +129,30 @@ def test_default_paths_follow_the_run_config():
     weights, cache = segment.default_paths({"paths": {"results": "runs/paper"}, "prompts": {"encoder": "clipmd"}})
     assert weights == "runs/paper/pretrain/model.safetensors" and cache == "runs/paper/prompts/clipmd.safetensors"
     assert segment.default_paths({}) == ("results/pretrain/model.safetensors", "results/prompts/minilm.safetensors")
+
+
+def test_an_output_over_the_input_is_refused_before_any_work(setup, tmp_path, capsys):
+    scan = tmp_path / "liver.nii.gz"  # a scan named like the mask `--prompts liver` writes
+    scan.write_bytes(setup["scan"].read_bytes())
+    before = scan.read_bytes()
+    args = ["-i", str(scan), "-o", str(tmp_path), "--prompts", "liver", "--modality", "CT",
+            "--weights", str(setup["weights"]), "--device", "cpu", "--config", str(tmp_path / "c.yaml")]
+    (tmp_path / "c.yaml").write_text(json.dumps(setup["config"]))
+    code, err = _run(args, capsys)
+    assert code == 2 and "would overwrite the input" in err and str(scan) in err
+    assert scan.read_bytes() == before and not (tmp_path / "report.json").exists()
+    dicom_folder = tmp_path / "series"
+    dicom_folder.mkdir()
+    with pytest.raises(segment.ConfigError, match="inside the input DICOM folder"):
+        segment.check_outputs(dicom_folder, dicom_folder / "masks", ["liver.nii.gz"])
+
+
+def test_one_volume_of_a_4d_scan_is_segmented_with_channel(setup, tmp_path):
+    volume = sitk.JoinSeries([setup["image"], setup["image"] * 0.0])
+    path = tmp_path / "4d.nii.gz"
+    sitk.WriteImage(volume, str(path))
+    out = tmp_path / "out4d"
+    report = segment.segment_image(str(path), str(out), "liver", "CT", weights=str(setup["weights"]), device="cpu",
+                                   config=setup["config"], channel=0)
+    _same_grid(sitk.ReadImage(str(out / "liver.nii.gz")), setup["image"])
+    assert report["channel"] == 0
