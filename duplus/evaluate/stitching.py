@@ -62,13 +62,16 @@ def blend_slabs(
     consecutive z-ranges of ``volume`` [Z, Y, X], in order, covering it exactly once.
 
     ``predictor`` maps windows [n, 1, *roi] on ``device`` to [n, K, *roi] values to blend. Volumes
-    smaller than the window are zero-padded at the far end and cropped back. ``buffer_dtype``
+    smaller than the window are padded at the far end with their minimum and cropped back. ``buffer_dtype``
     float16 halves the buffer; blended probabilities then carry up to ~2e-3 absolute error (weights stay float32).
     """
     shape = tuple(volume.shape)
     padded = [max(s, r) for s, r in zip(shape, roi)]
     if padded != list(shape):
-        volume = F.pad(volume, (0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]))
+        # Filled with the volume's minimum, as training pads its patches (duplus.train.sampling.extract):
+        # zero is the mean intensity inside the body after normalisation, not background.
+        volume = F.pad(volume, (0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]),
+                       value=float(volume.min()))
     z_starts, y_starts, x_starts = (window_starts(p, r, overlap) for p, r in zip(padded, roi))
     rz, ry, rx = roi
     weight = compute_importance_map(tuple(roi), mode=mode, device=device)

@@ -50,11 +50,14 @@ def test_equals_monai_sliding_window_inference(mode, overlap, shape):
 
 
 def test_volume_smaller_than_the_window_is_padded_and_cropped_back():
-    volume = torch.randn(5, 9, 16)
+    """Padded with the volume's minimum, as training pads its patches (zero would be mid-body tissue)."""
+    volume = torch.randn(5, 9, 16) + 3.0
     ours, _ = _blend(volume, _predictor(2), 2, (8, 16, 16), 0.5, "gaussian")
-    padded = torch.nn.functional.pad(volume, (0, 0, 0, 7, 0, 3))
+    padded = torch.nn.functional.pad(volume, (0, 0, 0, 7, 0, 3), value=float(volume.min()))
     direct = _predictor(2)(padded[None, None])[0, :, :5, :9]
     assert torch.allclose(ours, direct, atol=1e-6)
+    zero_padded = _predictor(2)(torch.nn.functional.pad(volume, (0, 0, 0, 7, 0, 3))[None, None])[0, :, :5, :9]
+    assert not torch.allclose(ours, zero_padded, atol=1e-3)
 
 
 def test_slabs_leave_before_the_last_window_runs():
