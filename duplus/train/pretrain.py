@@ -100,14 +100,34 @@ def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
+def _preprocessed_sha256(cases: list[Any]) -> str:
+    """What the training data look like: per case its shape, labels and preprocessing record.
+
+    ``meta.json`` holds the target spacing, crop box and normalisation statistics, so new
+    preprocessing settings (spacing, CT window, percentiles, cropping) or new raw data change this
+    even when the case names stay; the original-file paths are left out, so a moved project resumes.
+    """
+    parts = []
+    for case in sorted(cases, key=lambda c: (c.dataset, c.case)):
+        try:
+            meta = json.loads((Path(case.image).parent / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        meta = {k: v for k, v in meta.items() if k not in ("raw_image", "raw_label")} if isinstance(meta, dict) else {}
+        parts.append(json.dumps([case.dataset, case.case, list(case.shape), sorted(case.label_map.items()), meta],
+                                sort_keys=True, default=str))
+    return sha256_text("\n".join(parts))
+
+
 def _run_identity(config: Mapping[str, Any], settings: PretrainSettings, sampler: PatchSampler, cache: Any) -> dict[str, Any]:
-    cases = sorted(f"{c.dataset}/{c.case}" for cs in sampler.by_dataset.values() for c in cs)
+    cases = [c for cs in sampler.by_dataset.values() for c in cs]
     return {
         "seed": int(config.get("seed", 0)),
         "pretrain": settings.fingerprint(),
         "model": json.loads(json.dumps(config.get("model") or {}, sort_keys=True)),
         "paraphrases": sampler.paraphrases,
-        "cases_sha256": sha256_text("\n".join(cases)),
+        "cases_sha256": sha256_text("\n".join(sorted(f"{c.dataset}/{c.case}" for c in cases))),
+        "preprocessed_sha256": _preprocessed_sha256(cases),
         "prompt_cache": str(getattr(cache, "encoder_identity", "")),
     }
 

@@ -150,6 +150,31 @@ def test_changed_settings_refuse_to_resume(store, config, tmp_path, monkeypatch)
         _run(config, store, FakePromptCache(), tmp_path)
 
 
+def test_re_preprocessed_data_never_resume_an_old_run(store, config, tmp_path):
+    """New preprocessing settings rewrite the store under the same case names: the finished run's
+    checkpoints must not pass for a model of the new data (Snakemake reruns the rule)."""
+    import shutil
+
+    from .conftest import FakePromptCache
+
+    copy = tmp_path / "store"
+    shutil.copytree(next(iter(store.values())).parent.parent, copy)
+    manifests = {name: copy / path.parent.name / path.name for name, path in store.items()}
+    config["pretrain"].update(steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    _run(config, manifests, FakePromptCache(), out)
+    _run(config, manifests, FakePromptCache(), out)  # the same data: "resumes" at the last step
+    first = pd.read_csv(next(iter(manifests.values())))
+    meta = next(iter(manifests.values())).parent / first[first["split"] == "train"]["meta"].iloc[0]
+    meta.write_text('{"target_spacing": [3.0, 3.0, 3.0], "raw_image": "/moved/away.nii.gz"}')
+    with pytest.raises(CheckpointError, match="preprocessed_sha256"):
+        _run(config, manifests, FakePromptCache(), out)
+    meta.write_text("{}")
+    _run(config, manifests, FakePromptCache(), out)  # the checkpoints' data again: resumes
+    meta.write_text('{"raw_image": "/moved/away.nii.gz"}')
+    _run(config, manifests, FakePromptCache(), out)  # the originals moved: the data are the same
+
+
 def test_a_checkpoint_resumes_only_at_the_precision_it_was_trained_in(store, config, tmp_path, monkeypatch):
     """amp: auto picks the precision per machine; a bf16 checkpoint must not resume as fp16 elsewhere."""
     from duplus.train import pretrain as pretrain_module
