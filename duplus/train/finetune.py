@@ -13,7 +13,7 @@ from torch import nn
 from duplus.progress import progress
 from duplus.train.batches import TextTable, batch_loss
 from duplus.train.optim import GRAD_CLIP, build_optimizer, warmup_cosine
-from duplus.train.sampling import PatchSampler, make_loader
+from duplus.train.sampling import PatchSampler, make_loader, workers_closed
 
 
 def fit(
@@ -43,15 +43,17 @@ def fit(
     loader = make_loader(sampler, seed, batch_size, 1, 0, steps, num_workers=num_workers, pin_memory=device.type == "cuda")
     model.train()
     started = time.perf_counter()
-    for batch in progress(loader, desc=desc, total=steps):
-        loss = batch_loss(model, batch, table, amp)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP, foreach=True)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+    batches = iter(loader)
+    with workers_closed(batches):
+        for batch in progress(batches, desc=desc, total=steps):
+            loss = batch_loss(model, batch, table, amp)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP, foreach=True)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the wall time must include the queued GPU work
     model.eval()

@@ -28,7 +28,7 @@ from duplus.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from duplus.train.ema import EMA
 from duplus.train.interrupt import StopFlag, TrainingInterrupted
 from duplus.train.optim import GRAD_CLIP, build_optimizer, resolve_amp, warmup_cosine
-from duplus.train.sampling import PatchSampler, make_loader
+from duplus.train.sampling import PatchSampler, make_loader, workers_closed
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,8 @@ def _train(
         _set_rng_state(resumed[1]["rng"], device)
     model.train()
     desc = f"baseline {sampler.datasets[0]}" if task_specific else "pretrain"
-    with StopFlag() as stop, progress(total=settings.steps, initial=start, desc=desc) as bar:
+    with StopFlag() as stop, workers_closed(batches), \
+            progress(total=settings.steps, initial=start, desc=desc) as bar:
         for step in range(start, settings.steps):
             lr = scheduler.get_last_lr()[0]
             for _ in range(settings.grad_accum):

@@ -5,7 +5,10 @@ Every sample is a pure function of (seed, step, index in step), whatever the num
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import contextlib
+import signal
+
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -250,6 +253,22 @@ class RankIndices:
 def _worker_init(_: int) -> None:
     # Each worker cuts and augments one patch at a time; many intra-op threads only oversubscribe.
     torch.set_num_threads(1)
+    # SLURM's preemption notice (--signal=TERM@...) and torchrun's forwarding reach every process of
+    # the job. A worker dying of it would make the training process fail in the middle of its
+    # checkpoint; the training process decides, and shuts its workers down (workers_closed).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def workers_closed(batches: Any) -> Iterator[Any]:
+    """Shut the worker processes of a DataLoader iterator down when the block ends, however it
+    ends: they ignore SIGTERM, so nothing else stops them on an interruption."""
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
 
 
 def make_loader(

@@ -136,6 +136,30 @@ def test_sigterm_checkpoints_raises_and_the_rerun_matches_an_uninterrupted_run(s
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
+def test_sigterm_to_every_process_of_the_job_still_checkpoints_with_loader_workers(store, config, tmp_path,
+                                                                                   monkeypatch):
+    """SLURM's preemption notice reaches the loader's worker processes too: they must not die of it
+    (the training process would fail inside its checkpoint) but wait to be shut down."""
+    from .conftest import FakePromptCache
+
+    config["pretrain"].update(steps=40, checkpoint_every=100, num_workers=2)
+    original = PatchSampler.sample
+    parent = os.getpid()
+
+    def sample(self, seed, step, index):
+        if step == 3 and index == 0 and os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)  # this worker first, then the training process
+            os.kill(parent, signal.SIGTERM)
+        return original(self, seed, step, index)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PatchSampler, "sample", sample)
+        with pytest.raises(TrainingInterrupted):
+            _run(config, store, FakePromptCache(), tmp_path / "preempted")
+    steps = list_checkpoints(tmp_path / "preempted" / "checkpoints")
+    assert len(steps) == 1 and 0 < steps[0] < 40
+
+
 def test_changed_settings_refuse_to_resume(store, config, tmp_path, monkeypatch):
     from .conftest import FakePromptCache
 
