@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,8 @@ import torch
 from duplus.errors import ConfigError, DuplusError
 
 log = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted-rank"  # marker a rank leaves beside its arguments when it stopped on request
 
 # Entry points a worker may run, by name: the arguments travel as JSON, never as pickles.
 ENTRY_POINTS = {
@@ -166,15 +169,33 @@ def launch(entry: str, processes: int, kwargs: dict[str, Any], worker_log: str |
         raise ConfigError(f"unknown training entry point {entry!r}; choose from {sorted(ENTRY_POINTS)}")
     if processes <= 1 or from_environment().active:
         return _resolve(entry)(**kwargs)
+    from duplus.train.interrupt import StopFlag, TrainingInterrupted
+
     with tempfile.TemporaryDirectory(prefix="duplus-launch-") as folder:
         arguments = Path(folder) / "arguments.json"
         arguments.write_text(json.dumps({"entry": entry, "kwargs": kwargs, "log_path": worker_log}, default=str), encoding="utf-8")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    "-m", "duplus.train.distributed", str(arguments)]
         log.info("launching %s on %d processes: %s", entry, processes, " ".join(command))
-        result = subprocess.run(command, check=False)
-    if result.returncode != 0:
-        raise DuplusError(f"distributed {entry} failed (torchrun exit code {result.returncode}); see the ranks' messages above")
+        # A SIGTERM here (scancel, a preemption notice sent to this process only) goes on to torchrun,
+        # which hands it to the ranks; this process waits until they have checkpointed and left.
+        with StopFlag() as stop:
+            process = subprocess.Popen(command)
+            forwarded = False
+            while process.poll() is None:
+                if stop.requested and not forwarded:
+                    process.send_signal(signal.SIGTERM)
+                    forwarded = True
+                try:
+                    process.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+        stopped = sorted(Path(folder).glob(f"{INTERRUPTED}*"))
+        message = stopped[0].read_text(encoding="utf-8") if stopped else ""
+    if process.returncode != 0 and (stopped or stop.requested):
+        raise TrainingInterrupted(message or f"distributed {entry} stopped on request; rerun to resume from its checkpoint")
+    if process.returncode != 0:
+        raise DuplusError(f"distributed {entry} failed (torchrun exit code {process.returncode}); see the ranks' messages above")
     return None
 
 
@@ -192,8 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     payload = json.loads(Path(args[0]).read_text(encoding="utf-8"))
     setup_logging(payload.get("log_path"))
+    from duplus.train.interrupt import TrainingInterrupted
+
     try:
         _resolve(payload["entry"])(**payload["kwargs"])
+    except TrainingInterrupted as error:
+        # torchrun reports any non-zero exit as a failure; the launcher reads this to tell a
+        # checkpointed stop (rerun resumes) from a crash.
+        rank = os.environ.get("RANK", "0")
+        (Path(args[0]).parent / f"{INTERRUPTED}{rank}").write_text(str(error), encoding="utf-8")
+        log.warning("rank %s: %s", rank, error)
+        return 1
     except DuplusError as error:
         log.error("rank %s: %s", os.environ.get("RANK", "?"), error)
         return 1

@@ -111,3 +111,41 @@ def test_a_stop_requested_on_one_rank_is_agreed_by_all(tmp_path):
 
     mp.spawn(_vote, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["True False", "True False"]
+
+
+def test_sigterm_to_the_launcher_reaches_the_ranks_which_checkpoint_and_stop(store, prompt_file, tmp_path,
+                                                                             monkeypatch):
+    """scancel or a preemption notice sent to the job's first process: torchrun and the ranks get
+    it, rank 0 checkpoints, and the launcher reports a resumable stop, not a failure."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from duplus.train.interrupt import TrainingInterrupted
+
+    from .conftest import BASE_CONFIG
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = copy.deepcopy(BASE_CONFIG)
+    config["pretrain"].update(steps=400, batch_size=2, log_every=1, checkpoint_every=1000, warmup_steps=1)
+    folder = tmp_path / "ddp"
+    kwargs = {"config": config, "manifests": [str(m) for m in store.values()], "prompt_cache": str(prompt_file),
+              "out_model": str(folder / "model.safetensors"), "out_log": str(folder / "train_log.csv")}
+
+    def preempt() -> None:
+        deadline = time.monotonic() + 240
+        while not (folder / "train_log.csv").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the launcher's stop flag
+
+    thread = threading.Thread(target=preempt)
+    thread.start()
+    try:
+        with pytest.raises(TrainingInterrupted, match="rerun to resume"):
+            distributed.launch("pretrain", 2, kwargs)
+    finally:
+        thread.join()
+    steps = sorted(p.name for p in (folder / "checkpoints").iterdir() if p.suffix == ".json")
+    assert len(steps) == 1 and steps[0] != "step_00000400.json"
+    assert not (folder / "model.safetensors").exists()
