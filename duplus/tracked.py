@@ -32,6 +32,12 @@ def _sections(config: Mapping[str, Any], *names: str) -> dict[str, Any]:
     return {name: _section(config, name) for name in names}
 
 
+def _demo_size(name: str, config: Mapping[str, Any]) -> Any:
+    """The one ``demo`` key a demo dataset's size comes from (``duplus.data.demo``)."""
+    key = "headneck_patients" if name == "demo_headneck_pet" else "cases_per_center"
+    return (config.get("demo") or {}).get(key)
+
+
 def _is_demo(name: str, config: Mapping[str, Any]) -> bool:
     from duplus.data.registry import builtin_datasets
 
@@ -45,8 +51,8 @@ def stage_settings(stage: str, config: Mapping[str, Any], **wildcards: str) -> d
     datasets = config.get("datasets") or {}
     if stage == "download":
         name = wildcards["dataset"]
-        demo = _is_demo(name, config)  # generated phantoms depend on the demo sizes and the seed
-        return {"dataset": copy.deepcopy(datasets.get(name)), "demo": _section(config, "demo") if demo else None,
+        demo = _is_demo(name, config)  # generated phantoms depend on the seed and their own size key
+        return {"dataset": copy.deepcopy(datasets.get(name)), "demo": _demo_size(name, config) if demo else None,
                 "seed": config.get("seed") if demo else None}
     if stage == "preprocess":
         return {"dataset": copy.deepcopy(datasets.get(wildcards["dataset"])),
@@ -63,9 +69,12 @@ def stage_settings(stage: str, config: Mapping[str, Any], **wildcards: str) -> d
     if stage == "lora_center":
         lora = _section(config, "lora") or {}
         center = (lora.pop("centers", None) or {}).get(wildcards["center"])
-        return {"center": center, "lora": lora, **_sections(config, "seed", "inference", "evaluate")}
+        # LoRA scores Dice on the center's whole test split: no evaluate setting changes its numbers.
+        return {"center": center, "lora": lora, **_sections(config, "seed", "inference")}
     if stage == "prognosis":
-        return _sections(config, "seed", "inference", "prognosis")
+        # Of the inference settings, the tumour masks use only the threshold.
+        threshold = (config.get("inference") or {}).get("threshold")
+        return {**_sections(config, "seed", "prognosis"), "inference_threshold": threshold}
     if stage == "report":
         return _sections(config, "report")
     raise KeyError(f"no tracked settings for stage '{stage}'")

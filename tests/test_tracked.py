@@ -50,8 +50,14 @@ def test_a_center_job_tracks_its_own_center_only(config):
 def test_demo_settings_concern_demo_downloads_only(config):
     config["datasets"]["my_ct"] = {"kind": "msd", "root": "/data/my_ct", "modality": "CT", "region": "abdomen",
                                    "labels": {"1": "liver"}}
-    assert stage_settings("download", config, dataset="demo_abdomen_ct")["demo"] == config["demo"]
+    assert stage_settings("download", config, dataset="demo_abdomen_ct")["demo"] == config["demo"]["cases_per_center"]
     assert stage_settings("download", config, dataset="my_ct")["demo"] is None
+    # Each demo dataset tracks the one size it is generated with.
+    bigger = copy.deepcopy(config)
+    bigger["demo"]["headneck_patients"] += 10
+    for name, changes in (("demo_abdomen_ct", False), ("demo_abdomen_mri", False), ("demo_headneck_pet", True)):
+        assert (stage_settings("download", bigger, dataset=name) != stage_settings("download", config, dataset=name)) \
+            == changes, name
     with pytest.raises(KeyError, match="no tracked settings"):
         stage_settings("nonsense", config)
 
@@ -78,3 +84,15 @@ def test_switched_off_lora_names_no_dataset(config):
 
     config["lora"].update(enabled=False, centers={"x": {"dataset": "amos_ct", "center": "a"}})
     check_dataset_references(config)
+
+
+def test_stages_do_not_track_settings_they_never_read(config):
+    changed = copy.deepcopy(config)
+    changed["evaluate"]["nsd_tolerance_mm"] = 5.0  # LoRA scores Dice only
+    assert stage_settings("lora_center", changed, center="ct_siteB") == stage_settings("lora_center", config,
+                                                                                       center="ct_siteB")
+    assert stage_settings("evaluate", changed) != stage_settings("evaluate", config)
+    changed["inference"]["overlap"] = 0.25  # prognosis reads the threshold only
+    assert stage_settings("prognosis", changed) == stage_settings("prognosis", config)
+    changed["inference"]["threshold"] = 0.4
+    assert stage_settings("prognosis", changed) != stage_settings("prognosis", config)
