@@ -142,13 +142,14 @@ def evaluate_case(
     result.seconds.append(time.perf_counter() - started)
 
     label, label_spacing = read_array(row["raw_label"])
-    raw_image, spacing = read_array(row["raw_image"]) if keep_example else (None, label_spacing)
+    # Scored on the label's grid and spacing, example or not; the example keeps its image's spacing.
+    raw_image, image_spacing = read_array(row["raw_image"]) if keep_example else (None, label_spacing)
     truth = label_masks(label, label_map, classes)
     pred = np.stack([restore_mask(pred_small[k], meta) for k in range(len(classes))])
     if pred.shape != truth.shape:
         raise DataError(f"{where}: restored prediction {pred.shape[1:]} differs from the raw label grid {truth.shape[1:]}")
     tolerance = float((config.get("evaluate") or {}).get("nsd_tolerance_mm", 2.0))
-    scores = case_metrics(pred, truth, spacing, classes, tolerance)
+    scores = case_metrics(pred, truth, label_spacing, classes, tolerance)
     for item in scores:
         result.rows.append({"dataset": row["dataset"], "case": row["case"], "center": row.get("center", ""), **item})
     log.info("%s (%s): dice %s", where, row.get("center", ""), ", ".join(f"{s['class']} {s['dice']:.3f}" for s in scores))
@@ -159,7 +160,7 @@ def evaluate_case(
             "pred": pred.astype(np.uint8),
             "truth": truth.astype(np.uint8),
             "classes": np.asarray(classes, dtype=str),
-            "spacing": np.asarray(spacing, dtype=np.float64),
+            "spacing": np.asarray(image_spacing, dtype=np.float64),
             "case": np.asarray(str(row["case"])),
         }
 

@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,6 +48,16 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return _plain(value.item())
     return value
+
+
+def source_sha256() -> str:
+    """Hash of the package's source files: a resumed evaluation never mixes numbers of two versions
+    of the code (a fix made between a killed run and its rerun invalidates the journal)."""
+    import duplus
+
+    root = Path(duplus.__file__).parent
+    return sha256_text("\n".join(f"{path.relative_to(root)}:{sha256_file(path)}"
+                                 for path in sorted(root.rglob("*.py"))))
 
 
 def _float(value: Any) -> float:
@@ -85,10 +96,12 @@ class CaseJournal:
             rows = [{k: _float(v) if k in ("dice", "hd95", "nsd") else v for k, v in r.items()} for r in record["rows"]]
             example = None
             if need_example:
+                if sha256_file(example_path) != record["example_sha256"]:
+                    return None  # not the example this record was written with
                 with np.load(example_path, allow_pickle=False) as arrays:
                     example = {name: arrays[name] for name in arrays.files}
             entry = JournalEntry(rows, float(record["seconds"]), int(record["n_classes"]), example)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
             return None  # absent, unreadable or from another layout: evaluate the case again
         self.reused += 1
         return entry
@@ -96,13 +109,15 @@ class CaseJournal:
     def save(self, row: Mapping[str, Any], key: str, entry: JournalEntry) -> None:
         """Record a finished case: the example first, then the record that vouches for it."""
         stem = self._stem(row)
+        example_sha256 = None
         if entry.example is not None:
             with atomic_path(self.folder / f"{stem}.npz", suffix=".npz") as tmp:
                 np.savez(tmp, **entry.example)
+                example_sha256 = sha256_file(tmp)
         write_json(self.folder / f"{stem}.json", {
             "key": key, "dataset": str(row["dataset"]), "case": str(row["case"]),
             "rows": [{k: _plain(v) for k, v in r.items()} for r in entry.rows],
-            "seconds": entry.seconds, "n_classes": entry.n_classes,
+            "seconds": entry.seconds, "n_classes": entry.n_classes, "example_sha256": example_sha256,
         })
 
     def clear(self) -> None:

@@ -18,12 +18,13 @@ from duplus.atomic import atomic_path, write_csv, write_json
 from duplus.errors import DataError, ModelError
 from duplus.evaluate.cases import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_frame
 from duplus.evaluate.inference import autocast_for, inference_settings, model_device
-from duplus.evaluate.journal import CaseJournal
+from duplus.evaluate.journal import CaseJournal, source_sha256
 
 log = logging.getLogger("duplus.evaluate")
 
 __all__ = ["run_evaluate", "evaluate_cases", "select_cases", "summarize", "class_scaling_ratio"]
 
+SUMMARY_COLUMNS = ["dataset", "class", "dice", "hd95", "nsd", "n", "hd95_n"]
 MANIFEST_COLUMNS = ("dataset", "case", "center", "modality", "region", "split", "image", "meta", "labels",
                     "raw_image", "raw_label")
 
@@ -60,22 +61,29 @@ def select_cases(frame: pd.DataFrame, config: Mapping[str, Any]) -> pd.DataFrame
 
 
 def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
-    """Mean per (dataset, class) ignoring NaN hd95, plus a 'mean' row per dataset (mean over classes)."""
+    """Mean per (dataset, class) ignoring NaN hd95, plus a 'mean' row per dataset (mean over classes).
+
+    ``n``: cases evaluated. ``hd95_n``: cases with a finite HD95 (both masks non-empty): a structure
+    the model misses has none, so its HD95 mean covers fewer cases; compare the two. On a dataset's
+    mean row ``hd95_n`` counts the classes its HD95 mean covers.
+    """
     rows = []
     for dataset, part in per_case.groupby("dataset", sort=True):
         classes = []
         for name, cls in part.groupby("class", sort=False):
-            row = {"dataset": dataset, "class": name, "n": int(len(cls))}
+            row = {"dataset": dataset, "class": name, "n": int(len(cls)),
+                   "hd95_n": int(pd.to_numeric(cls["hd95"], errors="coerce").notna().sum())}
             row.update({m: float(np.nanmean(cls[m])) if cls[m].notna().any() else float("nan")
                         for m in ("dice", "hd95", "nsd")})
             classes.append(row)
         rows.extend(classes)
         table = pd.DataFrame(classes)
-        mean = {"dataset": dataset, "class": "mean", "n": int(part["case"].nunique())}
+        mean = {"dataset": dataset, "class": "mean", "n": int(part["case"].nunique()),
+                "hd95_n": int(table["hd95"].notna().sum())}
         mean.update({m: float(np.nanmean(table[m])) if table[m].notna().any() else float("nan")
                      for m in ("dice", "hd95", "nsd")})
         rows.append(mean)
-    return pd.DataFrame(rows, columns=["dataset", "class", "dice", "hd95", "nsd", "n"])
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 def class_scaling_ratio(model: torch.nn.Module, config: Mapping[str, Any], n_classes: int, repeats: int = 2) -> float:
@@ -169,7 +177,7 @@ def run_evaluate(config: Mapping[str, Any], manifests: Sequence[str], prompt_cac
         )
     cases = select_cases(read_manifests(manifests), config)
     log.info("evaluating %d cases of %d datasets on %s", len(cases), cases["dataset"].nunique(), device)
-    journal = case_journal(out, sidecar, config, device)
+    journal = case_journal(out, sidecar, config, device, prompt_cache)
     result = evaluate_frame(model, cases, cache, config, keep_examples=True, journal=journal)
     per_case = result.frame()[PER_CASE_COLUMNS]
     write_csv(out / "per_case.csv", per_case)
@@ -181,12 +189,13 @@ def run_evaluate(config: Mapping[str, Any], manifests: Sequence[str], prompt_cac
 
 
 def case_journal(out_dir: Path, sidecar: Mapping[str, Any], config: Mapping[str, Any],
-                 device: torch.device) -> CaseJournal:
+                 device: torch.device, prompt_cache: str) -> CaseJournal:
     """The resume journal of one model's evaluation in ``out_dir`` (``duplus.evaluate.journal``)."""
-    from duplus import __version__
+    from duplus.hashing import sha256_file
 
     settings = {"inference": inference_settings(config), "evaluate": dict(config.get("evaluate") or {}),
-                "device": device.type, "duplus": __version__}
+                "device": device.type, "source": source_sha256(),
+                "prompt_cache": sha256_file(prompt_cache) if Path(prompt_cache).is_file() else str(prompt_cache)}
     return CaseJournal(out_dir, str(sidecar["sha256"]), settings)
 
 
@@ -217,7 +226,7 @@ def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], 
             raise DataError(f"{path}: no '{config.get('evaluate', {}).get('split', 'test')}' case of {datasets[0]} to evaluate")
         log.info("baseline %s: %d cases", datasets[0], len(mine))
         trained = with_trained_window(config, sidecar)
-        journals.append(case_journal(out, sidecar, trained, device))
+        journals.append(case_journal(out, sidecar, trained, device, prompt_cache))
         frames.append(evaluate_frame(model, mine, cache, trained, journal=journals[-1]).frame()[PER_CASE_COLUMNS])
     if not frames:
         raise ModelError("baseline_evaluate: no baseline model given")

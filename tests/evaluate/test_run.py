@@ -125,7 +125,7 @@ def test_run_evaluate_writes_the_documented_files(dataset, tmp_path, monkeypatch
     assert list(per_case.columns) == ["dataset", "case", "center", "class", "dice", "hd95", "nsd"]
     assert len(per_case) == 2 and set(per_case["case"]) == {"c1"}  # capped at one case, test split only
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary.columns) == ["dataset", "class", "dice", "hd95", "nsd", "n"]
+    assert list(summary.columns) == ["dataset", "class", "dice", "hd95", "nsd", "n", "hd95_n"]
     assert summary[summary["class"] == "mean"]["n"].tolist() == [1]
     efficiency = json.loads((out / "efficiency.json").read_text(encoding="utf-8"))
     for key in ("params", "macs_per_window", "window", "seconds_per_volume", "peak_rss_mb", "class_scaling_ratio", "device"):
@@ -145,6 +145,9 @@ def test_summary_means_ignore_nan_distances():
     summary = summarize(per_case)
     row = summary[summary["class"] == "k"].iloc[0]
     assert row["dice"] == 0.5 and row["hd95"] == 4.0 and row["n"] == 2
+    assert row["hd95_n"] == 1  # the miss has no distance: the HD95 mean covers one case of two
+    mean = summary[summary["class"] == "mean"].iloc[0]
+    assert mean["hd95_n"] == 1 and mean["n"] == 2
 
 
 def test_a_killed_evaluation_resumes_with_the_cases_it_finished(dataset, tmp_path, monkeypatch):
@@ -219,3 +222,17 @@ def test_a_journal_entry_is_reused_only_under_the_same_key(dataset, tmp_path, mo
     for record in (tmp_path / "out" / ".cases").glob("*.json"):
         record.write_text("{truncated")  # unreadable entries are evaluated again, never an error
     assert evaluate()[1] == 2
+
+    def with_example():
+        journal = CaseJournal(tmp_path / "out", "m1", {"threshold": 0.5})
+        calls.clear()
+        result = cases_module.evaluate_frame(OracleModel(), frame, FakeCache(), CONFIG, keep_examples=True,
+                                             journal=journal)
+        return result, len(calls)
+
+    assert with_example()[1] == 1  # the first case is kept as the example: its entry had none
+    result, n = with_example()
+    assert n == 0 and set(result.examples) == {"demo"}
+    example = next((tmp_path / "out" / ".cases").glob("*.npz"))
+    example.write_bytes(example.read_bytes()[:100])  # a damaged example: that case is evaluated again
+    assert with_example()[1] == 1
