@@ -103,7 +103,7 @@ def _check_nifti_file(path: Path) -> None:
         expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     except Exception as error:  # noqa: BLE001 - any header failure means the file is unusable
         raise DataError(f"{path}: cannot read the image (corrupt NIfTI header: {error})") from None
-    if path.name.endswith(".gz"):
+    if path.name.lower().endswith(".gz"):
         with open(path, "rb") as handle:
             handle.seek(-4, os.SEEK_END)
             trailer = int.from_bytes(handle.read(4), "little")

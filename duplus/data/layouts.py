@@ -42,8 +42,8 @@ class Case:
 
 
 def _strip_suffix(name: str) -> str:
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(suffix):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):  # scanners and Windows tools write .NII.GZ too
             return name[: -len(suffix)]
     return name
 
@@ -56,6 +56,21 @@ def _visible_images(folder: Path) -> list[Path]:
 
 def _center(spec: DatasetSpec, fallback: str) -> str:
     return spec.default_center or (spec.centers[0] if spec.centers else fallback)
+
+
+def _listed_image(listed: Path, channel: int | None) -> tuple[Path, int | None]:
+    """(image file, channel within it) of a dataset.json entry.
+
+    nnU-Net v1 lists ``imagesTr/case.nii.gz`` but keeps each channel in ``case_0000.nii.gz``,
+    ``case_0001.nii.gz``, ...: then the file of the dataset's channel is the image (a 3-D volume).
+    """
+    if listed.exists():
+        return listed.resolve(), channel
+    stem = _strip_suffix(listed.name)
+    per_channel = listed.with_name(f"{stem}_{(channel or 0):04d}{listed.name[len(stem):]}")
+    if per_channel.exists():
+        return per_channel.resolve(), None
+    return listed.resolve(), channel  # missing: the integrity check names it
 
 
 def msd_cases(spec: DatasetSpec, root: Path) -> list[Case]:
@@ -74,10 +89,11 @@ def msd_cases(spec: DatasetSpec, root: Path) -> list[Case]:
         for number, entry in enumerate(entries):
             if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
                 raise DataError(f"{index}: training[{number}] needs 'image' and 'label' paths, got {entry!r}")
-            image = (root / entry["image"]).resolve()
-            case_id = _strip_suffix(image.name)
+            listed = root / entry["image"]
+            case_id = _strip_suffix(listed.name)  # the listed name: a symlink's target may be called anything
+            image, channel = _listed_image(listed, spec.channel)
             cases.append(Case(case_id, image, (root / entry["label"]).resolve(),
-                              str(entry.get("center") or _center(spec, "default")), spec.channel))
+                              str(entry.get("center") or _center(spec, "default")), channel))
         if cases:
             return cases
     images = root / "imagesTr"
@@ -185,7 +201,11 @@ def mnms_cases(spec: DatasetSpec, root: Path) -> list[Case]:
     if not tables:
         raise DataError(f"{root / 'OpenDataset'}: the M&Ms information CSV (External code, Centre, ED, ES) is missing")
     with open(tables[0], newline="", encoding="utf-8-sig") as handle:
-        info = {row["External code"].strip(): row for row in csv.DictReader(handle)}
+        reader = csv.DictReader(handle)
+        missing = [c for c in ("External code", "ED", "ES") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{tables[0]}: the M&Ms information CSV lacks column(s) {missing}")
+        info = {(row["External code"] or "").strip(): row for row in reader}
     cases = []
     for folder in sorted((root / "OpenDataset" / "Training" / "Labeled").glob("*")):
         code = folder.name
@@ -194,7 +214,11 @@ def mnms_cases(spec: DatasetSpec, root: Path) -> list[Case]:
             raise DataError(f"{tables[0]}: no row for M&Ms subject '{code}' (column 'External code')")
         center = f"centre{str(row.get('Centre', '')).strip() or 'unknown'}"
         for phase in ("ED", "ES"):
-            frame = int(float(row[phase]))
+            try:
+                frame = int(float(row[phase]))
+            except (TypeError, ValueError):
+                raise DataError(f"{tables[0]}: subject '{code}' has no frame number in column '{phase}' "
+                                f"(got {row[phase]!r})") from None
             cases.append(Case(f"{code}_{phase.lower()}", folder / f"{code}_sa.nii.gz", folder / f"{code}_sa_gt.nii.gz",
                               center, channel=frame, label_channel=frame))
     return cases

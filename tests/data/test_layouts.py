@@ -132,3 +132,53 @@ def test_nnunet_channel_files_make_one_case_and_an_id_ending_in_digits_keeps_the
     assert [(c.case_id, Path(c.image).name, Path(c.label).name) for c in cases] == [
         ("a", "a_0000.nii.gz", "a.nii.gz"), ("scan_2024", "scan_2024.nii.gz", "scan_2024.nii.gz")]
     assert all(Path(c.label).exists() for c in cases)
+
+
+def _mine(root: Path) -> dict:
+    return {"datasets": {"mine": {"kind": "msd", "root": str(root), "modality": "CT", "region": "abdomen",
+                                  "labels": {"1": "liver", "2": "liver tumor"}}}}
+
+
+def test_dataset_json_names_cases_by_their_listed_names_and_finds_nnunet_v1_channel_files(tmp_path: Path) -> None:
+    image, label = make_volume()
+    store = tmp_path / "store"
+    (store / "p1").mkdir(parents=True)
+    (store / "p2").mkdir(parents=True)
+    root = tmp_path / "ds"
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    for case in ("p1", "p2"):  # symlinks into a store whose files are all called ct.nii.gz
+        sitk.WriteImage(image, str(store / case / "ct.nii.gz"))
+        (root / "imagesTr" / f"{case}.nii.gz").symlink_to(store / case / "ct.nii.gz")
+        sitk.WriteImage(label, str(root / "labelsTr" / f"{case}.nii.gz"))
+    sitk.WriteImage(image, str(root / "imagesTr" / "v1_0000.nii.gz"))  # nnU-Net v1: listed without _0000
+    sitk.WriteImage(label, str(root / "labelsTr" / "v1.nii.gz"))
+    training = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ("p1", "p2", "v1")]
+    (root / "dataset.json").write_text(json.dumps({"training": training}))
+    cases = list_cases(get_dataset("mine", _mine(root)), root)
+    assert [(c.case_id, Path(c.image).name) for c in cases] == [("p1", "ct.nii.gz"), ("p2", "ct.nii.gz"),
+                                                                ("v1", "v1_0000.nii.gz")]
+    check_cases("mine", cases, [1, 2])
+
+
+def test_upper_case_suffixes_are_images_too(tmp_path: Path) -> None:
+    image, label = make_volume()
+    for folder, volume in (("imagesTr", image), ("labelsTr", label)):
+        (tmp_path / folder).mkdir()
+        sitk.WriteImage(volume, str(tmp_path / folder / "case1.nii.gz"))  # ITK writes lower case only
+        (tmp_path / folder / "case1.nii.gz").rename(tmp_path / folder / "CASE1.NII.GZ")
+    cases = list_cases(get_dataset("mine", _mine(tmp_path)), tmp_path)
+    assert [c.case_id for c in cases] == ["CASE1"]
+    read_case(cases[0])  # a valid upper-case .GZ is not "truncated"
+
+
+@pytest.mark.parametrize("table, message", [
+    ("Code,ED,ES\nA1B2C3,0,2\n", "lacks column"),
+    ("External code,Centre,ED,ES\nA1B2C3,1,,2\n", "no frame number in column 'ED'"),
+])
+def test_mnms_table_mistakes_name_the_csv_and_the_subject(tmp_path: Path, table: str, message: str) -> None:
+    (tmp_path / "OpenDataset" / "Training" / "Labeled" / "A1B2C3").mkdir(parents=True)
+    (tmp_path / "OpenDataset" / "info.csv").write_text(table)
+    with pytest.raises(DataError, match=message) as caught:
+        list_cases(get_dataset("mnms"), tmp_path)
+    assert "info.csv" in str(caught.value)
