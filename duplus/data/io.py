@@ -45,7 +45,7 @@ def _select_channel(image: sitk.Image, path: Path, channel: int | None) -> sitk.
     if components > 1:
         if channel is None:
             raise DataError(f"{path}: image has {components} components per voxel; expected a scalar 3-D image "
-                            f"(give the dataset a channel to pick one)")
+                            f"(set the dataset's channel, or --channel of duplus segment, to pick one)")
         if not 0 <= channel < components:
             raise DataError(f"{path}: channel {channel} asked for but the image has {components} components")
         image = sitk.VectorIndexSelectionCast(image, channel)
@@ -55,7 +55,7 @@ def _select_channel(image: sitk.Image, path: Path, channel: int | None) -> sitk.
             channel = 0
         if channel is None:
             raise DataError(f"{path}: image is 4-D with {frames} volumes, size {image.GetSize()}; expected a 3-D "
-                            f"image (give the dataset a channel to pick one volume)")
+                            f"image (set the dataset's channel, or --channel of duplus segment, to pick one volume)")
         if not 0 <= channel < frames:
             raise DataError(f"{path}: volume {channel} asked for but the 4-D image has {frames}")
         size = list(image.GetSize())

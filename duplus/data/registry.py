@@ -200,6 +200,9 @@ def _user_dataset(name: str, settings: Mapping[str, Any]) -> DatasetSpec:
         raise ConfigError(f"{key}.labels: label ids must be integers, got {list(labels)}") from None
     region = str(settings["region"]).strip().lower()
     center = settings.get("center")
+    channel = settings.get("channel")
+    if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
+        raise ConfigError(f"{key}.channel: expected a volume index >= 0 of the 4-D images, got {channel!r}")
     return DatasetSpec(
         name=name,
         modality=str(settings["modality"]),
@@ -213,6 +216,7 @@ def _user_dataset(name: str, settings: Mapping[str, Any]) -> DatasetSpec:
         root=str(root),
         description=f"user dataset ({kind}) at {root}",
         default_center=str(center) if center else None,
+        channel=channel,
     )
 
 

@@ -119,3 +119,14 @@ def test_missing_user_root_fails_at_download_naming_the_key(tmp_path: Path, kind
     assert registry.get_dataset("mydata", config).root == str(tmp_path / "nowhere")  # the registry stays pure
     with pytest.raises(ConfigError, match=r"datasets\.mydata\.root"):
         run_download("mydata", config, tmp_path / "raw" / "mydata" / "download.json")
+
+
+def test_a_user_dataset_of_4d_images_names_its_channel(tmp_path):
+    from duplus.data.registry import get_dataset
+    from duplus.errors import ConfigError
+
+    settings = {"kind": "msd", "root": str(tmp_path), "modality": "MRI", "region": "brain", "labels": {"1": "liver"}}
+    assert get_dataset("mine", {"datasets": {"mine": {**settings, "channel": 2}}}).channel == 2
+    assert get_dataset("mine", {"datasets": {"mine": settings}}).channel is None
+    with pytest.raises(ConfigError, match="datasets.mine.channel"):
+        get_dataset("mine", {"datasets": {"mine": {**settings, "channel": "T2"}}})
