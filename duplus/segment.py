@@ -207,6 +207,11 @@ def segment_image(
     names = [item[1] or item[0] for item in resolved]
     check_outputs(image, out_dir, output_names(names, multilabel))  # before any work: never over the input
     scan = read_image(image, channel)  # DataError naming the file: missing, unreadable, 4-D, NaN
+    direction = np.asarray(scan.GetDirection(), dtype=float).reshape(3, 3)
+    if not np.allclose(direction @ direction.T, np.eye(3), atol=1e-4):
+        raise DataError(f"{image}: the scan's grid is sheared (its direction matrix is not orthonormal, e.g. a CT "
+                        "gantry tilt); NIfTI masks cannot hold that grid, so resample the scan onto an orthogonal "
+                        "grid first")
     input_sha256 = sha256_file(image) if Path(image).is_file() else None
     torch_device = resolve_device(device)
     configure_kernels(torch_device, bool(config.get("deterministic", False)))

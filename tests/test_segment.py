@@ -156,3 +156,14 @@ def test_one_volume_of_a_4d_scan_is_segmented_with_channel(setup, tmp_path):
                                    config=setup["config"], channel=0)
     _same_grid(sitk.ReadImage(str(out / "liver.nii.gz")), setup["image"])
     assert report["channel"] == 0
+
+
+def test_a_sheared_scan_is_refused_rather_than_masked_on_another_grid(setup, tmp_path):
+    sheared = sitk.Image(setup["image"])
+    sheared.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.26, 0.0, 0.0, 0.97))  # gantry-tilt-like shear
+    path = tmp_path / "tilted.mha"
+    sitk.WriteImage(sheared, str(path))
+    with pytest.raises(segment.DataError, match="sheared"):
+        segment.segment_image(str(path), str(tmp_path / "o"), "liver", "CT", weights=str(setup["weights"]),
+                              device="cpu", config=setup["config"])
+    assert not (tmp_path / "o").exists()

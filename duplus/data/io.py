@@ -6,6 +6,7 @@ Every reader returns a 3-D ``SimpleITK.Image`` with finite values and positive s
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import zlib
 from pathlib import Path
@@ -18,23 +19,93 @@ import SimpleITK as sitk
 from duplus.atomic import atomic_path
 from duplus.errors import DataError
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _dicom_tags(file: str, *keys: str) -> list[str]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    reader.ReadImageInformation()
+    return [reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else "" for key in keys]
+
+
+def _describe_series(folder: Path, series_id: str, files: Sequence[str]) -> str:
+    modality, description = _dicom_tags(files[0], "0008|0060", "0008|103e")
+    return f"{modality or '?'} '{description}' ({len(files)} slices, series ...{series_id[-12:]})"
+
+
+def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:
+    """Refuse a series that is not one evenly spaced stack: ITK would stack it anyway, with a wrong spacing.
+
+    Several echoes, phases or time frames under one series UID share slice positions; missing
+    slices leave uneven steps. Both give a volume whose geometry (and so every mask) is wrong.
+    """
+    positions, normal = [], None
+    for file in files:
+        position, orientation = _dicom_tags(file, "0020|0032", "0020|0037")
+        try:
+            point = np.array([float(v) for v in position.split("\\")])
+            if normal is None:
+                axes = np.array([float(v) for v in orientation.split("\\")])
+                normal = np.cross(axes[:3], axes[3:])
+        except ValueError:
+            return  # no usable ImagePositionPatient / ImageOrientationPatient: nothing to check
+        if point.shape != (3,) or normal is None or normal.shape != (3,):
+            return
+        positions.append(float(point @ normal))
+    if len(positions) < 2:
+        return
+    ordered = np.sort(np.asarray(positions))
+    steps = np.diff(ordered)
+    if np.any(steps < 1e-3):
+        repeats = len(positions) - len(np.unique(np.round(ordered, 3)))
+        raise DataError(f"{folder}: {repeats} of its {len(positions)} DICOM slices repeat a slice position: the series "
+                        "holds several volumes (echoes, phases or time frames); put each volume in its own folder "
+                        "or convert it to NIfTI")
+    typical = float(np.median(steps))
+    if np.any(np.abs(steps - typical) > 0.05 * typical + 0.01):
+        raise DataError(f"{folder}: DICOM slice spacing is uneven ({steps.min():.3g} to {steps.max():.3g} mm): slices "
+                        "are missing or the series mixes volumes; a stack of unevenly spaced slices has no single "
+                        "spacing")
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise DataError(f"{folder}: folder holds no DICOM series (expected a NIfTI/NRRD/MHA file or DICOM files)")
-    # Several series in one folder (scouts, reformats): the one with the most slices is the volume.
-    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
-    files = max(series, key=len)
-    if len(files) == 1 and len(series) > 1:
+    series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    if len(series) > 1 and all(len(files) == 1 for files in series.values()):
         # Files that each carry their own series UID would otherwise become a one-slice "volume".
         raise DataError(f"{folder}: its {len(series)} DICOM files each form a series of one slice; expected one "
                         f"series of slices (convert the folder to NIfTI, or fix the SeriesInstanceUID tags)")
+    # Scouts and localizers (1-2 slices) beside the volume are ignored; two volumes are ambiguous
+    # (a PET/CT study, two reconstructions): the user points at one.
+    volumes = {sid: files for sid, files in series.items() if len(files) >= 3}
+    if len(volumes) > 1:
+        listed = "; ".join(_describe_series(folder, sid, files) for sid, files in volumes.items())
+        raise DataError(f"{folder}: holds {len(volumes)} DICOM volumes ({listed}); give a folder with one series")
+    chosen = next(iter(volumes), max(series, key=lambda sid: len(series[sid])))
+    files = series[chosen]
+    if len(series) > 1:
+        log.info("%s: reading %s; ignoring %d other series (scouts)", folder, _describe_series(folder, chosen, files),
+                 len(series) - 1)
+    _check_slice_positions(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     return reader.Execute()
+
+
+def _single_dicom_of_a_series(path: Path) -> int:
+    """How many files the series of this DICOM file has in its folder (1 when it stands alone)."""
+    try:
+        (series_id,) = _dicom_tags(str(path), "0020|000e")
+        if not series_id:
+            return 1
+        return len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path.parent), series_id))
+    except RuntimeError:
+        return 1
 
 
 def _select_channel(image: sitk.Image, path: Path, channel: int | None) -> sitk.Image:
@@ -139,6 +210,11 @@ def read_image(path: str | os.PathLike, channel: int | None = None) -> sitk.Imag
         raise DataError(f"{path}: file not found")
     if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_file(path)
+    if path.is_file() and path.suffix.lower() in (".dcm", ".ima"):
+        slices = _single_dicom_of_a_series(path)
+        if slices > 1:
+            raise DataError(f"{path}: one file of a {slices}-slice DICOM series; give its folder {path.parent} "
+                            "to read the whole volume")
     try:
         image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:

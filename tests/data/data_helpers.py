@@ -54,21 +54,24 @@ def user_config(root: Path, kind: str = "msd", name: str = "mydata") -> dict[str
     return config
 
 
-def write_dicom_series(image: sitk.Image, folder: Path, prefix: str = "IMG", uid_per_file: bool = False) -> list[Path]:
+def write_dicom_series(image: sitk.Image, folder: Path, prefix: str = "IMG", uid_per_file: bool = False,
+                       series: int = 77, modality: str = "MR") -> list[Path]:
     """Write a 3-D image as one DICOM file per slice (file names in slice order).
 
-    ``uid_per_file``: every file gets its own SeriesInstanceUID, as some converters write them.
+    ``uid_per_file``: every file gets its own SeriesInstanceUID, as some converters write them;
+    ``series``: the last component of the SeriesInstanceUID (another number: another series).
     """
     # GDCM's writer switches the process locale to "C": afterwards default-encoded text I/O in the
     # same test session (read_text(), subprocess text=True) would be ASCII. Put it back when done.
     saved = locale.setlocale(locale.LC_ALL)
     try:
-        return _write_dicom_slices(image, folder, prefix, uid_per_file)
+        return _write_dicom_slices(image, folder, prefix, uid_per_file, series, modality)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
 
 
-def _write_dicom_slices(image: sitk.Image, folder: Path, prefix: str, uid_per_file: bool = False) -> list[Path]:
+def _write_dicom_slices(image: sitk.Image, folder: Path, prefix: str, uid_per_file: bool, series: int,
+                        modality: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -76,8 +79,8 @@ def _write_dicom_slices(image: sitk.Image, folder: Path, prefix: str, uid_per_fi
     files = []
     for k in range(image.GetSize()[2]):
         slice_ = sitk.Cast(image[:, :, k], sitk.sitkInt16)
-        series_uid = "1.2.826.0.1.3680043.2.1125.1.77" + (f".{k + 1}" if uid_per_file else "")
-        tags = {"0008|0060": "MR", "0020|000e": series_uid, "0020|0013": str(k + 1),
+        series_uid = f"1.2.826.0.1.3680043.2.1125.1.{series}" + (f".{k + 1}" if uid_per_file else "")
+        tags = {"0008|0060": modality, "0020|000e": series_uid, "0020|0013": str(k + 1),
                 "0028|0030": "\\".join(map(str, image.GetSpacing()[:2])), "0018|0050": str(image.GetSpacing()[2]),
                 "0020|0032": "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))),
                 "0020|0037": "\\".join(map(str, (direction[0], direction[3], direction[6], direction[1], direction[4],

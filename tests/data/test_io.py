@@ -119,3 +119,31 @@ def test_dicom_files_that_each_claim_their_own_series_are_refused(tmp_path):
     write_dicom_series(image, tmp_path / "dicom", uid_per_file=True)
     with pytest.raises(DataError, match="each form a series of one slice"):
         read_image(tmp_path / "dicom")
+
+
+def test_dicom_series_that_are_not_one_even_stack_are_refused(tmp_path: Path) -> None:
+    image, _ = make_volume(shape_zyx=(6, 8, 9), spacing=(0.8, 0.8, 2.0))
+    echoes = tmp_path / "echoes"  # two echoes under one series UID: every position twice
+    write_dicom_series(image, echoes, prefix="E1")
+    write_dicom_series(image, echoes, prefix="E2")
+    with pytest.raises(DataError, match=r"echoes: 6 of its 12 DICOM slices repeat a slice position"):
+        read_image(echoes)
+    gap = tmp_path / "gap"
+    files = write_dicom_series(image, gap)
+    files[3].unlink()  # a missing slice
+    with pytest.raises(DataError, match=r"gap: DICOM slice spacing is uneven \(2 to 4 mm\)"):
+        read_image(gap)
+    with pytest.raises(DataError, match=r"one file of a 5-slice DICOM series; give its folder"):
+        read_image(files[0])
+
+
+def test_a_folder_with_two_volumes_is_refused_and_scouts_are_ignored(tmp_path: Path) -> None:
+    image, _ = make_volume(shape_zyx=(6, 8, 9), spacing=(0.8, 0.8, 2.0))
+    study = tmp_path / "study"
+    write_dicom_series(image, study, prefix="CT", series=1, modality="CT")
+    scout, _ = make_volume(shape_zyx=(1, 8, 9), spacing=(0.8, 0.8, 2.0), seed=3)
+    write_dicom_series(scout, study, prefix="SCOUT", series=2, modality="CT")
+    assert read_image(study).GetSize() == image.GetSize()  # the scout is left out
+    write_dicom_series(image, study, prefix="PT", series=3, modality="PT")
+    with pytest.raises(DataError, match=r"holds 2 DICOM volumes \(CT .*6 slices.*; PT .*6 slices"):
+        read_image(study)
