@@ -144,9 +144,15 @@ def pretraining_cases(config: Mapping[str, Any], manifests: Iterable[str | os.Pa
     exclude = pretrain.get("exclude_centers", {}) or {}
     records = read_manifests(manifests)
     known = {r.dataset for r in records}
-    for name in exclude:
+    for name, centers in exclude.items():
         if name not in known:
             raise ConfigError(f"pretrain.exclude_centers: dataset '{name}' is in no manifest ({sorted(known)})")
+        present = {r.center for r in records if r.dataset == name}
+        # A misspelt center would hold nothing out, and the "zero-shot" score would not be one.
+        unknown = sorted(set(centers) - present)
+        if unknown:
+            raise ConfigError(f"pretrain.exclude_centers.{name}: center(s) {unknown} not in the dataset "
+                              f"(its centers: {sorted(present)})")
     cases = select_cases(records, split="train", exclude_centers=exclude)
     if not cases:
         raise DataError(f"no train-split case left for pretraining in {[str(m) for m in manifests]}")

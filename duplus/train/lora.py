@@ -19,7 +19,7 @@ import torch
 from duplus.atomic import write_json
 from duplus.errors import ConfigError, DataError
 from duplus.hashing import sha256_file
-from duplus.runtime import RssPeak, device_for
+from duplus.runtime import RssPeak, device_for, seed_everything
 from duplus.train.adapters import WEIGHTS_NAME, add_adapter, lora_config_from, save_adapter
 from duplus.train.batches import TextTable, open_prompt_cache
 from duplus.train.cases import read_manifests, select_cases
@@ -154,6 +154,7 @@ def run_lora(
                                 modalities=sorted({case.modality for case in train_cases}))
     lora_config = lora_config_from(settings, targets)
     adapted = copy.deepcopy(base)
+    seed_everything(seed)  # peft draws the LoRA A factors at random: the run's seed decides them
     trainable_lora = add_adapter(adapted, lora_config, center)
     with _measure_peaks(device) as peak_lora:
         seconds_lora = fit(adapted, sampler, table, steps=steps, batch_size=batch_size,
@@ -167,6 +168,7 @@ def run_lora(
     for param in tuned.parameters():
         param.requires_grad_(True)
     trainable_full = count_parameters(tuned, trainable_only=True)
+    seed_everything(seed)  # the same random stream (dropout) as the LoRA run
     with _measure_peaks(device) as peak_full:
         seconds_full = fit(tuned, sampler, table, steps=steps, batch_size=batch_size,
                            lr=float(settings.get("full_finetune_lr", 1e-4)), seed=seed, amp=amp, num_workers=workers,

@@ -294,3 +294,34 @@ def test_unknown_center_is_a_config_error(store, base_file, tmp_path):
 
     with pytest.raises(ConfigError, match="lora.centers.nowhere"):
         run_lora(copy.deepcopy(BASE_CONFIG), "nowhere", list(store.values()), FakePromptCache(), base_file, tmp_path)
+
+
+def test_the_run_seed_decides_the_adapter_whatever_ran_before(store, base_file, tmp_path, monkeypatch):
+    """peft draws LoRA's A factors from torch's global generator: run_lora seeds it, so an adapter is
+    a function of the config's seed, not of what the process happened to draw before."""
+    import duplus.train.lora as lora
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(lora, "_evaluate", lambda model, rows, cache, config, manifest_dir: pd.DataFrame(
+        [{"dataset": "toy_ct", "case": "c", "center": "siteB", "class": "liver", "dice": 0.5, "hd95": 1.0,
+          "nsd": 0.5}]))
+    config = copy.deepcopy(BASE_CONFIG)
+    config["lora"].update(rank=1, steps=2)
+    adapters = []
+    for run, draws in enumerate((0, 1000)):
+        torch.manual_seed(123)
+        torch.rand(draws)  # something else used the global generator first
+        out = tmp_path / f"run{run}"
+        lora.run_lora(config, "ct_siteB", list(store.values()), FakePromptCache(), base_file, out)
+        adapters.append(load_file(out / "adapter" / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_a_misspelt_held_out_center_is_a_config_error(store):
+    from duplus.train.cases import pretraining_cases
+
+    config = copy.deepcopy(BASE_CONFIG)
+    config["pretrain"]["exclude_centers"] = {"toy_ct": ["siteb"]}
+    with pytest.raises(ConfigError, match=r"exclude_centers.toy_ct: center\(s\) \['siteb'\].*siteB"):
+        pretraining_cases(config, list(store.values()))
