@@ -53,6 +53,11 @@ def configure_kernels(device: "torch.device", deterministic: bool = False) -> No
     torch.backends.cudnn.deterministic = bool(deterministic)
     torch.backends.cudnn.allow_tf32 = not deterministic
     torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; ops without a deterministic CUDA
+        # kernel (the trilinear upsampling's backward) warn instead of failing the run.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def device_for(config: Mapping[str, Any]) -> "torch.device":  # noqa: F821

@@ -19,10 +19,17 @@ FLAGS = ("benchmark", "deterministic", "allow_tf32")
 def restore_flags():
     saved = {name: getattr(torch.backends.cudnn, name) for name in FLAGS}
     matmul = torch.backends.cuda.matmul.allow_tf32
+    algorithms = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     yield
     for name, value in saved.items():
         setattr(torch.backends.cudnn, name, value)
     torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
+    if workspace is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
 
 
 def test_fast_or_deterministic_kernels_on_a_gpu_device(restore_flags):
@@ -30,9 +37,12 @@ def test_fast_or_deterministic_kernels_on_a_gpu_device(restore_flags):
     configure_kernels(gpu, deterministic=False)
     assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert not torch.are_deterministic_algorithms_enabled()
     configure_kernels(gpu, deterministic=True)
     assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"]
 
 
 def test_cpu_runs_leave_the_gpu_flags_alone(restore_flags):

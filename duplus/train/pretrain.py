@@ -88,16 +88,22 @@ class PretrainSettings:
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
+    # The generator of the training device only: a run checkpointed where two GPUs were visible
+    # resumes where one is. Ranks are seeded alike and draw alike, so rank 0's state is every rank's.
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+    if device.type == "cuda" and state.get("cuda") is not None:
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's; the first trained
+            cuda = cuda[0] if len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def _preprocessed_sha256(cases: list[Any]) -> str:
