@@ -48,16 +48,32 @@ def read_manifests(manifests: Sequence[str]) -> pd.DataFrame:
 
 
 def select_cases(frame: pd.DataFrame, config: Mapping[str, Any]) -> pd.DataFrame:
-    """Cases of ``evaluate.split`` (every center, excluded ones too), capped per dataset, stably ordered."""
+    """Cases of ``evaluate.split`` (every center, excluded ones too), capped per dataset, stably ordered.
+
+    A cap takes the same number of cases from every center in turn (each center's in an order
+    drawn from the seed), so a cap never keeps the centers whose case ids sort first.
+    """
     section = config.get("evaluate") or {}
     split = section.get("split", "test")
     cap = int(section.get("max_cases_per_dataset", 0) or 0)
     chosen = frame[frame["split"] == split].sort_values(["dataset", "case"], kind="stable")
     if cap > 0:
-        chosen = chosen.groupby("dataset", sort=True, group_keys=False).head(cap)
+        seed = int(config.get("seed", 0))
+        parts = [_spread_over_centers(chosen[chosen["dataset"] == name], cap, seed)
+                 for name in sorted(chosen["dataset"].unique())]
+        chosen = pd.concat(parts).sort_values(["dataset", "case"], kind="stable") if parts else chosen
     if chosen.empty:
         raise DataError(f"evaluate: no case has split '{split}' in the manifests (evaluate.split)")
     return chosen.reset_index(drop=True)
+
+
+def _spread_over_centers(part: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
+    from duplus.hashing import sha256_text
+
+    draws = [sha256_text(f"{seed}|{d}|{c}") for d, c in zip(part["dataset"], part["case"])]
+    order = part.assign(_draw=draws, _center=part["center"].fillna("").astype(str)).sort_values("_draw", kind="stable")
+    order["_turn"] = order.groupby("_center", sort=False).cumcount()  # k-th case of its center
+    return order.sort_values(["_turn", "_draw"], kind="stable").head(cap).drop(columns=["_turn", "_draw", "_center"])
 
 
 def summarize(per_case: pd.DataFrame) -> pd.DataFrame:

@@ -238,8 +238,11 @@ def summarize(folds: pd.DataFrame) -> pd.DataFrame:
             values = values[np.isfinite(values)]
             row[f"{metric}_mean"] = float(values.mean()) if values.size else math.nan
             row[f"{metric}_std"] = float(values.std(ddof=1)) if values.size > 1 else math.nan
-        undefined = int((~np.isfinite(part["harrell_c"].to_numpy(dtype=float))).sum())
-        row["note"] = f"{undefined} of {len(part)} folds undefined" if undefined else ""
+        # Each mean covers only the folds where its metric is defined; say so per metric.
+        undefined = {metric: int((~np.isfinite(part[metric].to_numpy(dtype=float))).sum())
+                     for metric in ("harrell_c", "uno_c", "ibs")}
+        row["note"] = "; ".join(f"{metric} undefined in {count} of {len(part)} folds"
+                                for metric, count in undefined.items() if count)
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 

@@ -236,3 +236,18 @@ def test_a_journal_entry_is_reused_only_under_the_same_key(dataset, tmp_path, mo
     example = next((tmp_path / "out" / ".cases").glob("*.npz"))
     example.write_bytes(example.read_bytes()[:100])  # a damaged example: that case is evaluated again
     assert with_example()[1] == 1
+
+
+def test_a_case_cap_draws_from_every_center_not_the_first_in_name_order():
+    from duplus.evaluate.run import select_cases
+
+    rows = [dict(dataset="d", case=f"{c}_{i:02d}", center=c, split="test") for c in ("siteA", "siteB", "siteC")
+            for i in range(5)] + [dict(dataset="d", case="train_01", center="siteA", split="train")]
+    frame = pd.DataFrame(rows)
+    capped = select_cases(frame, {"evaluate": {"max_cases_per_dataset": 3}, "seed": 1})
+    assert sorted(capped["center"]) == ["siteA", "siteB", "siteC"]
+    assert list(capped["case"]) == sorted(capped["case"])  # stably ordered
+    assert capped.equals(select_cases(frame, {"evaluate": {"max_cases_per_dataset": 3}, "seed": 1}))
+    six = select_cases(frame, {"evaluate": {"max_cases_per_dataset": 6}, "seed": 1})
+    assert six["center"].value_counts().to_dict() == {"siteA": 2, "siteB": 2, "siteC": 2}
+    assert len(select_cases(frame, {"evaluate": {}})) == 15

@@ -129,11 +129,11 @@ def test_a_model_with_undefined_folds_says_so_in_its_row():
 
     metrics = {"harrell_c_mean": 0.6, "harrell_c_std": 0.1, "uno_c_mean": 0.6, "uno_c_std": 0.1,
                "ibs_mean": 0.2, "ibs_std": 0.01}
-    summary = pd.DataFrame([{"model": "ehr_coxph", **metrics, "note": "1 of 3 folds undefined"},
+    summary = pd.DataFrame([{"model": "ehr_coxph", **metrics, "note": "harrell_c undefined in 1 of 3 folds"},
                             {"model": "ehr_rsf", **metrics, "note": math.nan}])
     folds = pd.DataFrame({"model": ["ehr_coxph"] * 3, "fold": [0, 1, 2], "harrell_c": [0.5, 0.6, math.nan]})
     rows = {r["model"]: r for r in _rows(prognosis_table(summary, folds, published=False))}
-    assert rows["ehr_coxph"]["source"] == "measured (3-fold CV; 1 of 3 folds undefined)"
+    assert rows["ehr_coxph"]["source"] == "measured (3-fold CV; harrell_c undefined in 1 of 3 folds)"
     assert rows["ehr_rsf"]["source"] == "measured (3-fold CV)"
 
 
