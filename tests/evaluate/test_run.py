@@ -123,7 +123,8 @@ def test_run_evaluate_writes_the_documented_files(dataset, tmp_path, monkeypatch
 
     per_case = pd.read_csv(out / "per_case.csv")
     assert list(per_case.columns) == ["dataset", "case", "center", "class", "dice", "hd95", "nsd"]
-    assert len(per_case) == 2 and set(per_case["case"]) == {"c1"}  # capped at one case, test split only
+    assert len(per_case) == 2 and per_case["case"].nunique() == 1  # capped at one case ...
+    assert set(per_case["case"]) <= {"c1", "c2"}  # ... of the test split
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == ["dataset", "class", "dice", "hd95", "nsd", "n", "hd95_n"]
     assert summary[summary["class"] == "mean"]["n"].tolist() == [1]
