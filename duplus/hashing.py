@@ -38,3 +38,16 @@ def sha256_tree(folder: str | os.PathLike) -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
+
+
+def package_source_sha256() -> str:
+    """Hash of the ``duplus`` package's source files.
+
+    Work resumed after a kill (staged preprocessed cases, an evaluation's finished cases) is
+    keyed by it: a fix made between the killed run and its rerun must not leave results of the
+    old code mixed with those of the new.
+    """
+    import duplus
+
+    root = Path(duplus.__file__).parent
+    return sha256_text("\n".join(f"{path.relative_to(root)}:{sha256_file(path)}" for path in sorted(root.rglob("*.py"))))

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from duplus import __version__
 from duplus.atomic import atomic_path, save_npy, write_csv, write_json
 from duplus.data import geometry as geo
 from duplus.data.integrity import check_cases, init_worker, worker_context
@@ -30,6 +29,7 @@ from duplus.data.layouts import Case, list_cases, read_case
 from duplus.data.registry import DatasetSpec, get_dataset
 from duplus.data.staging import STAGING, case_key, clear_case, mark_done, raw_file_hashes, staged_row
 from duplus.errors import ConfigError, DataError
+from duplus.hashing import package_source_sha256
 from duplus.progress import progress
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
     hashes = raw_file_hashes(record)
     common = {"options": options, "seed": seed, "dataset": spec.name, "modality": spec.modality,
               "region": spec.region, "sequence": spec.sequence, "labels": {str(k): v for k, v in spec.labels.items()},
-              "final_dir": str(out_dir.resolve()), "duplus": __version__}
+              "final_dir": str(out_dir.resolve()), "source": package_source_sha256()}
     args = [(case, spec, options, seed, str(staging), str(out_dir), stub["split"],
              case_key(case, hashes, {**common, "split": stub["split"]})) for case, stub in zip(cases, stubs)]
     if threads > 1 and len(cases) > 1:

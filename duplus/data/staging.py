@@ -4,7 +4,7 @@ Preprocessing a large dataset (AMOS: 600 volumes) takes a while, and a job kille
 should not redo the first 589. Each case is written to ``<store>/.staging/<case>/`` and, once
 complete, vouched for by ``<case>.done.json`` beside it: its manifest row and a key of everything
 the case's arrays depend on (the raw files' sha256 from the download record, the case's layout,
-the preprocessing settings, seed, split, dataset description and package version). A rerun
+the preprocessing settings, seed, split, dataset description and the package's source code). A rerun
 takes every staged case whose key still matches and preprocesses the rest; the staging folder
 goes once the store has been swapped in.
 """

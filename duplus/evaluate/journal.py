@@ -5,8 +5,8 @@ in its original space (HD95 and NSD on millions of voxels): hours of work. Every
 written to ``<out>/.cases/`` (atomically); a rerun after a kill, preemption or time limit takes
 the cases whose key still matches and evaluates only the rest. The key covers everything a
 case's numbers depend on: the model weights' sha256, the inference and evaluation settings, the
-device kind, the package version, the manifest row and the sha256 of the preprocessed image, its
-geometry record and the raw label. The stage deletes the journal once its outputs are written, so
+device kind, the prompt cache, the package's source code, the manifest row and the sha256 of the
+preprocessed image, its geometry record and the raw label. The stage deletes the journal once its outputs are written, so
 a completed evaluation never feeds a later one.
 """
 
@@ -48,16 +48,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return _plain(value.item())
     return value
-
-
-def source_sha256() -> str:
-    """Hash of the package's source files: a resumed evaluation never mixes numbers of two versions
-    of the code (a fix made between a killed run and its rerun invalidates the journal)."""
-    import duplus
-
-    root = Path(duplus.__file__).parent
-    return sha256_text("\n".join(f"{path.relative_to(root)}:{sha256_file(path)}"
-                                 for path in sorted(root.rglob("*.py"))))
 
 
 def _float(value: Any) -> float:

@@ -18,7 +18,7 @@ from duplus.atomic import atomic_path, write_csv, write_json
 from duplus.errors import DataError, ModelError
 from duplus.evaluate.cases import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_frame
 from duplus.evaluate.inference import autocast_for, inference_settings, model_device
-from duplus.evaluate.journal import CaseJournal, source_sha256
+from duplus.evaluate.journal import CaseJournal
 
 log = logging.getLogger("duplus.evaluate")
 
@@ -207,10 +207,10 @@ def run_evaluate(config: Mapping[str, Any], manifests: Sequence[str], prompt_cac
 def case_journal(out_dir: Path, sidecar: Mapping[str, Any], config: Mapping[str, Any],
                  device: torch.device, prompt_cache: str) -> CaseJournal:
     """The resume journal of one model's evaluation in ``out_dir`` (``duplus.evaluate.journal``)."""
-    from duplus.hashing import sha256_file
+    from duplus.hashing import package_source_sha256, sha256_file
 
     settings = {"inference": inference_settings(config), "evaluate": dict(config.get("evaluate") or {}),
-                "device": device.type, "source": source_sha256(),
+                "device": device.type, "source": package_source_sha256(),
                 "prompt_cache": sha256_file(prompt_cache) if Path(prompt_cache).is_file() else str(prompt_cache)}
     return CaseJournal(out_dir, str(sidecar["sha256"]), settings)
 
