@@ -37,7 +37,7 @@ bench: venv
 bench-gpu: venv
 	PYTHON=$(BIN)/python bash bench/gpu_suite.sh bench/results
 
-# The demo's files only: downloaded datasets and results/paper (config/paper.yaml) stay.
+# The demo's files only: downloaded datasets, results/paper and logs/paper (config/paper.yaml) stay.
 clean:
-	rm -rf data/raw/demo_* data/preprocessed/demo_* logs .snakemake \
+	rm -rf data/raw/demo_* data/preprocessed/demo_* $(filter-out logs/paper,$(wildcard logs/*)) \
 		$(addprefix results/,pretrain prompts evaluate baseline lora prognosis report)

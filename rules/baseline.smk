@@ -9,7 +9,7 @@ rule baseline_train:
     params:
         tracked=tracked("baseline_train"),
     log:
-        "logs/baseline_train/{dataset}.log",
+        str(log_dir() / "baseline_train/{dataset}.log"),
     wildcard_constraints:
         dataset="[^/]+",
     threads: 1
@@ -35,7 +35,7 @@ rule baseline_evaluate:
     params:
         tracked=tracked("baseline_evaluate"),
     log:
-        "logs/baseline_evaluate.log",
+        str(log_dir() / "baseline_evaluate.log"),
     threads: 1
     resources:
         mem_mb=16000,

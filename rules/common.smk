@@ -16,6 +16,10 @@ def results_dir():
     return Path(config["paths"]["results"])
 
 
+def log_dir():
+    return Path(config["paths"].get("logs", "logs"))
+
+
 def dataset_names():
     return sorted(config["datasets"])
 

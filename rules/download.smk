@@ -5,7 +5,7 @@ rule download:
     params:
         tracked=tracked("download"),
     log:
-        "logs/download/{dataset}.log",
+        str(log_dir() / "download/{dataset}.log"),
     threads: 1
     resources:
         mem_mb=2000,

@@ -11,7 +11,7 @@ rule evaluate:
     params:
         tracked=tracked("evaluate"),
     log:
-        "logs/evaluate.log",
+        str(log_dir() / "evaluate.log"),
     threads: 1
     resources:
         mem_mb=16000,

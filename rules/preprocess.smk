@@ -7,7 +7,7 @@ rule preprocess:
     params:
         tracked=tracked("preprocess"),
     log:
-        "logs/preprocess/{dataset}.log",
+        str(log_dir() / "preprocess/{dataset}.log"),
     threads: 2
     resources:
         mem_mb=8000,

@@ -9,7 +9,7 @@ rule universal_pretrain:
     params:
         tracked=tracked("universal_pretrain"),
     log:
-        "logs/universal_pretrain.log",
+        str(log_dir() / "universal_pretrain.log"),
     threads: 1
     resources:
         mem_mb=16000,

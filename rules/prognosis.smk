@@ -9,7 +9,7 @@ rule prognosis:
     params:
         tracked=tracked("prognosis"),
     log:
-        "logs/prognosis.log",
+        str(log_dir() / "prognosis.log"),
     threads: 1
     resources:
         mem_mb=8000,

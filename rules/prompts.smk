@@ -6,7 +6,7 @@ rule cache_prompts:
     params:
         tracked=tracked("cache_prompts"),
     log:
-        "logs/cache_prompts/{encoder}.log",
+        str(log_dir() / "cache_prompts/{encoder}.log"),
     threads: 1
     resources:
         mem_mb=4000,

@@ -11,7 +11,7 @@ rule report:
     params:
         tracked=tracked("report"),
     log:
-        "logs/report.log",
+        str(log_dir() / "report.log"),
     threads: 1
     resources:
         mem_mb=4000,
