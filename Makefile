@@ -33,7 +33,7 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/inference.py --preset tiny --size 128 128 96
 
-# On a GPU node (about 7 minutes): training, inference and loader at the paper size, JSON per script.
+# On a GPU node (about 8 minutes, 9 at most): training, inference and loader at the paper size, JSON per script.
 bench-gpu: venv
 	PYTHON=$(BIN)/python bash bench/gpu_suite.sh bench/results
 

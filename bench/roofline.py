@@ -41,8 +41,8 @@ from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters
 from duplus.train.losses import masked_loss
 
 # Dense bf16 tensor-core peak (TFLOP/s) and memory bandwidth (TB/s), from the vendors' data sheets.
-GPUS = {"h100-sxm": (989.4, 3.35), "h200": (989.4, 4.8), "h100-pcie": (756.0, 2.0), "a100-80gb": (312.0, 2.039),
-        "l40s": (362.0, 0.864)}
+GPUS = {"h100-sxm": (989.4, 3.35), "h200": (989.4, 4.8), "h100-pcie": (756.0, 2.0), "h100-nvl": (835.0, 3.9),
+        "h200-nvl": (835.0, 4.8), "a100-80gb": (312.0, 2.039), "l40s": (362.0, 0.864)}
 MATMUL_OPS = {"convolution", "convolution_backward", "mm", "addmm", "bmm", "baddbmm"}
 # Operations that only re-describe memory (or allocate it): no traffic of their own.
 NO_TRAFFIC_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
@@ -58,8 +58,8 @@ def detect_gpu() -> str:
     if not torch.cuda.is_available():
         return "h100-sxm"
     name = torch.cuda.get_device_name().upper()
-    for key, needle in (("h200", "H200"), ("h100-pcie", "H100 PCIE"), ("h100-sxm", "H100"), ("a100-80gb", "A100"),
-                        ("l40s", "L40S")):
+    for key, needle in (("h200-nvl", "H200 NVL"), ("h100-nvl", "H100 NVL"), ("h200", "H200"),
+                        ("h100-pcie", "H100 PCIE"), ("h100-sxm", "H100"), ("a100-80gb", "A100"), ("l40s", "L40S")):
         if needle in name:
             return key
     return "h100-sxm"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import sys
 import time
 
@@ -28,7 +29,8 @@ VARIANTS = ["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "eager
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; matched
 # against torch.cuda.get_device_name().
-BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+# The first key contained in the device name wins: the NVL and PCIe variants come before the SXM ones.
+BF16_PEAK_TFLOPS = {"H200 NVL": 835.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200": 989.4, "H100": 989.4,
                     "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2}
 
 
@@ -87,6 +89,9 @@ def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int]
         step()
     _sync(device)
     warmup_seconds = time.perf_counter() - started
+    warmup_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    if device.type == "cuda":  # steady training memory, without cuDNN's search scratch or autotuning
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
@@ -96,6 +101,7 @@ def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int]
               "warmup_seconds": warmup_seconds, "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        result["peak_gpu_mb_warmup"] = warmup_peak
     if profiled:
         try:
             result["profile"] = profile_steps(step, device, PROFILED_STEPS)
@@ -105,16 +111,33 @@ def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int]
 
 
 PROFILED_STEPS = 2
+STOPPED = "not run: time limit (SIGTERM)"
+
+
+class TimeLimit(Exception):
+    """SIGTERM arrived: stop timing, report what was measured."""
+
+
+def _stop_on_term(signum, frame) -> None:
+    raise TimeLimit()
+
 # Kernel (GPU) or operator (CPU) names -> what they do; the first matching rule wins. The
 # categories test where a step's time goes: tensor-core convolutions, layout transposes around
 # them, normalisations, fused elementwise code, the optimizer.
 KERNEL_CATEGORIES = [
     ("fused (compiled)", ("triton",)),
-    ("layout transpose", ("nchwtonhwc", "nhwctonchw", "transpose", "permute", "copy_", "contiguous", "clone")),
+    # Layout kernels by name only: a generic copy kernel is mostly autocast's dtype casts.
+    ("layout transpose", ("nchwtonhwc", "nhwctonchw", "transpose", "permute", "aten::contiguous", "aten::clone")),
+    ("optimizer", ("adam", "multi_tensor_apply", "foreach_")),
+    ("gradient clipping", ("lpnorm", "aten::norm", "clip_grad")),
     ("normalisation", ("norm", "bn_fw", "bn_bw", "var_mean", "welford")),
-    ("convolution", ("conv", "implicit_gemm", "wgrad", "dgrad", "fprop", "xmma", "cudnn", "winograd", "im2col")),
-    ("matmul", ("gemm", "bmm", "addmm", "aten::mm", "cutlass")),
-    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    # Convolution kernels by their own marks first, then cuBLAS gemms (the dynamic head, linear
+    # layers), then any other tensor-core kernel.
+    ("convolution", ("conv", "implicit_gemm", "implicit_precomp", "wgrad", "dgrad", "fprop", "winograd", "im2col",
+                     "cudnn")),
+    ("matmul", ("gemm", "gemv", "bmm", "addmm", "aten::mm", "aten::linear")),
+    ("convolution", ("xmma", "cutlass")),
+    ("dtype cast", ("copy_", "to_copy", "direct_copy")),
     ("elementwise", ("elementwise", "elu", "add", "mul", "sigmoid", "threshold", "reduce", "sum", "fill", "where")),
 ]
 
@@ -206,19 +229,30 @@ def main(argv: list[str] | None = None) -> dict:
     macs = count_macs(cfg, patch, args.classes)
     flops_per_sample = 3 * 2 * macs
     runs = []
-    for batch in batches:
-        for name in variants:
-            print(f"timing {name} at batch {batch} ...", file=sys.stderr)
-            try:
-                run = _variant(cfg, device, name, patch, batch, args.classes, steps, args.warmup,
-                               profiled=name in args.profile)
-                run["achieved_tflops"] = run["samples_per_s"] * flops_per_sample / 1e12
-            except Exception as error:  # noqa: BLE001 - one failing variant (OOM, no compiler) must not hide the others
-                run = {"variant": name, "batch": batch,
-                       "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
-            runs.append(run)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    # A time limit (SIGTERM, as `timeout` sends) ends the current variant; the JSON of the runs
+    # done so far is still printed, so a suite cut short keeps what it measured.
+    previous = signal.signal(signal.SIGTERM, _stop_on_term)
+    try:
+        for batch in batches:
+            for name in variants:
+                if runs and runs[-1].get("error") == STOPPED:
+                    runs.append({"variant": name, "batch": batch, "error": STOPPED})
+                    continue
+                print(f"timing {name} at batch {batch} ...", file=sys.stderr)
+                try:
+                    run = _variant(cfg, device, name, patch, batch, args.classes, steps, args.warmup,
+                                   profiled=name in args.profile)
+                    run["achieved_tflops"] = run["samples_per_s"] * flops_per_sample / 1e12
+                except TimeLimit:
+                    run = {"variant": name, "batch": batch, "error": STOPPED}
+                except Exception as error:  # noqa: BLE001 - one failing variant (OOM, no compiler) must not hide the others
+                    run = {"variant": name, "batch": batch,
+                           "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+                runs.append(run)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     result = {
         "script": "bench/train_step.py",
         "preset": args.preset,
