@@ -32,7 +32,7 @@ class Controller(nn.Module):
         _init_as_head(self.params, cfg.head_channels)
 
     def pooled(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        """GAP of the projected bottleneck: the image summary [B, E] (also used for prognosis)."""
+        """GAP of the projected bottleneck: the image summary [B, E] the class weights are made from."""
         projected = self.image_proj(self.image_act(self.image_norm(bottleneck)))
         return projected.mean(dim=tuple(range(2, projected.dim())))
 
