@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import os
 import pickle
@@ -108,7 +109,8 @@ class TextEncoder:
         self.model.to(self.device).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.max_length = _max_length(self.model.config, self.tokenizer)
+        self.max_length = _max_length(self.model.config, self.tokenizer,
+                                      self.location if self.is_folder else _hub_folder(self.location))
         self._forward_args = set(inspect.signature(self.model.forward).parameters)
         # One real forward pass tells the output width for every architecture alike.
         self._dim = int(self._embed(["a"]).shape[1])
@@ -217,8 +219,21 @@ def _load(location: str, local_only: bool, pooling: str, name: str):
     is_clip = config.model_type in _CLIP_TYPES
     if pooling == "auto":
         pooling = "pooler" if is_clip else "mean"
+    if is_clip and pooling == "cls":
+        # CLIP's text tower attends causally: its first token sees only itself, so every prompt
+        # would get the same vector.
+        raise PromptError(f"{where}: pooling 'cls' takes the first token, which a CLIP text model's causal attention "
+                          "lets see nothing else (all prompts would embed alike); use auto (its projected output), "
+                          "pooler or mean")
+    if not is_clip and getattr(config, "text_config", None) is not None:
+        raise PromptError(f"{where} is a {config.model_type} image-text model; only CLIP's are unpacked here: give "
+                          "the folder of its text tower saved on its own (e.g. with its *TextModel class)")
     projected = False
-    model_class = transformers.AutoModel
+    # T5-style encoder-decoders: the encoder alone (encoder-only checkpoints such as sentence-t5
+    # have no decoder weights, which a full model would report as missing).
+    is_seq2seq = bool(getattr(config, "is_encoder_decoder", False)) or any(
+        str(arch).endswith("EncoderModel") for arch in (config.architectures or []))
+    model_class = transformers.AutoModelForTextEncoding if is_seq2seq else transformers.AutoModel
     if is_clip:
         projected = pooling == "pooler" and (
             config.model_type == "clip" or "CLIPTextModelWithProjection" in (config.architectures or [])
@@ -252,8 +267,15 @@ def _load(location: str, local_only: bool, pooling: str, name: str):
     return model, tokenizer, pooling, projected
 
 
-def _max_length(config, tokenizer) -> int:
+def _max_length(config, tokenizer, folder: str | None = None) -> int:
     limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    # A sentence-transformers model was trained on at most max_seq_length tokens (256 for MiniLM,
+    # whose position table holds 512): longer prompts are cut where its training cut them.
+    try:
+        limits.append(json.loads((Path(folder) / "sentence_bert_config.json").read_text(encoding="utf-8"))
+                      .get("max_seq_length"))
+    except (TypeError, OSError, ValueError, AttributeError):
+        pass
     # Tokenizers without a limit report a huge sentinel (1e30); ignore it.
     usable = [int(v) for v in limits if isinstance(v, int) and 0 < v < 100_000]
     return min(usable) if usable else 512

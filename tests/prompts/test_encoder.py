@@ -23,6 +23,7 @@ def test_minilm_loads_offline_with_384_dims(minilm):
     assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
     assert not minilm.model.training
     assert all(not p.requires_grad for p in minilm.model.parameters())
+    assert minilm.max_length == 256  # sentence_bert_config.json: what MiniLM was trained on, not its 512 positions
 
 
 def test_identity_names_the_model_and_is_stable(minilm):
@@ -134,3 +135,42 @@ def test_full_clip_checkpoint_gives_clips_own_text_features(tmp_path, tiny_clip)
     features = features if isinstance(features, torch.Tensor) else features.pooler_output
     expected = torch.nn.functional.normalize(features, dim=-1)
     assert torch.allclose(encoder.encode(texts), expected, atol=1e-5)
+
+
+def test_cls_pooling_of_a_causal_clip_tower_is_refused(tmp_path, tiny_clip):
+    folder = tiny_clip(tmp_path / "clip", projection=False)
+    with pytest.raises(PromptError, match="causal attention"):
+        TextEncoder(str(folder), pooling="cls")
+
+
+def test_other_image_text_models_are_refused_by_name(tmp_path):
+    import transformers
+
+    config = transformers.SiglipConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "vocab_size": 64},
+                                       vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 2, "image_size": 32, "patch_size": 16})
+    config.save_pretrained(tmp_path / "siglip")
+    with pytest.raises(PromptError, match="siglip image-text model.*text tower"):
+        TextEncoder(str(tmp_path / "siglip"))
+
+
+def test_an_encoder_only_t5_checkpoint_loads(tmp_path):
+    """sentence-t5 / gtr-t5 save the encoder alone: no decoder weights to miss."""
+    import tokenizers
+    import transformers
+
+    words = ["[PAD]", "[UNK]", "</s>", "a", "scan", "of", "the", "liver", "kidney", "computed", "tomography"]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                                     eos_token="</s>", model_max_length=64)
+    config = transformers.T5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(config).save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    encoder = TextEncoder(str(tmp_path / "t5"))
+    vectors = encoder.encode(["a scan of the liver", "a scan of the kidney"])
+    assert vectors.shape == (2, 16) and torch.isfinite(vectors).all()
+    assert not torch.allclose(vectors[0], vectors[1])
