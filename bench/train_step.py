@@ -114,8 +114,9 @@ PROFILED_STEPS = 2
 STOPPED = "not run: time limit (SIGTERM)"
 
 
-class TimeLimit(Exception):
-    """SIGTERM arrived: stop timing, report what was measured."""
+class TimeLimit(BaseException):
+    """SIGTERM arrived: stop timing, report what was measured (a BaseException, so that no
+    ``except Exception`` around a variant or its profile swallows it)."""
 
 
 def _stop_on_term(signum, frame) -> None:

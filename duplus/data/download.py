@@ -6,6 +6,7 @@ Everything is verified and hashed into ``download.json``; raw files are read-onl
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 DOWNLOADS = ".downloads"  # beside the dataset folders: archives and partial transfers survive a rerun
 SHARED = ".shared"  # beside the dataset folders: archives several datasets are cut from, extracted once
+SHARED_ORIGIN = ".duplus-archive.json"  # inside a shared extraction: the archive (url, checksum) it came from
 RECORD = "download.json"
 RETRIES = 4
 BACKOFF_S = 2.0
@@ -149,13 +151,24 @@ def _extract_shared(spec: DatasetSpec, raw_dir: Path, shared: list[str]) -> Path
     source = spec.source
     extracted = raw_dir / SHARED / _archive_stem(source.filename)
     archive = raw_dir / DOWNLOADS / source.filename
+    origin = {"url": source.url, "md5": source.md5, "sha256": source.sha256}
+    marker = extracted / SHARED_ORIGIN
     with locked_beside(archive):  # parallel download jobs of the datasets sharing it fetch it once
-        if extracted.is_dir():  # swapped in whole by _build_in_place: present means complete
+        try:  # swapped in whole by _build_in_place: present means complete; the marker names its archive
+            reusable = json.loads(marker.read_text(encoding="utf-8")) == origin
+        except (OSError, ValueError):
+            reusable = False
+        if reusable:
             log.info("%s: %s already extracted at %s", spec.name, source.filename, extracted)
         else:
             _clear_leftovers(extracted)
             _fetch(spec, archive)
-            _build_in_place(extracted, lambda built: safe_extract(archive, built))
+
+            def fill(built: Path) -> None:
+                safe_extract(archive, built)
+                write_json(built / SHARED_ORIGIN, origin)
+
+            _build_in_place(extracted, fill)
             log.info("%s: extracted %s once at %s for %s too", spec.name, source.filename, extracted,
                      ", ".join(shared))
         archive.unlink(missing_ok=True)  # verified and extracted: the archive would only double the disk use

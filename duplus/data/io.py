@@ -36,6 +36,20 @@ def _describe_series(folder: Path, series_id: str, files: Sequence[str]) -> str:
     return f"{modality or '?'} '{description}' ({len(files)} slices, series ...{series_id[-12:]})"
 
 
+def _one_orientation(files: Sequence[str]) -> bool:
+    """Whether every image of a series lies in the same plane orientation (a stack, not a localizer)."""
+    orientations = set()
+    for file in files:
+        (orientation,) = _dicom_tags(file, "0020|0037")
+        try:
+            orientations.add(tuple(round(float(v), 3) for v in orientation.split("\\")))
+        except ValueError:
+            return True  # no usable orientation tag: cannot tell, count it as a stack
+        if len(orientations) > 1:
+            return False
+    return True
+
+
 def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:
     """Refuse a series that is not one evenly spaced stack: ITK would stack it anyway, with a wrong spacing.
 
@@ -80,9 +94,10 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         # Files that each carry their own series UID would otherwise become a one-slice "volume".
         raise DataError(f"{folder}: its {len(series)} DICOM files each form a series of one slice; expected one "
                         f"series of slices (convert the folder to NIfTI, or fix the SeriesInstanceUID tags)")
-    # Scouts and localizers (1-2 slices) beside the volume are ignored; two volumes are ambiguous
-    # (a PET/CT study, two reconstructions): the user points at one.
-    volumes = {sid: files for sid, files in series.items() if len(files) >= 3}
+    # Scouts and localizers beside the volume are ignored (1-2 images, or a three-plane localizer
+    # whose images lie in several orientations); two volumes are ambiguous (a PET/CT study, two
+    # reconstructions): the user points at one.
+    volumes = {sid: files for sid, files in series.items() if len(files) >= 3 and _one_orientation(files)}
     if len(volumes) > 1:
         listed = "; ".join(_describe_series(folder, sid, files) for sid, files in volumes.items())
         raise DataError(f"{folder}: holds {len(volumes)} DICOM volumes ({listed}); give a folder with one series")

@@ -209,7 +209,10 @@ def case_journal(out_dir: Path, sidecar: Mapping[str, Any], config: Mapping[str,
     """The resume journal of one model's evaluation in ``out_dir`` (``duplus.evaluate.journal``)."""
     from duplus.hashing import package_source_sha256, sha256_file
 
-    settings = {"inference": inference_settings(config), "evaluate": dict(config.get("evaluate") or {}),
+    # What changes a case's numbers: not the window batch, nor which cases the run takes.
+    inference = {k: v for k, v in inference_settings(config).items() if k != "sw_batch_size"}
+    evaluate = {k: v for k, v in (config.get("evaluate") or {}).items() if k not in ("split", "max_cases_per_dataset")}
+    settings = {"inference": inference, "evaluate": evaluate,
                 "device": device.type, "source": package_source_sha256(),
                 "prompt_cache": sha256_file(prompt_cache) if Path(prompt_cache).is_file() else str(prompt_cache)}
     return CaseJournal(out_dir, str(sidecar["sha256"]), settings)

@@ -43,8 +43,7 @@ def fit(
     loader = make_loader(sampler, seed, batch_size, 1, 0, steps, num_workers=num_workers, pin_memory=device.type == "cuda")
     model.train()
     started = time.perf_counter()
-    batches = iter(loader)
-    with workers_closed(batches):
+    with workers_closed(iter(loader)) as batches:
         for batch in progress(batches, desc=desc, total=steps):
             loss = batch_loss(model, batch, table, amp)
             scaler.scale(loss).backward()

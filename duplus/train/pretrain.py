@@ -139,6 +139,12 @@ def _run_identity(config: Mapping[str, Any], settings: PretrainSettings, sampler
 
 
 def _check_resumable(folder: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    if "preprocessed_sha256" not in saved:
+        # Checkpoints written before the data were part of the identity: a long run keeps going,
+        # on the user's word that the preprocessed store has not changed since.
+        log.warning("%s: these checkpoints do not record which preprocessed data they were trained on; resuming "
+                    "as if the store were unchanged (delete the folder if it was preprocessed again)", folder)
+        current = {k: v for k, v in current.items() if k != "preprocessed_sha256"}
     differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if differing:
         raise CheckpointError(
@@ -309,15 +315,14 @@ def _train(
         sampler, seed, settings.batch_size, settings.grad_accum, start, settings.steps,
         num_workers=settings.num_workers, pin_memory=device.type == "cuda", rank=ranks.rank, world=ranks.world,
     )
-    batches = iter(loader)
-    if resumed is not None:
-        # After the loader's iterator, which draws from the torch RNG when created: the restored
-        # state is then exactly the one the uninterrupted run had at this step (dropout).
-        _set_rng_state(resumed[1]["rng"], device)
     model.train()
     desc = f"baseline {sampler.datasets[0]}" if task_specific else "pretrain"
-    with StopFlag() as stop, workers_closed(batches), \
+    with StopFlag() as stop, workers_closed(iter(loader)) as batches, \
             progress(total=settings.steps, initial=start, desc=desc) as bar:
+        if resumed is not None:
+            # After the loader's iterator, which draws from the torch RNG when created: the restored
+            # state is then exactly the one the uninterrupted run had at this step (dropout).
+            _set_rng_state(resumed[1]["rng"], device)
         for step in range(start, settings.steps):
             lr = scheduler.get_last_lr()[0]
             for _ in range(settings.grad_accum):

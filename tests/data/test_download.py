@@ -246,5 +246,15 @@ def test_datasets_cut_from_one_archive_download_and_extract_it_once(server: _Ser
     assert not (raw / download.DOWNLOADS / "Shared.tar").exists()  # extracted once, the archive has gone
     assert not (extracted / "imagesTr" / "a.nii.gz").stat().st_mode & 0o222  # read-only like any raw data
     # A rerun of one dataset (snakemake --forcerun download) reuses the extraction, fetching nothing.
+    saved = dict(server.files)
     server.files.clear()
     assert download.run_download("toy_mr", {"datasets": {"toy_mr": {}}}, raw / "toy_mr" / "download.json") == records["toy_mr"]
+    # Another archive under the same name (a new release in the registry): extracted afresh.
+    server.files.update(saved)
+    newer = replace(source, url=f"{server.url}/Shared.tar?v=2")
+    server.files["/Shared.tar?v=2"] = archive
+    monkeypatch.setitem(catalog.BUILTIN, "toy_mr", DatasetSpec("toy_mr", "CT", None, "abdomen", {1: "spleen"}, "url", newer))
+    monkeypatch.setitem(catalog.BUILTIN, "toy_ct", DatasetSpec("toy_ct", "CT", None, "abdomen", {1: "spleen"}, "url", newer))
+    before = len(server.ranges)
+    download.run_download("toy_mr", {"datasets": {"toy_mr": {}}}, raw / "toy_mr" / "download.json")
+    assert len(server.ranges) == before + 1

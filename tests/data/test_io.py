@@ -147,3 +147,14 @@ def test_a_folder_with_two_volumes_is_refused_and_scouts_are_ignored(tmp_path: P
     write_dicom_series(image, study, prefix="PT", series=3, modality="PT")
     with pytest.raises(DataError, match=r"holds 2 DICOM volumes \(CT .*6 slices.*; PT .*6 slices"):
         read_image(study)
+
+
+def test_a_three_plane_localizer_beside_the_volume_is_not_a_second_volume(tmp_path: Path) -> None:
+    image, _ = make_volume(shape_zyx=(6, 8, 9), spacing=(0.8, 0.8, 2.0))
+    study = tmp_path / "study"
+    write_dicom_series(image, study, prefix="VOL", series=1)
+    planes = ((1, 0, 0, 0, 1, 0, 0, 0, 1), (1, 0, 0, 0, 0, 1, 0, -1, 0), (0, 0, 1, 1, 0, 0, 0, 1, 0))
+    for k, direction in enumerate(planes):  # one image per plane, one series UID
+        plane, _ = make_volume(shape_zyx=(1, 8, 9), spacing=(0.8, 0.8, 2.0), seed=k, direction=direction)
+        write_dicom_series(plane, study, prefix=f"LOC{k}", series=9)
+    assert read_image(study).GetSize() == image.GetSize()

@@ -306,3 +306,14 @@ def test_compiled_pretraining_follows_the_eager_run_and_saves_plain_weights(stor
         assert not any(key.startswith("_orig_mod") for key in load_file(folder / "model.safetensors"))
         assert load_model(folder / "model.safetensors") is not None
     assert logs[1]["loss"].tolist() == pytest.approx(logs[0]["loss"].tolist(), rel=1e-3)
+
+
+def test_checkpoints_from_before_the_data_identity_still_resume(tmp_path, caplog):
+    from duplus.train.pretrain import _check_resumable
+
+    current = {"seed": 3, "preprocessed_sha256": "a" * 64}
+    with caplog.at_level("WARNING"):
+        _check_resumable(tmp_path, {"seed": 3}, current)  # an older checkpoint: resumes, with a warning
+    assert "do not record which preprocessed data" in caplog.text
+    with pytest.raises(CheckpointError, match="preprocessed_sha256"):
+        _check_resumable(tmp_path, {"seed": 3, "preprocessed_sha256": "b" * 64}, current)
