@@ -23,7 +23,7 @@ else
 fi
 [ "$PRESET" = paper ] || MACHINE="$MACHINE-$PRESET"
 
-# The whole suite stops at DEADLINE seconds (a device session grants 10 minutes a command): a part
+# The whole suite stops at DEADLINE seconds (remote GPU commands often run under a 10-minute cap): a part
 # gets what is left of its limit, and is skipped when under 20 s remain. Parts run in order of
 # what the targets need: training, inference, batch 8, loader; roofline (CPU-only) can be rerun anywhere.
 DEADLINE=${DEADLINE:-540}
