@@ -36,11 +36,15 @@ def _describe_series(folder: Path, series_id: str, files: Sequence[str]) -> str:
     return f"{modality or '?'} '{description}' ({len(files)} slices, series ...{series_id[-12:]})"
 
 
-def _one_orientation(files: Sequence[str]) -> bool:
+def _plane_tags(files: Sequence[str]) -> list[list[str]]:
+    """(ImagePositionPatient, ImageOrientationPatient) of every file, read once for both checks."""
+    return [_dicom_tags(file, "0020|0032", "0020|0037") for file in files]
+
+
+def _one_orientation(planes: Sequence[Sequence[str]]) -> bool:
     """Whether every image of a series lies in the same plane orientation (a stack, not a localizer)."""
     orientations = set()
-    for file in files:
-        (orientation,) = _dicom_tags(file, "0020|0037")
+    for _, orientation in planes:
         try:
             orientations.add(tuple(round(float(v), 3) for v in orientation.split("\\")))
         except ValueError:
@@ -50,15 +54,14 @@ def _one_orientation(files: Sequence[str]) -> bool:
     return True
 
 
-def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:
+def _check_slice_positions(folder: Path, planes: Sequence[Sequence[str]]) -> None:
     """Refuse a series that is not one evenly spaced stack: ITK would stack it anyway, with a wrong spacing.
 
     Several echoes, phases or time frames under one series UID share slice positions; missing
     slices leave uneven steps. Both give a volume whose geometry (and so every mask) is wrong.
     """
     positions, normal = [], None
-    for file in files:
-        position, orientation = _dicom_tags(file, "0020|0032", "0020|0037")
+    for position, orientation in planes:
         try:
             point = np.array([float(v) for v in position.split("\\")])
             if normal is None:
@@ -97,7 +100,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     # Scouts and localizers beside the volume are ignored (1-2 images, or a three-plane localizer
     # whose images lie in several orientations); two volumes are ambiguous (a PET/CT study, two
     # reconstructions): the user points at one.
-    volumes = {sid: files for sid, files in series.items() if len(files) >= 3 and _one_orientation(files)}
+    planes = {sid: _plane_tags(files) for sid, files in series.items() if len(files) >= 3}
+    volumes = {sid: series[sid] for sid, tags in planes.items() if _one_orientation(tags)}
     if len(volumes) > 1:
         listed = "; ".join(_describe_series(folder, sid, files) for sid, files in volumes.items())
         raise DataError(f"{folder}: holds {len(volumes)} DICOM volumes ({listed}); give a folder with one series")
@@ -106,7 +110,7 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if len(series) > 1:
         log.info("%s: reading %s; ignoring %d other series (scouts)", folder, _describe_series(folder, chosen, files),
                  len(series) - 1)
-    _check_slice_positions(folder, files)
+    _check_slice_positions(folder, planes.get(chosen) or _plane_tags(files))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     return reader.Execute()
