@@ -122,12 +122,10 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Save a dict of torch tensors with safetensors, atomically."""
-    from safetensors.torch import save_file
+    """Save a dict of torch tensors with safetensors, atomically and reproducibly to the byte."""
+    from duplus.tensorfile import tensor_bytes
 
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(contiguous, str(tmp), metadata=metadata)
+    write_bytes(path, tensor_bytes(tensors, metadata))
 
 
 def write_csv(path: str | os.PathLike, frame: "pandas.DataFrame", **kwargs: Any) -> None:  # noqa: F821

@@ -17,6 +17,7 @@ SPEED_ONLY = {
     "pretrain": ("num_workers", "compile", "channels_last", "checkpoint_every", "processes"),
     "inference": ("sw_batch_size", "blend_buffer_mb"),
     "prompts": ("batch_size",),
+    "lora": ("checkpoint_every",),
 }
 
 

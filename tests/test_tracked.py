@@ -24,7 +24,10 @@ def test_speed_only_settings_are_not_tracked(config):
     faster = copy.deepcopy(config)
     faster["pretrain"].update(num_workers=8, compile=True, channels_last=True, checkpoint_every=7)
     faster["inference"]["sw_batch_size"] = 16
+    faster["lora"]["checkpoint_every"] = 3
     assert stage_settings("universal_pretrain", faster) == before
+    assert stage_settings("lora_center", faster, center="ct_siteB") == \
+        stage_settings("lora_center", config, center="ct_siteB")
     assert stage_settings("evaluate", faster) == stage_settings("evaluate", config)
     assert "num_workers" not in before["pretrain"] and before["pretrain"]["lr"] == config["pretrain"]["lr"]
 

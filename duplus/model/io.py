@@ -51,10 +51,9 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, meta: dict[str, 
     target = Path(path)
     if target.suffix != ".safetensors":
         raise ModelError(f"{target}: model weights are written as .safetensors")
-    from safetensors.torch import save as serialise
+    from duplus.tensorfile import tensor_bytes
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    payload = serialise(state, metadata={"format": FORMAT})
+    payload = tensor_bytes(model.state_dict(), {"format": FORMAT})
     # The hash is of the bytes written, not of the file re-read: another writer may replace it.
     write_bytes(target, payload)
     sidecar = dict(meta or {})

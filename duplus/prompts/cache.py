@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
-from duplus.atomic import atomic_path, locked_beside, write_json
+from duplus.atomic import locked_beside, write_bytes, write_json
 from duplus.errors import PromptError
-from duplus.hashing import sha256_file, sha256_text
+from duplus.hashing import sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -215,14 +215,14 @@ def _write(path: Path, vectors: dict[str, torch.Tensor], identity: str, dim: int
     A reader that meets a new tensors file beside an old manifest (a writer stopped between the two
     renames) gets a clear ``PromptError`` from the sha256 check, never a wrong embedding.
     """
-    from safetensors.torch import save_file
+    from duplus.tensorfile import tensor_bytes
 
     keys = {text: sha256_text(text) for text in sorted(vectors)}
-    tensors = {keys[text]: vectors[text].detach().to(torch.float32).reshape(-1).contiguous().cpu() for text in keys}
+    tensors = {keys[text]: vectors[text].detach().to(torch.float32).reshape(-1) for text in keys}
     meta = {"format": FORMAT, "encoder_identity": identity, "dim": str(dim), "texts": json.dumps(keys, sort_keys=True)}
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-        digest = sha256_file(tmp)
+    payload = tensor_bytes(tensors, meta)
+    digest = hashlib.sha256(payload).hexdigest()
+    write_bytes(path, payload)
     write_json(manifest_path(path), {
         "format": FORMAT,
         "encoder_identity": identity,

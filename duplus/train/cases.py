@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from duplus.errors import ConfigError, DataError
+from duplus.hashing import sha256_text
 
 REQUIRED_COLUMNS = ("dataset", "case", "center", "modality", "sequence", "region", "split", "image", "label", "locations", "shape", "labels")
 
@@ -170,3 +171,22 @@ def dataset_weights(config: Mapping[str, Any], datasets: Sequence[str]) -> list[
         raise ConfigError(f"pretrain.dataset_weights: weights {dict(zip(datasets, weights))} must be >= 0 with a positive sum")
     total = sum(weights)
     return [w / total for w in weights]
+
+
+def preprocessed_sha256(cases: Iterable[CaseRecord]) -> str:
+    """What the training data look like: per case its shape, labels and preprocessing record.
+
+    ``meta.json`` holds the target spacing, crop box and normalisation statistics, so new
+    preprocessing settings (spacing, CT window, percentiles, cropping) or new raw data change this
+    even when the case names stay; the original-file paths are left out, so a moved project resumes.
+    """
+    parts = []
+    for case in sorted(cases, key=lambda c: (c.dataset, c.case)):
+        try:
+            meta = json.loads((Path(case.image).parent / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        meta = {k: v for k, v in meta.items() if k not in ("raw_image", "raw_label")} if isinstance(meta, dict) else {}
+        parts.append(json.dumps([case.dataset, case.case, list(case.shape), sorted(case.label_map.items()), meta],
+                                sort_keys=True, default=str))
+    return sha256_text("\n".join(parts))

@@ -11,15 +11,15 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from duplus.atomic import write_bytes, write_json
 from duplus.errors import CheckpointError
+from duplus.tensorfile import tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, state: dict[str, Any],
     """
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, tensors)
-    payload = save_safetensors_bytes(tensors, metadata={"format": FORMAT, "step": str(int(step))})
+    payload = tensor_bytes(tensors, metadata={"format": FORMAT, "step": str(int(step))})
     digest = hashlib.sha256(payload).hexdigest()
     tensor_path, json_path = checkpoint_paths(folder, step)
     write_bytes(tensor_path, payload)
@@ -165,3 +165,24 @@ def load_latest_checkpoint(folder: str | os.PathLike) -> tuple[int, dict[str, An
         except CheckpointError as error:
             log.warning("skipping checkpoint of step %d: %s", step, error)
     return None
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The random generators a training step draws from (dropout), for a checkpoint."""
+    # The generator of the training device only: a run checkpointed where two GPUs were visible
+    # resumes where one is. Ranks are seeded alike and draw alike, so rank 0's state is every rank's.
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's; the first trained
+            cuda = cuda[0] if len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)

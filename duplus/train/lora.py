@@ -18,13 +18,14 @@ import torch
 
 from duplus.atomic import write_json
 from duplus.errors import ConfigError, DataError
-from duplus.hashing import sha256_file
+from duplus.hashing import package_source_sha256, sha256_file, sha256_text
 from duplus.runtime import RssPeak, device_for, seed_everything
 from duplus.train.adapters import WEIGHTS_NAME, add_adapter, lora_config_from, save_adapter
 from duplus.train.batches import TextTable, open_prompt_cache
-from duplus.train.cases import read_manifests, select_cases
+from duplus.train.cases import preprocessed_sha256, read_manifests, select_cases
 from duplus.train.finetune import fit
 from duplus.train.optim import resolve_amp
+from duplus.train.phase_journal import PhaseJournal
 from duplus.train.sampling import PatchSampler
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,26 @@ def _measure_peaks(device: torch.device) -> Iterator[dict[str, float]]:
         peaks["cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def _identity(config: Mapping[str, Any], center: str, base_sha: str, cases: list[Any], test_rows: pd.DataFrame,
+              cache: Any, amp: torch.dtype | None, device: torch.device) -> dict[str, Any]:
+    """What the job's numbers depend on: the key of its resume journal."""
+    from duplus.tracked import stage_settings
+
+    pretrain = config.get("pretrain") or {}
+    return {
+        "settings": stage_settings("lora_center", config, center=center),
+        "base_sha256": base_sha,
+        "precision": str(amp),
+        "device": device.type,
+        "sampling": [pretrain.get("patch_size"), pretrain.get("foreground_ratio"),
+                     (config.get("prompts") or {}).get("paraphrases", True)],
+        "data": preprocessed_sha256(cases),
+        "test_rows": sha256_text(test_rows.to_csv(index=False)),
+        "prompt_cache": str(getattr(cache, "encoder_identity", "")),
+        "source": package_source_sha256(),
+    }
+
+
 def run_lora(
     config: Mapping[str, Any],
     center: str,
@@ -104,7 +125,9 @@ def run_lora(
     Zero-shot, LoRA and full fine-tuning are scored on the center's test split with
     ``duplus.evaluate.run.evaluate_cases``; LoRA and full fine-tuning train on its train split with
     the same batches and step budget. Peak memory (RSS, and CUDA memory on a GPU) is measured for
-    each training on its own.
+    each training on its own. A killed or SIGTERMed job resumes: finished phases are kept in
+    ``<out_dir>/.resume/`` (``duplus.train.phase_journal``) and trainings checkpoint every
+    ``lora.checkpoint_every`` steps.
     """
     from duplus.model import count_parameters, load_model, lora_target_names, modalities_of, with_trained_window
 
@@ -142,39 +165,60 @@ def run_lora(
         modalities=modalities_of(base),
     )
     table = TextTable(cache, sampler.all_texts(), device)
-    steps, batch_size = int(settings.get("steps", 2000)), int(settings.get("batch_size", 2))
-    workers = int((config.get("pretrain") or {}).get("num_workers", 0))
+    test_cases = select_cases(records, split="test", datasets=[dataset], centers=[site])
+    journal = PhaseJournal(out, _identity(config, center, base_sha, train_cases + test_cases, test_rows, cache,
+                                          amp, device))
+    training = {"steps": int(settings.get("steps", 2000)), "batch_size": int(settings.get("batch_size", 2)),
+                "seed": seed, "amp": amp, "num_workers": int((config.get("pretrain") or {}).get("num_workers", 0)),
+                "checkpoint_every": int(settings.get("checkpoint_every", 500))}
     results: dict[str, pd.DataFrame] = {}
+    runs: dict[str, dict[str, Any]] = {}
+
+    def evaluate(model: torch.nn.Module) -> pd.DataFrame:
+        return _evaluate(model, test_rows, cache, config, manifest_dir)
+
+    def adapt(phase: str, model: torch.nn.Module, lr: float, desc: str) -> None:
+        with _measure_peaks(device) as peaks:
+            seconds = fit(model, sampler, table, lr=lr, desc=desc, checkpoints=journal.checkpoints(phase), **training)
+        runs[phase] = {"seconds": seconds, **peaks, "trainable": count_parameters(model, trainable_only=True)}
+        results[phase] = evaluate(model)
 
     log.info("lora %s: zero-shot evaluation on %d test cases", center, len(test_rows))
-    results["zero_shot"] = _evaluate(base, test_rows, cache, config, manifest_dir)
+    if (done := journal.load("zero_shot")) is None:
+        results["zero_shot"] = evaluate(base)
+        journal.save("zero_shot", {}, results["zero_shot"])
+    else:
+        results["zero_shot"] = done[1]
 
     targets = lora_target_names(base, list(settings.get("targets") or ["encoder", "decoder", "film", "controller"]),
                                 bool(settings.get("text_projection", False)),
                                 modalities=sorted({case.modality for case in train_cases}))
     lora_config = lora_config_from(settings, targets)
-    adapted = copy.deepcopy(base)
-    seed_everything(seed)  # peft draws the LoRA A factors at random: the run's seed decides them
-    trainable_lora = add_adapter(adapted, lora_config, center)
-    with _measure_peaks(device) as peak_lora:
-        seconds_lora = fit(adapted, sampler, table, steps=steps, batch_size=batch_size,
-                           lr=float(settings.get("lr", 1e-3)), seed=seed, amp=amp, num_workers=workers,
-                           desc=f"lora {center}")
-    results["lora"] = _evaluate(adapted, test_rows, cache, config, manifest_dir)
-    save_adapter(adapted, center, lora_config, out / "adapter", base_sha)
-    del adapted
+    adapter_file = out / "adapter" / WEIGHTS_NAME
+    done = journal.load("lora", accept=lambda record: adapter_file.is_file()
+                        and sha256_file(adapter_file) == record.get("adapter_sha256"))
+    if done is not None:
+        runs["lora"], results["lora"] = done
+    else:
+        adapted = copy.deepcopy(base)
+        seed_everything(seed)  # peft draws the LoRA A factors at random: the run's seed decides them
+        add_adapter(adapted, lora_config, center)
+        adapt("lora", adapted, float(settings.get("lr", 1e-3)), f"lora {center}")
+        save_adapter(adapted, center, lora_config, out / "adapter", base_sha)
+        runs["lora"]["adapter_sha256"] = sha256_file(adapter_file)
+        journal.save("lora", runs["lora"], results["lora"])
+        del adapted
 
-    tuned = copy.deepcopy(base)
-    for param in tuned.parameters():
-        param.requires_grad_(True)
-    trainable_full = count_parameters(tuned, trainable_only=True)
-    seed_everything(seed)  # the same random stream (dropout) as the LoRA run
-    with _measure_peaks(device) as peak_full:
-        seconds_full = fit(tuned, sampler, table, steps=steps, batch_size=batch_size,
-                           lr=float(settings.get("full_finetune_lr", 1e-4)), seed=seed, amp=amp, num_workers=workers,
-                           desc=f"full fine-tuning {center}")
-    results["full_ft"] = _evaluate(tuned, test_rows, cache, config, manifest_dir)
-    del tuned
+    if (done := journal.load("full_ft")) is None:
+        tuned = copy.deepcopy(base)
+        for param in tuned.parameters():
+            param.requires_grad_(True)
+        seed_everything(seed)  # the same random stream (dropout) as the LoRA run
+        adapt("full_ft", tuned, float(settings.get("full_finetune_lr", 1e-4)), f"full fine-tuning {center}")
+        journal.save("full_ft", runs["full_ft"], results["full_ft"])
+        del tuned
+    else:
+        runs["full_ft"], results["full_ft"] = done
 
     dice = {run: _mean_dice(frame) for run, frame in results.items()}
     metrics: dict[str, Any] = {
@@ -185,29 +229,32 @@ def run_lora(
         "lora_dice": dice["lora"],
         "full_ft_dice": dice["full_ft"],
         "gap_closed": gap_closed(dice["zero_shot"], dice["lora"], dice["full_ft"]),
-        "trainable_params_lora": int(trainable_lora),
-        "trainable_params_full": int(trainable_full),
+        "trainable_params_lora": int(runs["lora"]["trainable"]),
+        "trainable_params_full": int(runs["full_ft"]["trainable"]),
         "total_params": int(count_parameters(base)),
-        "adapter_bytes": (out / "adapter" / WEIGHTS_NAME).stat().st_size,
+        "adapter_bytes": adapter_file.stat().st_size,
         "checkpoint_bytes": Path(model_path).stat().st_size,
-        "seconds_lora": seconds_lora,
-        "seconds_full": seconds_full,
-        "peak_rss_mb_lora": peak_lora["rss_mb"],
-        "peak_rss_mb_full": peak_full["rss_mb"],
-        "steps": steps,
+        "seconds_lora": runs["lora"]["seconds"],
+        "seconds_full": runs["full_ft"]["seconds"],
+        "peak_rss_mb_lora": runs["lora"]["rss_mb"],
+        "peak_rss_mb_full": runs["full_ft"]["rss_mb"],
+        "steps": training["steps"],
         "train_cases": len(train_cases),
         "test_cases": int(len(test_rows)),
         "device": str(device),
         "per_class": _per_class(results),
+        # Phases an earlier, interrupted attempt finished; a training resumed from a checkpoint
+        # sums its seconds over the attempts, but its peak memory is the last attempt's.
+        "resumed_phases": list(journal.resumed),
     }
     if device.type == "cuda":
-        metrics["peak_cuda_mb_lora"] = peak_lora["cuda_mb"]
-        metrics["peak_cuda_mb_full"] = peak_full["cuda_mb"]
+        metrics["peak_cuda_mb_lora"] = runs["lora"].get("cuda_mb")
+        metrics["peak_cuda_mb_full"] = runs["full_ft"].get("cuda_mb")
     label_map = {str(k): v for k, v in sorted(train_cases[0].label_map.items())}
     write_json(out / "adapter_meta.json", {
         "base_sha256": base_sha,
         "base_model": Path(model_path).name,
-        "adapter_sha256": sha256_file(out / "adapter" / WEIGHTS_NAME),
+        "adapter_sha256": sha256_file(adapter_file),
         "center": center,
         "dataset": dataset,
         "site": site,
@@ -220,5 +267,6 @@ def run_lora(
         "metrics": {k: metrics[k] for k in ("zero_shot_dice", "lora_dice", "full_ft_dice", "gap_closed")},
     })
     write_json(out / "metrics.json", metrics)  # last: it is the rule's declared output
+    journal.clear()
     log.info("lora %s: dice zero-shot %s, LoRA %s, full %s", center, dice["zero_shot"], dice["lora"], dice["full_ft"])
     return metrics

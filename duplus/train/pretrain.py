@@ -23,8 +23,8 @@ from duplus.progress import progress
 from duplus.runtime import device_for, seed_everything
 from duplus.train import distributed
 from duplus.train.batches import TextTable, batch_loss, open_prompt_cache
-from duplus.train.cases import pretraining_cases
-from duplus.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from duplus.train.cases import preprocessed_sha256, pretraining_cases
+from duplus.train.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from duplus.train.ema import EMA
 from duplus.train.interrupt import StopFlag, TrainingInterrupted
 from duplus.train.optim import GRAD_CLIP, build_optimizer, resolve_amp, warmup_cosine
@@ -87,44 +87,6 @@ class PretrainSettings:
         return json.loads(json.dumps(data, sort_keys=True, default=dict))
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    # The generator of the training device only: a run checkpointed where two GPUs were visible
-    # resumes where one is. Ranks are seeded alike and draw alike, so rank 0's state is every rank's.
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        cuda = state["cuda"]
-        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's; the first trained
-            cuda = cuda[0] if len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-
-
-def _preprocessed_sha256(cases: list[Any]) -> str:
-    """What the training data look like: per case its shape, labels and preprocessing record.
-
-    ``meta.json`` holds the target spacing, crop box and normalisation statistics, so new
-    preprocessing settings (spacing, CT window, percentiles, cropping) or new raw data change this
-    even when the case names stay; the original-file paths are left out, so a moved project resumes.
-    """
-    parts = []
-    for case in sorted(cases, key=lambda c: (c.dataset, c.case)):
-        try:
-            meta = json.loads((Path(case.image).parent / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            meta = {}
-        meta = {k: v for k, v in meta.items() if k not in ("raw_image", "raw_label")} if isinstance(meta, dict) else {}
-        parts.append(json.dumps([case.dataset, case.case, list(case.shape), sorted(case.label_map.items()), meta],
-                                sort_keys=True, default=str))
-    return sha256_text("\n".join(parts))
-
-
 def _run_identity(config: Mapping[str, Any], settings: PretrainSettings, sampler: PatchSampler, cache: Any) -> dict[str, Any]:
     cases = [c for cs in sampler.by_dataset.values() for c in cs]
     return {
@@ -133,7 +95,7 @@ def _run_identity(config: Mapping[str, Any], settings: PretrainSettings, sampler
         "model": json.loads(json.dumps(config.get("model") or {}, sort_keys=True)),
         "paraphrases": sampler.paraphrases,
         "cases_sha256": sha256_text("\n".join(sorted(f"{c.dataset}/{c.case}" for c in cases))),
-        "preprocessed_sha256": _preprocessed_sha256(cases),
+        "preprocessed_sha256": preprocessed_sha256(cases),
         "prompt_cache": str(getattr(cache, "encoder_identity", "")),
     }
 
@@ -306,7 +268,7 @@ def _train(
             "micro_batches": micro_batches,
             "log": rows,
             "seconds": seconds_before + time.perf_counter() - started,
-            "rng": _rng_state(device),
+            "rng": rng_state(device),
         })
         distributed.barrier(ranks)
 
@@ -322,7 +284,7 @@ def _train(
         if resumed is not None:
             # After the loader's iterator, which draws from the torch RNG when created: the restored
             # state is then exactly the one the uninterrupted run had at this step (dropout).
-            _set_rng_state(resumed[1]["rng"], device)
+            set_rng_state(resumed[1]["rng"], device)
         for step in range(start, settings.steps):
             lr = scheduler.get_last_lr()[0]
             for _ in range(settings.grad_accum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,14 +113,15 @@ def test_real_encoder_one_pass_and_cached_equals_fresh(path, minilm):
 def test_a_write_that_fails_midway_leaves_the_old_cache_intact(path, fake_encoder, monkeypatch):
     build_prompt_cache(TEXTS, fake_encoder, path)
     before = _snapshot(path)
-    import safetensors.torch
+    real_write = Path.write_bytes
 
-    def dying_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"trunc")  # a truncated header
-        raise OSError("disk full")
+    def dying_write(self, data):
+        if self.name.endswith(".safetensors"):
+            real_write(self, data[:40])  # a truncated header
+            raise OSError("disk full")
+        return real_write(self, data)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
+    monkeypatch.setattr(Path, "write_bytes", dying_write)
     with pytest.raises(OSError, match="disk full"):
         build_prompt_cache(TEXTS + ["A new prompt."], FakeEncoder(), path)
     assert _snapshot(path) == before
@@ -252,7 +254,7 @@ def test_ensure_prompts_on_a_read_only_cache_keeps_new_prompts_in_memory(path, f
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path.parent))
 
-    monkeypatch.setattr(cache_module, "atomic_path", read_only)
+    monkeypatch.setattr(cache_module, "write_bytes", read_only)
     cache = ensure_prompts(path, ["A new prompt."], FakeEncoder())
     assert "A new prompt." in cache and torch.equal(cache.get(TEXTS[0]), fake_encoder.vector(TEXTS[0]))
     assert _snapshot(path) == before

@@ -23,9 +23,10 @@ from reliability_helpers import (DATASETS, LORA_CENTER, STAGE_CALLS, ReferenceRu
                                  assert_same_json, assert_same_npz, assert_same_safetensors, check_tree_readable,
                                  final_files, importable, relative_set, stage_kwargs)
 
-# Fields that hold wall-clock time or memory: they differ between any two runs.
+# Fields that hold wall-clock time or memory (they differ between any two runs), and the phases a
+# rerun took over from the killed attempt.
 TIMING_KEYS = ("created", "seconds", "seconds_lora", "seconds_full", "peak_rss_mb", "peak_rss_mb_lora",
-               "peak_rss_mb_full")
+               "peak_rss_mb_full", "resumed_phases")
 
 
 # --- what "identical" means per stage ----------------------------------------------------------
