@@ -251,6 +251,7 @@ STAGE_CALLS = {
     "preprocess": "duplus.data.preprocess:run_preprocess",
     "cache_prompts": "duplus.prompts.cache:run_cache_prompts",
     "pretrain": "duplus.train.pretrain:run_pretrain",
+    "evaluate": "duplus.evaluate.run:run_evaluate",
     "lora": "duplus.train.lora:run_lora",
     "prognosis": "duplus.prognosis.run:run_prognosis",
 }
@@ -276,6 +277,9 @@ def stage_kwargs(stage: str, ref: Path, out: Path, config: dict[str, Any],
         return {"config": config, "manifests": manifests, "prompt_cache": cache,
                 "out_model": str(out / "results" / "pretrain" / "model.safetensors"),
                 "out_log": str(out / "results" / "pretrain" / "train_log.csv")}
+    if stage == "evaluate":
+        return {"config": config, "manifests": manifests, "prompt_cache": cache, "model_path": model,
+                "out_dir": str(out / "results" / "evaluate" / "universal")}
     if stage == "lora":
         return {"config": config, "center": LORA_CENTER, "manifests": manifests, "prompt_cache": cache,
                 "model_path": model, "out_dir": str(out / "results" / "lora" / LORA_CENTER)}
@@ -299,6 +303,7 @@ class ReferenceRun:
             self._run("preprocess", dataset)
         self._run("cache_prompts")
         self._run("pretrain")
+        self._run("evaluate", required=False)
         if importable("duplus.train.lora"):
             self._run("lora", required=False)
         self._run("prognosis", required=False)

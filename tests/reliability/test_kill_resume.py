@@ -13,6 +13,7 @@ with one intra-op thread, reading the reference run's inputs and writing into it
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Callable
@@ -60,6 +61,17 @@ def compare_pretrain(ref: Path, new: Path) -> None:
     pd.testing.assert_frame_equal(left[["step", "loss", "lr"]], right[["step", "loss", "lr"]], check_exact=True)
 
 
+def compare_evaluate(ref: Path, new: Path) -> None:
+    a, b = ref / "results" / "evaluate" / "universal", new / "results" / "evaluate" / "universal"
+    assert relative_set(a) == relative_set(b), "the rerun left other files than an uninterrupted run"
+    for name in ("per_case.csv", "summary.csv"):
+        assert_same_bytes(a / name, b / name)
+    for left in (a / "examples").glob("*.npz"):
+        assert_same_npz(left, b / "examples" / left.name)
+    assert_same_json(a / "efficiency.json", b / "efficiency.json",
+                     ignore=("seconds_per_volume", "peak_rss_mb", "class_scaling_ratio", "cases_resumed"))
+
+
 def compare_lora(ref: Path, new: Path) -> None:
     a, b = ref / "results" / "lora" / LORA_CENTER, new / "results" / "lora" / LORA_CENTER
     assert relative_set(a) == relative_set(b)
@@ -81,11 +93,12 @@ def compare_prognosis(ref: Path, new: Path) -> None:
 
 COMPARE: dict[str, Callable[[Path, Path], None]] = {
     "preprocess": compare_preprocess, "cache_prompts": compare_cache, "pretrain": compare_pretrain,
-    "lora": compare_lora, "prognosis": compare_prognosis,
+    "evaluate": compare_evaluate, "lora": compare_lora, "prognosis": compare_prognosis,
 }
 OUTPUT_DIRS = {
     "preprocess": "data/preprocessed", "cache_prompts": "results/prompts", "pretrain": "results/pretrain",
-    "lora": f"results/lora/{LORA_CENTER}", "prognosis": "results/prognosis",
+    "evaluate": "results/evaluate/universal", "lora": f"results/lora/{LORA_CENTER}",
+    "prognosis": "results/prognosis",
 }
 
 
@@ -142,7 +155,7 @@ def check_train_log_prefix(ref: Path, out: Path) -> None:
         pd.testing.assert_frame_equal(got, want, check_exact=True)
 
 
-STAGES = ["preprocess", "cache_prompts", "pretrain",
+STAGES = ["preprocess", "cache_prompts", "pretrain", "evaluate",
           pytest.param("lora", marks=pytest.mark.xfail(not importable("duplus.train.lora"), strict=False,
                                                         reason="duplus.train.lora is not in the tree yet")),
           "prognosis"]
@@ -201,6 +214,25 @@ def test_pretrain_killed_while_writing(file_name: str, reference: ReferenceRun, 
         assert not (folder / "checkpoints" / file_name).exists()
     stage_server.run_ok(STAGE_CALLS["pretrain"], tmp_path, **kwargs)
     compare_pretrain(reference.root, tmp_path)
+
+
+def test_evaluation_killed_inside_a_case_record_redoes_only_that_case(reference: ReferenceRun,
+                                                                      stage_server: StageServer,
+                                                                      tmp_path: Path) -> None:
+    """Evaluation's 4th write is the second case's journal record (after the first case's example
+    and record, and the second's example): killed half-way through it, the rerun takes the first
+    case from the journal, evaluates the others, and ends with the uninterrupted run's outputs."""
+    if "evaluate" in reference.failed:
+        pytest.fail(f"the uninterrupted evaluation fails: {reference.failed['evaluate'][:2000]}")
+    kwargs = stage_kwargs("evaluate", reference.root, tmp_path, reference.config)
+    reply = stage_server.run(STAGE_CALLS["evaluate"], tmp_path, fault={"write": 4, "atomic": True}, **kwargs)
+    assert reply["status"] == "killed", reply
+    out = tmp_path / OUTPUT_DIRS["evaluate"]
+    check_tree_readable(out)
+    assert not (out / "per_case.csv").exists()
+    stage_server.run_ok(STAGE_CALLS["evaluate"], tmp_path, **kwargs)
+    compare_evaluate(reference.root, tmp_path)
+    assert json.loads((out / "efficiency.json").read_text(encoding="utf-8"))["cases_resumed"] == 1
 
 
 def test_rerun_after_kill_reads_no_stale_state(reference: ReferenceRun, stage_server: StageServer,
