@@ -183,8 +183,8 @@ def run_lora(
         runs[phase] = {"seconds": seconds, **peaks, "trainable": count_parameters(model, trainable_only=True)}
         results[phase] = evaluate(model)
 
-    log.info("lora %s: zero-shot evaluation on %d test cases", center, len(test_rows))
     if (done := journal.load("zero_shot")) is None:
+        log.info("lora %s: zero-shot evaluation on %d test cases", center, len(test_rows))
         results["zero_shot"] = evaluate(base)
         journal.save("zero_shot", {}, results["zero_shot"])
     else:
