@@ -110,3 +110,47 @@ def test_training_step_never_waits_for_the_gpu(store):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_adaptation_resumes_on_gpu_after_sigterm(store, tmp_path, monkeypatch, caplog):
+    """fit() on the GPU in bf16: a SIGTERM checkpoints (CUDA generator included), the rerun resumes."""
+    import logging
+    import os
+    import signal
+
+    import duplus.train.finetune as finetune
+    from duplus.model import DuPLUS, ModelConfig
+    from duplus.train.interrupt import TrainingInterrupted
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    base = DuPLUS(ModelConfig.from_config({"model": {"preset": "tiny"}}, text_dim=FakePromptCache().dim)).to(device)
+    settings = {"rank": 2, "alpha": 4, "dropout": 0.2}
+    config = lora_config_from(settings, lora_target_names(base, ["encoder", "decoder"]))
+    cases = select_cases(read_manifests(store.values()), split="train", datasets=["toy_ct"])
+    sampler = PatchSampler(cases, PATCH)
+    table = TextTable(FakePromptCache(), sampler.all_texts(), device)
+    kwargs = {"steps": 4, "batch_size": 2, "lr": 0.01, "seed": 0, "amp": torch.bfloat16, "num_workers": 2,
+              "checkpoints": tmp_path / "checkpoints"}
+    real, calls = finetune.batch_loss, [0]
+
+    def loss(*args, **kw):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+
+    model = copy.deepcopy(base)
+    add_adapter(model, config, "gpu")
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, "batch_loss", loss)
+        with pytest.raises(TrainingInterrupted):
+            fit(model, sampler, table, **kwargs)
+    assert list_checkpoints(tmp_path / "checkpoints") == [2]
+    model = copy.deepcopy(base)
+    add_adapter(model, config, "gpu")
+    with caplog.at_level(logging.INFO, logger="duplus.train.finetune"):
+        fit(model, sampler, table, **kwargs)
+    assert "resuming at step 2 of 4" in caplog.text
+    assert list_checkpoints(tmp_path / "checkpoints") == [4, 2]
+    assert all(torch.isfinite(v).all() for v in finetune.trained_state(model).values() if v.is_floating_point())
