@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import resource
 import sys
 import threading
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -97,6 +98,7 @@ class RssPeak:
         self.interval = float(interval)
         self.mb = 0.0
         self._stop = threading.Event()
+        self._paused = threading.Event()
         self._thread: threading.Thread | None = None
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -104,13 +106,29 @@ class RssPeak:
         handle.seek(0)
         return int(handle.read().split()[1]) * self._page / 2**20
 
+    def _record(self, handle: Any) -> None:
+        if not self._paused.is_set():
+            self.mb = max(self.mb, self._current_mb(handle))
+
     def _sample(self, handle: Any) -> None:
         with handle:
             while True:
-                self.mb = max(self.mb, self._current_mb(handle))
+                self._record(handle)
                 if self._stop.wait(self.interval):
                     break
-            self.mb = max(self.mb, self._current_mb(handle))
+            self._record(handle)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the block out of the peak (bookkeeping such as writing a checkpoint).
+
+        Memory the block allocates and keeps counts again from the next sample after it.
+        """
+        self._paused.set()
+        try:
+            yield
+        finally:
+            self._paused.clear()
 
     def __enter__(self) -> "RssPeak":
         try:

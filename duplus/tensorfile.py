@@ -25,7 +25,8 @@ def canonical(payload: bytes) -> bytes:
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % _ALIGN)
-    return struct.pack("<Q", len(text)) + text + payload[8 + size:]
+    # One copy of the (possibly GB-sized) tensor data, not one per concatenation.
+    return b"".join((struct.pack("<Q", len(text)), text, memoryview(payload)[8 + size:]))
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -33,4 +34,6 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     from safetensors.torch import save
 
     state = {name: value.detach().contiguous().cpu() for name, value in tensors.items()}
-    return canonical(save(state, metadata=dict(metadata) if metadata is not None else None))
+    # No metadata rather than an empty map: safetensors writes an unreadable header for an empty
+    # map beside zero tensors.
+    return canonical(save(state, metadata=dict(metadata) if metadata else None))

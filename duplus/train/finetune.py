@@ -11,13 +11,16 @@ import logging
 import os
 import signal
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from duplus.errors import CheckpointError
 from duplus.progress import progress
+from duplus.runtime import RssPeak
 from duplus.train.batches import TextTable, batch_loss
 from duplus.train.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from duplus.train.interrupt import StopFlag, TrainingInterrupted
@@ -45,6 +48,19 @@ def _restore_trained_state(model: nn.Module, saved: dict[str, torch.Tensor], fol
     model.load_state_dict(saved, strict=False)
 
 
+@dataclass(frozen=True)
+class FitStats:
+    """What one training cost, summed (time) or maxed (memory) over the attempts of a resumed run.
+
+    Checkpoint writes are left out of both: they are bookkeeping, and the full-model checkpoint of
+    full fine-tuning would otherwise inflate its numbers against LoRA's few-MB one.
+    """
+
+    seconds: float
+    rss_mb: float
+    cuda_mb: float | None = None
+
+
 def fit(
     model: nn.Module,
     sampler: PatchSampler,
@@ -60,8 +76,8 @@ def fit(
     desc: str = "adapt",
     checkpoints: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
-) -> float:
-    """Train the parameters of ``model`` that require grad for ``steps`` steps; returns wall seconds.
+) -> FitStats:
+    """Train the parameters of ``model`` that require grad for ``steps`` steps.
 
     Warm-up over the first 10 % of steps, then cosine decay. Weight decay defaults to 0: it would
     pull LoRA factors (and fine-tuned weights) towards zero rather than towards the pretrained model.
@@ -73,42 +89,67 @@ def fit(
             caller keys the folder to the run: it must not hold another run's checkpoints.
 
     Returns:
-        wall seconds of the training, summed over the attempts a resumed run took.
+        wall seconds and peak memory (resident, and CUDA allocated on a GPU) of the training.
     """
     device = table.device
-    optimizer = build_optimizer(model.parameters(), lr, weight_decay, device)
-    scheduler = warmup_cosine(optimizer, max(1, steps // 10), steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    folder = Path(checkpoints) if checkpoints is not None else None
-    start, seconds_before, resumed = 0, 0.0, None
-    if folder is not None:
-        resumed = load_latest_checkpoint(folder)
-    if resumed is not None:
-        start, state = resumed
-        _restore_trained_state(model, state["trained"], folder)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        seconds_before = float(state["seconds"])
-        log.info("%s: resuming at step %d of %d from %s", desc, start, steps, folder)
-    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with RssPeak() as rss:
+        optimizer = build_optimizer(model.parameters(), lr, weight_decay, device)
+        scheduler = warmup_cosine(optimizer, max(1, steps // 10), steps)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        folder = Path(checkpoints) if checkpoints is not None else None
+        before = FitStats(0.0, 0.0, None)
+        resumed = load_latest_checkpoint(folder) if folder is not None else None
+        if resumed is not None:
+            state = resumed[1]
+            _restore_trained_state(model, state["trained"], folder)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            before = FitStats(**state["stats"])
+            log.info("%s: resuming at step %d of %d from %s", desc, resumed[0], steps, folder)
+        started, bookkeeping = time.perf_counter(), 0.0
 
-    def checkpoint(done: int) -> None:
+        def stats() -> FitStats:
+            cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            return FitStats(before.seconds + time.perf_counter() - started - bookkeeping, max(before.rss_mb, rss.mb),
+                            None if cuda is None else max(before.cuda_mb or 0.0, cuda))
+
+        def checkpoint(done: int) -> None:
+            nonlocal bookkeeping
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the recorded seconds include the queued GPU work
+            at = time.perf_counter()
+            with rss.paused():
+                save_checkpoint(folder, done, {
+                    "trained": trained_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(device),
+                    "stats": asdict(stats()),
+                })
+            bookkeeping += time.perf_counter() - at
+
+        _train(model, sampler, table, optimizer, scheduler, scaler, amp, steps, batch_size, seed, num_workers, desc,
+               resumed, folder, checkpoint_every, checkpoint)
         if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the recorded seconds include the queued GPU work
-        save_checkpoint(folder, done, {
-            "trained": trained_state(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(device),
-            "seconds": seconds_before + time.perf_counter() - started,
-        })
+            torch.cuda.synchronize(device)  # the wall time must include the queued GPU work
+    return stats()
 
+
+def _train(model: nn.Module, sampler: PatchSampler, table: TextTable, optimizer: torch.optim.Optimizer,
+           scheduler: Any, scaler: torch.amp.GradScaler, amp: torch.dtype | None, steps: int, batch_size: int,
+           seed: int, num_workers: int, desc: str, resumed: tuple[int, dict[str, Any]] | None, folder: Path | None,
+           checkpoint_every: int, checkpoint: Callable[[int], None]) -> None:
+    """The steps of ``fit`` from where a checkpoint left off (or the start) to ``steps``."""
+    device = table.device
+    start = resumed[0] if resumed is not None else 0
+    params = [p for p in model.parameters() if p.requires_grad]
     loader = make_loader(sampler, seed, batch_size, 1, start, steps, num_workers=num_workers,
                          pin_memory=device.type == "cuda")
     model.train()
     # Without a checkpoint folder SIGTERM keeps its default: there is nothing to stop cleanly into.
-    with StopFlag(signals=() if folder is None else (signal.SIGTERM,)) as stop, workers_closed(iter(loader)) as batches, \
-            progress(total=steps, initial=start, desc=desc) as bar:
+    with StopFlag(signals=() if folder is None else (signal.SIGTERM,)) as stop, \
+            workers_closed(iter(loader)) as batches, progress(total=steps, initial=start, desc=desc) as bar:
         if resumed is not None:
             # After the loader's iterator, which draws from the torch RNG when created: the state
             # is then the one the uninterrupted run had at this step (dropout on the LoRA path).
@@ -125,13 +166,10 @@ def fit(
             bar.update(1)
             if folder is None:
                 continue
-            at_interval = checkpoint_every > 0 and done % checkpoint_every == 0
-            if at_interval or done == steps or stop.requested:
+            if (checkpoint_every > 0 and done % checkpoint_every == 0) or done == steps or stop.requested:
                 checkpoint(done)
-            if stop.requested and done < steps:
+            if stop.requested:
+                # Also after the last step: the job's next phase (an evaluation) would not stop.
                 raise TrainingInterrupted(f"{desc} stopped at step {done} of {steps}; checkpoint in {folder}, "
                                           "rerun to resume")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the wall time must include the queued GPU work
     model.eval()
-    return seconds_before + time.perf_counter() - started

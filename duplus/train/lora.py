@@ -5,24 +5,25 @@ Keeps the LoRA adapter (bound to its base weights) and records dice, gap closed,
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 import torch
 
 from duplus.atomic import write_json
 from duplus.errors import ConfigError, DataError
-from duplus.hashing import package_source_sha256, sha256_file, sha256_text
-from duplus.runtime import RssPeak, device_for, seed_everything
+from duplus.hashing import sha256_file
+from duplus.runtime import device_for, seed_everything
+from duplus.train.adaptation_keys import phase_identities
 from duplus.train.adapters import WEIGHTS_NAME, add_adapter, lora_config_from, save_adapter
 from duplus.train.batches import TextTable, open_prompt_cache
-from duplus.train.cases import preprocessed_sha256, read_manifests, select_cases
+from duplus.train.cases import read_manifests, select_cases
 from duplus.train.finetune import fit
 from duplus.train.optim import resolve_amp
 from duplus.train.phase_journal import PhaseJournal
@@ -79,39 +80,6 @@ def gap_closed(zero: float | None, lora: float | None, full: float | None) -> fl
     return (lora - zero) / (full - zero)
 
 
-@contextlib.contextmanager
-def _measure_peaks(device: torch.device) -> Iterator[dict[str, float]]:
-    """Peak RSS (and CUDA memory) of the training in the block, on its own, not the process's so far."""
-    peaks: dict[str, float] = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with RssPeak() as rss:
-        yield peaks
-    peaks["rss_mb"] = rss.mb
-    if device.type == "cuda":
-        peaks["cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def _identity(config: Mapping[str, Any], center: str, base_sha: str, cases: list[Any], test_rows: pd.DataFrame,
-              cache: Any, amp: torch.dtype | None, device: torch.device) -> dict[str, Any]:
-    """What the job's numbers depend on: the key of its resume journal."""
-    from duplus.tracked import stage_settings
-
-    pretrain = config.get("pretrain") or {}
-    return {
-        "settings": stage_settings("lora_center", config, center=center),
-        "base_sha256": base_sha,
-        "precision": str(amp),
-        "device": device.type,
-        "sampling": [pretrain.get("patch_size"), pretrain.get("foreground_ratio"),
-                     (config.get("prompts") or {}).get("paraphrases", True)],
-        "data": preprocessed_sha256(cases),
-        "test_rows": sha256_text(test_rows.to_csv(index=False)),
-        "prompt_cache": str(getattr(cache, "encoder_identity", "")),
-        "source": package_source_sha256(),
-    }
-
-
 def run_lora(
     config: Mapping[str, Any],
     center: str,
@@ -125,7 +93,7 @@ def run_lora(
     Zero-shot, LoRA and full fine-tuning are scored on the center's test split with
     ``duplus.evaluate.run.evaluate_cases``; LoRA and full fine-tuning train on its train split with
     the same batches and step budget. Peak memory (RSS, and CUDA memory on a GPU) is measured for
-    each training on its own. A killed or SIGTERMed job resumes: finished phases are kept in
+    each training on its own (``duplus.train.finetune.FitStats``). A killed or SIGTERMed job resumes: finished phases are kept in
     ``<out_dir>/.resume/`` (``duplus.train.phase_journal``) and trainings checkpoint every
     ``lora.checkpoint_every`` steps.
     """
@@ -165,28 +133,31 @@ def run_lora(
         modalities=modalities_of(base),
     )
     table = TextTable(cache, sampler.all_texts(), device)
-    test_cases = select_cases(records, split="test", datasets=[dataset], centers=[site])
-    journal = PhaseJournal(out, _identity(config, center, base_sha, train_cases + test_cases, test_rows, cache,
-                                          amp, device))
+    journal = PhaseJournal(out)
+    keys = phase_identities(config, center=(dataset, site), base_sha256=base_sha, train_cases=train_cases,
+                            test_rows=test_rows, manifest_dir=manifest_dir, cache=cache, amp=amp, device=device)
     training = {"steps": int(settings.get("steps", 2000)), "batch_size": int(settings.get("batch_size", 2)),
                 "seed": seed, "amp": amp, "num_workers": int((config.get("pretrain") or {}).get("num_workers", 0)),
                 "checkpoint_every": int(settings.get("checkpoint_every", 500))}
     results: dict[str, pd.DataFrame] = {}
     runs: dict[str, dict[str, Any]] = {}
 
+    def complete(record: Mapping[str, Any]) -> bool:
+        return {"seconds", "rss_mb", "trainable"} <= set(record)
+
     def evaluate(model: torch.nn.Module) -> pd.DataFrame:
         return _evaluate(model, test_rows, cache, config, manifest_dir)
 
     def adapt(phase: str, model: torch.nn.Module, lr: float, desc: str) -> None:
-        with _measure_peaks(device) as peaks:
-            seconds = fit(model, sampler, table, lr=lr, desc=desc, checkpoints=journal.checkpoints(phase), **training)
-        runs[phase] = {"seconds": seconds, **peaks, "trainable": count_parameters(model, trainable_only=True)}
+        stats = fit(model, sampler, table, lr=lr, desc=desc, checkpoints=journal.checkpoints(phase, keys[phase]),
+                    **training)
+        runs[phase] = {**asdict(stats), "trainable": count_parameters(model, trainable_only=True)}
         results[phase] = evaluate(model)
 
-    if (done := journal.load("zero_shot")) is None:
+    if (done := journal.load("zero_shot", keys["zero_shot"])) is None:
         log.info("lora %s: zero-shot evaluation on %d test cases", center, len(test_rows))
         results["zero_shot"] = evaluate(base)
-        journal.save("zero_shot", {}, results["zero_shot"])
+        journal.save("zero_shot", keys["zero_shot"], {}, results["zero_shot"])
     else:
         results["zero_shot"] = done[1]
 
@@ -195,7 +166,7 @@ def run_lora(
                                 modalities=sorted({case.modality for case in train_cases}))
     lora_config = lora_config_from(settings, targets)
     adapter_file = out / "adapter" / WEIGHTS_NAME
-    done = journal.load("lora", accept=lambda record: adapter_file.is_file()
+    done = journal.load("lora", keys["lora"], accept=lambda record: complete(record) and adapter_file.is_file()
                         and sha256_file(adapter_file) == record.get("adapter_sha256"))
     if done is not None:
         runs["lora"], results["lora"] = done
@@ -206,16 +177,16 @@ def run_lora(
         adapt("lora", adapted, float(settings.get("lr", 1e-3)), f"lora {center}")
         save_adapter(adapted, center, lora_config, out / "adapter", base_sha)
         runs["lora"]["adapter_sha256"] = sha256_file(adapter_file)
-        journal.save("lora", runs["lora"], results["lora"])
+        journal.save("lora", keys["lora"], runs["lora"], results["lora"])
         del adapted
 
-    if (done := journal.load("full_ft")) is None:
+    if (done := journal.load("full_ft", keys["full_ft"], accept=complete)) is None:
         tuned = copy.deepcopy(base)
         for param in tuned.parameters():
             param.requires_grad_(True)
         seed_everything(seed)  # the same random stream (dropout) as the LoRA run
         adapt("full_ft", tuned, float(settings.get("full_finetune_lr", 1e-4)), f"full fine-tuning {center}")
-        journal.save("full_ft", runs["full_ft"], results["full_ft"])
+        journal.save("full_ft", keys["full_ft"], runs["full_ft"], results["full_ft"])
         del tuned
     else:
         runs["full_ft"], results["full_ft"] = done
@@ -243,8 +214,7 @@ def run_lora(
         "test_cases": int(len(test_rows)),
         "device": str(device),
         "per_class": _per_class(results),
-        # Phases an earlier, interrupted attempt finished; a training resumed from a checkpoint
-        # sums its seconds over the attempts, but its peak memory is the last attempt's.
+        # Phases an earlier, interrupted attempt finished (their seconds and peaks are that attempt's).
         "resumed_phases": list(journal.resumed),
     }
     if device.type == "cuda":

@@ -3,10 +3,10 @@
 A LoRA job runs five phases: the zero-shot evaluation, LoRA training and its evaluation, full
 fine-tuning and its evaluation. At the paper's size each takes minutes to an hour, and a SLURM
 time limit or preemption should cost the phase in progress, not the whole job. ``<out>/.resume/``
-holds ``run.json`` (the key of the run), one ``<phase>.json`` per finished phase (its per-case
-scores and bookkeeping) and ``<phase>/`` checkpoints of a training in progress. The key covers
-everything the numbers depend on (base weights, settings, seed, precision, data, prompts, the
-package's source); a folder with another key is discarded. The stage deletes the folder once its
+holds one ``<phase>.json`` per finished phase (its per-case scores and bookkeeping) and
+``<phase>/`` checkpoints of a training in progress, each with the key of what the phase depends
+on (base weights, its settings, seed, precision, the data's bytes, prompts, the package's source);
+a record or checkpoint folder with another key is not used. The stage deletes the folder once its
 outputs are written, so a finished job never feeds a later one.
 """
 
@@ -41,62 +41,74 @@ def _plain(value: Any) -> Any:
 
 
 class PhaseJournal:
-    """The finished phases of one adaptation job in ``out_dir`` (see the module docstring)."""
+    """The finished phases of one adaptation job in ``out_dir`` (see the module docstring).
 
-    def __init__(self, out_dir: str | Path, identity: Mapping[str, Any]) -> None:
+    Every phase has its own key, of what that phase's numbers depend on: a new full fine-tuning
+    learning rate redoes full fine-tuning but keeps the zero-shot scores and the LoRA phase.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
         self.folder = Path(out_dir) / FOLDER
-        identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
-        self.key = sha256_text(json.dumps(identity, sort_keys=True))
         self.resumed: list[str] = []
-        run = self.folder / "run.json"
-        if self.folder.exists():
+
+    @staticmethod
+    def key(identity: Mapping[str, Any]) -> str:
+        """The hash of what a phase depends on."""
+        return sha256_text(json.dumps(identity, sort_keys=True, default=str))
+
+    def checkpoints(self, phase: str, identity: Mapping[str, Any]) -> Path:
+        """Checkpoint folder of a training phase, emptied first if a run with another key left it."""
+        folder = self.folder / phase
+        record = folder / "key.json"
+        if folder.exists():
             try:
-                saved = json.loads(run.read_text(encoding="utf-8")).get("key")
+                saved = json.loads(record.read_text(encoding="utf-8")).get("key")
             except (OSError, ValueError, AttributeError):
                 saved = None
-            if saved != self.key:
-                log.warning("%s: left by a run with other settings, base model, data or code; starting over",
-                            self.folder)
-                shutil.rmtree(self.folder)
-        if not run.exists():
-            write_json(run, {"format": FORMAT, "key": self.key, "identity": identity})
+            if saved != self.key(identity):
+                log.warning("%s: checkpoints of a run with other settings, base model, data or code; starting "
+                            "the %s phase over", folder, phase)
+                shutil.rmtree(folder)
+        if not record.is_file():
+            write_json(record, {"format": FORMAT, "key": self.key(identity)})
+        return folder
 
-    def checkpoints(self, phase: str) -> Path:
-        """Checkpoint folder of a training phase in progress."""
-        return self.folder / phase
-
-    def load(self, phase: str, accept: Callable[[Mapping[str, Any]], bool] | None = None,
+    def load(self, phase: str, identity: Mapping[str, Any], accept: Callable[[Mapping[str, Any]], bool] | None = None,
              ) -> tuple[dict[str, Any], pd.DataFrame] | None:
-        """(bookkeeping, per-case scores) of ``phase`` if an earlier attempt finished it, else None.
+        """(bookkeeping, per-case scores) of ``phase`` if an attempt with the same key finished it, else None.
 
-        ``accept``: a check of the bookkeeping against files outside the journal (an adapter the
-        phase wrote, since deleted or replaced); when it fails the phase is done again.
+        ``accept``: a check of the bookkeeping (its fields, files the phase wrote outside the
+        journal, since deleted or replaced); when it fails the phase is done again.
         """
         path = self.folder / f"{phase}.json"
         if not path.is_file():
             return None
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("format") != FORMAT or saved.get("key") != self.key:
-                raise ValueError("written by another run")
+            if saved.get("format") != FORMAT:
+                raise ValueError(f"not a {FORMAT} record")
+            if saved.get("key") != self.key(identity):
+                log.warning("%s: finished by a run with other settings, base model, data or code; doing the %s "
+                            "phase again", path, phase)
+                return None
             frame = pd.DataFrame(saved["rows"], columns=saved["columns"])
             record = dict(saved["record"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             log.warning("%s: unreadable (%s); doing the %s phase again", path, error, phase)
             return None
         if accept is not None and not accept(record):
-            log.warning("%s: what the %s phase wrote has changed since; doing it again", path, phase)
+            log.warning("%s: incomplete, or what the %s phase wrote has changed since; doing it again", path, phase)
             return None
         self.resumed.append(phase)
         log.info("%s: taken from an earlier attempt (%s)", phase, path)
         return record, frame
 
-    def save(self, phase: str, record: Mapping[str, Any], frame: pd.DataFrame) -> None:
+    def save(self, phase: str, identity: Mapping[str, Any], record: Mapping[str, Any], frame: pd.DataFrame) -> None:
         """Record ``phase`` as finished; its training checkpoints are no longer needed."""
         rows = [[_plain(value) for value in row] for row in frame.itertuples(index=False, name=None)]
-        write_json(self.folder / f"{phase}.json", {"format": FORMAT, "key": self.key, "record": dict(record),
+        write_json(self.folder / f"{phase}.json", {"format": FORMAT, "key": self.key(identity), "record": dict(record),
                                                    "columns": [str(c) for c in frame.columns], "rows": rows})
-        shutil.rmtree(self.checkpoints(phase), ignore_errors=True)
+        shutil.rmtree(self.folder / phase, ignore_errors=True)
 
     def clear(self) -> None:
         """Delete the journal (after the job's outputs are written)."""

@@ -37,7 +37,8 @@ SMALLER: dict[str, Any] = {
     "prompts": {"paraphrases": False, "batch_size": 64},
     "pretrain": {"steps": 8, "batch_size": 1, "patch_size": [16, 16, 16], "checkpoint_every": 2,
                  "log_every": 2, "warmup_steps": 2, "num_workers": 0},
-    "lora": {"steps": 2, "batch_size": 1, "rank": 2, "alpha": 4},
+    # A checkpoint after every step: a kill mid-training resumes from one.
+    "lora": {"steps": 2, "batch_size": 1, "rank": 2, "alpha": 4, "checkpoint_every": 1},
     "evaluate": {"max_cases_per_dataset": 1},
     # The text merge loads a second copy of the text encoder; the tabular merge exercises the same
     # writers and readers at a fraction of the cost.

@@ -87,12 +87,51 @@ def test_fit_stopped_by_sigterm_resumes_bit_identical(base_file, store, tmp_path
 
     model, sampler, table = _adapter_and_data(base_file, store)
     torch.manual_seed(99)  # whatever the process drew before: the checkpoint's state is restored
-    seconds = finetune.fit(model, sampler, table, checkpoints=folder, **kwargs)
-    assert seconds > 0
+    stats = finetune.fit(model, sampler, table, checkpoints=folder, **kwargs)
+    assert stats.seconds > 0 and stats.rss_mb > 0 and stats.cuda_mb is None
     got = _trained(model)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert sorted(p.name for p in folder.glob("*.json")) == ["step_00000004.json", "step_00000006.json"]
+
+
+def test_sigterm_in_the_last_step_still_stops(base_file, store, tmp_path, monkeypatch):
+    """The job's next phase is an evaluation that would not stop: the request is honoured after the
+    final checkpoint, and the rerun trains no step."""
+    kwargs = {"steps": 3, "batch_size": 1, "lr": 0.01, "seed": 1, "amp": None, "checkpoints": tmp_path}
+    model, sampler, table = _adapter_and_data(base_file, store)
+    with monkeypatch.context() as patch:
+        _sigterm_after(patch, 3)
+        with pytest.raises(TrainingInterrupted, match="stopped at step 3 of 3"):
+            finetune.fit(model, sampler, table, **kwargs)
+    expected = _trained(model)
+    model, sampler, table = _adapter_and_data(base_file, store)
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, "batch_loss", lambda *a, **k: pytest.fail("a finished training trained again"))
+        finetune.fit(model, sampler, table, **kwargs)
+    assert all(torch.equal(v, expected[k]) for k, v in _trained(model).items())
+
+
+def test_checkpoint_writes_are_left_out_of_the_measured_peak(base_file, store, tmp_path, monkeypatch):
+    """Full fine-tuning checkpoints the whole model and its optimizer state: writing that must not
+    count as the training's memory (LoRA's checkpoint is a few kB, so the comparison would tilt)."""
+    from duplus.train import checkpoint as checkpoint_module
+
+    real = checkpoint_module.save_checkpoint
+
+    def bloated(*args, **kwargs):
+        ballast = bytearray(400 * 2**20)  # 400 MiB touched while the checkpoint is written
+        ballast[::4096] = b"x" * len(ballast[::4096])
+        real(*args, **kwargs)
+        del ballast
+
+    model, sampler, table = _adapter_and_data(base_file, store)
+    plain = finetune.fit(model, sampler, table, steps=2, batch_size=1, lr=0.01, seed=1, amp=None)
+    monkeypatch.setattr(finetune, "save_checkpoint", bloated)
+    model, sampler, table = _adapter_and_data(base_file, store)
+    checkpointed = finetune.fit(model, sampler, table, steps=2, batch_size=1, lr=0.01, seed=1, amp=None,
+                                checkpoints=tmp_path, checkpoint_every=1)
+    assert checkpointed.rss_mb < plain.rss_mb + 200, (plain, checkpointed)
 
 
 def test_checkpoint_of_another_adapter_is_refused(base_file, store, tmp_path):
@@ -173,31 +212,99 @@ def test_run_lora_resumes_after_sigterm_with_the_uninterrupted_results(stop_in, 
     assert meta[0] == meta[1]
 
 
-def test_a_journal_of_other_settings_is_discarded(store, base_file, tmp_path, monkeypatch, caplog):
-    import duplus.train.lora as lora
-
-    out = tmp_path / "out"
+def _interrupted_in_full_ft(lora, store, base_file, out, monkeypatch):
     with monkeypatch.context() as patch, pytest.raises(TrainingInterrupted):
         _run(lora, store, base_file, out, patch, stop_in="full_ft")
+
+
+def test_other_settings_redo_only_the_phases_they_change(store, base_file, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import duplus.train.lora as lora
+
+    caplog.set_level(logging.INFO, logger="duplus.train.finetune")
+
+    out = tmp_path / "out"
+    _interrupted_in_full_ft(lora, store, base_file, out, monkeypatch)
     config = _config()
-    config["lora"]["lr"] = 0.05
+    config["lora"]["lr"] = 0.05  # LoRA's own: zero-shot kept, full fine-tuning resumes its checkpoint
     with monkeypatch.context() as patch:
         metrics, calls = _run(lora, store, base_file, out, patch, config=config)
-    assert metrics["resumed_phases"] == [] and calls == ["zero_shot", "lora", "full_ft"]
-    assert "starting over" in caplog.text
+    assert metrics["resumed_phases"] == ["zero_shot"] and calls == ["lora", "full_ft"]
+    assert "lora.json: finished by a run with other settings" in caplog.text
+    assert "full fine-tuning ct_siteB: resuming at step 2 of 4" in caplog.text
+
+    out = tmp_path / "out2"
+    _interrupted_in_full_ft(lora, store, base_file, out, monkeypatch)
+    config = _config()
+    config["lora"]["full_finetune_lr"] = 0.05  # full fine-tuning's own: its checkpoints are not used
+    caplog.clear()
+    with monkeypatch.context() as patch:
+        metrics, calls = _run(lora, store, base_file, out, patch, config=config)
+    assert metrics["resumed_phases"] == ["zero_shot", "lora"] and calls == ["full_ft"]
+    assert "starting the full_ft phase over" in caplog.text and "resuming" not in caplog.text
 
 
 def test_a_changed_checkpoint_interval_keeps_the_journal(store, base_file, tmp_path, monkeypatch):
     import duplus.train.lora as lora
 
     out = tmp_path / "out"
-    with monkeypatch.context() as patch, pytest.raises(TrainingInterrupted):
-        _run(lora, store, base_file, out, patch, stop_in="full_ft")
+    _interrupted_in_full_ft(lora, store, base_file, out, monkeypatch)
     config = _config()
-    config["lora"]["checkpoint_every"] = 1  # bookkeeping only: not part of the run's key
+    config["lora"]["checkpoint_every"] = 1  # bookkeeping only: not part of any key
     with monkeypatch.context() as patch:
         metrics, _ = _run(lora, store, base_file, out, patch, config=config)
     assert metrics["resumed_phases"] == ["zero_shot", "lora"]
+
+
+def _copy_store(store, root):
+    import shutil
+
+    source = next(iter(store.values())).parent.parent
+    shutil.copytree(source, root)
+    return {name: root / path.parent.name / path.name for name, path in store.items()}
+
+
+def test_data_count_by_content_not_by_place(store, base_file, tmp_path, monkeypatch):
+    """A moved store resumes; a corrected training label redoes both trainings, not the zero-shot scores."""
+    import shutil
+
+    import numpy as np
+
+    import duplus.train.lora as lora
+
+    first = _copy_store(store, tmp_path / "first")
+    out = tmp_path / "out"
+    _interrupted_in_full_ft(lora, first, base_file, out, monkeypatch)
+    moved = _copy_store(first, tmp_path / "moved")
+    shutil.rmtree(tmp_path / "first")
+    with monkeypatch.context() as patch:
+        metrics, calls = _run(lora, moved, base_file, out, patch)
+    assert metrics["resumed_phases"] == ["zero_shot", "lora"] and calls == ["full_ft"]
+
+    out = tmp_path / "out2"
+    _interrupted_in_full_ft(lora, moved, base_file, out, monkeypatch)
+    train = pd.read_csv(moved["toy_ct"])
+    row = train[(train["split"] == "train") & (train["center"] == "siteB")].iloc[0]
+    label = moved["toy_ct"].parent / row["label"]
+    np.save(label, np.zeros_like(np.load(label)))
+    with monkeypatch.context() as patch:
+        metrics, calls = _run(lora, moved, base_file, out, patch)
+    assert metrics["resumed_phases"] == ["zero_shot"] and calls == ["lora", "full_ft"]
+
+
+def test_a_phase_record_missing_a_field_is_done_again(store, base_file, tmp_path, monkeypatch):
+    import duplus.train.lora as lora
+
+    out = tmp_path / "out"
+    _interrupted_in_full_ft(lora, store, base_file, out, monkeypatch)
+    record_path = out / FOLDER / "lora.json"
+    record = json.loads(record_path.read_text())
+    del record["record"]["trainable"]
+    record_path.write_text(json.dumps(record))
+    with monkeypatch.context() as patch:
+        metrics, calls = _run(lora, store, base_file, out, patch)
+    assert metrics["resumed_phases"] == ["zero_shot"] and calls == ["lora", "full_ft"]
 
 
 def test_a_deleted_adapter_makes_the_lora_phase_run_again(store, base_file, tmp_path, monkeypatch):
@@ -206,8 +313,7 @@ def test_a_deleted_adapter_makes_the_lora_phase_run_again(store, base_file, tmp_
     import duplus.train.lora as lora
 
     out = tmp_path / "out"
-    with monkeypatch.context() as patch, pytest.raises(TrainingInterrupted):
-        _run(lora, store, base_file, out, patch, stop_in="full_ft")
+    _interrupted_in_full_ft(lora, store, base_file, out, monkeypatch)
     shutil.rmtree(out / "adapter")
     with monkeypatch.context() as patch:
         metrics, calls = _run(lora, store, base_file, out, patch)
