@@ -175,12 +175,30 @@ def _extract_shared(spec: DatasetSpec, raw_dir: Path, shared: list[str]) -> Path
     return extracted
 
 
+def _drop_own_copy(spec: DatasetSpec, dataset_dir: Path, extracted: Path) -> None:
+    """Remove the copy of a shared archive that earlier versions extracted into the dataset's folder.
+
+    Only entries the shared extraction also has (the archive's top-level names) go, so nothing but
+    the pipeline's own earlier extraction is touched.
+    """
+    for entry in extracted.iterdir():
+        own = dataset_dir / entry.name
+        if entry.name == SHARED_ORIGIN or own.is_symlink() or not own.exists():
+            continue
+        log.info("%s: removing its own copy %s: the archive is now extracted once, at %s", spec.name, own, extracted)
+        if own.is_dir():
+            _remove_tree(own)
+        else:
+            own.unlink()
+
+
 def _url(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
     source = spec.source
     assert source.url and source.filename
     shared = _sharing(spec)
     if shared:
         extracted = _extract_shared(spec, raw_dir, shared)
+        _drop_own_copy(spec, dataset_dir, extracted)
     else:
         archive = raw_dir / DOWNLOADS / spec.name / source.filename
         _fetch(spec, archive)

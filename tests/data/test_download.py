@@ -236,11 +236,16 @@ def test_datasets_cut_from_one_archive_download_and_extract_it_once(server: _Ser
     assert not (raw / download.SHARED / "Shared").exists()
     assert [p.name for p in (raw / download.SHARED).iterdir()] == []
     monkeypatch.setattr(download, "safe_extract", real_extract)
+    # Earlier versions extracted the archive into each dataset's own folder (read-only, like all raw data).
+    old_copy = raw / "toy_ct" / "Task99_Toy" / "imagesTr"
+    old_copy.mkdir(parents=True)
+    (old_copy / "a.nii.gz").write_bytes(b"a")
+    download._make_read_only(raw / "toy_ct")
     records = {}
     for name in ("toy_ct", "toy_mr"):
         records[name] = download.run_download(name, {"datasets": {name: {}}}, raw / name / "download.json")
         assert Path(records[name]["root"]) == extracted
-        assert sorted(p.name for p in (raw / name).iterdir()) == ["download.json"]  # no copy of its own
+        assert sorted(p.name for p in (raw / name).iterdir()) == ["download.json"]  # no copy of its own (any more)
     assert records["toy_ct"]["files"] == records["toy_mr"]["files"]
     assert len(server.ranges) == 1  # the failed extraction kept the verified archive; the second dataset fetched nothing
     assert not (raw / download.DOWNLOADS / "Shared.tar").exists()  # extracted once, the archive has gone
