@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,7 +101,12 @@ def _run_identity(config: Mapping[str, Any], settings: PretrainSettings, sampler
     }
 
 
-def _check_resumable(folder: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+def _check_resumable(folder: Path, saved: Mapping[str, Any], current: Mapping[str, Any], step: int) -> bool:
+    """Whether the checkpoint of ``step`` continues this run (True) or is a finished other run's (False).
+
+    Raises CheckpointError for an unfinished run with other settings or data: a long run is not
+    thrown away over a setting changed by accident.
+    """
     if "preprocessed_sha256" not in saved:
         # Checkpoints written before the data were part of the identity: a long run keeps going,
         # on the user's word that the preprocessed store has not changed since.
@@ -108,11 +114,16 @@ def _check_resumable(folder: Path, saved: Mapping[str, Any], current: Mapping[st
                     "as if the store were unchanged (delete the folder if it was preprocessed again)", folder)
         current = {k: v for k, v in current.items() if k != "preprocessed_sha256"}
     differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if differing:
-        raise CheckpointError(
-            f"{folder}: the checkpoints there come from a run with different {differing}; "
-            "delete the folder to start over, or restore the settings to resume"
-        )
+    if not differing:
+        return True
+    if step >= int((saved.get("pretrain") or {}).get("steps", step + 1)):
+        # A finished run, whose model Snakemake has just removed to train under the new settings.
+        log.warning("%s: checkpoints of a finished run with different %s; training anew", folder, differing)
+        return False
+    raise CheckpointError(
+        f"{folder}: the checkpoints there come from an unfinished run with different {differing}; "
+        "delete the folder to start over, or restore the settings to resume"
+    )
 
 
 def _write_log(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
@@ -227,9 +238,13 @@ def _train(
 
     folder = Path(out_model).parent / "checkpoints"
     resumed = load_latest_checkpoint(folder)
+    if resumed is not None and not _check_resumable(folder, resumed[1]["run"], identity, resumed[0]):
+        resumed = None
+        if ranks.main:
+            shutil.rmtree(folder)
+        distributed.barrier(ranks)  # no rank reads the folder while rank 0 empties it
     if resumed is not None:
         start, state = resumed
-        _check_resumable(folder, state["run"], identity)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])

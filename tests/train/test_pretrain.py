@@ -174,9 +174,11 @@ def test_changed_settings_refuse_to_resume(store, config, tmp_path, monkeypatch)
         _run(config, store, FakePromptCache(), tmp_path)
 
 
-def test_re_preprocessed_data_never_resume_an_old_run(store, config, tmp_path):
-    """New preprocessing settings rewrite the store under the same case names: the finished run's
-    checkpoints must not pass for a model of the new data (Snakemake reruns the rule)."""
+def test_re_preprocessed_data_never_resume_an_old_run(store, config, tmp_path, monkeypatch):
+    """New preprocessing settings rewrite the store under the same case names: the old run's
+    checkpoints must not pass for a model of the new data. An unfinished old run is refused (a long
+    run is not thrown away by accident); a finished one, whose model Snakemake removes to rerun the
+    rule, is replaced by a run on the new data, as if the folder had been empty."""
     import shutil
 
     from .conftest import FakePromptCache
@@ -190,13 +192,26 @@ def test_re_preprocessed_data_never_resume_an_old_run(store, config, tmp_path):
     _run(config, manifests, FakePromptCache(), out)  # the same data: "resumes" at the last step
     first = pd.read_csv(next(iter(manifests.values())))
     meta = next(iter(manifests.values())).parent / first[first["split"] == "train"]["meta"].iloc[0]
-    meta.write_text('{"target_spacing": [3.0, 3.0, 3.0], "raw_image": "/moved/away.nii.gz"}')
-    with pytest.raises(CheckpointError, match="preprocessed_sha256"):
-        _run(config, manifests, FakePromptCache(), out)
-    meta.write_text("{}")
-    _run(config, manifests, FakePromptCache(), out)  # the checkpoints' data again: resumes
     meta.write_text('{"raw_image": "/moved/away.nii.gz"}')
     _run(config, manifests, FakePromptCache(), out)  # the originals moved: the data are the same
+    assert list_checkpoints(out / "checkpoints") == [2, 1]
+
+    meta.write_text('{"target_spacing": [3.0, 3.0, 3.0]}')
+    (out / "model.safetensors").unlink()
+    _run(config, manifests, FakePromptCache(), out)
+    _run(config, manifests, FakePromptCache(), tmp_path / "fresh")
+    assert load_file(out / "model.safetensors").keys() == load_file(tmp_path / "fresh" / "model.safetensors").keys()
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "fresh" / "model.safetensors").read_bytes()
+
+    with monkeypatch.context() as patch:  # an unfinished run on these data ...
+        _kill_at(patch, 1)
+        shutil.rmtree(out / "checkpoints")
+        with pytest.raises(RuntimeError):
+            _run(config, manifests, FakePromptCache(), out)
+    assert list_checkpoints(out / "checkpoints") == [1]
+    meta.write_text("{}")  # ... then other data again
+    with pytest.raises(CheckpointError, match="unfinished run with different.*preprocessed_sha256"):
+        _run(config, manifests, FakePromptCache(), out)
 
 
 def test_a_checkpoint_resumes_only_at_the_precision_it_was_trained_in(store, config, tmp_path, monkeypatch):
@@ -313,7 +328,7 @@ def test_checkpoints_from_before_the_data_identity_still_resume(tmp_path, caplog
 
     current = {"seed": 3, "preprocessed_sha256": "a" * 64}
     with caplog.at_level("WARNING"):
-        _check_resumable(tmp_path, {"seed": 3}, current)  # an older checkpoint: resumes, with a warning
+        assert _check_resumable(tmp_path, {"seed": 3}, current, 5)  # an older checkpoint: resumes, with a warning
     assert "do not record which preprocessed data" in caplog.text
     with pytest.raises(CheckpointError, match="preprocessed_sha256"):
-        _check_resumable(tmp_path, {"seed": 3, "preprocessed_sha256": "b" * 64}, current)
+        _check_resumable(tmp_path, {"seed": 3, "preprocessed_sha256": "b" * 64}, current, 5)
