@@ -4,6 +4,7 @@ import os
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 min_version("9.0")  # --replace-workflow-config, used with config/paper.yaml
@@ -13,15 +14,19 @@ min_version("9.0")  # --replace-workflow-config, used with config/paper.yaml
 sys.path.insert(0, workflow.basedir)
 os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (workflow.basedir, os.getenv("PYTHONPATH")) if p))
 
-from duplus.data.registry import check_dataset_references, stringify_label_ids  # noqa: E402 - needs the path above
+from duplus.configcheck import check_config, schema_error  # noqa: E402 - needs the path above
+from duplus.data.registry import stringify_label_ids  # noqa: E402
 
 # The embedded demo config, found beside this file even when run with --directory elsewhere.
 configfile: Path(workflow.basedir) / "config.yaml"
 
 
 stringify_label_ids(config)  # YAML's `labels: {1: liver}` has integer keys; the schema expects strings
-validate(config, "schemas/config.schema.yaml")
-check_dataset_references(config)
+try:
+    validate(config, "schemas/config.schema.yaml")  # also fills in the schema's defaults
+except WorkflowError as error:
+    raise (schema_error(error, getattr(workflow, "configfiles", ())) or error) from None
+check_config(config)  # datasets, data roots and references: before any job is planned
 
 
 include: "rules/common.smk"

@@ -253,6 +253,8 @@ def canonical_label_map(label_map: dict[int, str], where: str = "labels") -> dic
     result: dict[int, str] = {}
     for key, text in label_map.items():
         label_id = int(key)
+        if label_id == 0 and str(text).strip().lower() in ("background", "bg"):
+            continue  # as MSD's dataset.json lists it: nothing to map
         if label_id <= 0:
             raise DataError(f"{where}.{key}: label id must be a positive integer (0 is background)")
         result[label_id] = require_class(str(text), f"{where}.{key}")

@@ -173,3 +173,24 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path: Path) -> None:
     work = tmp_path / "work"
     created = {p.name for p in work.iterdir()} if work.exists() else set()
     assert not created & {"data", "results", "logs"}, f"files were written: {created}"
+
+
+def test_a_dataset_mistake_stops_the_dry_run_in_one_line(tmp_path: Path) -> None:
+    """Dataset settings are checked when the Snakefile is read, not in the download job a cluster
+    queued; schema errors come as one line naming the key and the config files."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("datasets:\n  mine:\n    kind: csv\n    root: cases.csv\n    modality: CT\n"
+                    "    region: abdomen\n    labels: {0: background, 1: livr}\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("pretrian:\n  steps: 3\n")
+    for extra, expected in ((mine, "datasets.mine.labels.1: 'livr' is not a known class"),
+                            (typo, "config: Additional properties are not allowed ('pretrian' was unexpected)")):
+        result = subprocess.run(
+            [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path / "work"), "--configfile",
+             str(ROOT / "config.yaml"), str(extra), "--cores", "1", "-n", "all"],
+            capture_output=True, text=True, encoding="utf-8", errors="replace", env=child_env(), timeout=300,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and expected in output, output[-2000:]
+        assert str(extra) in output or "livr" in expected, output[-2000:]  # the schema error names the files
+        assert "Job stats" not in output and len(output.splitlines()) < 30, output[-2000:]
