@@ -135,7 +135,9 @@ def default_region(resolved: list[Any], spec_region: str | None) -> str:
     for item in resolved:
         if item[1] is not None:
             return region_of(item[1])
-    raise ConfigError("no class prompt is a known class, so the body region is unknown: give --region (e.g. abdomen)")
+    raise ConfigError("no class prompt is a known class, so the body region is unknown: correct the class names "
+                      "warned about above (`duplus list-classes`), or give --region (e.g. abdomen) to segment "
+                      "them as typed")
 
 
 def _load_network(weights: str, sha256: str | None, adapter: str | None, device: Any) -> tuple[Any, dict[str, Any]]:

@@ -5,6 +5,7 @@ Free text ("Hepatic tumour", "kidney_L") maps to a canonical name; masks follow 
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -199,12 +200,30 @@ def canonical_name(text: str) -> str | None:
     return _tables()[1].get(_normalize(text))
 
 
+def close_classes(text: str, limit: int = 5) -> list[str]:
+    """Canonical classes a misspelt or ambiguous name probably meant ('livr' -> liver; 'tumour' -> the tumours)."""
+    key = _normalize(str(text))
+    by_name, lookup, _ = _tables()
+    names = [lookup[near] for near in difflib.get_close_matches(key, list(lookup), n=3 * limit, cutoff=0.75)]
+    if not names and key:
+        # A word that is part of several class names but none by itself: offer those classes.
+        words = set(key.split())
+        names = [name for name in by_name if words <= set(_normalize(name).split())]
+    return list(dict.fromkeys(names))[:limit]
+
+
+def did_you_mean(text: str) -> str:
+    """`` (did you mean: a, b?)`` for :func:`close_classes`, or an empty string."""
+    names = close_classes(text)
+    return f" (did you mean: {', '.join(names)}?)" if names else ""
+
+
 def require_class(text: str, where: str) -> str:
     """Like :func:`canonical_name` but raises ``DataError`` naming ``where`` (a file or config key)."""
     name = canonical_name(text)
     if name is None:
         raise DataError(
-            f"{where}: '{text}' is not a known class name or synonym; run `duplus list-classes` "
+            f"{where}: '{text}' is not a known class name or synonym{did_you_mean(text)}; run `duplus list-classes` "
             f"to see the {len(_CLASSES)} classes"
         )
     return name

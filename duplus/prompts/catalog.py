@@ -118,13 +118,14 @@ def resolve_free_text(prompts: str | Iterable[str], modality: str, sequence: str
     the taxonomy does not know keeps the user's words as the class name (the text encoder can
     still place it) and is logged as a warning.
     """
-    from duplus.data.taxonomy import canonical_name
+    from duplus.data.taxonomy import canonical_name, did_you_mean
 
     resolved = []
     for phrase in split_free_text(prompts):
         canonical = canonical_name(phrase)
         if canonical is None:
-            log.warning("class prompt %r is not a known class or synonym (see `duplus list-classes`); using the words as typed", phrase)
+            log.warning("class prompt %r is not a known class or synonym%s (see `duplus list-classes`); using the "
+                        "words as typed", phrase, did_you_mean(phrase))
         text = target_prompts(modality, canonical or phrase, sequence)[0]
         resolved.append(ResolvedPrompt(phrase, canonical, text))
     return resolved

@@ -69,3 +69,13 @@ def test_class_table_lists_every_class() -> None:
     for info in taxonomy.all_classes():
         assert info.name in table
     assert "hepatic tumor" in table
+
+
+def test_a_misspelt_class_gets_suggestions():
+    close_classes = taxonomy.close_classes
+    assert close_classes("livr") == ["liver"]
+    assert close_classes("left kidnye") == ["left kidney"]
+    assert {"liver tumor", "kidney tumor"} <= set(close_classes("tumour"))  # a word of several classes
+    assert close_classes("banana") == []
+    with pytest.raises(DataError, match=r"labels.1: 'livr' is not a known class name or synonym \(did you mean: liver\?\)"):
+        taxonomy.require_class("livr", "labels.1")

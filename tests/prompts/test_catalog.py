@@ -82,7 +82,8 @@ def test_free_text_is_split_on_commas_and_semicolons():
 
 def test_free_text_resolves_synonyms_and_keeps_unknown_words(monkeypatch, caplog):
     synonyms = {"liver": "liver", "hepatic tumour": "liver tumor"}
-    install_module(monkeypatch, "taxonomy", canonical_name=lambda text: synonyms.get(text.strip().lower()))
+    install_module(monkeypatch, "taxonomy", canonical_name=lambda text: synonyms.get(text.strip().lower()),
+                   did_you_mean=lambda text: " (did you mean: gallbladder?)")
     with caplog.at_level(logging.WARNING, logger="duplus.prompts.catalog"):
         resolved = resolve_free_text("liver, Hepatic Tumour, gallbladder polyp", "CT")
     assert [tuple(r) for r in resolved] == [
@@ -90,7 +91,7 @@ def test_free_text_resolves_synonyms_and_keeps_unknown_words(monkeypatch, caplog
         ("Hepatic Tumour", "liver tumor", "A computed tomography scan of a liver tumor."),
         ("gallbladder polyp", None, "A computed tomography scan of a gallbladder polyp."),
     ]
-    assert "gallbladder polyp" in caplog.text
+    assert "'gallbladder polyp' is not a known class or synonym (did you mean: gallbladder?)" in caplog.text
     assert resolve_free_text(["spleen"], "MRI", "T2")[0].text == "A T2-weighted Magnetic Resonance Imaging scan of a spleen."
 
 
