@@ -314,6 +314,17 @@ def check_outputs(image: str | Path, out_dir: str | Path, files: list[str]) -> N
                               "choose another output folder")
 
 
+def overlap_notes(names: list[str], predicted: list[int], kept: list[int]) -> list[str]:
+    """One line per class that a one-label-per-voxel image shows smaller than it was predicted.
+
+    Classes may overlap (kidney and right kidney, liver and liver tumor); in ``labels.nii.gz`` the
+    smaller is drawn over the larger, so the larger keeps only part of its voxels there.
+    """
+    return [f"labels.nii.gz: '{name}' keeps {kept[k]} of its {predicted[k]} voxels; the rest is drawn as smaller "
+            "classes that overlap it (one label per voxel; without --multilabel every class gets its own mask)"
+            for k, name in enumerate(names) if kept[k] < predicted[k]]
+
+
 def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str], multilabel: bool) -> list[str]:
     """Restore [K, Z, Y, X] preprocessed-grid masks to the input grid and write them; returns file names.
 
@@ -337,14 +348,19 @@ def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str]
             write_image(restored(k), out / file)
         return files
     sizes = [int(np.count_nonzero(masks[k])) for k in range(len(names))]
-    label, reference = None, None
+    label, reference, predicted = None, None, [0] * len(names)
     # Larger structures first, so a lesion inside its organ (liver tumor in liver) stays visible.
     for k in sorted(range(len(names)), key=lambda i: -sizes[i]):
         image = restored(k)
         if label is None:
             label = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8 if len(names) < 256 else np.uint16)
             reference = image
-        label[sitk.GetArrayViewFromImage(image) > 0] = k + 1
+        inside = sitk.GetArrayViewFromImage(image) > 0
+        predicted[k] = int(np.count_nonzero(inside))
+        label[inside] = k + 1
+    kept = np.bincount(label.ravel(), minlength=len(names) + 1)[1:]
+    for line in overlap_notes(names, predicted, [int(v) for v in kept]):
+        log.warning(line)
     image = sitk.GetImageFromArray(label)
     image.CopyInformation(reference)
     write_image(image, out / "labels.nii.gz")

@@ -167,3 +167,10 @@ def test_a_sheared_scan_is_refused_rather_than_masked_on_another_grid(setup, tmp
         segment.segment_image(str(path), str(tmp_path / "o"), "liver", "CT", weights=str(setup["weights"]),
                               device="cpu", config=setup["config"])
     assert not (tmp_path / "o").exists()
+
+
+def test_overlapping_classes_in_one_label_image_are_reported():
+    notes = segment.overlap_notes(["kidney", "right kidney", "liver"], predicted=[7694, 2878, 500], kept=[4816, 2878, 500])
+    assert notes == ["labels.nii.gz: 'kidney' keeps 4816 of its 7694 voxels; the rest is drawn as smaller classes that "
+                     "overlap it (one label per voxel; without --multilabel every class gets its own mask)"]
+    assert segment.overlap_notes(["liver"], [10], [10]) == []
