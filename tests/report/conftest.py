@@ -33,7 +33,7 @@ TRAIN_LOG = "step,loss,lr,seconds\n" + "".join(
     f"{s},{1.5 * np.exp(-s / 40) + 0.1:.6f},{0.002 * min(1, s / 20):.6g},{s * 0.5:.2f}\n" for s in range(0, 121, 10))
 
 LORA = {
-    "center": "siteB", "dataset": "demo_abdomen_ct", "zero_shot_dice": 0.61234, "lora_dice": 0.80111,
+    "center": "ct_siteB", "site": "siteB", "dataset": "demo_abdomen_ct", "zero_shot_dice": 0.61234, "lora_dice": 0.80111,
     "full_ft_dice": 0.84, "gap_closed": 0.82921, "trainable_params_lora": 25000, "trainable_params_full": 1000000,
     "total_params": 1000000, "adapter_bytes": 104857, "checkpoint_bytes": 4194304, "seconds_lora": 12.345,
     "seconds_full": 20.0, "peak_rss_mb_lora": 900.4, "peak_rss_mb_full": 1100.6,
