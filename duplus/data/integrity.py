@@ -9,7 +9,7 @@ import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.context import BaseContext
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,6 +26,11 @@ DIRECTION_ATOL = 1e-4
 MAX_LISTED = 200
 
 
+def _vector(values: Any, digits: int) -> str:
+    """``(1.5, 1.5, 3.0)``: rounded, as plain numbers (numpy 2 prints its scalars as ``np.float64(1.5)``)."""
+    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
+
+
 def geometry_mismatch(image: sitk.Image, label: sitk.Image) -> list[str]:
     """What differs between the grids of ``image`` and ``label`` (empty when they match within tolerance)."""
     problems = []
@@ -33,15 +38,14 @@ def geometry_mismatch(image: sitk.Image, label: sitk.Image) -> list[str]:
         problems.append(f"size {label.GetSize()} != image size {image.GetSize()}")
     spacing_i, spacing_l = np.array(image.GetSpacing()), np.array(label.GetSpacing())
     if not np.allclose(spacing_i, spacing_l, rtol=SPACING_RTOL, atol=1e-6):
-        problems.append(f"spacing {tuple(np.round(spacing_l, 5))} != image spacing {tuple(np.round(spacing_i, 5))}")
+        problems.append(f"spacing {_vector(spacing_l, 5)} != image spacing {_vector(spacing_i, 5)}")
     # Origins may differ by rounding in the writer; a fraction of a voxel is never rounding.
     origin_tol = max(ORIGIN_ATOL_MM, 1e-3 * float(spacing_i.min()))
     if not np.allclose(image.GetOrigin(), label.GetOrigin(), rtol=0, atol=origin_tol):
-        problems.append(f"origin {tuple(np.round(label.GetOrigin(), 4))} != image origin "
-                        f"{tuple(np.round(image.GetOrigin(), 4))}")
+        problems.append(f"origin {_vector(label.GetOrigin(), 4)} != image origin {_vector(image.GetOrigin(), 4)}")
     if not np.allclose(image.GetDirection(), label.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
-        problems.append(f"direction {tuple(np.round(label.GetDirection(), 4))} != image direction "
-                        f"{tuple(np.round(image.GetDirection(), 4))}")
+        problems.append(f"direction {_vector(label.GetDirection(), 4)} != image direction "
+                        f"{_vector(image.GetDirection(), 4)}")
     return problems
 
 

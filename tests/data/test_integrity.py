@@ -81,3 +81,13 @@ def test_clean_dataset_passes(msd_folder) -> None:
     root = msd_folder(n=3)
     spec = get_dataset("mydata", user_config(root))
     assert check_cases("mydata", list_cases(spec, root), [1, 2]) == 3
+
+
+def test_geometry_mismatch_reads_as_plain_numbers():
+    import SimpleITK as sitk
+
+    from duplus.data.integrity import geometry_mismatch
+
+    image, label = sitk.Image(4, 4, 4, sitk.sitkUInt8), sitk.Image(4, 4, 4, sitk.sitkUInt8)
+    label.SetOrigin((-143.4, 2.0, 3.0))
+    assert geometry_mismatch(image, label) == ["origin (-143.4, 2, 3) != image origin (0, 0, 0)"]
