@@ -188,6 +188,9 @@ def segment_image(
 
     config = dict(config or {})
     default_weights, default_cache = default_paths(config)  # the run's own files unless given
+    if weights is None and not Path(default_weights).is_file():
+        raise ConfigError(f"{default_weights}: no trained model there (the default of a run in {Path.cwd()}); "
+                          "give --weights (and --prompt-cache), or --config of the run that trained it")
     weights, prompt_cache = weights or default_weights, prompt_cache or default_cache
     if threshold is not None and not 0.0 < float(threshold) < 1.0:
         raise ConfigError(f"--threshold {threshold}: a sigmoid threshold lies strictly between 0 and 1")

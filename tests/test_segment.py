@@ -131,6 +131,14 @@ def test_default_paths_follow_the_run_config():
     assert segment.default_paths({}) == ("results/pretrain/model.safetensors", "results/prompts/minilm.safetensors")
 
 
+def test_outside_a_run_the_missing_default_model_says_what_to_give(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(["-i", str(setup["scan"]), "-o", str(tmp_path / "out"), "--prompts", "liver", "--modality", "CT"],
+                     capsys)
+    assert code == 2 and "results/pretrain/model.safetensors: no trained model there" in err
+    assert "give --weights" in err and err.count("\n") == 1
+
+
 def test_an_output_over_the_input_is_refused_before_any_work(setup, tmp_path, capsys):
     scan = tmp_path / "liver.nii.gz"  # a scan named like the mask `--prompts liver` writes
     scan.write_bytes(setup["scan"].read_bytes())
