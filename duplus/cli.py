@@ -82,6 +82,7 @@ def _main(argv: list[str] | None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("numexpr").setLevel(logging.WARNING)  # "NumExpr defaulting to N threads" on every run
     try:
         return int(args.func(args) or 0)
     except DuplusError as error:

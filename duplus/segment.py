@@ -201,7 +201,11 @@ def segment_image(
     if dataset_classes:
         from duplus.data.registry import get_dataset
 
-        spec = get_dataset(dataset_classes, config)
+        try:
+            spec = get_dataset(dataset_classes, config)
+        except ConfigError as error:
+            raise ConfigError(f"--dataset-classes {dataset_classes}: {error} (a dataset of your own is read from "
+                              "--config, default ./config.yaml: give the config that declares it)") from None
         classes_of_dataset = list(dict.fromkeys(spec.labels[k] for k in sorted(spec.labels)))
         spec_region, sequence = spec.region, sequence or spec.sequence
     resolved = resolve_prompts(prompts, modality_name, sequence, classes_of_dataset)

@@ -16,3 +16,9 @@ rule preprocess:
         "../envs/duplus.yaml"
     script:
         "../workflow_scripts/preprocess.py"
+
+
+rule preprocess_all:
+    """Every dataset of the config, downloaded and preprocessed (`snakemake preprocess_all`)."""
+    input:
+        all_manifests,

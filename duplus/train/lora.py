@@ -145,18 +145,20 @@ def run_lora(
     def complete(record: Mapping[str, Any]) -> bool:
         return {"seconds", "rss_mb", "trainable"} <= set(record)
 
-    def evaluate(model: torch.nn.Module) -> pd.DataFrame:
+    def evaluate(model: torch.nn.Module, what: str) -> pd.DataFrame:
+        log.info("lora %s: scoring the %s model on %d test cases", center, what, len(test_rows))
         return _evaluate(model, test_rows, cache, config, manifest_dir)
 
     def adapt(phase: str, model: torch.nn.Module, lr: float, desc: str) -> None:
+        log.info("%s: %d steps of %d patches at lr %g, %d trainable parameters", desc, training["steps"],
+                 training["batch_size"], lr, count_parameters(model, trainable_only=True))
         stats = fit(model, sampler, table, lr=lr, desc=desc, checkpoints=journal.checkpoints(phase, keys[phase]),
                     **training)
         runs[phase] = {**asdict(stats), "trainable": count_parameters(model, trainable_only=True)}
-        results[phase] = evaluate(model)
+        results[phase] = evaluate(model, {"lora": "LoRA-adapted", "full_ft": "fully fine-tuned"}[phase])
 
     if (done := journal.load("zero_shot", keys["zero_shot"])) is None:
-        log.info("lora %s: zero-shot evaluation on %d test cases", center, len(test_rows))
-        results["zero_shot"] = evaluate(base)
+        results["zero_shot"] = evaluate(base, "pretrained (zero-shot)")
         journal.save("zero_shot", keys["zero_shot"], {}, results["zero_shot"])
     else:
         results["zero_shot"] = done[1]

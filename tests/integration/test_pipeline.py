@@ -80,8 +80,11 @@ def test_metrics_are_sane_numbers(finished_run: Path) -> None:
 
 
 def test_rerunning_one_stage_reruns_nothing_upstream(finished_run: Path) -> None:
-    dry = snakemake(finished_run, "-n", "lora_finetune")
-    assert "Nothing to be done" in dry.stdout + dry.stderr
+    for target in ("lora_finetune", "preprocess_all"):
+        dry = snakemake(finished_run, "-n", target)
+        assert "Nothing to be done" in dry.stdout + dry.stderr, target
+    forced = snakemake(finished_run, "-n", "--forcerun", "preprocess", "preprocess_all")
+    assert "rule preprocess:" in forced.stdout + forced.stderr and "rule universal_pretrain:" not in forced.stdout
     forced = snakemake(finished_run, "-n", "--forcerun", "lora_center", "lora_finetune")
     text = forced.stdout + forced.stderr
     for upstream in ("download", "preprocess", "cache_prompts", "universal_pretrain"):
