@@ -83,9 +83,10 @@ def test_rerunning_one_stage_reruns_nothing_upstream(finished_run: Path) -> None
     for target in ("lora_finetune", "preprocess_all"):
         dry = snakemake(finished_run, "-n", target)
         assert "Nothing to be done" in dry.stdout + dry.stderr, target
-    forced = snakemake(finished_run, "-n", "--forcerun", "preprocess", "preprocess_all")
+    # Targets before --forcerun, which would read them as more rules to force.
+    forced = snakemake(finished_run, "-n", "preprocess_all", "--forcerun", "preprocess")
     assert "rule preprocess:" in forced.stdout + forced.stderr and "rule universal_pretrain:" not in forced.stdout
-    forced = snakemake(finished_run, "-n", "--forcerun", "lora_center", "lora_finetune")
+    forced = snakemake(finished_run, "-n", "lora_finetune", "--forcerun", "lora_center")
     text = forced.stdout + forced.stderr
     for upstream in ("download", "preprocess", "cache_prompts", "universal_pretrain"):
         assert f"rule {upstream}:" not in text
