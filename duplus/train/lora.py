@@ -93,8 +93,9 @@ def run_lora(
     Zero-shot, LoRA and full fine-tuning are scored on the center's test split with
     ``duplus.evaluate.run.evaluate_cases``; LoRA and full fine-tuning train on its train split with
     the same batches and step budget. Peak memory (RSS, and CUDA memory on a GPU) is measured for
-    each training on its own (``duplus.train.finetune.FitStats``). A killed or SIGTERMed job resumes: finished phases are kept in
-    ``<out_dir>/.resume/`` (``duplus.train.phase_journal``) and trainings checkpoint every
+    each training on its own (``duplus.train.finetune.FitStats``). A killed or SIGTERMed job
+    resumes: finished phases are kept in ``<out_dir>/.resume/`` (``duplus.train.phase_journal``,
+    keyed per phase by ``duplus.train.adaptation_keys``) and trainings checkpoint every
     ``lora.checkpoint_every`` steps.
     """
     from duplus.model import count_parameters, load_model, lora_target_names, modalities_of, with_trained_window
