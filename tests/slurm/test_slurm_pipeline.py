@@ -67,10 +67,13 @@ def test_demo_pipeline_runs_through_sbatch(slurm, tmp_path: Path) -> None:
 
 
 def test_failed_job_is_reported_with_its_log_and_rerun_continues(slurm, tmp_path: Path) -> None:
-    # A user dataset whose folder does not exist: its download job fails, the demo's do not.
+    # A user dataset whose folder holds no scans: its download job fails, the demo's do not. (A folder
+    # that does not exist is refused when the Snakefile is read, before any job.)
+    empty = tmp_path / "empty_site"
+    empty.mkdir()
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps({"datasets": {"demo_abdomen_ct": {}, "missing_site": {
-        "kind": "msd", "root": str(tmp_path / "nowhere"), "modality": "CT", "region": "abdomen",
+        "kind": "msd", "root": str(empty), "modality": "CT", "region": "abdomen",
         "labels": {"1": "liver"}}}}))
     failed = run_snakemake(slurm, tmp_path, "--keep-going", "all", configs=(bad,))
     output = failed.stdout + failed.stderr
