@@ -103,6 +103,15 @@ def prepare_image(image: sitk.Image, modality: str, config: Mapping[str, Any] | 
     return array, meta
 
 
+def unseen_labels(out_dir: Path, rows: list[dict[str, Any]], label_ids: list[int]) -> list[int]:
+    """Declared label ids that no case's label holds (from the stored locations, no label re-read)."""
+    seen: set[int] = set()
+    for row in rows:
+        with np.load(out_dir / row["locations"]) as found:
+            seen |= {int(key) for key in found.files if key != "0" and len(found[key])}
+    return [label_id for label_id in label_ids if label_id not in seen]
+
+
 def sample_locations(label: np.ndarray, label_ids: list[int], seed: int) -> dict[str, np.ndarray]:
     """Per label id up to ``MAX_LOCATIONS`` voxel indices (int32 (N, 3), Z Y X), drawn reproducibly."""
     rng = np.random.default_rng(seed)
@@ -265,6 +274,12 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
     shutil.rmtree(staging, ignore_errors=True)
     frame = pd.DataFrame(rows)[MANIFEST_COLUMNS]
     write_csv(out_manifest, frame)
+    unseen = unseen_labels(out_dir, rows, sorted(spec.labels))
+    if unseen:
+        named = ", ".join(f"{i} ({spec.labels[i]})" for i in unseen)
+        log.warning("preprocess %s: label id(s) %s of datasets.%s.labels occur in none of its %d cases; training "
+                    "takes these classes as absent from every scan of %s (remove them if it does not annotate "
+                    "them)", dataset, named, dataset, len(rows), dataset)
     log.info("preprocessed %s: %d cases (%d test) into %s", dataset, len(frame), int((frame["split"] == "test").sum()),
              out_dir)
     return frame

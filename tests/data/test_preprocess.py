@@ -223,6 +223,17 @@ def test_user_csv_dataset_preprocesses(msd_folder, tmp_path: Path) -> None:
     assert not (tmp_path / "pre" / "mydata" / ".staging-killed").exists()
 
 
+def test_a_declared_class_no_case_holds_is_warned_about(msd_folder, tmp_path: Path, caplog) -> None:
+    config = user_config(msd_folder(n=2))
+    config["datasets"]["mydata"]["labels"][7] = "pancreas"  # declared, but no label image has a 7
+    record = tmp_path / "raw" / "mydata" / "download.json"
+    run_download("mydata", config, record)
+    with caplog.at_level("WARNING"):
+        preprocess.run_preprocess("mydata", config, record, tmp_path / "pre" / "mydata" / "manifest.csv", 1)
+    assert "label id(s) 7 (pancreas) of datasets.mydata.labels occur in none of its 2 cases" in caplog.text
+    assert "1 (liver)" not in caplog.text
+
+
 def test_test_cases_are_cropped_by_the_body_alone_training_cases_keep_every_label():
     body = np.full((40, 40, 40), -1000.0, np.float32)
     body[10:30, 10:30, 10:30] = np.linspace(0.0, 80.0, 20, dtype=np.float32)  # soft tissue, not constant
