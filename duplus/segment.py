@@ -221,6 +221,7 @@ def segment_image(
         raise DataError(f"{image}: the scan's grid is sheared (its direction matrix is not orthonormal, e.g. a CT "
                         "gantry tilt); NIfTI masks cannot hold that grid, so resample the scan onto an orthogonal "
                         "grid first")
+    warn_if_ct_like(scan, modality_name, image)
     input_sha256 = sha256_file(image) if Path(image).is_file() else None
     torch_device = resolve_device(device)
     configure_kernels(torch_device, bool(config.get("deterministic", False)))
@@ -319,6 +320,26 @@ def check_outputs(image: str | Path, out_dir: str | Path, files: list[str]) -> N
         if (out / name).resolve() == source:
             raise ConfigError(f"--output {out_dir} would overwrite the input {image} with {name}; "
                               "choose another output folder")
+
+
+def warn_if_ct_like(scan: Any, modality: str, image: str | Path) -> bool:
+    """Warn when an MRI or PET scan holds air-like Hounsfield units: a CT given the wrong --modality.
+
+    The network is steered by the modality's prompt and normalisation, so a CT run as MRI or PET
+    comes out as empty or wrong masks with no error. MRI and PET intensities are not negative
+    (beyond small reconstruction noise); a CT's air is about -1000 HU.
+    """
+    import SimpleITK as sitk
+
+    if modality == "CT":
+        return False
+    values = sitk.GetArrayViewFromImage(scan)
+    sample = np.asarray(values).ravel()[:: max(1, values.size // 1_000_000)]  # a million voxels decide
+    if sample.size and float(np.percentile(sample, 5)) < -500.0:
+        log.warning("%s: 5 %% of its voxels are below -500, as air is in a CT (Hounsfield units); an %s scan has no "
+                    "such values: is --modality %s right?", image, modality, modality)
+        return True
+    return False
 
 
 def overlap_notes(names: list[str], predicted: list[int], kept: list[int]) -> list[str]:

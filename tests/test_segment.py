@@ -182,3 +182,13 @@ def test_overlapping_classes_in_one_label_image_are_reported():
     assert notes == ["labels.nii.gz: 'kidney' keeps 4816 of its 7694 voxels; the rest is drawn as smaller classes that "
                      "overlap it (one label per voxel; without --multilabel every class gets its own mask)"]
     assert segment.overlap_notes(["liver"], [10], [10]) == []
+
+
+def test_a_ct_run_as_mri_or_pet_is_warned_about(setup, caplog):
+    ct = sitk.GetImageFromArray(np.full((8, 8, 8), -1000.0, np.float32))  # air, as a CT stores it
+    with caplog.at_level("WARNING"):
+        assert segment.warn_if_ct_like(ct, "PET", "scan.nii.gz")
+    assert "is --modality PET right?" in caplog.text
+    assert not segment.warn_if_ct_like(ct, "CT", "scan.nii.gz")
+    mri = sitk.GetImageFromArray(np.random.default_rng(0).uniform(-5, 800, (8, 8, 8)).astype(np.float32))
+    assert not segment.warn_if_ct_like(mri, "MRI", "scan.nii.gz")
