@@ -15,12 +15,15 @@ sys.path.insert(0, workflow.basedir)
 os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (workflow.basedir, os.getenv("PYTHONPATH")) if p))
 
 from duplus.configcheck import check_config, schema_error  # noqa: E402 - needs the path above
-from duplus.data.registry import stringify_label_ids  # noqa: E402
+from duplus.data.registry import drop_removed_entries, stringify_label_ids  # noqa: E402
 
 # The embedded demo config, found beside this file even when run with --directory elsewhere.
 configfile: Path(workflow.basedir) / "config.yaml"
 
 
+# `datasets: {demo_abdomen_mri: null}` in a merged --configfile takes that dataset out of the run.
+for removed in drop_removed_entries(config):
+    print(f"config: {removed} set to null, left out of this run", file=sys.stderr)
 stringify_label_ids(config)  # YAML's `labels: {1: liver}` has integer keys; the schema expects strings
 try:
     validate(config, "schemas/config.schema.yaml")  # also fills in the schema's defaults

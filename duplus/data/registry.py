@@ -144,6 +144,29 @@ def _replace(spec: DatasetSpec, **changes: Any) -> DatasetSpec:
     return replace(spec, **changes)
 
 
+# Mappings of the config whose entries a merged --configfile may remove by setting them to null.
+REMOVABLE = (("datasets",), ("lora", "centers"), ("pretrain", "exclude_centers"))
+
+
+def drop_removed_entries(config: MutableMapping[str, Any]) -> list[str]:
+    """Delete, in place, the entries of ``REMOVABLE`` mappings set to null; returns their dotted keys.
+
+    A ``--configfile`` is merged into ``config.yaml`` and cannot delete keys; ``datasets:
+    {demo_abdomen_mri: null}`` is how it takes a dataset (or a LoRA center, a held-out center list)
+    out of the run.
+    """
+    removed = []
+    for path in REMOVABLE:
+        section: Any = config
+        for key in path:
+            section = section.get(key) if isinstance(section, MutableMapping) else None
+        if isinstance(section, MutableMapping):
+            for name in [k for k, v in section.items() if v is None]:
+                del section[name]
+                removed.append(".".join((*path, str(name))))
+    return removed
+
+
 def stringify_label_ids(config: MutableMapping[str, Any]) -> None:
     """Turn the label ids of every dataset's ``labels`` into strings, in place.
 
@@ -172,10 +195,12 @@ def check_dataset_references(config: Mapping[str, Any]) -> None:
     for center, spec in ((lora.get("centers") or {}) if lora.get("enabled", True) else {}).items():
         dataset = (spec or {}).get("dataset")
         if dataset not in names:
-            raise ConfigError(f"lora.centers.{center}.dataset '{dataset}' is not one of the run's datasets ({known})")
+            raise ConfigError(f"lora.centers.{center}.dataset '{dataset}' is not one of the run's datasets ({known}); "
+                              f"`lora: {{centers: {{{center}: null}}}}` in a --configfile leaves the center out")
     for dataset in ((config.get("pretrain") or {}).get("exclude_centers") or {}):
         if dataset not in names:
-            raise ConfigError(f"pretrain.exclude_centers: '{dataset}' is not one of the run's datasets ({known})")
+            raise ConfigError(f"pretrain.exclude_centers: '{dataset}' is not one of the run's datasets ({known}); "
+                              f"`pretrain: {{exclude_centers: {{{dataset}: null}}}}` in a --configfile drops the entry")
 
 
 def _user_dataset(name: str, settings: Mapping[str, Any]) -> DatasetSpec:

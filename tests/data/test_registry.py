@@ -130,3 +130,17 @@ def test_a_user_dataset_of_4d_images_names_its_channel(tmp_path):
     assert get_dataset("mine", {"datasets": {"mine": settings}}).channel is None
     with pytest.raises(ConfigError, match="datasets.mine.channel"):
         get_dataset("mine", {"datasets": {"mine": {**settings, "channel": "T2"}}})
+
+
+def test_null_entries_take_datasets_and_centers_out_of_the_run():
+    from duplus.data.registry import check_dataset_references, drop_removed_entries
+
+    config = {"datasets": {"demo_abdomen_ct": None, "demo_abdomen_mri": {}},
+              "lora": {"centers": {"ct_siteB": None, "mr_siteB": {"dataset": "demo_abdomen_mri", "center": "siteB"}}},
+              "pretrain": {"exclude_centers": {"demo_abdomen_ct": None}}, "prognosis": {"enabled": False}}
+    assert drop_removed_entries(config) == ["datasets.demo_abdomen_ct", "lora.centers.ct_siteB",
+                                            "pretrain.exclude_centers.demo_abdomen_ct"]
+    assert config["datasets"] == {"demo_abdomen_mri": {}} and list(config["lora"]["centers"]) == ["mr_siteB"]
+    assert config["pretrain"]["exclude_centers"] == {}
+    check_dataset_references(config)
+    assert drop_removed_entries({"lora": None}) == []  # nothing to take out, nothing touched

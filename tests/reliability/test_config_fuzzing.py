@@ -194,3 +194,18 @@ def test_a_dataset_mistake_stops_the_dry_run_in_one_line(tmp_path: Path) -> None
         assert result.returncode != 0 and expected in output, output[-2000:]
         assert str(extra) in output or "livr" in expected, output[-2000:]  # the schema error names the files
         assert "Job stats" not in output and len(output.splitlines()) < 30, output[-2000:]
+
+
+def test_a_merged_configfile_takes_a_demo_dataset_out_with_null(tmp_path: Path) -> None:
+    override = tmp_path / "mine.yaml"
+    override.write_text("datasets:\n  demo_abdomen_ct: null\nlora:\n  centers:\n    ct_siteB: null\n"
+                        "pretrain:\n  exclude_centers:\n    demo_abdomen_ct: null\n")
+    result = subprocess.run(
+        [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path / "work"), "--configfile",
+         str(ROOT / "config.yaml"), str(override), "--cores", "1", "-n", "all"],
+        capture_output=True, text=True, encoding="utf-8", errors="replace", env=child_env(), timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-2000:]
+    assert "datasets.demo_abdomen_ct set to null, left out of this run" in output
+    assert "data/raw/demo_abdomen_mri/download.json" in output and "demo_abdomen_ct/" not in output
