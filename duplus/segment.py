@@ -334,7 +334,7 @@ def warn_if_ct_like(scan: Any, modality: str, image: str | Path) -> bool:
     if modality == "CT":
         return False
     values = sitk.GetArrayViewFromImage(scan)
-    sample = np.asarray(values).ravel()[:: max(1, values.size // 1_000_000)]  # a million voxels decide
+    sample = values.ravel()[:: max(1, values.size // 1_000_000)]  # a million voxels decide
     if sample.size and float(np.percentile(sample, 5)) < -500.0:
         log.warning("%s: 5 %% of its voxels are below -500, as air is in a CT (Hounsfield units); an %s scan has no "
                     "such values: is --modality %s right?", image, modality, modality)

@@ -254,8 +254,9 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
     assign_splits(stubs, seed, float(options["test_fraction"]))
     hashes = raw_file_hashes(record)
     # test_fraction only decides splits, and each case's split is keyed by itself.
-    common = {"options": {k: v for k, v in options.items() if k != "test_fraction"}, "seed": seed, "dataset": spec.name, "modality": spec.modality,
-              "region": spec.region, "sequence": spec.sequence, "labels": {str(k): v for k, v in spec.labels.items()},
+    common = {"options": {k: v for k, v in options.items() if k != "test_fraction"}, "seed": seed,
+              "dataset": spec.name, "modality": spec.modality, "region": spec.region, "sequence": spec.sequence,
+              "labels": {str(k): v for k, v in spec.labels.items()},
               "final_dir": str(out_dir.resolve()), "source": package_source_sha256()}
     args = [(case, spec, options, seed, str(staging), str(out_dir), stub["split"],
              case_key(case, hashes, {**common, "split": stub["split"]})) for case, stub in zip(cases, stubs)]

@@ -197,12 +197,13 @@ def adaptation_table(lora: dict[str, dict[str, Any]]) -> Table:
     for key in sorted(lora):
         m = lora[key]
         total = number(m.get("total_params"))
+        # The manifest's center (metrics' "site"); "center" there is the adapter's name.
+        center = m.get("site", m.get("center"))
         trainable = number(m.get("trainable_params_lora"))
         rows.append({
             "adapter": key,
             "dataset": str(m["dataset"]) if m.get("dataset") is not None else None,
-            # The manifest's center (metrics' "site"); "center" there is the adapter's name.
-            "center": str(m.get("site", m.get("center"))) if m.get("site", m.get("center")) is not None else None,
+            "center": str(center) if center is not None else None,
             "zero_shot": fmt(m.get("zero_shot_dice"), "score"),
             "lora": fmt(m.get("lora_dice"), "score"),
             "full": fmt(m.get("full_ft_dice"), "score"),

@@ -35,9 +35,9 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
     For a LoRA run that is the adapter (a few MB), not the frozen base the checkpoint need not repeat.
     """
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    buffers = {name for name, _ in model.named_buffers()}
-    return {name: value for name, value in model.state_dict().items() if name in trainable | buffers}
+    kept = {name for name, param in model.named_parameters() if param.requires_grad}
+    kept |= {name for name, _ in model.named_buffers()}
+    return {name: value for name, value in model.state_dict().items() if name in kept}
 
 
 def _restore_trained_state(model: nn.Module, saved: dict[str, torch.Tensor], folder: Path) -> None:

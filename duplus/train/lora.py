@@ -151,11 +151,12 @@ def run_lora(
         return _evaluate(model, test_rows, cache, config, manifest_dir)
 
     def adapt(phase: str, model: torch.nn.Module, lr: float, desc: str) -> None:
+        trainable = count_parameters(model, trainable_only=True)
         log.info("%s: %d steps of %d patches at lr %g, %d trainable parameters", desc, training["steps"],
-                 training["batch_size"], lr, count_parameters(model, trainable_only=True))
+                 training["batch_size"], lr, trainable)
         stats = fit(model, sampler, table, lr=lr, desc=desc, checkpoints=journal.checkpoints(phase, keys[phase]),
                     **training)
-        runs[phase] = {**asdict(stats), "trainable": count_parameters(model, trainable_only=True)}
+        runs[phase] = {**asdict(stats), "trainable": trainable}
         results[phase] = evaluate(model, {"lora": "LoRA-adapted", "full_ft": "fully fine-tuned"}[phase])
 
     if (done := journal.load("zero_shot", keys["zero_shot"])) is None:
@@ -227,7 +228,7 @@ def run_lora(
     write_json(out / "adapter_meta.json", {
         "base_sha256": base_sha,
         "base_model": Path(model_path).name,
-        "adapter_sha256": sha256_file(adapter_file),
+        "adapter_sha256": runs["lora"]["adapter_sha256"],  # hashed when written, checked when resumed
         "center": center,
         "dataset": dataset,
         "site": site,

@@ -58,19 +58,19 @@ class PhaseJournal:
 
     def checkpoints(self, phase: str, identity: Mapping[str, Any]) -> Path:
         """Checkpoint folder of a training phase, emptied first if a run with another key left it."""
-        folder = self.folder / phase
+        folder, key = self.folder / phase, self.key(identity)
         record = folder / "key.json"
         if folder.exists():
             try:
                 saved = json.loads(record.read_text(encoding="utf-8")).get("key")
             except (OSError, ValueError, AttributeError):
                 saved = None
-            if saved != self.key(identity):
+            if saved != key:
                 log.warning("%s: checkpoints of a run with other settings, base model, data or code; starting "
                             "the %s phase over", folder, phase)
                 shutil.rmtree(folder)
         if not record.is_file():
-            write_json(record, {"format": FORMAT, "key": self.key(identity)})
+            write_json(record, {"format": FORMAT, "key": key})
         return folder
 
     def load(self, phase: str, identity: Mapping[str, Any], accept: Callable[[Mapping[str, Any]], bool] | None = None,

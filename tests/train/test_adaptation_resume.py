@@ -293,28 +293,27 @@ def test_data_count_by_content_not_by_place(store, base_file, tmp_path, monkeypa
     assert metrics["resumed_phases"] == ["zero_shot"] and calls == ["lora", "full_ft"]
 
 
-def test_a_phase_record_missing_a_field_is_done_again(store, base_file, tmp_path, monkeypatch):
-    import duplus.train.lora as lora
-
-    out = tmp_path / "out"
-    _interrupted_in_full_ft(lora, store, base_file, out, monkeypatch)
+def _drop_a_field_of_the_lora_record(out):
     record_path = out / FOLDER / "lora.json"
     record = json.loads(record_path.read_text())
     del record["record"]["trainable"]
     record_path.write_text(json.dumps(record))
-    with monkeypatch.context() as patch:
-        metrics, calls = _run(lora, store, base_file, out, patch)
-    assert metrics["resumed_phases"] == ["zero_shot"] and calls == ["lora", "full_ft"]
 
 
-def test_a_deleted_adapter_makes_the_lora_phase_run_again(store, base_file, tmp_path, monkeypatch):
+def _delete_the_adapter(out):
     import shutil
 
+    shutil.rmtree(out / "adapter")
+
+
+@pytest.mark.parametrize("damage", [_drop_a_field_of_the_lora_record, _delete_the_adapter])
+def test_a_damaged_lora_phase_is_done_again(damage, store, base_file, tmp_path, monkeypatch):
+    """A record missing a field, or an adapter deleted since the phase finished: LoRA runs again."""
     import duplus.train.lora as lora
 
     out = tmp_path / "out"
     _interrupted_in_full_ft(lora, store, base_file, out, monkeypatch)
-    shutil.rmtree(out / "adapter")
+    damage(out)
     with monkeypatch.context() as patch:
         metrics, calls = _run(lora, store, base_file, out, patch)
     assert metrics["resumed_phases"] == ["zero_shot"] and calls == ["lora", "full_ft"]
