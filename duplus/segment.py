@@ -364,10 +364,13 @@ def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str]
     from duplus.atomic import write_json
     from duplus.data.io import write_image
     from duplus.data.restore import restore_to_original
+    from duplus.evaluate.packed import PackedMasks
 
     out.mkdir(parents=True, exist_ok=True)
 
     def restored(k: int) -> sitk.Image:
+        if isinstance(masks, PackedMasks):  # boundary probabilities interpolated where they were kept
+            return masks.restored(k, meta)
         return restore_to_original(np.asarray(masks[k], dtype=np.uint8), meta, is_label=True)
 
     files = output_names(names, multilabel)

@@ -19,6 +19,7 @@ import torch
 
 from duplus.errors import DataError, PromptError
 from duplus.evaluate.inference import predict_masks
+from duplus.evaluate.packed import PackedMasks
 from duplus.evaluate.metrics import case_metrics
 
 if TYPE_CHECKING:
@@ -42,13 +43,11 @@ def target_text(modality: str, class_name: str, sequence: str | None) -> str:
     return target_prompts(modality, class_name, sequence)[0]
 
 
-def restore_mask(mask: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
-    """A preprocessed-grid mask as a bool array on the original grid (SimpleITK array order)."""
+def restore_mask(masks: PackedMasks, k: int, meta: dict[str, Any]) -> np.ndarray:
+    """Class ``k`` of preprocessed-grid masks as a bool array on the original grid (SimpleITK array order)."""
     import SimpleITK as sitk
 
-    from duplus.data.restore import restore_to_original
-
-    return sitk.GetArrayFromImage(restore_to_original(mask.astype(np.uint8), meta, is_label=True)).astype(bool)
+    return sitk.GetArrayFromImage(masks.restored(k, meta)).astype(bool)
 
 
 def read_array(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -145,7 +144,7 @@ def evaluate_case(
     # Scored on the label's grid and spacing, example or not; the example keeps its image's spacing.
     raw_image, image_spacing = read_array(row["raw_image"]) if keep_example else (None, label_spacing)
     truth = label_masks(label, label_map, classes)
-    pred = np.stack([restore_mask(pred_small[k], meta) for k in range(len(classes))])
+    pred = np.stack([restore_mask(pred_small, k, meta) for k in range(len(classes))])
     if pred.shape != truth.shape:
         raise DataError(f"{where}: restored prediction {pred.shape[1:]} differs from the raw label grid {truth.shape[1:]}")
     tolerance = float((config.get("evaluate") or {}).get("nsd_tolerance_mm", 2.0))

@@ -8,15 +8,19 @@ cross-section, not its depth.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from duplus.errors import ConfigError, ModelError
+from duplus.evaluate.boundary import BoundaryCollector
 from duplus.evaluate.packed import PackedMasks
 from duplus.evaluate.stitching import blend_slabs, count_windows
 from duplus.progress import progress
+
+log = logging.getLogger("duplus.evaluate")
 
 # Blend on the GPU only while the [K, window depth, Y, X] slab buffer takes at most this share of the
 # free GPU memory; beyond it the windows still run on the GPU but are blended in CPU memory.
@@ -38,13 +42,19 @@ def inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     buffer_mb = float(section.get("blend_buffer_mb", 2048))
     if buffer_mb <= 0:
         raise ConfigError(f"inference.blend_buffer_mb must be positive, got {buffer_mb!r}")
+    boundary_mb = float(section.get("boundary_budget_mb", 512))
+    if boundary_mb < 0:
+        raise ConfigError(f"inference.boundary_budget_mb must be >= 0, got {boundary_mb!r}")
     return {
         "roi": tuple(int(p) for p in patch),
         "blend_buffer_mb": buffer_mb,
+        "boundary_budget_mb": boundary_mb,
         "overlap": overlap,
         "sw_batch_size": int(section.get("sw_batch_size", 2)),
         "mode": blend,
         "threshold": float(section.get("threshold", 0.5)),
+        # The precision the model trained in (pretrain.amp); autocast_for keeps CPU inference in fp32.
+        "amp": str((config.get("pretrain") or {}).get("amp", "auto")),
     }
 
 
@@ -102,7 +112,7 @@ def predict_probabilities(
     targets: torch.Tensor,
     config: Mapping[str, Any],
     *,
-    amp: str = "auto",
+    amp: str | None = None,
     show_progress: bool = True,
     desc: str = "windows",
 ) -> torch.Tensor:
@@ -113,7 +123,8 @@ def predict_probabilities(
         image: preprocessed volume [Z, Y, X]; smaller than the window is padded and cropped back.
         modality: index or name (``CT``/``MRI``/``PET``).
         context: T1 embedding [T]; targets: T2 embeddings [K, T].
-        config: the run config (``pretrain.patch_size`` and ``inference``).
+        config: the run config (``pretrain.patch_size``, ``pretrain.amp`` and ``inference``).
+        amp: ``auto|bf16|fp16|off`` on a GPU; None follows ``pretrain.amp``.
 
     ``predict_masks`` needs 4x less memory for the result; use it when only the masks matter.
     """
@@ -133,20 +144,31 @@ def predict_masks(
     config: Mapping[str, Any],
     *,
     threshold: float | None = None,
-    amp: str = "auto",
+    amp: str | None = None,
     show_progress: bool = True,
     desc: str = "windows",
 ) -> PackedMasks:
     """Masks [K, Z, Y, X] (bit-packed; ``masks[k]`` is class k as bool): probabilities above ``threshold``.
 
-    Each finished slab is thresholded at once, so no [K, Z, Y, X] float array ever exists.
-    ``threshold`` defaults to ``inference.threshold``.
+    Each finished slab is thresholded at once, so no [K, Z, Y, X] float array ever exists; the
+    probabilities along each mask's boundary are kept too (``inference.boundary_budget_mb``), so
+    ``masks.restored(k, meta)`` interpolates them onto the original grid. ``threshold`` defaults to
+    ``inference.threshold``.
     """
-    cut = inference_settings(config)["threshold"] if threshold is None else float(threshold)
+    settings = inference_settings(config)
+    cut = settings["threshold"] if threshold is None else float(threshold)
     volume = _as_volume(image)
-    masks = PackedMasks(len(targets), tuple(volume.shape))
+    masks = PackedMasks(len(targets), tuple(volume.shape), cut=cut,
+                        level_budget_bytes=int(settings["boundary_budget_mb"] * 2**20))
+    collector = BoundaryCollector(masks) if masks.level_budget_bytes else None
     for z0, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc):
         masks.write(z0, (slab > cut).cpu().numpy())
+        if collector is not None:
+            collector.add(z0, slab)
+    if masks.mask_only and collector is not None:
+        log.warning("%d of %d classes outgrew inference.boundary_budget_mb (%g MB) of boundary probabilities: "
+                    "they are copied to the original grid voxel by voxel, not interpolated",
+                    len(masks.mask_only), len(masks), settings["boundary_budget_mb"])
     return masks
 
 
@@ -157,13 +179,14 @@ def _slabs(
     context: torch.Tensor,
     targets: torch.Tensor,
     config: Mapping[str, Any],
-    amp: str,
+    amp: str | None,
     show_progress: bool,
     desc: str,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     from duplus.model import modalities_of, modality_index
 
     settings = inference_settings(config)
+    amp = settings["amp"] if amp is None else amp
     device = model_device(model)
     index = modality if isinstance(modality, int) else modality_index(modality, modalities_of(model))
     context = torch.as_tensor(context, dtype=torch.float32, device=device).reshape(1, -1)

@@ -56,6 +56,8 @@ def test_settings_are_validated():
         inference_settings(_config(blend="median"))
     with pytest.raises(ConfigError, match="pretrain.patch_size"):
         inference_settings(_config(patch=(16, 16)))
+    with pytest.raises(ConfigError, match="inference.boundary_budget_mb"):
+        inference_settings({**_config(), "inference": {"boundary_budget_mb": -1}})
 
 
 def test_a_modality_name_runs_the_stem_of_that_name_whatever_the_stem_order():
@@ -70,3 +72,20 @@ def test_a_modality_name_runs_the_stem_of_that_name_whatever_the_stem_order():
     with pytest.raises(ConfigError, match=r"'PET'.*\['MRI', 'CT'\]"):
         predict_probabilities(net, torch.randn(16, 16, 16), "PET", torch.randn(TEXT_DIM), torch.randn(1, TEXT_DIM),
                               _config(), show_progress=False)
+
+
+@pytest.mark.parametrize("setting, passed, used", [("off", None, "off"), ("bf16", None, "bf16"), (None, None, "auto"),
+                                                   ("off", "fp16", "fp16")])
+def test_inference_runs_in_the_precision_the_model_trained_in(model, monkeypatch, setting, passed, used):
+    """``pretrain.amp: off`` keeps a GPU evaluation in fp32 too; an explicit ``amp`` argument wins."""
+    import duplus.evaluate.inference as inference
+
+    seen = []
+    real = inference.autocast_for
+    monkeypatch.setattr(inference, "autocast_for", lambda device, amp: seen.append(amp) or real(device, amp))
+    config = _config()
+    if setting is not None:
+        config["pretrain"]["amp"] = setting
+    predict_probabilities(model, torch.randn(16, 16, 16), "CT", torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), config,
+                          amp=passed, show_progress=False)
+    assert seen and set(seen) == {used}

@@ -77,7 +77,7 @@ def dataset(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cases_module, "context_text", lambda m, r, s: f"ctx {m} {r}")
     monkeypatch.setattr(cases_module, "target_text", lambda m, c, s: f"tgt {m} {c}")
-    monkeypatch.setattr(cases_module, "restore_mask", lambda mask, meta: np.flip(mask, axis=meta["flip"]).astype(bool))
+    monkeypatch.setattr(cases_module, "restore_mask", lambda masks, k, meta: np.flip(masks[k], axis=meta["flip"]).astype(bool))
 
     def read_array(path):
         image = sitk.ReadImage(str(path))

@@ -1,0 +1,84 @@
+"""Keeps the probabilities of the voxels along each predicted mask's boundary, slab by slab.
+
+A mask predicted on the 1.5 mm grid and copied to a finer original grid by nearest neighbour has
+staircase edges (a small organ loses 5-10 Dice points). Interpolating the probabilities linearly and
+thresholding on the original grid, as nnU-Net does, needs the probability of a voxel only where its
+3x3x3 neighbourhood holds both sides of the threshold: every other interpolation cell lies wholly on
+one side, whatever the exact values. Those voxels form a thin shell, so they are kept sparsely
+(uint8 levels) beside the bit-packed masks instead of a [K, Z, Y, X] float array.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from duplus.evaluate.packed import LEVELS, PackedMasks
+
+
+def dilate(mask: torch.Tensor) -> torch.Tensor:
+    """3x3x3 binary dilation of a bool [Z, Y, X] tensor (a box is separable: one pass per axis)."""
+    out = mask.clone()
+    for axis in range(3):
+        n = out.shape[axis]
+        if n < 2:
+            continue
+        source = out.clone()
+        out.narrow(axis, 1, n - 1).logical_or_(source.narrow(axis, 0, n - 1))
+        out.narrow(axis, 0, n - 1).logical_or_(source.narrow(axis, 1, n - 1))
+    return out
+
+
+def boundary(mask: torch.Tensor) -> torch.Tensor:
+    """Voxels whose 3x3x3 neighbourhood (themselves included) holds both inside and outside voxels."""
+    return dilate(mask) & dilate(~mask)
+
+
+def to_levels(probabilities: torch.Tensor, cut: float) -> torch.Tensor:
+    """uint8 levels (p x 255) that keep each voxel on its side of ``cut`` (see ``PackedMasks.level_cut``)."""
+    floor = math.floor(cut * LEVELS)
+    levels = (probabilities.float() * LEVELS).round_().clamp_(0, LEVELS)
+    inside = probabilities > cut
+    levels = torch.where(inside, levels.clamp(min=min(floor + 1, LEVELS)), levels.clamp(max=floor))
+    return levels.to(torch.uint8)
+
+
+class BoundaryCollector:
+    """Feeds ``masks`` the boundary levels of consecutive slabs [K, dz, Y, X] (as ``_slabs`` yields them).
+
+    The last plane of each slab is kept until the next slab arrives, since its neighbourhood reaches
+    into it; a voxel already kept is not kept twice.
+    """
+
+    def __init__(self, masks: PackedMasks) -> None:
+        self.masks = masks
+        self.cut = masks.cut
+        self._plane_size = masks.shape[2] * masks.shape[3]
+        self._index_dtype = np.int32 if int(np.prod(masks.shape[1:])) < 2**31 else np.int64
+        self._next_z = 0
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # probabilities, kept flags [K, Y, X]
+
+    def add(self, z0: int, slab: torch.Tensor) -> None:
+        if z0 != self._next_z:
+            raise ValueError(f"slab starts at z = {z0}, expected {self._next_z}: slabs must come in order")
+        classes, depth = slab.shape[0], slab.shape[1]
+        last_values = torch.empty((classes, *slab.shape[2:]), dtype=slab.dtype, device=slab.device)
+        last_kept = torch.empty((classes, *slab.shape[2:]), dtype=torch.bool, device=slab.device)
+        for k in range(classes):
+            values, start = slab[k], z0
+            if self._last is not None:
+                values, start = torch.cat([self._last[0][k : k + 1], values]), z0 - 1
+            kept = boundary(values > self.cut)
+            if self._last is not None:
+                kept[0] &= ~self._last[1][k]
+            flat = torch.nonzero(kept.reshape(-1)).squeeze(1)
+            if flat.numel():
+                levels = to_levels(values.reshape(-1)[flat], self.cut)
+                index = flat.cpu().numpy().astype(self._index_dtype) + self._index_dtype(start * self._plane_size)
+                self.masks.add_levels(k, index, levels.cpu().numpy())
+            last_values[k] = values[-1]
+            last_kept[k] = kept[-1]
+        self._last = (last_values, last_kept)
+        self._next_z = z0 + depth
