@@ -79,6 +79,33 @@ def batch_loss(
     return masked_loss(logits, target, weight, weight_total(weight) if weight_total is not None else None)
 
 
+def accumulated_loss(
+    model: nn.Module,
+    micro_batches: Sequence[dict[str, Any]],
+    table: TextTable,
+    amp: torch.dtype | None,
+    backward: Callable[[torch.Tensor], None],
+    global_total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Forward and ``backward`` the micro-batches of one optimizer step as if they were one batch.
+
+    Each micro-batch's loss is divided by the class weights of the whole step (``global_total``
+    maps them to the divisor: data-parallel training sums them over ranks), so the gradients add
+    up to one batch's. Dividing each by its own weights and by their number would weight a class
+    in a micro-batch of 2 supervised classes 13 times more than in one of 26. Returns the step's
+    loss (0-dim, detached, on the device; no host sync).
+    """
+    weight = torch.stack([batch["class_weight"].sum() for batch in micro_batches]).sum()
+    weight = weight.to(table.device, non_blocking=True)
+    total = global_total(weight) if global_total is not None else weight
+    step = torch.zeros((), device=table.device)
+    for batch in micro_batches:
+        loss = batch_loss(model, batch, table, amp, lambda _: total)
+        backward(loss)
+        step += loss.detach()
+    return step
+
+
 def open_prompt_cache(prompt_cache: Any) -> Any:
     """A loaded prompt cache: a path is opened with ``PromptCache.load``; a loaded cache is returned."""
     if hasattr(prompt_cache, "get_many") and hasattr(prompt_cache, "dim"):

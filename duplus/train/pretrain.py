@@ -23,7 +23,7 @@ from duplus.hashing import sha256_text
 from duplus.progress import progress
 from duplus.runtime import device_for, seed_everything
 from duplus.train import distributed
-from duplus.train.batches import TextTable, batch_loss, open_prompt_cache
+from duplus.train.batches import TextTable, accumulated_loss, open_prompt_cache
 from duplus.train.cases import preprocessed_sha256, pretraining_cases
 from duplus.train.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from duplus.train.ema import EMA
@@ -260,10 +260,10 @@ def _train(
     forward_model = torch.compile(forward_model) if settings.compile else forward_model
     started = time.perf_counter()
 
-    def weight_total(weight: torch.Tensor) -> torch.Tensor:
-        # Global sum of class weights over ranks, times the number of ranks: DDP's gradient
-        # average then equals the gradient of one process holding the whole batch.
-        return distributed.all_reduce_sum(weight.sum().detach().clone(), ranks) / ranks.world
+    def step_total(weight: torch.Tensor) -> torch.Tensor:
+        # Global sum of the step's class weights over ranks, divided by the number of ranks: DDP's
+        # gradient average then equals the gradient of one process holding the whole batch.
+        return distributed.all_reduce_sum(weight, ranks) / ranks.world
 
     def checkpoint(step: int) -> None:
         # Every rank's partial loss sum since the last log step, averaged over ranks: each rank
@@ -302,12 +302,11 @@ def _train(
             set_rng_state(resumed[1]["rng"], device)
         for step in range(start, settings.steps):
             lr = scheduler.get_last_lr()[0]
-            for _ in range(settings.grad_accum):
-                loss = batch_loss(forward_model, next(batches), table, amp,
-                                  weight_total if ranks.active else None)
-                scaler.scale(loss / settings.grad_accum).backward()
-                running += loss.detach()  # stays on the device: no per-step host sync
-                micro_batches += 1
+            micro = [next(batches) for _ in range(settings.grad_accum)]
+            loss = accumulated_loss(forward_model, micro, table, amp, lambda part: scaler.scale(part).backward(),
+                                    step_total)
+            running += loss * settings.grad_accum  # stays on the device: no per-step host sync
+            micro_batches += settings.grad_accum
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
             scaler.step(optimizer)

@@ -208,3 +208,34 @@ def test_dataset_weights_are_checked(store, config):
         PatchSampler(cases, PATCH, weights={"typo_name": 5.0})
     with pytest.raises(ConfigError, match="positive sum"):
         PatchSampler(cases, PATCH, weights={"toy_ct": 0.0, "toy_mr": 0.0})
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch(store, config):
+    """Micro-batches with 2 and 3 supervised classes: the step's weights divide both, as in one batch."""
+    from duplus.model import DuPLUS, ModelConfig
+    from duplus.prompts.cache import PromptCache
+    from duplus.train.batches import TextTable, accumulated_loss
+
+    sampler = _sampler(store, config)
+    by_dataset, index = {}, 0
+    while len(by_dataset) < 2:
+        s = sampler.sample(0, 0, index)
+        by_dataset.setdefault(s["dataset"], s)
+        index += 1
+    samples = [by_dataset["toy_mr"], by_dataset["toy_ct"]]
+    texts = sampler.all_texts()
+    cache = PromptCache({t: torch.randn(16, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(texts)},
+                        "test", 16)
+    table = TextTable(cache, texts, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = DuPLUS(ModelConfig.preset("tiny", text_dim=16))
+
+    def gradients(micro):
+        model.zero_grad()
+        loss = accumulated_loss(model, micro, table, None, lambda part: part.backward())
+        return loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    one_loss, one = gradients([collate_patches(samples)])
+    two_loss, two = gradients([collate_patches([s]) for s in samples])
+    assert torch.allclose(one_loss, two_loss, atol=1e-6)
+    assert len(one) == len(two) and all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(one, two))
