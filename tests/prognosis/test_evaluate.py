@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from duplus.prognosis import evaluate as ev
+from duplus.prognosis.ehr import EHRSchema, validate_ehr
 from duplus.prognosis.heads import MLPSettings
-from duplus.prognosis.models import Cohort, ModelSettings, model_names
+from duplus.prognosis.models import Cohort, ModelSettings, fit_predict, model_names
 from duplus.prognosis.tabular import EHRPreprocessor
 from tests.prognosis.fakes import synthetic_cohort
 
@@ -160,3 +161,26 @@ def test_per_center_concordance_compares_pairs_only_within_a_fold():
     centers = pd.Series("A", index=risks["patient_id"])
     row = ev.per_center_concordance(risks, centers).iloc[0]
     assert row["harrell_c"] == pytest.approx(1.0) and row["folds"] == 2
+
+
+def test_a_covariate_missing_throughout_training_does_not_move_test_risks():
+    schema = EHRSchema(id="pid", time="t", event="e", numeric=("age", "w"), categorical=(), binary=())
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"pid": [f"P{i}" for i in range(60)], "t": rng.uniform(1, 30, 60),
+                          "e": rng.integers(0, 2, 60), "age": rng.normal(60, 10, 60),
+                          "w": [np.nan] * 50 + [70.0] * 10})
+    train, test = np.arange(50), np.arange(50, 60)
+    settings = ModelSettings(mlp=MLPSettings(epochs=50, hidden=8))
+
+    def risks(w: float) -> tuple[np.ndarray, np.ndarray]:
+        table = validate_ehr(frame.assign(w=[np.nan] * 50 + [w] * 10), schema)
+        cohort = Cohort(ids=table.ids, time=table.time, event=table.event, ehr=table.frame, schema=schema)
+        fit = fit_predict("ehr_mlp", cohort, train, test, settings)
+        return fit.risk_train, fit.risk_test
+
+    train_70, test_70 = risks(70.0)
+    _, test_80 = risks(80.0)
+    np.testing.assert_allclose(test_70, test_80)
+    # Test risks lie on the training scale (the raw weight used to push them to about -21).
+    spread = np.ptp(train_70)
+    assert test_70.min() >= train_70.min() - spread and test_70.max() <= train_70.max() + spread
