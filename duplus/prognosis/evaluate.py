@@ -102,8 +102,9 @@ def survival_metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
     if times.size == 0:
         notes.append("no evaluation time inside both training and test follow-up: uno_c, auc, ibs undefined")
         return {**result, "note": "; ".join(notes)}
-    # Outcomes after the last training time are censored there: the censoring distribution is
-    # estimated on the training fold and is zero beyond it.
+    # Outcomes at or after the last training time are censored there: the censoring distribution
+    # is estimated on the training fold and may drop to zero at that time (its patient censored).
+    # Every evaluation time lies below it, so no metric needs those outcomes uncensored.
     y_ipcw = _censor_after(y_test, float(np.max(train_time)))
     try:
         result["uno_c"] = float(concordance_index_ipcw(y_train, y_ipcw, risk, tau=float(times.max()))[0])
@@ -128,7 +129,7 @@ def survival_metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
 
 def _censor_after(y: np.ndarray, limit: float) -> np.ndarray:
     event_field, time_field = y.dtype.names
-    late = y[time_field] > limit
+    late = y[time_field] >= limit
     if not late.any():
         return y
     return Surv.from_arrays(event=y[event_field] & ~late, time=np.minimum(y[time_field], limit),

@@ -184,3 +184,27 @@ def test_a_covariate_missing_throughout_training_does_not_move_test_risks():
     # Test risks lie on the training scale (the raw weight used to push them to about -21).
     spread = np.ptp(train_70)
     assert test_70.min() >= train_70.min() - spread and test_70.max() <= train_70.max() + spread
+
+
+def test_a_test_event_at_the_last_training_time_keeps_every_metric():
+    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc, integrated_brier_score
+    from sksurv.util import Surv
+
+    # The last training patient is censored at 30, so the censoring distribution is 0 there, and
+    # a test event ties with it.
+    y_train = Surv.from_arrays(event=[1, 0, 1, 0, 1, 0], time=[5, 10, 12, 20, 25, 30])
+    y_test = Surv.from_arrays(event=[1, 1, 0, 1, 1], time=[3, 8, 15, 22, 30])
+    risk = np.array([5, 4, 3, 2, 1.0])
+
+    def survival(t):
+        return np.tile(np.exp(-np.asarray(t) / 20), (5, 1))
+
+    metrics = ev.survival_metrics(y_train, y_test, risk, survival)
+    assert math.isfinite(metrics["mean_auc"]) and "mean_auc" not in metrics["note"]
+    times = ev.evaluation_times(y_train["time"], y_test["time"], y_test["event"])
+    assert times.max() < 30
+    capped = Surv.from_arrays(event=[1, 1, 0, 1, 0], time=[3, 8, 15, 22, 30])
+    assert metrics["mean_auc"] == pytest.approx(cumulative_dynamic_auc(y_train, capped, risk, times)[1])
+    # Uno's C and the Brier score are those of sksurv on the uncapped outcomes.
+    assert metrics["uno_c"] == pytest.approx(concordance_index_ipcw(y_train, y_test, risk, tau=times.max())[0])
+    assert metrics["ibs"] == pytest.approx(integrated_brier_score(y_train, y_test, survival(times), times))
