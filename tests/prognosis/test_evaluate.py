@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.model_selection import StratifiedKFold
 
 from duplus.prognosis import evaluate as ev
 from duplus.prognosis.ehr import EHRSchema, validate_ehr
@@ -31,7 +32,27 @@ def test_folds_are_stratified_by_event_and_center_with_fallback():
     np.testing.assert_array_equal(folds, again)
     center[0] = "D"                                                   # a one-patient center
     assert ev.make_folds(event, center, 5)[1] == "event"
-    assert ev.make_folds(np.array([1, 0, 0, 0, 0, 0], bool), None, 3)[1] == "none"
+    assert ev.make_folds(np.array([1, 0, 0, 0, 0, 0], bool), None, 3)[1] == "dealt"
+    # Where stratification applies, the folds are StratifiedKFold's (earlier results stand).
+    center[0] = "A"
+    key = np.char.add(np.char.add(event.astype(int).astype(str), "|"), center)
+    expected = np.empty(60, dtype=int)
+    for k, (_, test) in enumerate(StratifiedKFold(5, shuffle=True, random_state=3).split(np.arange(60), key)):
+        expected[test] = k
+    np.testing.assert_array_equal(ev.make_folds(event, center, 5, seed=3)[0], expected)
+
+
+@pytest.mark.parametrize("n_events", [2, 28])
+def test_too_few_events_or_censored_for_stratification_are_spread_over_folds(n_events):
+    event = np.zeros(30, dtype=bool)
+    event[np.random.default_rng(1).choice(30, n_events, replace=False)] = True
+    folds, how = ev.make_folds(event, None, 5, seed=0)
+    assert how == "dealt"
+    assert np.bincount(folds, minlength=5).tolist() == [6] * 5
+    rare = event if n_events < 15 else ~event
+    assert len(set(folds[rare])) == 2                  # each of the two rare outcomes in its own fold
+    np.testing.assert_array_equal(folds, ev.make_folds(event, None, 5, seed=0)[0])
+    assert not np.array_equal(folds, ev.make_folds(event, None, 5, seed=1)[0])
 
 
 def test_metrics_on_a_perfect_ranking_and_without_events():
