@@ -15,8 +15,8 @@ from duplus.report import figures
 from duplus.report.html import FigureRef, Section, write_index
 from duplus.report.inputs import ReportInputs, load_inputs
 from duplus.report.provenance import collect_provenance, write_provenance
-from duplus.report.tables import (adaptation_per_class_tables, adaptation_table, efficiency_table,
-                                  per_class_tables, prognosis_table, segmentation_table)
+from duplus.report.tables import (DEFAULT_ENDPOINT, adaptation_per_class_tables, adaptation_table,
+                                  efficiency_table, per_class_tables, prognosis_table, segmentation_table)
 from duplus.report.tabular import Table
 
 log = logging.getLogger("duplus.report")
@@ -111,7 +111,9 @@ def _prognosis(b: _Builder, inputs: ReportInputs, config: Mapping[str, Any], pub
         enabled = (config.get("prognosis") or {}).get("enabled", True)
         why = "stage disabled in the config" if enabled is False else "stage disabled or not run"
         return b.note(section, f"Prognosis metrics not found (prognosis/summary.csv): {why}.")
-    section.tables = b.tables([prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published)])
+    endpoint = (config.get("prognosis") or {}).get("endpoint") or DEFAULT_ENDPOINT
+    section.tables = b.tables([prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published,
+                                               endpoint)])
     if inputs.km:
         time_column = ((config.get("prognosis") or {}).get("ehr") or {}).get("time")
         section.figures = b.figure(figures.km_curves, inputs.km, f"time ({time_column})" if time_column else "time",

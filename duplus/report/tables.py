@@ -28,6 +28,9 @@ PROGNOSIS_MODELS: dict[str, str] = {
     "image_ehr_text": "Image + EHR as text prompt",
 }
 
+# Config prognosis.endpoint when it is not set: what the demo cohort and HECKTOR measure.
+DEFAULT_ENDPOINT = "recurrence-free survival"
+
 PUBLISHED_NOTE = "Columns or rows marked published are values reported in the literature, not measured here."
 
 
@@ -272,8 +275,10 @@ PROGNOSIS_COLUMNS = [
 ]
 
 
-def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, published: bool = True) -> Table:
-    """Table 3: cross-validated C-indices and integrated Brier score per model, then published C-indices."""
+def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, published: bool = True,
+                    endpoint: str = DEFAULT_ENDPOINT) -> Table:
+    """Table 3: cross-validated C-indices and integrated Brier score per model, then published C-indices;
+    ``endpoint`` (config ``prognosis.endpoint``) names what the survival times measure."""
     by_model = summary.drop_duplicates("model", keep="last").set_index("model")
     order = [m for m in PROGNOSIS_MODELS if m in by_model.index]
     order += sorted(m for m in by_model.index if m not in PROGNOSIS_MODELS)
@@ -305,7 +310,7 @@ def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, pu
                          "ibs": None, "source": f"published: {value.source}"})
         notes.append(PUBLISHED_NOTE + " Published C-indices come from other cohorts (HECKTOR test sets) "
                      "and are shown at their published precision.")
-    return Table("table3_prognosis", "Table 3. Survival prognosis (recurrence-free survival)",
+    return Table("table3_prognosis", f"Table 3. Survival prognosis ({endpoint})",
                  list(PROGNOSIS_COLUMNS), rows, notes)
 
 

@@ -164,3 +164,13 @@ def test_disabled_baseline_is_listed_as_not_in_the_report(full, tmp_path):
     assert ("Baseline metrics not found (evaluate/baseline/summary.csv): stage disabled in the config; "
             "Table 1 has no baseline columns.") in html
     assert "Baseline metrics not found" not in (full["out"] / "index.html").read_text(encoding="utf-8")
+
+
+def test_table3_names_the_configured_endpoint(full, tmp_path):
+    assert "Table 3. Survival prognosis (recurrence-free survival)" in \
+        (full["out"] / "tables/table3_prognosis.md").read_text(encoding="utf-8")
+    config = {**full["config"], "prognosis": {**full["config"]["prognosis"], "endpoint": "overall survival"}}
+    run_report(config, full["results"], tmp_path / "report")
+    assert "**Table 3. Survival prognosis (overall survival)**" in \
+        (tmp_path / "report/tables/table3_prognosis.md").read_text(encoding="utf-8")
+    assert "Table 3. Survival prognosis (overall survival)" in (tmp_path / "report/index.html").read_text(encoding="utf-8")
