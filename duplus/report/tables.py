@@ -31,6 +31,9 @@ PROGNOSIS_MODELS: dict[str, str] = {
 # Config prognosis.endpoint when it is not set: what the demo cohort and HECKTOR measure.
 DEFAULT_ENDPOINT = "recurrence-free survival"
 
+# Legend of the per-class tables, as Table 1 has in its rounding note.
+DASH_NOTE = "A dash is a value that could not be computed."
+
 PUBLISHED_NOTE = "Columns or rows marked published are values reported in the literature, not measured here."
 
 
@@ -170,7 +173,7 @@ def per_class_tables(summary: pd.DataFrame, baseline: pd.DataFrame | None = None
                              "the model finds none). HD95 in mm, over the HD95 cases only: where prediction or truth "
                              "is empty there is no distance, so a structure the model misses drops out of the HD95 "
                              "mean (compare HD95 cases with cases). On the mean row, HD95 cases counts the classes "
-                             "the HD95 mean covers."]))
+                             "the HD95 mean covers.", DASH_NOTE]))
     return tables
 
 
@@ -261,7 +264,7 @@ def adaptation_per_class_tables(lora: dict[str, dict[str, Any]]) -> list[Table]:
             columns = [Column("class", "class", numeric=False), Column("zero_shot", "zero-shot Dice"),
                        Column("lora", "LoRA Dice"), Column("full", "full FT Dice")]
             tables.append(Table(f"table2_per_class_{safe_name(key)}", f"Table 2 ({key}). Per-class adaptation Dice",
-                                columns, rows))
+                                columns, rows, [DASH_NOTE]))
     return tables
 
 
