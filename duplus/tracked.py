@@ -75,7 +75,11 @@ def stage_settings(stage: str, config: Mapping[str, Any], **wildcards: str) -> d
     if stage == "prognosis":
         # Of the inference settings, the tumour masks use only the threshold.
         threshold = (config.get("inference") or {}).get("threshold")
-        return {**_sections(config, "seed", "prognosis"), "inference_threshold": threshold}
+        settings = {**_sections(config, "seed", "prognosis"), "inference_threshold": threshold}
+        # The endpoint only names Table 3: the report depends on it, the stage's numbers do not.
+        if isinstance(settings["prognosis"], dict):
+            settings["prognosis"].pop("endpoint", None)
+        return settings
     if stage == "report":
-        return _sections(config, "report")
+        return {**_sections(config, "report"), "prognosis_endpoint": (config.get("prognosis") or {}).get("endpoint")}
     raise KeyError(f"no tracked settings for stage '{stage}'")

@@ -1,6 +1,7 @@
 # Input functions and path helpers shared by the rules (functions only, no rules).
 from pathlib import Path
 
+from duplus.data.registry import get_dataset
 from duplus.tracked import stage_settings
 
 
@@ -73,9 +74,22 @@ def prognosis_manifest(wildcards=None):
 
 
 def prognosis_inputs(wildcards=None):
-    """The image manifest, and a user's EHR table when the config names one (edits to it rerun prognosis)."""
+    """The image manifest and the EHR table, so that edits to either rerun prognosis: the table the
+    config names, else clinical.csv in the dataset's raw folder (when it is there)."""
     table = (config["prognosis"].get("ehr") or {}).get("table")
-    return {"manifest": prognosis_manifest(), **({"ehr": table} if table else {})}
+    if table:
+        return {"manifest": prognosis_manifest(), "ehr": table}
+    default = raw_dir() / config["prognosis"]["dataset"] / "clinical.csv"
+    return {"manifest": prognosis_manifest(), **({"ehr": default} if _placed_by_hand(default) else {})}
+
+
+def _placed_by_hand(clinical):
+    """No rule declares clinical.csv. A table put in place before the run is an input; one that the
+    download job writes (demo, url, package datasets) appears mid-run, and an input that appears
+    between runs would rerun prognosis once for nothing: the download record, upstream of the
+    manifest, already covers it."""
+    spec = get_dataset(config["prognosis"]["dataset"], config)
+    return clinical.is_file() and not (spec.kind in ("demo", "url", "package") and spec.root is None)
 
 
 def prognosis_outputs(wildcards=None):

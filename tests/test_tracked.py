@@ -99,3 +99,10 @@ def test_stages_do_not_track_settings_they_never_read(config):
     assert stage_settings("prognosis", changed) == stage_settings("prognosis", config)
     changed["inference"]["threshold"] = 0.4
     assert stage_settings("prognosis", changed) != stage_settings("prognosis", config)
+
+
+def test_the_prognosis_endpoint_reruns_the_report_not_the_stage(config):
+    changed = copy.deepcopy(config)
+    changed["prognosis"]["endpoint"] = "overall survival"      # a label of Table 3 only
+    assert stage_settings("prognosis", changed) == stage_settings("prognosis", config)
+    assert stage_settings("report", changed) != stage_settings("report", config)

@@ -115,8 +115,8 @@ def load_ehr(path: str | os.PathLike, schema: EHRSchema, image_ids: Iterable[str
 
     Raises:
         EHRError: unreadable file, missing columns, duplicate or missing ids, missing, negative or
-            non-numeric times, events not in {0, 1}, non-numeric numerics, unknown binary values,
-            unmatched ids.
+            non-numeric times, events not in {0, 1}, non-numeric or infinite numerics, unknown
+            binary values, unmatched ids.
     """
     source = str(path)
     if not Path(path).is_file():
@@ -234,7 +234,10 @@ def _numeric(raw: pd.Series, ids: pd.Series, column: str, source: str) -> pd.Ser
     if bad.any():
         found = sorted({str(v) for v in raw.reset_index(drop=True)[bad]})
         raise EHRError(f"EHR table {source}, column '{column}': non-numeric value(s) {found} at {_rows(bad, ids)}")
-    values[~np.isfinite(values)] = np.nan
+    # Infinity is a broken export, not a missing value: imputing it would hide the fault.
+    infinite = np.isinf(values)
+    if infinite.any():
+        raise EHRError(f"EHR table {source}, column '{column}': infinite value at {_rows(infinite, ids)}")
     return values
 
 

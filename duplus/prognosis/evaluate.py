@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import KFold, StratifiedKFold
+from sklearn.model_selection import StratifiedKFold
 from sksurv.compare import compare_survival
 from sksurv.metrics import (concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc,
                             integrated_brier_score)
@@ -34,7 +34,9 @@ def make_folds(event: np.ndarray, center: np.ndarray | None, n_folds: int, seed:
     """Fold index (0..n_folds-1) per patient, and how the folds were stratified.
 
     Stratified by event x center when every such stratum has at least ``n_folds`` patients, else by
-    event alone, else (fewer events or censored patients than folds) not stratified.
+    event alone. With fewer events (or censored patients) than folds, events and then censored
+    patients are dealt round-robin over a seeded shuffle ("dealt"): as many folds as there are
+    events hold one, where plain KFold could leave most folds without any.
     """
     event = np.asarray(event).astype(bool)
     n = len(event)
@@ -54,9 +56,12 @@ def make_folds(event: np.ndarray, center: np.ndarray | None, n_folds: int, seed:
             for k, (_, test) in enumerate(splitter.split(indices, key)):
                 folds[test] = k
             return folds, how
-    for k, (_, test) in enumerate(KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(indices)):
-        folds[test] = k
-    return folds, "none"
+    order = np.random.default_rng(seed).permutation(n)
+    # The censored patients continue the count where the events stopped, so fold sizes differ by
+    # at most one.
+    dealt = np.concatenate([order[event[order]], order[~event[order]]])
+    folds[dealt] = np.arange(n) % n_folds
+    return folds, "dealt"
 
 
 def evaluation_times(train_time: np.ndarray, test_time: np.ndarray, test_event: np.ndarray,
@@ -102,8 +107,9 @@ def survival_metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
     if times.size == 0:
         notes.append("no evaluation time inside both training and test follow-up: uno_c, auc, ibs undefined")
         return {**result, "note": "; ".join(notes)}
-    # Outcomes after the last training time are censored there: the censoring distribution is
-    # estimated on the training fold and is zero beyond it.
+    # Outcomes at or after the last training time are censored there: the censoring distribution
+    # is estimated on the training fold and may drop to zero at that time (its patient censored).
+    # Every evaluation time lies below it, so no metric needs those outcomes uncensored.
     y_ipcw = _censor_after(y_test, float(np.max(train_time)))
     try:
         result["uno_c"] = float(concordance_index_ipcw(y_train, y_ipcw, risk, tau=float(times.max()))[0])
@@ -128,7 +134,7 @@ def survival_metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
 
 def _censor_after(y: np.ndarray, limit: float) -> np.ndarray:
     event_field, time_field = y.dtype.names
-    late = y[time_field] > limit
+    late = y[time_field] >= limit
     if not late.any():
         return y
     return Surv.from_arrays(event=y[event_field] & ~late, time=np.minimum(y[time_field], limit),

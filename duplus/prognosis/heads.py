@@ -69,10 +69,11 @@ def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
 class SurvivalMLP:
     """Fit MLP_Prog on one training fold; predict risks and survival curves for new rows.
 
-    Inputs are z-scored with the training rows' statistics. Training is full-batch Adam (the Cox
-    partial likelihood compares each event with its whole risk set), stopped early on the loss of
-    an inner, event-stratified validation split; the best epoch's weights are kept. Everything
-    random draws from ``settings.seed``, so a refit gives the same numbers.
+    Inputs are z-scored with the training rows' statistics (an input constant over them is 0 for
+    every row). Training is full-batch Adam (the Cox partial likelihood compares each event with
+    its whole risk set), stopped early on the loss of an inner, event-stratified validation split;
+    the best epoch's weights are kept. Everything random draws from ``settings.seed``, so a refit
+    gives the same numbers.
 
     Example:
         >>> mlp = SurvivalMLP(MLPSettings(epochs=50)).fit(X_train, t_train, e_train)
@@ -91,6 +92,9 @@ class SurvivalMLP:
         self.mean_ = X.mean(axis=0)
         std = X.std(axis=0)
         self.std_ = np.where(std > 1e-8, std, 1.0)
+        # An input without spread in training leaves its weights untrained: 0 for every row, so a
+        # new row's differing value cannot reach them.
+        self.varies_ = std > 1e-8
         self.edges_ = make_time_bins(time, event, s.time_bins)
         fit_idx, val_idx = self._inner_split(event)
 
@@ -152,10 +156,13 @@ class SurvivalMLP:
         return np.stack([np.interp(times, grid, row) for row in full])
 
     def _forward(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.as_tensor((np.asarray(X, dtype=np.float64) - self.mean_) / self.std_, dtype=torch.float32)
+        x = torch.as_tensor(self._scale(X), dtype=torch.float32)
         with torch.no_grad():
             risk, logits = self.net_(x)
         return risk.double().numpy(), logits.double().numpy()
+
+    def _scale(self, X: np.ndarray) -> np.ndarray:
+        return np.where(self.varies_, (np.asarray(X, dtype=np.float64) - self.mean_) / self.std_, 0.0)
 
     def _inner_split(self, event: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(event)
@@ -171,7 +178,7 @@ class SurvivalMLP:
 
     def _tensors(self, X: np.ndarray, time: np.ndarray, event: np.ndarray) -> dict[str, torch.Tensor]:
         bin_index, through = discretize(time, event, self.edges_)
-        return {"x": torch.as_tensor((X - self.mean_) / self.std_, dtype=torch.float32),
+        return {"x": torch.as_tensor(self._scale(X), dtype=torch.float32),
                 "time": torch.as_tensor(time, dtype=torch.float32),
                 "event": torch.as_tensor(event, dtype=torch.float32),
                 "bin": torch.as_tensor(bin_index), "through": torch.as_tensor(through)}

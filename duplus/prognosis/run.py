@@ -81,6 +81,10 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     cohort = Cohort(ids=np.asarray(matched), time=table.time, event=table.event, ehr=table.frame,
                     schema=schema, image=image, text=text, center=center,
                     image_names=feature_names((image.shape[1] - 1) // 2))
+    if not cohort.event.any():
+        # Not an error: the stage still writes its files, with NaN metrics and a note per fold.
+        log.warning("prognosis: EHR table %s has no event (column '%s' is 0 for all %d patients): every metric "
+                    "is undefined (NaN) and km.json has no risk groups", table.source, schema.event, len(cohort))
     folds, stratified_by = make_folds(cohort.event, cohort.center, n_folds, seed)
     models = model_names(config, cohort)
     result = cross_validate(cohort, models, folds, ModelSettings.from_config(config))

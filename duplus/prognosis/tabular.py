@@ -23,6 +23,7 @@ class _Fitted:
     levels: dict[str, list[str]] = field(default_factory=dict)
     indicators: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    constant: np.ndarray | None = None     # output columns that do not vary over the training rows
 
 
 class EHRPreprocessor(TransformerMixin, BaseEstimator):
@@ -32,6 +33,11 @@ class EHRPreprocessor(TransformerMixin, BaseEstimator):
     columns get a missing indicator) come from ``fit`` only: ``transform`` of a row depends on that
     row and the fitted state, never on the other rows it is passed with. A category first seen at
     ``transform`` gets all-zero one-hot columns.
+
+    An output column that does not vary over the training rows (a covariate constant or entirely
+    missing there, a category with a single level, an always-set missing indicator) is 0 for every
+    row: the model never saw it vary, so its weights on it are untrained, and a test value that
+    differs would be multiplied by them.
 
     Example:
         >>> prep = EHRPreprocessor(schema).fit(table.frame.iloc[train])
@@ -73,6 +79,8 @@ class EHRPreprocessor(TransformerMixin, BaseEstimator):
             if frame[column].isna().any():
                 fitted.indicators.append(column)
                 fitted.names.append(f"{column}_missing")
+        # Decided on the encoded training rows, so one rule covers numerics, levels and indicators.
+        fitted.constant = np.ptp(self._encode(frame, fitted), axis=0) <= 1e-12
         self.fitted_ = fitted
         self.n_features_in_ = len(self.schema.covariates)
         return self
@@ -82,6 +90,11 @@ class EHRPreprocessor(TransformerMixin, BaseEstimator):
         if fitted is None:
             raise EHRError("EHR preprocessing: transform called before fit (fit on the training fold)")
         self._check_columns(frame)
+        matrix = self._encode(frame, fitted)
+        matrix[:, fitted.constant] = 0.0
+        return matrix
+
+    def _encode(self, frame: pd.DataFrame, fitted: _Fitted) -> np.ndarray:
         blocks: list[np.ndarray] = []
         for column in self.schema.numeric:
             values = frame[column].to_numpy(dtype=float)

@@ -15,8 +15,8 @@ from duplus.report import figures
 from duplus.report.html import FigureRef, Section, write_index
 from duplus.report.inputs import ReportInputs, load_inputs
 from duplus.report.provenance import collect_provenance, write_provenance
-from duplus.report.tables import (adaptation_per_class_tables, adaptation_table, efficiency_table,
-                                  per_class_tables, prognosis_table, segmentation_table)
+from duplus.report.tables import (DEFAULT_ENDPOINT, adaptation_per_class_tables, adaptation_table,
+                                  efficiency_table, per_class_tables, prognosis_table, segmentation_table)
 from duplus.report.tabular import Table
 
 log = logging.getLogger("duplus.report")
@@ -71,12 +71,17 @@ def _training(b: _Builder, inputs: ReportInputs) -> Section:
     return section
 
 
-def _segmentation(b: _Builder, inputs: ReportInputs, published: bool) -> Section:
+def _segmentation(b: _Builder, inputs: ReportInputs, config: Mapping[str, Any], published: bool) -> Section:
     section = Section("segmentation", "Segmentation (Table 1)")
     if inputs.summary is None:
         return b.note(section, "Segmentation metrics not found (evaluate/universal/summary.csv): "
                                "stage not run.")
     section.tables = b.tables([segmentation_table(inputs.summary, inputs.baseline_summary, published)])
+    if inputs.baseline_summary is None:
+        enabled = (config.get("baseline") or {}).get("enabled", True)
+        why = "stage disabled in the config" if enabled is False else "stage disabled or not run"
+        b.missing.append(f"Baseline metrics not found (evaluate/baseline/summary.csv): {why}; "
+                         f"Table 1 has no baseline columns.")
     section.detail_tables = b.tables(per_class_tables(inputs.summary, inputs.baseline_summary))
     if inputs.per_case is not None:
         section.figures += b.figure(figures.dice_boxplots, inputs.per_case, caption="Dice per test case, by class")
@@ -106,13 +111,20 @@ def _prognosis(b: _Builder, inputs: ReportInputs, config: Mapping[str, Any], pub
         enabled = (config.get("prognosis") or {}).get("enabled", True)
         why = "stage disabled in the config" if enabled is False else "stage disabled or not run"
         return b.note(section, f"Prognosis metrics not found (prognosis/summary.csv): {why}.")
-    section.tables = b.tables([prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published)])
+    endpoint = (config.get("prognosis") or {}).get("endpoint") or DEFAULT_ENDPOINT
+    section.tables = b.tables([prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published,
+                                               endpoint)])
     if inputs.km:
         time_column = ((config.get("prognosis") or {}).get("ehr") or {}).get("time")
         section.figures = b.figure(figures.km_curves, inputs.km, f"time ({time_column})" if time_column else "time",
                                    caption="Kaplan-Meier curves of out-of-fold low / high risk groups")
-    else:
+    elif inputs.km is None:
         b.missing.append("Kaplan-Meier curves not found (prognosis/km.json): no survival curves.")
+    else:
+        # The stage writes {} when no test patient got a risk group: no model could be fitted on
+        # any fold (e.g. no training fold had an event).
+        b.missing.append("Kaplan-Meier curves: prognosis/km.json has no risk groups (no model could be fitted "
+                         "on any fold, e.g. the cohort has no events): no survival curves.")
     return section
 
 
@@ -158,7 +170,7 @@ def run_report(config: Mapping[str, Any], results_dir: str | Path, out_dir: str 
     builder = _Builder(out)
     sections = [
         _training(builder, inputs),
-        _segmentation(builder, inputs, published),
+        _segmentation(builder, inputs, config, published),
         _adaptation(builder, inputs),
         _prognosis(builder, inputs, config, published),
         _efficiency(builder, inputs, published),

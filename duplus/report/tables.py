@@ -28,6 +28,12 @@ PROGNOSIS_MODELS: dict[str, str] = {
     "image_ehr_text": "Image + EHR as text prompt",
 }
 
+# Config prognosis.endpoint when it is not set: what the demo cohort and HECKTOR measure.
+DEFAULT_ENDPOINT = "recurrence-free survival"
+
+# Legend of the per-class tables, as Table 1 has in its rounding note.
+DASH_NOTE = "A dash is a value that could not be computed."
+
 PUBLISHED_NOTE = "Columns or rows marked published are values reported in the literature, not measured here."
 
 
@@ -167,7 +173,7 @@ def per_class_tables(summary: pd.DataFrame, baseline: pd.DataFrame | None = None
                              "the model finds none). HD95 in mm, over the HD95 cases only: where prediction or truth "
                              "is empty there is no distance, so a structure the model misses drops out of the HD95 "
                              "mean (compare HD95 cases with cases). On the mean row, HD95 cases counts the classes "
-                             "the HD95 mean covers."]))
+                             "the HD95 mean covers.", DASH_NOTE]))
     return tables
 
 
@@ -258,7 +264,7 @@ def adaptation_per_class_tables(lora: dict[str, dict[str, Any]]) -> list[Table]:
             columns = [Column("class", "class", numeric=False), Column("zero_shot", "zero-shot Dice"),
                        Column("lora", "LoRA Dice"), Column("full", "full FT Dice")]
             tables.append(Table(f"table2_per_class_{safe_name(key)}", f"Table 2 ({key}). Per-class adaptation Dice",
-                                columns, rows))
+                                columns, rows, [DASH_NOTE]))
     return tables
 
 
@@ -272,8 +278,10 @@ PROGNOSIS_COLUMNS = [
 ]
 
 
-def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, published: bool = True) -> Table:
-    """Table 3: cross-validated C-indices and integrated Brier score per model, then published C-indices."""
+def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, published: bool = True,
+                    endpoint: str = DEFAULT_ENDPOINT) -> Table:
+    """Table 3: cross-validated C-indices and integrated Brier score per model, then published C-indices;
+    ``endpoint`` (config ``prognosis.endpoint``) names what the survival times measure."""
     by_model = summary.drop_duplicates("model", keep="last").set_index("model")
     order = [m for m in PROGNOSIS_MODELS if m in by_model.index]
     order += sorted(m for m in by_model.index if m not in PROGNOSIS_MODELS)
@@ -305,7 +313,7 @@ def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, pu
                          "ibs": None, "source": f"published: {value.source}"})
         notes.append(PUBLISHED_NOTE + " Published C-indices come from other cohorts (HECKTOR test sets) "
                      "and are shown at their published precision.")
-    return Table("table3_prognosis", "Table 3. Survival prognosis (recurrence-free survival)",
+    return Table("table3_prognosis", f"Table 3. Survival prognosis ({endpoint})",
                  list(PROGNOSIS_COLUMNS), rows, notes)
 
 

@@ -58,6 +58,8 @@ def test_valid_table_is_typed_and_normalized(tmp_path, schema):
     (edit(4, "relapse", "2"), "relapse", "event must be 0 or 1, found ['2'] at row 5 (id 007)"),
     (edit(4, "relapse", ""), "relapse", "at row 5 (id 007)"),
     (edit(1, "age", "sixty"), "age", "non-numeric value(s) ['sixty'] at row 2 (id HN-001)"),
+    (edit(3, "weight", "inf"), "weight", "infinite value at row 4 (id HN-003)"),
+    (edit(4, "age", "-inf"), "age", "infinite value at row 5 (id 007)"),
     (edit(2, "gender", "X"), "gender", "binary value(s) ['X']"),
     (edit(1, "patient_id", ""), "patient_id", "missing id at row 2"),
 ])

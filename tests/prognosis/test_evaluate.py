@@ -8,10 +8,12 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.model_selection import StratifiedKFold
 
 from duplus.prognosis import evaluate as ev
+from duplus.prognosis.ehr import EHRSchema, validate_ehr
 from duplus.prognosis.heads import MLPSettings
-from duplus.prognosis.models import Cohort, ModelSettings, model_names
+from duplus.prognosis.models import Cohort, ModelSettings, fit_predict, model_names
 from duplus.prognosis.tabular import EHRPreprocessor
 from tests.prognosis.fakes import synthetic_cohort
 
@@ -30,7 +32,27 @@ def test_folds_are_stratified_by_event_and_center_with_fallback():
     np.testing.assert_array_equal(folds, again)
     center[0] = "D"                                                   # a one-patient center
     assert ev.make_folds(event, center, 5)[1] == "event"
-    assert ev.make_folds(np.array([1, 0, 0, 0, 0, 0], bool), None, 3)[1] == "none"
+    assert ev.make_folds(np.array([1, 0, 0, 0, 0, 0], bool), None, 3)[1] == "dealt"
+    # Where stratification applies, the folds are StratifiedKFold's (earlier results stand).
+    center[0] = "A"
+    key = np.char.add(np.char.add(event.astype(int).astype(str), "|"), center)
+    expected = np.empty(60, dtype=int)
+    for k, (_, test) in enumerate(StratifiedKFold(5, shuffle=True, random_state=3).split(np.arange(60), key)):
+        expected[test] = k
+    np.testing.assert_array_equal(ev.make_folds(event, center, 5, seed=3)[0], expected)
+
+
+@pytest.mark.parametrize("n_events", [2, 28])
+def test_too_few_events_or_censored_for_stratification_are_spread_over_folds(n_events):
+    event = np.zeros(30, dtype=bool)
+    event[np.random.default_rng(1).choice(30, n_events, replace=False)] = True
+    folds, how = ev.make_folds(event, None, 5, seed=0)
+    assert how == "dealt"
+    assert np.bincount(folds, minlength=5).tolist() == [6] * 5
+    rare = event if n_events < 15 else ~event
+    assert len(set(folds[rare])) == 2                  # each of the two rare outcomes in its own fold
+    np.testing.assert_array_equal(folds, ev.make_folds(event, None, 5, seed=0)[0])
+    assert not np.array_equal(folds, ev.make_folds(event, None, 5, seed=1)[0])
 
 
 def test_metrics_on_a_perfect_ranking_and_without_events():
@@ -160,3 +182,50 @@ def test_per_center_concordance_compares_pairs_only_within_a_fold():
     centers = pd.Series("A", index=risks["patient_id"])
     row = ev.per_center_concordance(risks, centers).iloc[0]
     assert row["harrell_c"] == pytest.approx(1.0) and row["folds"] == 2
+
+
+def test_a_covariate_missing_throughout_training_does_not_move_test_risks():
+    schema = EHRSchema(id="pid", time="t", event="e", numeric=("age", "w"), categorical=(), binary=())
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"pid": [f"P{i}" for i in range(60)], "t": rng.uniform(1, 30, 60),
+                          "e": rng.integers(0, 2, 60), "age": rng.normal(60, 10, 60),
+                          "w": [np.nan] * 50 + [70.0] * 10})
+    train, test = np.arange(50), np.arange(50, 60)
+    settings = ModelSettings(mlp=MLPSettings(epochs=50, hidden=8))
+
+    def risks(w: float) -> tuple[np.ndarray, np.ndarray]:
+        table = validate_ehr(frame.assign(w=[np.nan] * 50 + [w] * 10), schema)
+        cohort = Cohort(ids=table.ids, time=table.time, event=table.event, ehr=table.frame, schema=schema)
+        fit = fit_predict("ehr_mlp", cohort, train, test, settings)
+        return fit.risk_train, fit.risk_test
+
+    train_70, test_70 = risks(70.0)
+    _, test_80 = risks(80.0)
+    np.testing.assert_allclose(test_70, test_80)
+    # Test risks lie on the training scale (the raw weight used to push them to about -21).
+    spread = np.ptp(train_70)
+    assert test_70.min() >= train_70.min() - spread and test_70.max() <= train_70.max() + spread
+
+
+def test_a_test_event_at_the_last_training_time_keeps_every_metric():
+    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc, integrated_brier_score
+    from sksurv.util import Surv
+
+    # The last training patient is censored at 30, so the censoring distribution is 0 there, and
+    # a test event ties with it.
+    y_train = Surv.from_arrays(event=[1, 0, 1, 0, 1, 0], time=[5, 10, 12, 20, 25, 30])
+    y_test = Surv.from_arrays(event=[1, 1, 0, 1, 1], time=[3, 8, 15, 22, 30])
+    risk = np.array([5, 4, 3, 2, 1.0])
+
+    def survival(t):
+        return np.tile(np.exp(-np.asarray(t) / 20), (5, 1))
+
+    metrics = ev.survival_metrics(y_train, y_test, risk, survival)
+    assert math.isfinite(metrics["mean_auc"]) and "mean_auc" not in metrics["note"]
+    times = ev.evaluation_times(y_train["time"], y_test["time"], y_test["event"])
+    assert times.max() < 30
+    capped = Surv.from_arrays(event=[1, 1, 0, 1, 0], time=[3, 8, 15, 22, 30])
+    assert metrics["mean_auc"] == pytest.approx(cumulative_dynamic_auc(y_train, capped, risk, times)[1])
+    # Uno's C and the Brier score are those of sksurv on the uncapped outcomes.
+    assert metrics["uno_c"] == pytest.approx(concordance_index_ipcw(y_train, y_test, risk, tau=times.max())[0])
+    assert metrics["ibs"] == pytest.approx(integrated_brier_score(y_train, y_test, survival(times), times))

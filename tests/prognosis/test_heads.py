@@ -45,3 +45,15 @@ def test_tiny_training_set_skips_the_inner_split():
     X, time, event = data()
     mlp = SurvivalMLP(MLPSettings(epochs=5, hidden=4)).fit(X[:8], time[:8], event[:8])
     assert mlp.best_epoch_ == 5 and np.isfinite(mlp.predict_risk(X)).all()
+
+
+def test_an_input_constant_in_training_cannot_move_the_risk():
+    X, time, event = data()
+    X = X[:120].copy()
+    X[:, 3] = 2.0                                     # no spread in training
+    mlp = SurvivalMLP(MLPSettings(epochs=20, hidden=8)).fit(X, time[:120], event[:120])
+    new = X[:5].copy()
+    shifted = new.copy()
+    shifted[:, 3] = [-50.0, 0.0, 7.0, 300.0, 1e4]
+    np.testing.assert_array_equal(mlp.predict_risk(new), mlp.predict_risk(shifted))
+    np.testing.assert_array_equal(mlp.predict_survival(new, [1.0, 5.0]), mlp.predict_survival(shifted, [1.0, 5.0]))

@@ -135,3 +135,19 @@ def test_disabled_stage_writes_a_note(tmp_path):
     assert summary.loc[0, "model"] == "none" and "disabled" in summary.loc[0, "note"]
     assert json.loads((out / "km.json").read_text(encoding="utf-8")) == {}
     assert pd.read_csv(out / "folds.csv").empty
+
+
+def test_a_cohort_without_events_warns_naming_the_column_and_still_writes_nan(tmp_path, fakes, caplog):
+    project = make_project(tmp_path)
+    clinical = tmp_path / "data" / "raw" / "demo_headneck_pet" / "clinical.csv"
+    pd.read_csv(clinical).assign(relapse=0).to_csv(clinical, index=False)
+    model_file = tmp_path / "model.safetensors"
+    model_file.write_bytes(b"weights")
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="duplus.prognosis.run"):
+        summary = run_prognosis(project["config"], project["manifest"], FakePromptCache(), model_file, out)
+    assert "has no event (column 'relapse' is 0 for all 24 patients)" in caplog.text
+    assert summary[["harrell_c_mean", "uno_c_mean", "ibs_mean"]].isna().all().all()
+    folds = pd.read_csv(out / "folds.csv")
+    assert folds["note"].str.contains("no events in training fold").all()
+    assert json.loads((out / "km.json").read_text(encoding="utf-8")) == {}

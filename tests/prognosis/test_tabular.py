@@ -54,3 +54,20 @@ def test_no_indicator_for_columns_complete_in_training_and_errors():
         EHRPreprocessor(SCHEMA).transform(TEST)
     with pytest.raises(EHRError, match="lack column"):
         prep.transform(TEST.drop(columns=["site"]))
+
+
+def test_columns_without_training_spread_are_zero_for_every_row():
+    schema = EHRSchema(id="pid", time="t", event="e", numeric=("age", "w", "k"), categorical=("site",),
+                       binary=("hpv",))
+    train = pd.DataFrame({"age": [50.0, 60.0, 70.0], "w": [np.nan] * 3, "k": [5.0] * 3,
+                          "site": pd.Series(["A"] * 3, dtype=object), "hpv": [1.0] * 3})
+    test = pd.DataFrame({"age": [55.0, 65.0], "w": [70.0, 90.0], "k": [5.0, 900.0],
+                         "site": pd.Series(["A", "B"], dtype=object), "hpv": [0.0, 1.0]})
+    prep = EHRPreprocessor(schema).fit(train)
+    assert list(prep.get_feature_names_out()) == ["age", "w", "k", "site=A", "hpv", "w_missing"]
+    out = prep.transform(test)
+    # Only age varied in training; every other column (all-missing w and its always-set indicator,
+    # constant k, a single site level, constant hpv) would carry values the model never saw vary.
+    np.testing.assert_allclose(out[:, 0], [-0.5 / np.sqrt(2 / 3), 0.5 / np.sqrt(2 / 3)], rtol=1e-6)
+    np.testing.assert_array_equal(out[:, 1:], np.zeros((2, 5)))
+    np.testing.assert_array_equal(prep.transform(train)[:, 1:], np.zeros((3, 5)))

@@ -144,3 +144,33 @@ def test_malformed_metrics_name_the_file(config, tmp_path):
     path.write_text("dataset,dice\nx,0.5\n")
     with pytest.raises(DataError, match=r"summary\.csv: missing column"):
         run_report(config, tmp_path / "results", tmp_path / "report")
+
+
+def test_km_without_risk_groups_says_why_not_that_the_file_is_missing(full, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(full["results"], results)
+    (results / "prognosis/km.json").write_text("{}")       # what an all-censored cohort leaves
+    written = run_report(full["config"], results, tmp_path / "report")
+    assert not any(p.name.startswith("km_curves") for p in written)
+    html = (tmp_path / "report/index.html").read_text(encoding="utf-8")
+    assert "prognosis/km.json has no risk groups (no model could be fitted on any fold" in html
+    assert "Kaplan-Meier curves not found" not in html
+
+
+def test_disabled_baseline_is_listed_as_not_in_the_report(full, tmp_path):
+    config = {**full["config"], "baseline": {"enabled": False}}
+    run_report(config, full["results"], tmp_path / "report")
+    html = (tmp_path / "report/index.html").read_text(encoding="utf-8")
+    assert ("Baseline metrics not found (evaluate/baseline/summary.csv): stage disabled in the config; "
+            "Table 1 has no baseline columns.") in html
+    assert "Baseline metrics not found" not in (full["out"] / "index.html").read_text(encoding="utf-8")
+
+
+def test_table3_names_the_configured_endpoint(full, tmp_path):
+    assert "Table 3. Survival prognosis (recurrence-free survival)" in \
+        (full["out"] / "tables/table3_prognosis.md").read_text(encoding="utf-8")
+    config = {**full["config"], "prognosis": {**full["config"]["prognosis"], "endpoint": "overall survival"}}
+    run_report(config, full["results"], tmp_path / "report")
+    assert "**Table 3. Survival prognosis (overall survival)**" in \
+        (tmp_path / "report/tables/table3_prognosis.md").read_text(encoding="utf-8")
+    assert "Table 3. Survival prognosis (overall survival)" in (tmp_path / "report/index.html").read_text(encoding="utf-8")

@@ -158,3 +158,12 @@ def test_results_an_earlier_run_left_behind_are_not_this_runs(results):
 def test_switched_off_lora_shows_no_adaptation(results):
     assert load_inputs(results).lora
     assert load_inputs(results, {"lora": {"enabled": False, "centers": {"ct_siteB": {}}}}).lora == {}
+
+
+def test_per_class_tables_explain_the_dash(results):
+    inputs = load_inputs(results)
+    tables = per_class_tables(inputs.summary, inputs.baseline_summary) + adaptation_per_class_tables(inputs.lora)
+    assert len(tables) == 3
+    for table in tables:
+        assert "A dash is a value that could not be computed." in table.notes, table.name
+        assert "A dash is a value that could not be computed." in table.to_markdown()
