@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from duplus.errors import ConfigError
 
 MODALITIES: tuple[str, ...] = ("CT", "MRI", "PET")
+CONTROLLER_NORMS = ("group", "instance")
 
 
 def dynamic_param_count(head_channels: int) -> int:
@@ -34,6 +35,11 @@ class ModelConfig:
     act: str = "elu"
     dropout: float = 0.0
     film_hidden: int | None = None  # hidden width of each FiLM generator; None = embed_dim
+    # Norm before the controller's pooled image summary. A group norm, as in the CLIP-Driven
+    # Universal Model, keeps each channel's level relative to its group; an instance norm zeroes
+    # every channel's mean, so the average pooled after it no longer says how strongly a feature
+    # is present (models saved before this field existed used "instance").
+    controller_norm: str = "group"
 
     def __post_init__(self) -> None:
         # Lists come from YAML/JSON; the dataclass keeps tuples so it stays hashable and comparable.
@@ -53,6 +59,9 @@ class ModelConfig:
             raise ConfigError(f"{where}.film_hidden must be a positive integer or null, got {self.film_hidden!r}")
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ConfigError(f"{where}.modalities must be distinct names, got {list(self.modalities)}")
+        if self.controller_norm not in CONTROLLER_NORMS:
+            raise ConfigError(f"{where}.controller_norm must be one of {list(CONTROLLER_NORMS)}, "
+                              f"got {self.controller_norm!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -25,7 +25,7 @@ class Controller(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.image_norm = make_norm(cfg.norm, cfg.bottleneck_channels)
+        self.image_norm = make_norm(cfg.controller_norm, cfg.bottleneck_channels)
         self.image_act = get_act_layer(cfg.act)
         self.image_proj = conv3d(cfg.bottleneck_channels, cfg.embed_dim, kernel=1)
         self.params = nn.Linear(2 * cfg.embed_dim, cfg.n_dynamic_params)

@@ -123,7 +123,11 @@ def load_model(
         )
     if expected_sha256 and actual.lower() != expected_sha256.strip().lower():
         raise CheckpointError(f"{weights}: sha256 {actual} does not match the expected {expected_sha256.strip()}")
-    cfg = ModelConfig.from_dict(sidecar["config"], where=f"{sidecar_path(weights)}:config")
+    saved = dict(sidecar["config"])
+    # Parameter shapes are the same either way: a model saved before the field existed must not be
+    # rebuilt with the group norm it was never trained with.
+    saved.setdefault("controller_norm", "instance")
+    cfg = ModelConfig.from_dict(saved, where=f"{sidecar_path(weights)}:config")
     architecture = str(sidecar.get("architecture", UNIVERSAL))
     if architecture not in architectures:
         raise ModelError(

@@ -87,3 +87,20 @@ def test_weights_of_another_shape_are_a_model_error_naming_the_file(tiny_model, 
     (tmp_path / "model.json").write_text(json.dumps(sidecar), encoding="utf-8")
     with pytest.raises(ModelError, match="model.safetensors: weights do not fit the model in its sidecar"):
         load_model(path)
+
+
+def test_a_model_saved_before_controller_norm_existed_keeps_its_instance_norm(tmp_path):
+    """Same parameter shapes either way: the sidecar decides, and an old one meant an instance norm."""
+    from duplus.model import DuPLUS, ModelConfig
+
+    torch.manual_seed(0)
+    old = DuPLUS(ModelConfig.from_dict({**ModelConfig.preset("tiny", text_dim=TEXT_DIM).to_dict(),
+                                        "controller_norm": "instance"}))
+    path = tmp_path / "model.safetensors"
+    save_model(old, path, {})
+    side = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    del side["config"]["controller_norm"]
+    sidecar_path(path).write_text(json.dumps(side), encoding="utf-8")
+    model, _ = load_model(path)
+    assert model.cfg.controller_norm == "instance"
+    assert isinstance(model.controller.image_norm, type(old.controller.image_norm))

@@ -140,3 +140,25 @@ def test_dynamic_head_equals_per_class_convolutions(monkeypatch, budget):
             h = F.relu(F.conv3d(h, w2.reshape(c, c, 1, 1, 1), b2))
             expected = F.conv3d(h, w3.reshape(1, c, 1, 1, 1), b3)[0, 0]
             assert torch.allclose(logits[b, cls], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm, keeps_levels", [("group", True), ("instance", False)])
+def test_controller_summary_sees_how_strongly_each_feature_is_present(norm, keeps_levels):
+    """Rescaling and shifting each bottleneck channel must change the pooled image summary.
+
+    After an instance norm every channel has mean 0 and variance 1, so per-channel levels, what a
+    global average pool is for, are gone; the group norm (the default) keeps them within a group.
+    """
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", text_dim=TEXT_DIM)
+    model = DuPLUS(ModelConfig.from_dict({**cfg.to_dict(), "controller_norm": norm})).eval()
+    bottleneck = torch.randn(1, cfg.bottleneck_channels, 4, 4, 4)
+    scale = torch.rand(1, cfg.bottleneck_channels, 1, 1, 1) * 3 + 0.2
+    shift = torch.randn(1, cfg.bottleneck_channels, 1, 1, 1) * 2
+    with torch.no_grad():
+        before = model.controller.pooled(bottleneck)
+        after = model.controller.pooled(bottleneck * scale + shift)
+    changed = float((after - before).abs().max()) > 1e-2 * float(before.abs().max())
+    assert changed == keeps_levels
+    with pytest.raises(ConfigError, match="controller_norm"):
+        ModelConfig.from_dict({**cfg.to_dict(), "controller_norm": "layer"})
