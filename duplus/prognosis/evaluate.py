@@ -64,19 +64,37 @@ def make_folds(event: np.ndarray, center: np.ndarray | None, n_folds: int, seed:
     return folds, "dealt"
 
 
+def cohort_times(time: np.ndarray, event: np.ndarray, n_times: int = 16) -> np.ndarray:
+    """One grid for every fold: percentiles 10-80 of the whole cohort's event times.
+
+    Folds then share their AUC times, Uno's horizon and Brier integration range (per-fold
+    percentiles would average metrics taken at different horizons); only outcome times are used,
+    never a prediction, so no fold's model sees anything of its test fold.
+    """
+    time = np.asarray(time, dtype=float)
+    event = np.asarray(event, dtype=bool)
+    source = time[event] if event.any() else time
+    return np.unique(np.percentile(source, np.linspace(10, 80, n_times))) if source.size else np.empty(0)
+
+
 def evaluation_times(train_time: np.ndarray, test_time: np.ndarray, test_event: np.ndarray,
-                     n_times: int = 8) -> np.ndarray:
-    """Times for time-dependent AUC and Brier scores: percentiles 10-80 of the test event times,
-    kept inside the test follow-up ([min, max)) and below the last training time, where the
-    censoring distribution fitted on the training fold is still defined."""
+                     n_times: int = 8, grid: np.ndarray | None = None) -> np.ndarray:
+    """Times for time-dependent AUC and Brier scores: ``grid`` (``cohort_times``), else percentiles
+    10-80 of the test event times; kept from the fold's first test event (before it an AUC has no
+    case) to below its last follow-up and its last training time, where the censoring distribution
+    fitted on the training fold is still defined."""
     source = test_time[test_event] if np.any(test_event) else test_time
-    candidates = np.unique(np.percentile(source, np.linspace(10, 80, n_times)))
+    if grid is not None:
+        candidates = np.unique(np.asarray(grid, dtype=float))
+    else:
+        candidates = np.unique(np.percentile(source, np.linspace(10, 80, n_times)))
     upper = min(float(np.max(test_time)), float(np.max(train_time)))
-    return candidates[(candidates >= float(np.min(test_time))) & (candidates < upper)]
+    return candidates[(candidates >= float(np.min(source))) & (candidates < upper)]
 
 
 def survival_metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
-                     survival: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+                     survival: Callable[[np.ndarray], np.ndarray] | None = None,
+                     grid: np.ndarray | None = None) -> dict[str, Any]:
     """Harrell's C, Uno's C (tau = the last evaluation time), mean cumulative/dynamic AUC and the
     integrated Brier score of one test fold; an undefined metric is NaN and its reason is in
     ``note`` (never an exception).
@@ -85,6 +103,7 @@ def survival_metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
         y_train, y_test: structured (event, time) arrays (``sksurv.util.Surv.from_arrays``).
         risk: test risk scores, higher = earlier event.
         survival: times -> S(t | x) of the test rows, (n_test, len(times)); None skips the IBS.
+        grid: the cohort's evaluation times (``cohort_times``); None takes them from this fold.
     """
     event_field, time_field = y_test.dtype.names
     test_event = y_test[event_field].astype(bool)
@@ -103,7 +122,7 @@ def survival_metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
         result["harrell_c"] = float(concordance_index_censored(test_event, test_time, risk)[0])
     except (ValueError, ZeroDivisionError) as error:
         notes.append(f"harrell_c: {error}")
-    times = evaluation_times(train_time, test_time, test_event)
+    times = evaluation_times(train_time, test_time, test_event, grid=grid)
     if times.size == 0:
         notes.append("no evaluation time inside both training and test follow-up: uno_c, auc, ibs undefined")
         return {**result, "note": "; ".join(notes)}
@@ -156,6 +175,7 @@ def cross_validate(cohort: Cohort, models: Sequence[str], folds: np.ndarray,
     """Fit and score every model on every fold; all models see exactly the same folds."""
     folds = np.asarray(folds)
     fold_rows, risk_rows, group_rows = [], [], []
+    grid = cohort_times(cohort.time, cohort.event)
     jobs = [(k, name) for k in np.unique(folds) for name in models]
     for k, name in progress(jobs, desc="prognosis cross-validation", total=len(jobs)):
         test = np.flatnonzero(folds == k)
@@ -171,7 +191,7 @@ def cross_validate(cohort: Cohort, models: Sequence[str], folds: np.ndarray,
                 log.warning("prognosis: %s failed on fold %d: %s", name, k, error)
                 fit, metrics = None, {**{m: math.nan for m in METRICS}, "note": f"fit failed: {error}"}
             else:
-                metrics = survival_metrics(y_train, y_test, fit.risk_test, fit.survival)
+                metrics = survival_metrics(y_train, y_test, fit.risk_test, fit.survival, grid)
         note = "; ".join(n for n in (metrics.pop("note"), center_note) if n)
         fold_rows.append({"model": name, "fold": int(k), **metrics, "note": note})
         risk_test = fit.risk_test if fit is not None else np.full(len(test), math.nan)

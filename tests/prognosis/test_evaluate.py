@@ -229,3 +229,25 @@ def test_a_test_event_at_the_last_training_time_keeps_every_metric():
     # Uno's C and the Brier score are those of sksurv on the uncapped outcomes.
     assert metrics["uno_c"] == pytest.approx(concordance_index_ipcw(y_train, y_test, risk, tau=times.max())[0])
     assert metrics["ibs"] == pytest.approx(integrated_brier_score(y_train, y_test, survival(times), times))
+
+
+def test_every_fold_is_scored_on_the_cohorts_time_grid():
+    """Per-fold percentiles would score each fold at its own horizon; one cohort grid, clipped per fold."""
+    from sksurv.util import Surv
+
+    time = np.arange(1.0, 41.0)
+    event = np.ones(40, dtype=bool)
+    grid = ev.cohort_times(time, event)
+    assert len(grid) == 16 and grid.min() >= np.percentile(time, 10) and grid.max() <= np.percentile(time, 80)
+    early, late = np.arange(0, 40, 2), np.arange(1, 40, 2)  # two folds with shifted event times
+    train_of = {"early": late, "late": early}
+    times = {name: ev.evaluation_times(time[train_of[name]], time[test], event[test], grid=grid)
+             for name, test in (("early", early), ("late", late))}
+    assert np.array_equal(times["early"], times["late"])  # both follow-ups span the grid
+    assert not np.array_equal(ev.evaluation_times(time[late], time[early], event[early]),
+                              ev.evaluation_times(time[early], time[late], event[late]))
+    y_train, y_test = Surv.from_arrays(event[late], time[late]), Surv.from_arrays(event[early], time[early])
+    risk = -time[early]
+    metrics = ev.survival_metrics(y_train, y_test, risk, lambda t: np.exp(-np.outer(np.ones(len(early)), t) / 20),
+                                  grid=grid)
+    assert metrics["uno_c"] == pytest.approx(1.0) and np.isfinite(metrics["ibs"])
