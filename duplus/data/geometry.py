@@ -5,6 +5,8 @@ Both preprocessing and the restore step use these, so a prediction maps back ont
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Sequence
 
 import numpy as np
@@ -80,6 +82,18 @@ def target_grid(image: sitk.Image, spacing: Sequence[float]) -> dict[str, Any]:
         new_size = np.maximum(1, np.round((corners.max(axis=0) - origin) / new).astype(int) + 1)
     return {"size": [int(s) for s in new_size], "spacing": [float(s) for s in new],
             "origin": [float(o) for o in origin], "direction": list(IDENTITY)}
+
+
+def with_edge_margin(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
+    """``image`` with its outer voxels repeated for one target voxel (``spacing``, mm) beyond each face.
+
+    ``target_grid`` sizes its grid so that every voxel centre lies inside it, so the grid's last
+    point can lie up to a target voxel past the last centre: outside the image, where resampling
+    would write the padding value (air), and a structure touching the field of view would lose
+    its edge voxels when a mask predicted there is restored. Physical positions are unchanged.
+    """
+    reach = [int(math.ceil(float(new) / float(old))) for new, old in zip(spacing, image.GetSpacing())]
+    return sitk.ZeroFluxNeumannPad(image, reach, reach)
 
 
 def resample(image: sitk.Image, geometry: dict[str, Any], interpolation: str, default: float = 0.0,

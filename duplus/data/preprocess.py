@@ -67,12 +67,13 @@ def transform_case(image: sitk.Image, label: sitk.Image | None, modality: str, o
     image_lps = geo.reorient_lps(image)
     grid = geo.target_grid(image_lps, options["spacing"])
     low = float(sitk.GetArrayViewFromImage(image_lps).min())
-    resampled = geo.resample(image_lps, grid, options.get("interpolation", "linear"), default=low,
-                             pixel=sitk.sitkFloat32)
+    resampled = geo.resample(geo.with_edge_margin(image_lps, grid["spacing"]), grid,
+                             options.get("interpolation", "linear"), default=low, pixel=sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(resampled)
     label_array = None
     if label is not None:
-        label_lps = geo.resample(geo.reorient_lps(label), grid, "nearest", 0, label.GetPixelID())
+        label_lps = geo.resample(geo.with_edge_margin(geo.reorient_lps(label), grid["spacing"]), grid, "nearest", 0,
+                                 label.GetPixelID())
         label_array = sitk.GetArrayFromImage(label_lps)
         if label_array.size and (label_array.min() < 0 or label_array.max() > 255):
             raise DataError(f"label values must lie in 0..255 to be stored as uint8, found {label_array.max()}")

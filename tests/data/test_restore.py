@@ -107,3 +107,26 @@ def test_the_last_original_slice_survives_resampling_and_restore() -> None:
     restored = sitk.GetArrayFromImage(restore_to_original(label_array, meta, is_label=True))
     assert restored.shape == (100, 12, 12)
     assert restored.all(), f"slices lost: {np.flatnonzero(~restored.all(axis=(1, 2))).tolist()}"
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, 1, 0, 0, 0, -1)])
+def test_tissue_touching_the_field_of_view_keeps_its_edge_voxels(direction) -> None:
+    """The coarse grid reaches past the last voxel centre; there it must see the edge, not air.
+
+    Tissue fills the scan but five air columns; a mask of "not air" predicted on the 6 mm grid and
+    restored must cover every tissue voxel up to the far faces (before, the last 3 slices and
+    the last 2 columns came back empty).
+    """
+    values = np.random.default_rng(0).normal(40.0, 10.0, (12, 50, 107)).astype(np.float32)
+    values[:, :, :5] = -1000.0
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((1.0, 1.0, 1.0))
+    image.SetDirection(direction)
+    array, meta = prepare_image(image, "CT", {"preprocess": {"spacing": [6.0, 6.0, 6.0]}})
+    tissue = (array > array.min() + 1e-3).astype(np.uint8)
+    restored = sitk.GetArrayFromImage(restore_to_original(tissue, meta, is_label=True)).astype(bool)
+    truth = values > -500
+    away_from_air = truth.copy()
+    away_from_air[:, :, :11] = False  # the air/tissue border blurs at 6 mm; the far faces must not
+    assert restored[away_from_air].all(), f"{int((~restored & away_from_air).sum())} tissue voxels restored as air"
+    assert _dice(restored, truth) > 0.97
