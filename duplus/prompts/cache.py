@@ -300,9 +300,15 @@ def ensure_prompts(cache_path: str | os.PathLike, texts: Iterable[str],
             return existing
         resolved = encoder if hasattr(encoder, "encode") else encoder()
         if existing is not None and not same_encoder(existing.encoder_identity, resolved.identity):
+            same_name = str(existing.encoder_identity or "").rpartition("@")[0] == resolved.identity.rpartition("@")[0]
+            why = ("the same encoder with other weights or settings (pooling, normalize, max_length, or a "
+                   "duplus version that reads them differently)" if same_name else "another encoder")
             raise PromptError(
-                f"prompt cache {path} was made by {existing.encoder_identity} but the text encoder is "
-                f"{resolved.identity}; use the prompts.source the model was trained with"
+                f"prompt cache {path} was made by {existing.encoder_identity} but the text encoder here is "
+                f"{resolved.identity}: {why}, whose embeddings the model was not trained on; the prompts "
+                f"{', '.join(repr(t) for t in missing[:3])}{' ...' if len(missing) > 3 else ''} are not in the "
+                "cache. Use the prompts settings and weights the model was trained with, or only prompts the cache "
+                "holds"
             )
         encoded = resolved.encode(missing, batch_size=batch_size)
         present.update({text: encoded[i] for i, text in enumerate(missing)})

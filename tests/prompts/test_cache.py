@@ -243,8 +243,11 @@ def test_ensure_prompts_adds_free_text_and_loads_the_encoder_only_when_needed(pa
 
 def test_ensure_prompts_refuses_another_encoder(path, fake_encoder):
     build_prompt_cache(TEXTS, fake_encoder, path)
-    with pytest.raises(PromptError, match="fake@000000000000.*other@222222222222"):
+    with pytest.raises(PromptError, match="fake@000000000000.*other@222222222222: another encoder.*'A new prompt.'"):
         ensure_prompts(path, ["A new prompt."], FakeEncoder(identity="other@222222222222"))
+    # Same name, other hash: not "use another source" but other weights or settings of this one.
+    with pytest.raises(PromptError, match="same encoder with other weights or settings"):
+        ensure_prompts(path, ["A new prompt."], FakeEncoder(identity="fake@333333333333"))
 
 
 def test_ensure_prompts_on_a_read_only_cache_keeps_new_prompts_in_memory(path, fake_encoder, monkeypatch, caplog):
