@@ -53,7 +53,7 @@ def crop_start(rng: np.random.Generator, size: int, patch: int, centre: int | No
 
 
 def extract(volume: np.ndarray, start: Sequence[int], patch: Sequence[int], fill: float | None) -> np.ndarray:
-    """Copy ``volume[start:start+patch]``, padding outside the volume (``fill=None``: crop minimum)."""
+    """Copy ``volume[start:start+patch]``, padding outside the volume with ``fill`` (None: the crop's minimum)."""
     src, dst = [], []
     for lo, p, size in zip(start, patch, volume.shape):
         s0, s1 = max(lo, 0), min(lo + p, size)
@@ -113,6 +113,7 @@ class PatchSampler:
             for c in cases
         }
         self._locations: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+        self._floors: dict[tuple[str, str], float] = {}
 
     def all_texts(self) -> list[str]:
         """Every context and target text a sample can carry (to look up before training starts)."""
@@ -147,6 +148,14 @@ class PatchSampler:
             raise DataError(f"{path}: shape {array.shape} differs from the manifest's {record.shape}")
         return array
 
+    def _floor(self, record: CaseRecord, volume: np.ndarray) -> float:
+        """The case's lowest value, once per case and process: what inference pads a volume with
+        (``duplus.evaluate.stitching``); a crop's own minimum is tissue when the crop lies in the body."""
+        key = (record.dataset, record.case)
+        if key not in self._floors:
+            self._floors[key] = float(np.min(volume))
+        return self._floors[key]
+
     def sample(self, seed: int, step: int, index: int) -> dict[str, Any]:
         """The ``index``-th sample of optimizer step ``step``: a pure function of its arguments."""
         rng = np.random.default_rng([int(seed), int(step), int(index)])
@@ -160,7 +169,9 @@ class PatchSampler:
                 points = locations[label_id]
                 centre = tuple(int(v) for v in points[int(rng.integers(len(points)))])
         start = [crop_start(rng, size, p, c) for size, p, c in zip(record.shape, self.patch_size, centre)]
-        image = extract(self._load(record.image, record), start, self.patch_size, fill=None)
+        volume = self._load(record.image, record)
+        pads = any(lo < 0 or lo + p > n for lo, p, n in zip(start, self.patch_size, record.shape))
+        image = extract(volume, start, self.patch_size, fill=self._floor(record, volume) if pads else None)
         label = extract(self._load(record.label, record), start, self.patch_size, fill=0)
         classes = record.classes
         target = masks_from_label(label, record.label_map, classes)

@@ -239,3 +239,21 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(store, config)
     two_loss, two = gradients([collate_patches([s]) for s in samples])
     assert torch.allclose(one_loss, two_loss, atol=1e-6)
     assert len(one) == len(two) and all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(one, two))
+
+
+def test_a_patch_overhanging_its_volume_is_padded_with_the_volumes_minimum(store, config):
+    """As inference pads (stitching): the crop's own minimum would be tissue when the crop lies in the body."""
+    sampler = _sampler(store, config, augment_patches=False)
+    checked = 0
+    for index in range(60):
+        sample = sampler.sample(0, 0, index)
+        record = next(c for c in sampler.by_dataset[sample["dataset"]] if c.case == sample["case"])
+        if record.shape[0] >= PATCH[0]:
+            continue  # only the 12-slice cases overhang a 16-slice patch
+        image = sample["image"][0].numpy()
+        # A slice of the (noisy) volume is never constant; a padded one is.
+        padded = [z for z in range(PATCH[0]) if np.all(image[z] == image[z].flat[0])]
+        assert len(padded) == PATCH[0] - record.shape[0]
+        assert {float(image[z].flat[0]) for z in padded} == {float(np.load(record.image).min())}
+        checked += 1
+    assert checked
