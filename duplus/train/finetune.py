@@ -23,6 +23,7 @@ from duplus.progress import progress
 from duplus.runtime import RssPeak
 from duplus.train.batches import TextTable, batch_loss
 from duplus.train.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from duplus.train.divergence import DivergenceWatch
 from duplus.train.interrupt import StopFlag, TrainingInterrupted
 from duplus.train.optim import GRAD_CLIP, build_optimizer, warmup_cosine
 from duplus.train.sampling import PatchSampler, make_loader, workers_closed
@@ -146,6 +147,7 @@ def _train(model: nn.Module, sampler: PatchSampler, table: TextTable, optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     loader = make_loader(sampler, seed, batch_size, 1, start, steps, num_workers=num_workers,
                          pin_memory=device.type == "cuda")
+    watch = DivergenceWatch(device, enabled=not scaler.is_enabled())
     model.train()
     # Without a checkpoint folder SIGTERM keeps its default: there is nothing to stop cleanly into.
     with StopFlag(signals=() if folder is None else (signal.SIGTERM,)) as stop, \
@@ -158,7 +160,7 @@ def _train(model: nn.Module, sampler: PatchSampler, table: TextTable, optimizer:
             loss = batch_loss(model, next(batches), table, amp)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP, foreach=True)
+            watch.record(done, torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP, foreach=True))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -167,9 +169,11 @@ def _train(model: nn.Module, sampler: PatchSampler, table: TextTable, optimizer:
             if folder is None:
                 continue
             if (checkpoint_every > 0 and done % checkpoint_every == 0) or done == steps or stop.requested:
+                watch.check(desc, folder)
                 checkpoint(done)
             if stop.requested:
                 # Also after the last step: the job's next phase (an evaluation) would not stop.
                 raise TrainingInterrupted(f"{desc} stopped at step {done} of {steps}; checkpoint in {folder}, "
                                           "rerun to resume")
+    watch.check(desc, folder)
     model.eval()

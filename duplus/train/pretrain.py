@@ -26,6 +26,7 @@ from duplus.train import distributed
 from duplus.train.batches import TextTable, accumulated_loss, open_prompt_cache
 from duplus.train.cases import preprocessed_sha256, pretraining_cases
 from duplus.train.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from duplus.train.divergence import DivergenceWatch
 from duplus.train.ema import EMA
 from duplus.train.interrupt import StopFlag, TrainingInterrupted
 from duplus.train.optim import GRAD_CLIP, build_optimizer, resolve_amp, warmup_cosine
@@ -232,6 +233,7 @@ def _train(
     scheduler = warmup_cosine(optimizer, settings.warmup_steps, settings.steps, settings.lr_cycles)
     ema = EMA(model, settings.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    watch = DivergenceWatch(device, enabled=not scaler.is_enabled())
     running = torch.zeros((), device=device)
     rows: list[dict[str, Any]] = []
     start, seconds_before, micro_batches = 0, 0.0, 0
@@ -240,6 +242,7 @@ def _train(
     resumed = load_latest_checkpoint(folder)
     if resumed is not None and not _check_resumable(folder, resumed[1]["run"], identity, resumed[0]):
         resumed = None
+        distributed.barrier(ranks)  # every rank has read the folder before rank 0 empties it
         if ranks.main:
             shutil.rmtree(folder)
         distributed.barrier(ranks)  # no rank reads the folder while rank 0 empties it
@@ -308,7 +311,7 @@ def _train(
             running += loss * settings.grad_accum  # stays on the device: no per-step host sync
             micro_batches += settings.grad_accum
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
+            watch.record(step + 1, torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -318,6 +321,7 @@ def _train(
             bar.update(1)
             at_log = done % settings.log_every == 0 or done == settings.steps
             if at_log:
+                watch.check(desc, folder)
                 total = distributed.all_reduce_sum(running.clone(), ranks) / ranks.world
                 mean = (total / max(micro_batches, 1)).item()  # the only sync, every log_every steps
                 rows.append({"step": done, "loss": mean, "lr": lr,
@@ -331,6 +335,7 @@ def _train(
             # gives its workers between forwarding SIGTERM and killing them.
             stopping = distributed.any_rank(stop.requested, ranks)
             if done % settings.checkpoint_every == 0 or done == settings.steps or stopping:
+                watch.check(desc, folder)
                 checkpoint(done)
             if stopping and done < settings.steps:
                 raise TrainingInterrupted(
