@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         # `duplus list-classes | head`: the reader has gone; stop quietly, as other shell tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's own choice, not a failure to debug: one line, and the shell's
+        # status for SIGINT (128 + 2). Writes are atomic, so no partial file is left behind.
+        print("duplus: interrupted", file=sys.stderr)
+        return 130
 
 
 def _main(argv: list[str] | None) -> int:

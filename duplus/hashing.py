@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Sequence
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -14,6 +15,19 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_files(paths: Sequence[str | os.PathLike]) -> str:
+    """Hex sha256 of the files one image is made of.
+
+    One file: its plain ``sha256_file`` (what ``sha256sum`` prints). Several (a .mhd/.nhdr header and
+    its data, a DICOM series): sha256 over "<file name> <sha256>" lines in the order given, so a
+    changed, added, removed or renamed file changes it, and moving the folder does not.
+    """
+    files = [Path(p) for p in paths]
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return sha256_text("".join(f"{path.name} {sha256_file(path)}\n" for path in files))
 
 
 def md5_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

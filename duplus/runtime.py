@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import resource
 import sys
 import threading
@@ -26,17 +27,33 @@ def setup_logging(log_path: str | None = None, level: int = logging.INFO) -> Non
     logging.captureWarnings(True)
 
 
+# The devices a run may ask for. torch.device() takes many more ("meta", "mps", "xpu"), which
+# either fail deep inside inference or silently produce no data; "gpu" it refuses with a bare RuntimeError.
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
 def resolve_device(name: str = "auto") -> "torch.device":  # noqa: F821
-    """``auto`` picks CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:1`` are taken as given."""
+    """``auto`` picks CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:1`` (any case) are taken as given.
+
+    Raises ``ConfigError`` for any other name, and for a CUDA device torch cannot see.
+    """
     import torch
 
     from duplus.errors import ConfigError
 
-    if name == "auto":
+    key = str(name).strip().lower()
+    if not _DEVICE.match(key):
+        raise ConfigError(f"device '{name}': expected one of {DEVICE_CHOICES} (case does not matter)")
+    if key == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if key.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' was asked for but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+    device = torch.device(key)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' was asked for but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                          f"(valid cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 def configure_kernels(device: "torch.device", deterministic: bool = False) -> None:  # noqa: F821

@@ -1,13 +1,14 @@
 """`duplus segment`: segment one scan with free-text class prompts; masks land on exactly the input grid.
 
-Reads NIfTI/NRRD or a DICOM folder, preprocesses as in training, runs sliding-window inference, restores.
+Reads NIfTI/NRRD/MHA or a DICOM folder, preprocesses as in training, runs sliding-window inference,
+restores. The output folder (names, format, stale files, writing) is :mod:`duplus.segment_outputs`;
+checks of options and scan are :mod:`duplus.segment_checks`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,15 @@ import numpy as np
 
 from duplus import __version__
 from duplus.errors import ConfigError, DataError, DuplusError, ModelError
+from duplus.segment_checks import warn_if_ct_like, warn_if_not_ct_like  # noqa: F401 - part of this module's API
+from duplus.segment_outputs import (  # noqa: F401 - part of this module's API
+    FORMATS,
+    check_outputs,
+    output_names,
+    overlap_notes,
+    safe_name,
+    write_masks,
+)
 
 log = logging.getLogger("duplus.segment")
 
@@ -30,14 +40,18 @@ def default_paths(config: Mapping[str, Any]) -> tuple[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `duplus segment`."""
-    parser.add_argument("-i", "--input", required=True, help="NIfTI/NRRD file or a folder holding one DICOM series")
-    parser.add_argument("-o", "--output", required=True, help="output folder (created)")
+    parser.add_argument("-i", "--input", required=True, help="NIfTI/NRRD/MHA file or a folder holding one DICOM series")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output folder (created); files an earlier run's report.json there lists are replaced")
+    parser.add_argument("--format", default=None, choices=FORMATS,
+                        help="mask file format (default: the input's: NIfTI stays .nii.gz, NRRD .nrrd, MetaImage .mha, "
+                             "a DICOM folder gets .nrrd, which keeps its geometry exactly)")
     parser.add_argument("--prompts", default=None, help='classes to segment, comma-separated: "liver, liver tumor"')
     parser.add_argument("--modality", required=True, help="CT, MRI (MR) or PET")
     parser.add_argument("--channel", type=int, default=None,
                         help="volume to segment of a 4-D image (or component of a vector image), from 0")
     parser.add_argument("--region", default=None, help="body region of the context prompt (default: the first class's region)")
-    parser.add_argument("--sequence", default=None, help="MRI sequence, e.g. T1, T2 (changes the prompts)")
+    parser.add_argument("--sequence", default=None, help="MRI sequence, e.g. T1, T2 (changes the prompts; MRI only)")
     parser.add_argument("--weights", default=None,
                         help="model .safetensors (default: <paths.results>/pretrain/model.safetensors of the config)")
     parser.add_argument("--sha256", default=None, help="refuse weights whose sha256 differs from this")
@@ -45,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset-classes", default=None, metavar="NAME",
                         help="segment every class of this dataset (see `duplus list-datasets`)")
     parser.add_argument("--multilabel", action="store_true", help="one label image + labels.json instead of one mask per class")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (any case)")
     parser.add_argument("--prompt-cache", default=None,
                         help="prompt embedding cache, read only (default: <paths.results>/prompts/<prompts.encoder>"
                              ".safetensors of the config); prompts it lacks are encoded for this run")
@@ -61,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             weights=args.weights, sha256=args.sha256, adapter=args.adapter,
             dataset_classes=args.dataset_classes, multilabel=args.multilabel, device=args.device,
             prompt_cache=args.prompt_cache, config=load_config(args.config), threshold=args.threshold,
-            channel=args.channel,
+            channel=args.channel, mask_format=args.format,
         )
     except DuplusError as error:
         print(f"duplus: error: {error}", file=sys.stderr)
@@ -90,11 +104,6 @@ def load_config(path: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{candidate}: expected a mapping at the top level")
     return data
-
-
-def safe_name(name: str) -> str:
-    """File-name form of a class: "liver tumor" -> "liver_tumor"."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "class"
 
 
 def resolve_prompts(prompts: str | Sequence[str] | None, modality: str, sequence: str | None,
@@ -176,15 +185,24 @@ def segment_image(
     config: Mapping[str, Any] | None = None,
     threshold: float | None = None,
     channel: int | None = None,
+    mask_format: str | None = None,
 ) -> dict[str, Any]:
-    """Segment ``image`` for the prompted classes; returns the run report (also written as JSON)."""
+    """Segment ``image`` for the prompted classes; returns the run report (also written as JSON, last).
+
+    Masks are written as ``mask_format`` (one of ``FORMATS``; default: the input's format, see
+    :func:`duplus.segment_outputs.output_format`). Files an earlier run's report in ``out_dir``
+    lists and this run does not write are removed, as is that report, before the masks are written.
+    """
     from duplus.atomic import write_json
-    from duplus.data.io import read_image
+    from duplus.data.io import read_image_files
     from duplus.data.preprocess import prepare_image
     from duplus.evaluate.inference import inference_settings, predict_masks
-    from duplus.hashing import sha256_file
+    from duplus.hashing import sha256_files
     from duplus.model import MODALITIES, modality_index, with_trained_window
     from duplus.runtime import configure_kernels, resolve_device
+    from duplus.segment_checks import (check_dataset_modality, check_sequence, warn_if_unknown_region,
+                                       warn_if_wrong_modality)
+    from duplus.segment_outputs import output_format, prepare_folder, previous_outputs, remove_stale
 
     config = dict(config or {})
     default_weights, default_cache = default_paths(config)  # the run's own files unless given
@@ -197,6 +215,9 @@ def segment_image(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     modality_name = MODALITIES[modality_index(modality)]
+    torch_device = resolve_device(device)  # a misspelt --device fails here, not after the scan is read
+    fmt = output_format(image, mask_format)
+    check_sequence(sequence, modality_name)
     spec_region, classes_of_dataset = None, []
     if dataset_classes:
         from duplus.data.registry import get_dataset
@@ -206,24 +227,32 @@ def segment_image(
         except ConfigError as error:
             raise ConfigError(f"--dataset-classes {dataset_classes}: {error} (a dataset of your own is read from "
                               "--config, default ./config.yaml: give the config that declares it)") from None
+        check_dataset_modality(dataset_classes, spec.modality, modality_name)
         classes_of_dataset = list(dict.fromkeys(spec.labels[k] for k in sorted(spec.labels)))
         spec_region, sequence = spec.region, sequence or spec.sequence
     resolved = resolve_prompts(prompts, modality_name, sequence, classes_of_dataset)
-    # As the registry spells regions (lower case), so the context prompt is the one trained on.
-    region = " ".join((region or default_region(resolved, spec_region)).split()).lower()
+    if region:
+        # As the registry spells regions (lower case), so the context prompt is the one trained on.
+        region = " ".join(region.split()).lower()
+        warn_if_unknown_region(region, config)
+    else:
+        region = " ".join(default_region(resolved, spec_region).split()).lower()
     sequence = " ".join(sequence.split()) if sequence else sequence
 
     names = [item[1] or item[0] for item in resolved]
-    check_outputs(image, out_dir, output_names(names, multilabel))  # before any work: never over the input
-    scan = read_image(image, channel)  # DataError naming the file: missing, unreadable, 4-D, NaN
+    files = output_names(names, multilabel, fmt)
+    check_outputs(image, out_dir, files)  # before any work: never over the input
+    scan, sources = read_image_files(image, channel)  # DataError naming the file: missing, unreadable, 4-D, NaN
     direction = np.asarray(scan.GetDirection(), dtype=float).reshape(3, 3)
     if not np.allclose(direction @ direction.T, np.eye(3), atol=1e-4):
         raise DataError(f"{image}: the scan's grid is sheared (its direction matrix is not orthonormal, e.g. a CT "
-                        "gantry tilt); NIfTI masks cannot hold that grid, so resample the scan onto an orthogonal "
-                        "grid first")
-    warn_if_ct_like(scan, modality_name, image)
-    input_sha256 = sha256_file(image) if Path(image).is_file() else None
-    torch_device = resolve_device(device)
+                        "gantry tilt); preprocessing and restoring assume an orthogonal grid, so resample the scan "
+                        "onto one first")
+    # Only once the scan is known good: a mistyped -i must not create folders or touch an earlier run.
+    out = prepare_folder(out_dir)
+    previous = previous_outputs(out)
+    warn_if_wrong_modality(scan, modality_name, image)
+    input_sha256 = sha256_files(sources)
     configure_kernels(torch_device, bool(config.get("deterministic", False)))
     model, sidecar = _load_network(weights, sha256, adapter, torch_device)
     timings["load_model"] = time.perf_counter() - started
@@ -251,7 +280,8 @@ def segment_image(
     timings["predict"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    outputs = write_masks(Path(out_dir), masks, meta, names, multilabel)
+    remove_stale(out, previous, files, image)
+    outputs = write_masks(out, masks, meta, names, multilabel, fmt)
     timings["restore_and_write"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
 
@@ -268,9 +298,10 @@ def segment_image(
         "threshold": cut, "window": list(settings["roi"]), "device": str(torch_device),
         "outputs": outputs,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "input_sha256": input_sha256, "channel": channel,
+        # One file: its sha256; a .mhd/.nhdr header and its data, or a DICOM series: see sha256_files.
+        "input_sha256": input_sha256, "input_files_hashed": len(sources), "channel": channel, "format": fmt,
     }
-    report_path = Path(out_dir) / "report.json"
+    report_path = out / "report.json"
     report["report"] = str(report_path)
     write_json(report_path, report)
     return report
@@ -294,106 +325,3 @@ def _adapter_hash(adapter: str | None) -> str | None:
     from duplus.hashing import sha256_tree
 
     return sha256_tree(adapter) if adapter and Path(adapter).is_dir() else None
-
-
-def output_names(names: list[str], multilabel: bool) -> list[str]:
-    """The files ``write_masks`` writes for these classes (``report.json`` comes beside them)."""
-    if multilabel:
-        return ["labels.nii.gz", "labels.json"]
-    files, used = [], set()
-    for name in names:
-        stem = safe_name(name)
-        while stem in used:  # two phrases resolving to one class keep both files
-            stem += "_"
-        used.add(stem)
-        files.append(f"{stem}.nii.gz")
-    return files
-
-
-def check_outputs(image: str | Path, out_dir: str | Path, files: list[str]) -> None:
-    """Refuse an output that would replace the input scan, or land inside its DICOM folder."""
-    source = Path(image).resolve()
-    out = Path(out_dir).resolve()
-    if source.is_dir() and (out == source or source in out.parents):
-        raise ConfigError(f"--output {out_dir} is inside the input DICOM folder {image}; choose another folder")
-    for name in [*files, "report.json"]:
-        if (out / name).resolve() == source:
-            raise ConfigError(f"--output {out_dir} would overwrite the input {image} with {name}; "
-                              "choose another output folder")
-
-
-def warn_if_ct_like(scan: Any, modality: str, image: str | Path) -> bool:
-    """Warn when an MRI or PET scan holds air-like Hounsfield units: a CT given the wrong --modality.
-
-    The network is steered by the modality's prompt and normalisation, so a CT run as MRI or PET
-    comes out as empty or wrong masks with no error. MRI and PET intensities are not negative
-    (beyond small reconstruction noise); a CT's air is about -1000 HU.
-    """
-    import SimpleITK as sitk
-
-    if modality == "CT":
-        return False
-    values = sitk.GetArrayViewFromImage(scan)
-    sample = values.ravel()[:: max(1, values.size // 1_000_000)]  # a million voxels decide
-    if sample.size and float(np.percentile(sample, 5)) < -500.0:
-        log.warning("%s: 5 %% of its voxels are below -500, as air is in a CT (Hounsfield units); an %s scan has no "
-                    "such values: is --modality %s right?", image, modality, modality)
-        return True
-    return False
-
-
-def overlap_notes(names: list[str], predicted: list[int], kept: list[int]) -> list[str]:
-    """One line per class that a one-label-per-voxel image shows smaller than it was predicted.
-
-    Classes may overlap (kidney and right kidney, liver and liver tumor); in ``labels.nii.gz`` the
-    smaller is drawn over the larger, so the larger keeps only part of its voxels there.
-    """
-    return [f"labels.nii.gz: '{name}' keeps {kept[k]} of its {predicted[k]} voxels; the rest is drawn as smaller "
-            "classes that overlap it (one label per voxel; without --multilabel every class gets its own mask)"
-            for k, name in enumerate(names) if kept[k] < predicted[k]]
-
-
-def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str], multilabel: bool) -> list[str]:
-    """Restore [K, Z, Y, X] preprocessed-grid masks to the input grid and write them; returns file names.
-
-    ``masks[k]`` is class k (a bool array or ``PackedMasks``); one class is restored at a time, so
-    memory holds one full-resolution mask (plus the label map), not K of them.
-    """
-    import SimpleITK as sitk
-
-    from duplus.atomic import write_json
-    from duplus.data.io import write_image
-    from duplus.data.restore import restore_to_original
-    from duplus.evaluate.packed import PackedMasks
-
-    out.mkdir(parents=True, exist_ok=True)
-
-    def restored(k: int) -> sitk.Image:
-        if isinstance(masks, PackedMasks):  # boundary probabilities interpolated where they were kept
-            return masks.restored(k, meta)
-        return restore_to_original(np.asarray(masks[k], dtype=np.uint8), meta, is_label=True)
-
-    files = output_names(names, multilabel)
-    if not multilabel:
-        for k, file in enumerate(files):
-            write_image(restored(k), out / file)
-        return files
-    sizes = [int(np.count_nonzero(masks[k])) for k in range(len(names))]
-    label, reference, predicted = None, None, [0] * len(names)
-    # Larger structures first, so a lesion inside its organ (liver tumor in liver) stays visible.
-    for k in sorted(range(len(names)), key=lambda i: -sizes[i]):
-        image = restored(k)
-        if label is None:
-            label = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8 if len(names) < 256 else np.uint16)
-            reference = image
-        inside = sitk.GetArrayViewFromImage(image) > 0
-        predicted[k] = int(np.count_nonzero(inside))
-        label[inside] = k + 1
-    kept = np.bincount(label.ravel(), minlength=len(names) + 1)[1:]
-    for line in overlap_notes(names, predicted, [int(v) for v in kept]):
-        log.warning(line)
-    image = sitk.GetImageFromArray(label)
-    image.CopyInformation(reference)
-    write_image(image, out / "labels.nii.gz")
-    write_json(out / "labels.json", {"0": "background", **{str(k + 1): name for k, name in enumerate(names)}})
-    return ["labels.nii.gz", "labels.json"]

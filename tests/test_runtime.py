@@ -71,3 +71,14 @@ def test_each_phase_gets_its_own_peak_not_the_process_high_water_mark():
     assert big.mb - small.mb > 200, (big.mb, small.mb)
     assert peak_rss_mb() >= big.mb - 1  # the high-water mark still remembers the big phase
     assert small.mb > 10  # a real reading: the interpreter and torch are resident
+
+
+@pytest.mark.parametrize("name", ["gpu", "meta", "cuda:x", "cpu:0", ""])
+def test_a_device_name_outside_the_choices_is_refused_with_them(name):
+    with pytest.raises(ConfigError, match=r"expected one of auto, cpu, cuda, cuda:N"):
+        resolve_device(name)
+
+
+def test_device_names_are_read_case_insensitively():
+    assert resolve_device("CPU") == torch.device("cpu")
+    assert resolve_device(" Auto ").type in ("cpu", "cuda")

@@ -9,51 +9,14 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
+from segment_helpers import make_setup
 
 from duplus import segment
-from duplus.model import DuPLUS, ModelConfig, save_model
-
-TEXT_DIM = 4
-DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # RAS-like: not the LPS of the preprocessed grid
-
-
-class FakeCache:
-    dim = TEXT_DIM
-    encoder_identity = "fake@000"
-
-    def get(self, text):
-        return torch.full((TEXT_DIM,), float(len(text) % 7))
-
-    def get_many(self, texts):
-        return torch.stack([self.get(t) for t in texts])
 
 
 @pytest.fixture()
 def setup(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
-    array = np.zeros((10, 18, 20), np.float32)  # Z, Y, X
-    array[3:7, 5:13, 4:16] = 100.0
-    scan = sitk.GetImageFromArray(array)
-    scan.SetSpacing((1.5, 1.2, 3.0))
-    scan.SetOrigin((5.0, -3.0, 7.0))
-    scan.SetDirection(DIRECTION)
-    path = tmp_path / "scan.nii.gz"
-    sitk.WriteImage(scan, str(path))
-    torch.manual_seed(0)
-    weights = tmp_path / "model.safetensors"
-    sidecar = save_model(DuPLUS(ModelConfig.preset("tiny", text_dim=TEXT_DIM)), weights,
-                         {"text_encoder": "fake@000", "patch_size": [16, 16, 16]})
-
-    def resolve(prompts, modality, sequence, dataset_classes=()):
-        from duplus.prompts.catalog import split_free_text
-
-        return [(p, p if p in ("liver", "liver tumor") else None, f"A scan of a {p}.") for p in split_free_text(prompts or "")]
-
-    monkeypatch.setattr(segment, "resolve_prompts", resolve)
-    monkeypatch.setattr(segment, "prompt_embeddings", lambda path, texts, config, device: FakeCache())
-    config = {"preprocess": {"spacing": [2.0, 2.0, 2.0]}, "inference": {"overlap": 0.25, "sw_batch_size": 1}}
-    return {"scan": path, "image": sitk.ReadImage(str(path)), "weights": weights, "sha": sidecar["sha256"], "config": config}
+    return make_setup(tmp_path, monkeypatch)
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
@@ -192,3 +155,17 @@ def test_a_ct_run_as_mri_or_pet_is_warned_about(setup, caplog):
     assert not segment.warn_if_ct_like(ct, "CT", "scan.nii.gz")
     mri = sitk.GetImageFromArray(np.random.default_rng(0).uniform(-5, 800, (8, 8, 8)).astype(np.float32))
     assert not segment.warn_if_ct_like(mri, "MRI", "scan.nii.gz")
+
+
+def test_the_report_hashes_a_metaimage_header_with_its_data(setup, tmp_path):
+    from duplus.hashing import sha256_file, sha256_files
+
+    path = tmp_path / "scan.mhd"
+    sitk.WriteImage(setup["image"], str(path))  # scan.mhd names scan.raw, which holds the voxels
+    report = segment.segment_image(str(path), str(tmp_path / "out"), "liver", "CT", weights=str(setup["weights"]),
+                                   device="cpu", config=setup["config"])
+    assert report["input_sha256"] == sha256_files([path, tmp_path / "scan.raw"]) != sha256_file(path)
+    assert report["input_files_hashed"] == 2 and report["outputs"] == ["liver.mha"]
+    nifti = segment.segment_image(str(setup["scan"]), str(tmp_path / "out2"), "liver", "CT", device="cpu",
+                                  weights=str(setup["weights"]), config=setup["config"])
+    assert nifti["input_sha256"] == sha256_file(setup["scan"])  # one file: what sha256sum prints

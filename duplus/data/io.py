@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from duplus.atomic import atomic_path
+from duplus.data.image_files import image_files
 from duplus.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _check_slice_positions(folder: Path, planes: Sequence[Sequence[str]]) -> Non
                         "spacing")
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def _read_dicom_series(folder: Path) -> tuple[sitk.Image, list[Path]]:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise DataError(f"{folder}: folder holds no DICOM series (expected a NIfTI/NRRD/MHA file or DICOM files)")
@@ -113,7 +114,7 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     _check_slice_positions(folder, planes.get(chosen) or _plane_tags(files))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    return reader.Execute()
+    return reader.Execute(), [Path(file) for file in files]
 
 
 def _single_dicom_of_a_series(path: Path) -> int:
@@ -137,7 +138,8 @@ def _select_channel(image: sitk.Image, path: Path, channel: int | None) -> sitk.
             raise DataError(f"{path}: image has {components} components per voxel; expected a scalar 3-D image "
                             f"(set the dataset's channel, or --channel of duplus segment, to pick one)")
         if not 0 <= channel < components:
-            raise DataError(f"{path}: channel {channel} asked for but the image has {components} components")
+            raise DataError(f"{path}: channel {channel} asked for but the image has {components} components "
+                            f"(valid 0..{components - 1})")
         image = sitk.VectorIndexSelectionCast(image, channel)
     if image.GetDimension() == 4:
         frames = image.GetSize()[3]
@@ -147,7 +149,8 @@ def _select_channel(image: sitk.Image, path: Path, channel: int | None) -> sitk.
             raise DataError(f"{path}: image is 4-D with {frames} volumes, size {image.GetSize()}; expected a 3-D "
                             f"image (set the dataset's channel, or --channel of duplus segment, to pick one volume)")
         if not 0 <= channel < frames:
-            raise DataError(f"{path}: volume {channel} asked for but the 4-D image has {frames}")
+            raise DataError(f"{path}: volume {channel} asked for but the 4-D image has {frames} volumes "
+                            f"(valid 0..{frames - 1})")
         size = list(image.GetSize())
         size[3] = 0
         image = sitk.Extract(image, size, [0, 0, 0, channel])
@@ -224,7 +227,18 @@ def read_image(path: str | os.PathLike, channel: int | None = None) -> sitk.Imag
         DataError: naming ``path`` when the file is missing, unreadable or truncated, not 3-D,
             holds NaN/Inf, or has a non-positive spacing.
     """
-    path = Path(path)
+    return _read(Path(path), channel)[0]
+
+
+def read_image_files(path: str | os.PathLike, channel: int | None = None) -> tuple[sitk.Image, list[Path]]:
+    """:func:`read_image`, and the files the image was read from: the file itself, a .mhd/.nhdr header
+    then its voxel data file(s), or the DICOM series' files (sorted by name; scouts beside it left out)."""
+    image, series = _read(Path(path), channel)
+    return image, sorted(series) if series is not None else image_files(path)
+
+
+def _read(path: Path, channel: int | None) -> tuple[sitk.Image, list[Path] | None]:
+    """The checked image (see :func:`read_image`), and the DICOM files it was read from (None for an image file)."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
@@ -235,13 +249,13 @@ def read_image(path: str | os.PathLike, channel: int | None = None) -> sitk.Imag
             raise DataError(f"{path}: one file of a {slices}-slice DICOM series; give its folder {path.parent} "
                             "to read the whole volume")
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        image, series = _read_dicom_series(path) if path.is_dir() else (sitk.ReadImage(str(path)), None)
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reader error"
         raise DataError(f"{path}: cannot read the image (corrupt, truncated or not an image file): "
                         f"{first_line}") from None
     image = _select_channel(image, path, channel)
-    return check_image(image, path)
+    return check_image(image, path), series
 
 
 def read_header(path: str | os.PathLike) -> dict:

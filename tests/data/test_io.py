@@ -10,8 +10,10 @@ import pytest
 import SimpleITK as sitk
 
 from data_helpers import make_volume, write_dicom_series
-from duplus.data.io import read_image, write_image
+from duplus.data.image_files import image_files
+from duplus.data.io import read_image, read_image_files, write_image
 from duplus.errors import DataError
+from duplus.hashing import sha256_file, sha256_files
 
 
 def test_nifti_nrrd_mha_round_trip_geometry(tmp_path: Path) -> None:
@@ -61,8 +63,12 @@ def test_four_d_needs_a_channel(tmp_path: Path) -> None:
         read_image(path)
     frame = read_image(path, channel=2)
     assert np.array_equal(sitk.GetArrayFromImage(frame), sitk.GetArrayFromImage(volumes[2]))
-    with pytest.raises(DataError, match="volume 5 asked for"):
-        read_image(path, channel=5)
+    with pytest.raises(DataError, match=r"volume 3 asked for but the 4-D image has 3 volumes \(valid 0\.\.2\)"):
+        read_image(path, channel=3)
+    vector = sitk.Compose([volumes[0], volumes[1]])
+    sitk.WriteImage(vector, str(tmp_path / "vector.mha"))
+    with pytest.raises(DataError, match=r"channel 2 asked for but the image has 2 components \(valid 0\.\.1\)"):
+        read_image(tmp_path / "vector.mha", channel=2)
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "truncated_raw", "garbage", "two_d", "nan", "inf_mha",
@@ -158,3 +164,51 @@ def test_a_three_plane_localizer_beside_the_volume_is_not_a_second_volume(tmp_pa
         plane, _ = make_volume(shape_zyx=(1, 8, 9), spacing=(0.8, 0.8, 2.0), seed=k, direction=direction)
         write_dicom_series(plane, study, prefix=f"LOC{k}", series=9)
     assert read_image(study).GetSize() == image.GetSize()
+
+
+@pytest.mark.parametrize("header", ["scan.mhd", "scan.nhdr"])
+def test_a_detached_header_is_read_and_hashed_with_its_data_file(tmp_path: Path, header: str) -> None:
+    image, _ = make_volume()
+    changed = sitk.GetArrayFromImage(image)
+    changed[0, 0, 0] += 1  # another scan: same geometry, one voxel differs
+    other = sitk.GetImageFromArray(changed)
+    other.CopyInformation(image)
+    hashes = []
+    for folder, volume in (("a", image), ("b", other)):
+        (tmp_path / folder).mkdir()
+        sitk.WriteImage(volume, str(tmp_path / folder / header))
+        _, files = read_image_files(tmp_path / folder / header)
+        data = [p for p in (tmp_path / folder).iterdir() if p.name != header]
+        assert files == [tmp_path / folder / header, *data] and len(data) == 1
+        hashes.append(sha256_files(files))
+    assert (tmp_path / "a" / header).read_bytes() == (tmp_path / "b" / header).read_bytes()
+    assert hashes[0] != hashes[1]
+
+
+def test_header_data_file_lists_and_patterns(tmp_path: Path) -> None:
+    for name in ("s001.raw", "s002.raw", "s003.raw"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "list.nhdr").write_text("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 1 1 3\nencoding: raw\n"
+                                        "data file: LIST 2\ns002.raw\ns001.raw\n")
+    assert image_files(tmp_path / "list.nhdr") == [tmp_path / n for n in ("list.nhdr", "s002.raw", "s001.raw")]
+    (tmp_path / "range.nhdr").write_text("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 1 1 3\nencoding: raw\n"
+                                         "data file: s%03d.raw 1 3 1 2\n\n")
+    assert image_files(tmp_path / "range.nhdr") == [tmp_path / n for n in ("range.nhdr", "s001.raw", "s002.raw",
+                                                                          "s003.raw")]
+    (tmp_path / "list.mhd").write_text("NDims = 3\nDimSize = 1 1 2\nElementType = MET_UCHAR\n"
+                                       "ElementDataFile = LIST 2D\ns003.raw\ns001.raw\n")
+    assert image_files(tmp_path / "list.mhd") == [tmp_path / n for n in ("list.mhd", "s003.raw", "s001.raw")]
+    (tmp_path / "gone.mhd").write_text("NDims = 3\nElementDataFile = gone.raw\n")
+    with pytest.raises(DataError, match=r"gone\.mhd: ElementDataFile names .*gone\.raw, which is not there"):
+        image_files(tmp_path / "gone.mhd")
+    assert image_files(tmp_path / "s001.raw") == [tmp_path / "s001.raw"]
+
+
+def test_a_dicom_series_is_hashed_by_all_its_slices(tmp_path: Path) -> None:
+    image, _ = make_volume(shape_zyx=(5, 8, 9), spacing=(0.8, 0.8, 2.5))
+    written = write_dicom_series(image, tmp_path / "series")
+    _, files = read_image_files(tmp_path / "series")
+    assert files == sorted(written)
+    before = sha256_files(files)
+    written[2].write_bytes(written[2].read_bytes()[:-2] + b"\x01\x00")  # one voxel of one slice changed
+    assert sha256_files(read_image_files(tmp_path / "series")[1]) != before
