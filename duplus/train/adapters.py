@@ -21,6 +21,7 @@ from torch import nn
 
 from duplus.atomic import save_safetensors, write_json
 from duplus.errors import CheckpointError, ConfigError, ModelError
+from duplus.hashing import sha256_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -106,9 +107,12 @@ def save_adapter(model: nn.Module, adapter: str, lora_config: LoraConfig, folder
         raise ModelError(f"adapter {adapter!r} has no weights to save")
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    meta = {"format": FORMAT, "base_sha256": base_sha256, "adapter_name": adapter}
-    save_safetensors(staging / WEIGHTS_NAME, state, metadata=meta)
     write_json(staging / CONFIG_NAME, _plain_json(lora_config.to_dict()))
+    # The config (alpha, rsLoRA: the scaling) changes predictions as much as the weights do: the
+    # weights' metadata binds it, so an edited or swapped config is refused on load.
+    meta = {"format": FORMAT, "base_sha256": base_sha256, "adapter_name": adapter,
+            "config_sha256": sha256_file(staging / CONFIG_NAME)}
+    save_safetensors(staging / WEIGHTS_NAME, state, metadata=meta)
     # Swap the finished folder in: a reader sees the old adapter or the new one, never a mix.
     previous = target.parent / f".{target.name}.old-{os.getpid()}"
     if target.exists():
@@ -143,8 +147,6 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 
 def _check_recorded_hash(adapter_dir: Path) -> None:
     """An adapter saved by the LoRA stage has its weights' sha256 in ``../adapter_meta.json``: check it."""
-    from duplus.hashing import sha256_file
-
     meta_path = adapter_dir.parent / "adapter_meta.json"
     if not meta_path.is_file():
         return
@@ -166,6 +168,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_sha256: 
     """
     _check_recorded_hash(Path(adapter_dir))
     state, metadata, lora_config = read_adapter(adapter_dir)
+    bound = metadata.get("config_sha256")  # adapters saved before it existed carry none
+    config_path = Path(adapter_dir) / CONFIG_NAME
+    if bound and sha256_file(config_path) != bound:
+        raise CheckpointError(f"{config_path}: differs from the LoRA config saved with {WEIGHTS_NAME} (rank, alpha "
+                              "and rsLoRA set what the weights mean); restore the adapter's own config")
     recorded = metadata.get("base_sha256")
     if not recorded:
         raise CheckpointError(f"{adapter_dir}: the adapter does not record the base model it was trained on")

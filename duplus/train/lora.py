@@ -74,8 +74,12 @@ def _per_class(results: Mapping[str, pd.DataFrame]) -> dict[str, dict[str, float
 
 
 def gap_closed(zero: float | None, lora: float | None, full: float | None) -> float | None:
-    """(lora - zero) / (full - zero): the share of the full fine-tuning gain LoRA recovers."""
-    if zero is None or lora is None or full is None or abs(full - zero) < 1e-8:
+    """(lora - zero) / (full - zero): the share of the full fine-tuning gain LoRA recovers.
+
+    None when full fine-tuning gained nothing over zero-shot: there is no gap to close, and the
+    ratio would flip its sign or exceed 1 without meaning either.
+    """
+    if zero is None or lora is None or full is None or full - zero < 1e-8:
         return None
     return (lora - zero) / (full - zero)
 

@@ -127,6 +127,21 @@ def test_adapter_round_trip_gives_identical_outputs(adapted, base_file, tmp_path
     assert not any(p.requires_grad for n, p in fresh.named_parameters() if "lora_" in n)
 
 
+def test_an_edited_adapter_config_is_refused(adapted, base_file, tmp_path):
+    """Alpha sets the LoRA scaling: a config edited (or copied from another adapter) changes every output."""
+    _, model, config, _ = adapted
+    sha = sha256_file(base_file)
+    save_adapter(model, "siteB", config, tmp_path / "adapter", sha)
+    path = tmp_path / "adapter" / "adapter_config.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["lora_alpha"] = 10 * raw["lora_alpha"]
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    fresh, _ = load_model(base_file)
+    with pytest.raises(CheckpointError, match="adapter_config.json: differs from the LoRA config saved with"):
+        load_adapter(fresh, tmp_path / "adapter", sha)
+    assert adapter_names(fresh) == []
+
+
 def test_adapter_on_another_base_is_refused(adapted, base_file, tmp_path):
     _, model, config, _ = adapted
     save_adapter(model, "siteB", config, tmp_path / "adapter", sha256_file(base_file))
@@ -325,3 +340,11 @@ def test_a_misspelt_held_out_center_is_a_config_error(store):
     config["pretrain"]["exclude_centers"] = {"toy_ct": ["siteb"]}
     with pytest.raises(ConfigError, match=r"exclude_centers.toy_ct: center\(s\) \['siteb'\].*siteB"):
         pretraining_cases(config, list(store.values()))
+
+
+def test_gap_closed_needs_a_gain_of_full_fine_tuning():
+    from duplus.train.lora import gap_closed
+
+    assert gap_closed(0.5, 0.7, 0.8) == pytest.approx(2 / 3)
+    assert gap_closed(0.5, 0.7, 0.4) is None  # full fine-tuning worse than zero-shot: no gap to close
+    assert gap_closed(0.5, 0.6, 0.5) is None and gap_closed(None, 0.6, 0.7) is None
