@@ -137,6 +137,19 @@ def fit(
     return stats()
 
 
+def keep_frozen_statistics(model: nn.Module) -> None:
+    """Put the batch norms of the frozen base in eval mode, so their running statistics stay the base's.
+
+    In train mode a batch norm updates its statistics whatever ``requires_grad`` says; an adapter
+    does not save them, so the model scored after LoRA training could not be rebuilt from the
+    adapter and its base (``norm: batch`` only; instance norms keep no statistics).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and \
+                not any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.eval()
+
+
 def _train(model: nn.Module, sampler: PatchSampler, table: TextTable, optimizer: torch.optim.Optimizer,
            scheduler: Any, scaler: torch.amp.GradScaler, amp: torch.dtype | None, steps: int, batch_size: int,
            seed: int, num_workers: int, desc: str, resumed: tuple[int, dict[str, Any]] | None, folder: Path | None,
@@ -149,6 +162,7 @@ def _train(model: nn.Module, sampler: PatchSampler, table: TextTable, optimizer:
                          pin_memory=device.type == "cuda")
     watch = DivergenceWatch(device, enabled=not scaler.is_enabled())
     model.train()
+    keep_frozen_statistics(model)
     # Without a checkpoint folder SIGTERM keeps its default: there is nothing to stop cleanly into.
     with StopFlag(signals=() if folder is None else (signal.SIGTERM,)) as stop, \
             workers_closed(iter(loader)) as batches, progress(total=steps, initial=start, desc=desc) as bar:

@@ -318,3 +318,31 @@ def test_a_damaged_lora_phase_is_done_again(damage, store, base_file, tmp_path, 
         metrics, calls = _run(lora, store, base_file, out, patch)
     assert metrics["resumed_phases"] == ["zero_shot"] and calls == ["lora", "full_ft"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_keeps_the_frozen_bases_batch_norm_statistics(store):
+    """An adapter saves no statistics: LoRA training must not move the base's (``norm: batch``)."""
+    from duplus.model import DuPLUS, ModelConfig
+
+    def stats(model):
+        return {n: b.clone() for n, b in model.named_buffers() if "running_" in n}
+
+    cases = select_cases(read_manifests(store.values()), split="train", datasets=["toy_ct"], centers=["siteB"])
+    sampler = PatchSampler(cases, PATCH)
+    table = TextTable(FakePromptCache(), sampler.all_texts(), torch.device("cpu"))
+    config = ModelConfig.from_config({"model": {"preset": "tiny", "overrides": {"norm": "batch"}}},
+                                     text_dim=FakePromptCache().dim)
+    kwargs = {"steps": 2, "batch_size": 2, "lr": 0.01, "seed": 1, "amp": None}
+    torch.manual_seed(0)
+    lora = DuPLUS(config)
+    before = stats(lora)
+    assert before
+    add_adapter(lora, lora_config_from({**BASE_CONFIG["lora"], "rank": 2, "alpha": 4},
+                                       lora_target_names(lora, ["encoder", "decoder"])), "siteB")
+    finetune.fit(lora, sampler, table, **kwargs)
+    after = {n.replace("base_model.model.", ""): b for n, b in stats(lora).items()}
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    full = copy.deepcopy(DuPLUS(config))  # every weight trains: its statistics are its own to learn
+    full_before = stats(full)
+    finetune.fit(full, sampler, table, **kwargs)
+    assert any(not torch.equal(stats(full)[n], full_before[n]) for n in full_before)
