@@ -29,7 +29,9 @@ class Case:
     ``image`` / ``label`` are files or folders (DICOM series, PNG stacks); ``channel`` picks one volume
     of a 4-D image or label; ``label_format`` is ``"image"`` (a label volume on the image grid),
     ``"resample"`` (a label volume on another grid, e.g. HECKTOR's CT grid under a PET image) or
-    ``"chaos_png"`` (a folder of PNG slices matched to the DICOM files).
+    ``"chaos_png"`` (a folder of PNG slices matched to the DICOM files). ``subject`` groups cases of
+    one person (two cardiac phases, two studies), which must fall on the same side of the
+    train/test split; None: the case is its own subject.
     """
 
     case_id: str
@@ -39,6 +41,7 @@ class Case:
     channel: int | None = None
     label_channel: int | None = None
     label_format: str = "image"
+    subject: str | None = None
 
 
 def _strip_suffix(name: str) -> str:
@@ -117,7 +120,8 @@ def msd_cases(spec: DatasetSpec, root: Path) -> list[Case]:
 
 
 def csv_cases(spec: DatasetSpec, root: Path) -> list[Case]:
-    """A CSV with columns ``image,label[,center][,case]``; relative paths are relative to the CSV's folder."""
+    """A CSV with columns ``image,label[,center][,case][,subject]``; relative paths are relative to the
+    CSV's folder. Rows of one ``subject`` (a patient's several scans) share their train/test split."""
     table = Path(root)
     with open(table, newline="", encoding="utf-8-sig") as handle:  # spreadsheets often add a BOM
         reader = csv.DictReader(handle)
@@ -141,7 +145,8 @@ def csv_cases(spec: DatasetSpec, root: Path) -> list[Case]:
             case_id = f"{case_id}_{seen[case_id]}"
         else:
             seen[case_id] = 0
-        cases.append(Case(case_id, image, label, row.get("center") or _center(spec, "default"), spec.channel))
+        cases.append(Case(case_id, image, label, row.get("center") or _center(spec, "default"), spec.channel,
+                          subject=row.get("subject") or None))
     return cases
 
 
@@ -220,14 +225,15 @@ def mnms_cases(spec: DatasetSpec, root: Path) -> list[Case]:
                 raise DataError(f"{tables[0]}: subject '{code}' has no frame number in column '{phase}' "
                                 f"(got {row[phase]!r})") from None
             cases.append(Case(f"{code}_{phase.lower()}", folder / f"{code}_sa.nii.gz", folder / f"{code}_sa_gt.nii.gz",
-                              center, channel=frame, label_channel=frame))
+                              center, channel=frame, label_channel=frame, subject=code))
     return cases
 
 
 def autopet_cases(spec: DatasetSpec, root: Path) -> list[Case]:
     """autoPET NIfTI: ``FDG-PET-CT-Lesions/<patient>/<study>/SUV.nii.gz`` + ``SEG.nii.gz``."""
     return [Case(f"{suv.parent.parent.name}_{suv.parent.name}".replace(" ", "_"), suv, suv.parent / "SEG.nii.gz",
-                 _center(spec, "autopet")) for suv in sorted(root.glob("FDG-PET-CT-Lesions/*/*/SUV.nii.gz"))]
+                 _center(spec, "autopet"), subject=suv.parent.parent.name)
+            for suv in sorted(root.glob("FDG-PET-CT-Lesions/*/*/SUV.nii.gz"))]
 
 
 def hecktor_cases(spec: DatasetSpec, root: Path) -> list[Case]:

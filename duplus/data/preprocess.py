@@ -193,18 +193,22 @@ def _stage_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed:
 
 
 def assign_splits(rows: list[dict[str, Any]], seed: int, test_fraction: float) -> None:
-    """Set ``split`` per row: per center, a deterministic ``test_fraction`` of cases (>= 1 if the center has >= 2)."""
-    by_center: dict[str, list[dict[str, Any]]] = {}
+    """Set ``split`` per row: per center, a deterministic ``test_fraction`` of subjects (>= 1 if the
+    center has >= 2), each with all its cases (``subject``; a row without one is its own subject),
+    so no person is in both the training and the test split."""
+    by_center: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for row in rows:
-        by_center.setdefault(row["center"], []).append(row)
-    for center_rows in by_center.values():
-        ordered = sorted(center_rows, key=lambda r: (_stable_int(seed, "split", r["case"]), r["case"]))
+        subject = str(row.get("subject") or row["case"])
+        by_center.setdefault(row["center"], {}).setdefault(subject, []).append(row)
+    for subjects in by_center.values():
+        ordered = sorted(subjects, key=lambda name: (_stable_int(seed, "split", name), name))
         count = len(ordered)
         n_test = int(round(test_fraction * count))
         if test_fraction > 0 and count >= 2:
             n_test = min(max(n_test, 1), count - 1)
-        for position, row in enumerate(ordered):
-            row["split"] = "test" if position < n_test else "train"
+        for position, subject in enumerate(ordered):
+            for row in subjects[subject]:
+                row["split"] = "test" if position < n_test else "train"
 
 
 def _install(staging: Path, out_dir: Path, case_ids: list[str]) -> None:
@@ -251,7 +255,7 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
     staging = out_dir / STAGING  # kept across a killed run: finished cases are not redone
     staging.mkdir(exist_ok=True)
     # Splits depend only on case ids and centers; known first, they decide how each case is cropped.
-    stubs = [{"case": case.case_id, "center": case.center} for case in cases]
+    stubs = [{"case": case.case_id, "center": case.center, "subject": case.subject} for case in cases]
     assign_splits(stubs, seed, float(options["test_fraction"]))
     hashes = raw_file_hashes(record)
     # test_fraction only decides splits, and each case's split is keyed by itself.

@@ -57,6 +57,7 @@ def test_mnms_gives_one_case_per_phase_from_4d_files(tmp_path: Path) -> None:
     cases = list_cases(spec, tmp_path)
     assert [(c.case_id, c.channel, c.center) for c in cases] == [("A1B2C3_ed", 0, "centre1"),
                                                                  ("A1B2C3_es", 2, "centre1")]
+    assert {c.subject for c in cases} == {"A1B2C3"}  # both phases of one heart share a split
     image, label = read_case(cases[1])
     assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(frames[2][0]))
     # Preprocessing keeps a 3-D copy of the chosen frame for evaluation in the original space.
@@ -182,3 +183,15 @@ def test_mnms_table_mistakes_name_the_csv_and_the_subject(tmp_path: Path, table:
     with pytest.raises(DataError, match=message) as caught:
         list_cases(get_dataset("mnms"), tmp_path)
     assert "info.csv" in str(caught.value)
+
+
+def test_autopet_studies_of_one_patient_are_one_subject(tmp_path: Path) -> None:
+    image, label = make_volume(seed=1)
+    for study in ("01-2001-PET", "02-2002-PET"):
+        folder = tmp_path / "FDG-PET-CT-Lesions" / "PETCT_0af7" / study
+        folder.mkdir(parents=True)
+        sitk.WriteImage(image, str(folder / "SUV.nii.gz"))
+        sitk.WriteImage(label, str(folder / "SEG.nii.gz"))
+    cases = list_cases(get_dataset("autopet"), tmp_path)
+    assert [c.case_id for c in cases] == ["PETCT_0af7_01-2001-PET", "PETCT_0af7_02-2002-PET"]
+    assert {c.subject for c in cases} == {"PETCT_0af7"}

@@ -109,6 +109,23 @@ def test_splits_are_deterministic_and_per_center() -> None:
     assert sum(r["split"] == "test" for r in other if r["center"] == "big") == 4
 
 
+def test_the_cases_of_one_subject_share_their_split() -> None:
+    """Two cardiac phases (M&Ms) or two studies (autoPET) of one person: never one in each split."""
+    rows = [{"case": f"p{i}_{phase}", "center": "c", "subject": f"p{i}"} for i in range(40) for phase in ("ed", "es")]
+    preprocess.assign_splits(rows, seed=0, test_fraction=0.25)
+    by_subject: dict[str, set[str]] = {}
+    for row in rows:
+        by_subject.setdefault(row["subject"], set()).add(row["split"])
+    assert all(len(splits) == 1 for splits in by_subject.values())
+    assert sum(splits == {"test"} for splits in by_subject.values()) == 10  # a quarter of the subjects
+    # Cases without a subject are split exactly as before subjects existed.
+    alone = [{"case": f"c{i}", "center": "big"} for i in range(8)]
+    with_none = [dict(r, subject=None) for r in alone]
+    preprocess.assign_splits(alone, seed=0, test_fraction=0.25)
+    preprocess.assign_splits(with_none, seed=0, test_fraction=0.25)
+    assert [r["split"] for r in alone] == [r["split"] for r in with_none]
+
+
 def _hashes(folder: Path) -> dict[str, str]:
     """The store as users see it (the hidden staging folder left out)."""
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))

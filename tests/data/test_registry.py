@@ -90,6 +90,11 @@ def test_user_csv_dataset(msd_folder, tmp_path: Path) -> None:
     cases = list_cases(spec, spec.root)
     assert [(c.case_id, c.center) for c in cases] == [("case00", "A"), ("case01", "B")]
     assert cases[1].image == tmp_path / "user_msd/imagesTr/case01.nii.gz"
+    assert [c.subject for c in cases] == [None, None]
+    table.write_text("image,label,subject\n"
+                     f"{root}/imagesTr/case00.nii.gz,{root}/labelsTr/case00.nii.gz,patient7\n"
+                     f"{root}/imagesTr/case01.nii.gz,{root}/labelsTr/case01.nii.gz,patient7\n")
+    assert [c.subject for c in list_cases(spec, spec.root)] == ["patient7", "patient7"]
 
 
 @pytest.mark.parametrize("change, key", [
