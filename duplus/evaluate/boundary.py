@@ -36,6 +36,22 @@ def boundary(mask: torch.Tensor) -> torch.Tensor:
     return dilate(mask) & dilate(~mask)
 
 
+def boundary_index(inside: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into ``inside`` [Z, Y, X]) of its boundary voxels, looked for only in the box of
+    the inside voxels one voxel wider: no voxel beyond it has an inside neighbour. A class absent
+    from a slab, the usual case with many prompts, costs one ``any``."""
+    if not bool(inside.any()):
+        return torch.empty(0, dtype=torch.long, device=inside.device)
+    box = []
+    for axis in range(3):
+        hits = torch.nonzero(inside.any(dim=tuple(a for a in range(3) if a != axis))).squeeze(1)
+        box.append((max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, inside.shape[axis])))
+    (z0, z1), (y0, y1), (x0, x1) = box
+    local = torch.nonzero(boundary(inside[z0:z1, y0:y1, x0:x1]))
+    local += torch.tensor([z0, y0, x0], device=inside.device)
+    return (local[:, 0] * inside.shape[1] + local[:, 1]) * inside.shape[2] + local[:, 2]
+
+
 def to_levels(probabilities: torch.Tensor, cut: float) -> torch.Tensor:
     """uint8 levels (p x 255) that keep each voxel on its side of ``cut`` (see ``PackedMasks.level_cut``)."""
     floor = math.floor(cut * LEVELS)
@@ -70,15 +86,18 @@ class BoundaryCollector:
             values, start = slab[k], z0
             if self._last is not None:
                 values, start = torch.cat([self._last[0][k : k + 1], values]), z0 - 1
-            kept = boundary(values > self.cut)
-            if self._last is not None:
-                kept[0] &= ~self._last[1][k]
-            flat = torch.nonzero(kept.reshape(-1)).squeeze(1)
+            flat = boundary_index(values > self.cut)
+            plane = self._plane_size
+            if self._last is not None and flat.numel():  # the previous slab's last plane: only what it lacked
+                first = flat < plane
+                flat = flat[~first | ~self._last[1][k].reshape(-1)[flat.clamp(max=plane - 1)]]
+            last_kept[k] = False
             if flat.numel():
                 levels = to_levels(values.reshape(-1)[flat], self.cut)
-                index = flat.cpu().numpy().astype(self._index_dtype) + self._index_dtype(start * self._plane_size)
+                index = flat.cpu().numpy().astype(self._index_dtype) + self._index_dtype(start * plane)
                 self.masks.add_levels(k, index, levels.cpu().numpy())
+                tail = flat[flat >= (values.shape[0] - 1) * plane] - (values.shape[0] - 1) * plane
+                last_kept[k].reshape(-1)[tail] = True
             last_values[k] = values[-1]
-            last_kept[k] = kept[-1]
         self._last = (last_values, last_kept)
         self._next_z = z0 + depth
