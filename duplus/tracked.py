@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 # Keys of a section that change how fast a stage runs, not what it produces.
 SPEED_ONLY = {
-    "pretrain": ("num_workers", "compile", "channels_last", "checkpoint_every", "processes"),
+    "pretrain": ("num_workers", "compile", "channels_last", "checkpoint_every", "processes", "log_every"),
     "inference": ("sw_batch_size", "blend_buffer_mb"),
     "prompts": ("batch_size",),
     "lora": ("checkpoint_every",),
@@ -48,7 +48,24 @@ def _is_demo(name: str, config: Mapping[str, Any]) -> bool:
 
 
 def stage_settings(stage: str, config: Mapping[str, Any], **wildcards: str) -> dict[str, Any]:
-    """The settings ``stage`` depends on (``dataset=`` / ``center=`` for per-dataset / per-center jobs)."""
+    """The settings ``stage`` depends on (``dataset=`` / ``center=`` for per-dataset / per-center jobs).
+
+    Keys come sorted at every level: Snakemake compares params by their text, and a merged
+    ``--configfile`` puts the keys it sets first, so restating a value (``pretrain.batch_size: 2``)
+    would otherwise rerun pretraining and everything after it.
+    """
+    return _ordered(_settings(stage, config, **wildcards))
+
+
+def _ordered(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _ordered(value[key]) for key in sorted(value, key=str)}
+    if isinstance(value, list):
+        return [_ordered(item) for item in value]  # list order means something; only mappings are sorted
+    return value
+
+
+def _settings(stage: str, config: Mapping[str, Any], **wildcards: str) -> dict[str, Any]:
     datasets = config.get("datasets") or {}
     if stage == "download":
         name = wildcards["dataset"]

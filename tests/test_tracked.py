@@ -22,7 +22,7 @@ def config():
 def test_speed_only_settings_are_not_tracked(config):
     before = stage_settings("universal_pretrain", config)
     faster = copy.deepcopy(config)
-    faster["pretrain"].update(num_workers=8, compile=True, channels_last=True, checkpoint_every=7)
+    faster["pretrain"].update(num_workers=8, compile=True, channels_last=True, checkpoint_every=7, log_every=3)
     faster["inference"]["sw_batch_size"] = 16
     faster["lora"]["checkpoint_every"] = 3
     assert stage_settings("universal_pretrain", faster) == before
@@ -30,6 +30,16 @@ def test_speed_only_settings_are_not_tracked(config):
         stage_settings("lora_center", config, center="ct_siteB")
     assert stage_settings("evaluate", faster) == stage_settings("evaluate", config)
     assert "num_workers" not in before["pretrain"] and before["pretrain"]["lr"] == config["pretrain"]["lr"]
+
+
+def test_restating_a_value_in_another_key_order_changes_no_params_text(config):
+    """A merged --configfile puts the keys it sets first; Snakemake compares params as text."""
+    reordered = copy.deepcopy(config)
+    for section in ("pretrain", "model", "inference", "lora", "prognosis", "preprocess"):
+        reordered[section] = dict(reversed(list(reordered[section].items())))
+    for stage, wildcards in (("universal_pretrain", {}), ("evaluate", {}), ("lora_center", {"center": "ct_siteB"}),
+                             ("prognosis", {}), ("preprocess", {"dataset": "demo_abdomen_ct"}), ("report", {})):
+        assert str(stage_settings(stage, reordered, **wildcards)) == str(stage_settings(stage, config, **wildcards))
 
 
 def test_result_settings_are_tracked_by_the_stages_that_use_them(config):
