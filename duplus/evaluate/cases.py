@@ -19,8 +19,8 @@ import torch
 
 from duplus.errors import DataError, PromptError
 from duplus.evaluate.inference import predict_masks
-from duplus.evaluate.packed import PackedMasks
 from duplus.evaluate.metrics import case_metrics
+from duplus.evaluate.packed import PackedMasks
 
 if TYPE_CHECKING:
     from duplus.evaluate.journal import CaseJournal, JournalEntry
