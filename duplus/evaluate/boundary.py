@@ -83,6 +83,8 @@ class BoundaryCollector:
         last_values = torch.empty((classes, *slab.shape[2:]), dtype=slab.dtype, device=slab.device)
         last_kept = torch.empty((classes, *slab.shape[2:]), dtype=torch.bool, device=slab.device)
         for k in range(classes):
+            if not self.masks.has_levels(k):  # past the budget: its mask alone is kept, nothing to look for
+                continue
             values, start = slab[k], z0
             if self._last is not None:
                 values, start = torch.cat([self._last[0][k : k + 1], values]), z0 - 1
