@@ -6,6 +6,9 @@ rule lora_center:
         model=pretrained_model,
     output:
         metrics=results_dir() / "lora" / "{center}" / "metrics.json",
+        # What `duplus segment --adapter results/lora/<center>` loads.
+        adapter=directory(results_dir() / "lora" / "{center}" / "adapter"),
+        adapter_meta=results_dir() / "lora" / "{center}" / "adapter_meta.json",
     params:
         tracked=tracked("lora_center"),
     log:
