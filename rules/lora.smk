@@ -12,7 +12,7 @@ rule lora_center:
     params:
         tracked=tracked("lora_center"),
     log:
-        str(log_dir() / "lora_finetune/{center}.log"),
+        str(log_dir() / "lora_center/{center}.log"),
     threads: 1
     resources:
         mem_mb=16000,
