@@ -13,6 +13,9 @@ CORES ?= all
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@# Snakemake 9 needs Python 3.11; an older interpreter would fail later, deep in pip's resolver.
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "$(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())'); DuPLUS needs >= 3.11 (snakemake>=9): make ... PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned, so that no dependency can pull a different (multi-GB) build.

@@ -16,6 +16,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (workflow.basedir, os.ge
 
 from duplus.configcheck import check_config, schema_error  # noqa: E402 - needs the path above
 from duplus.data.registry import drop_removed_entries, stringify_label_ids  # noqa: E402
+from duplus.errors import ConfigError  # noqa: E402
 
 # The embedded demo config, found beside this file even when run with --directory elsewhere.
 configfile: Path(workflow.basedir) / "config.yaml"
@@ -29,7 +30,11 @@ try:
     validate(config, "schemas/config.schema.yaml")  # also fills in the schema's defaults
 except WorkflowError as error:
     raise (schema_error(error, getattr(workflow, "configfiles", ())) or error) from None
-check_config(config)  # datasets, data roots and references: before any job is planned
+try:
+    check_config(config)  # datasets, data roots and references: before any job is planned
+except ConfigError as error:
+    # The message names the key; the library frames under it would only push it out of sight.
+    raise error.with_traceback(None) from None
 
 
 include: "rules/common.smk"

@@ -28,11 +28,40 @@ def schema_error(error: BaseException, config_files: Iterable[Any] = ()) -> Conf
         return None
     key = ".".join(str(part) for part in cause.absolute_path) or "config"
     files = ", ".join(dict.fromkeys(str(f) for f in config_files))
-    return ConfigError(f"{key}: {cause.message}" + (f" (config files: {files})" if files else ""))
+    hint = ("; Snakemake passes nested --config values as text: put them in a --configfile"
+            if _typed_text(cause) else "")
+    return ConfigError(f"{key}: {cause.message}" + (f" (config files: {files})" if files else "") + hint)
+
+
+_JSON_TYPES = {"integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),)}
+
+
+def _typed_text(cause: Any) -> bool:
+    """Whether a type error is about text that YAML reads as the expected type (or as null).
+
+    ``--config 'lora={"steps": 81}'`` reaches the config as ``{"steps": "81"}``: Snakemake reads
+    nested --config values with YAML's base loader, which keeps every scalar a string.
+    """
+    if getattr(cause, "validator", None) != "type" or not isinstance(cause.instance, str):
+        return False
+    import yaml
+
+    try:
+        value = yaml.safe_load(cause.instance)
+    except yaml.YAMLError:
+        return False
+    if value is None:
+        return True  # `null` as text: a removal (`datasets={"x": null}`) that needs a --configfile
+    expected = cause.validator_value
+    types = [expected] if isinstance(expected, str) else list(expected or ())
+    # bool is an int in Python, but "true" is no integer to the schema.
+    return any(isinstance(value, _JSON_TYPES.get(name, ())) and (name == "boolean") == isinstance(value, bool)
+               for name in types)
 
 
 def check_config(config: Mapping[str, Any]) -> None:
-    """Every dataset's settings make a dataset, user data roots exist, stage references are datasets.
+    """Every dataset's settings make a dataset, user data roots exist, stage references are datasets,
+    a prognosis run on a built-in dataset has an EHR table.
 
     Raises ``ConfigError`` naming the key; warns about a region the prompts do not know (it is
     used as written, "A computed tomography scan of the <region>").
@@ -47,3 +76,27 @@ def check_config(config: Mapping[str, Any]) -> None:
             log.warning("datasets.%s.region: '%s' is none of the regions the prompts know (%s); it will be "
                         "used as written", spec.name, spec.region, ", ".join(REGIONS))
     check_dataset_references(config)
+    _check_prognosis_table(config)
+
+
+def _check_prognosis_table(config: Mapping[str, Any]) -> None:
+    """A prognosis run on a built-in dataset that comes with no EHR table, and names none, would
+    fail only in the prognosis job, after pretraining."""
+    from pathlib import Path
+
+    from duplus.data.registry import USER_KINDS, builtin_datasets, get_dataset
+
+    prognosis = config.get("prognosis") or {}
+    name = prognosis.get("dataset")
+    if not prognosis.get("enabled", True) or name is None or (prognosis.get("ehr") or {}).get("table"):
+        return
+    spec = get_dataset(name, config)
+    if spec.kind in USER_KINDS or spec.clinical:
+        return  # a dataset of your own may hold clinical.csv: the stage says so if it does not
+    raw = Path((config.get("paths") or {}).get("raw", "data/raw"))
+    if (raw / name / "clinical.csv").is_file():
+        return  # put in place by hand
+    with_table = ", ".join(sorted(n for n, s in builtin_datasets().items() if s.clinical))
+    raise ConfigError(f"prognosis.dataset: '{name}' comes with no EHR table (of the built-in datasets only "
+                      f"{with_table} do) and prognosis.ehr.table is null; name your clinical CSV in "
+                      f"prognosis.ehr.table, or set prognosis.enabled: false")

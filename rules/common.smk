@@ -1,7 +1,7 @@
 # Input functions and path helpers shared by the rules (functions only, no rules).
 from pathlib import Path
 
-from duplus.data.registry import get_dataset
+from duplus.data.registry import USER_KINDS, get_dataset
 from duplus.tracked import stage_settings
 
 
@@ -33,6 +33,18 @@ def dataset_download_record(wildcards):
     return download_record(wildcards.dataset)
 
 
+def user_dataset_index(wildcards):
+    """The file that lists a user dataset's cases (an MSD folder's dataset.json, a CSV dataset's
+    table), as an input of its download: a case added to it, or an edited row, reruns the download
+    and so every stage after it. Built-in datasets have none: their files do not change."""
+    spec = get_dataset(wildcards.dataset, config)
+    if spec.kind not in USER_KINDS:
+        return []
+    index = Path(spec.root) / "dataset.json" if spec.kind == "msd" else Path(spec.root)
+    # An MSD folder without dataset.json is listed from imagesTr/ alone: nothing to watch.
+    return [index] if index.is_file() else []
+
+
 def manifest_path(dataset):
     return preprocessed_dir() / dataset / "manifest.csv"
 
@@ -47,6 +59,15 @@ def prompt_cache(wildcards=None):
 
 def pretrained_model(wildcards=None):
     return results_dir() / "pretrain" / "model.safetensors"
+
+
+def pretrained_sidecar(wildcards=None):
+    """model.json beside the weights (config, encoder, sha256): the report's provenance reads it."""
+    return results_dir() / "pretrain" / "model.json"
+
+
+def universal_evaluation(name):
+    return results_dir() / "evaluate" / "universal" / name
 
 
 def baseline_models(wildcards=None):
@@ -93,15 +114,22 @@ def _placed_by_hand(clinical):
 
 
 def prognosis_outputs(wildcards=None):
+    """What the report reads of the prognosis stage: the summary, the folds and the KM curves."""
     if not config["prognosis"]["enabled"]:
         return []
-    return [results_dir() / "prognosis" / "summary.csv"]
+    return [results_dir() / "prognosis" / name for name in ("summary.csv", "folds.csv", "km.json")]
 
 
 def report_inputs(wildcards=None):
+    """Every file the report reads (duplus.report.inputs and its provenance) that a rule writes."""
     return {
-        "evaluation": results_dir() / "evaluate" / "universal" / "summary.csv",
+        "evaluation": universal_evaluation("summary.csv"),
+        "per_case": universal_evaluation("per_case.csv"),
+        "efficiency": universal_evaluation("efficiency.json"),
+        "examples": universal_evaluation("examples"),
         "train_log": results_dir() / "pretrain" / "train_log.csv",
+        "model_sidecar": pretrained_sidecar(),
+        "prompt_manifest": results_dir() / "prompts" / f"{config['prompts']['encoder']}.json",
         "lora": lora_metrics(),
         "prognosis": prognosis_outputs(),
         "baseline": baseline_outputs(),

@@ -1,5 +1,7 @@
 rule download:
     """Fetch (or generate, for the demo) one dataset and verify it; raw data is never modified afterwards."""
+    input:
+        user_dataset_index,
     output:
         record=raw_dir() / "{dataset}" / "download.json",
     params:

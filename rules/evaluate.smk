@@ -8,6 +8,7 @@ rule evaluate:
         summary=results_dir() / "evaluate" / "universal" / "summary.csv",
         per_case=results_dir() / "evaluate" / "universal" / "per_case.csv",
         efficiency=results_dir() / "evaluate" / "universal" / "efficiency.json",
+        examples=directory(results_dir() / "evaluate" / "universal" / "examples"),  # one case per dataset, for the report
     params:
         tracked=tracked("evaluate"),
     log:

@@ -6,10 +6,13 @@ rule lora_center:
         model=pretrained_model,
     output:
         metrics=results_dir() / "lora" / "{center}" / "metrics.json",
+        # What `duplus segment --adapter results/lora/<center>` loads.
+        adapter=directory(results_dir() / "lora" / "{center}" / "adapter"),
+        adapter_meta=results_dir() / "lora" / "{center}" / "adapter_meta.json",
     params:
         tracked=tracked("lora_center"),
     log:
-        str(log_dir() / "lora_finetune/{center}.log"),
+        str(log_dir() / "lora_center/{center}.log"),
     threads: 1
     resources:
         mem_mb=16000,

@@ -5,6 +5,7 @@ rule universal_pretrain:
         prompts=prompt_cache,
     output:
         model=results_dir() / "pretrain" / "model.safetensors",
+        sidecar=results_dir() / "pretrain" / "model.json",
         log_csv=results_dir() / "pretrain" / "train_log.csv",
     params:
         tracked=tracked("universal_pretrain"),

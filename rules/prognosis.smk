@@ -6,6 +6,8 @@ rule prognosis:
         model=pretrained_model,
     output:
         summary=results_dir() / "prognosis" / "summary.csv",
+        folds=results_dir() / "prognosis" / "folds.csv",
+        km=results_dir() / "prognosis" / "km.json",
     params:
         tracked=tracked("prognosis"),
     log:

@@ -67,3 +67,81 @@ def test_a_schema_error_is_one_line_naming_the_key_and_files(config):
     error = schema_error(raised.value, ["config.yaml", "mine.yaml", "config.yaml"])
     assert str(error) == "lora.rank: 0 is less than the minimum of 1 (config files: config.yaml, mine.yaml)"
     assert schema_error(WorkflowError("something else")) is None
+
+
+def test_a_nested_command_line_value_read_as_text_gets_a_hint(config):
+    from snakemake.cli import parse_config
+
+    # What `snakemake --config 'lora={"steps": 81}'` merges into the config: the value as text.
+    bad = copy.deepcopy(config)
+    bad["lora"].update(parse_config(['lora={"steps": 81}'])["lora"])
+    assert bad["lora"]["steps"] == "81"
+    with pytest.raises(WorkflowError) as raised:
+        validate(bad, str(ROOT / "schemas" / "config.schema.yaml"))
+    assert str(schema_error(raised.value, ["config.yaml"])) == (
+        "lora.steps: '81' is not of type 'integer' (config files: config.yaml); Snakemake passes nested "
+        "--config values as text: put them in a --configfile")
+
+
+@pytest.mark.parametrize("key, value, hinted", [
+    ("preprocess.test_fraction", "0.3", True),     # number
+    ("pretrain.compile", "true", True),            # boolean
+    ("pretrain.steps", "2.5", False),              # text of a number, but no integer: the value is wrong
+    ("pretrain.steps", "many", False),
+    ("pretrain.compile", "1", False),              # YAML reads 1 as an integer, not a boolean
+])
+def test_the_hint_is_given_only_for_text_of_the_expected_type(config, key, value, hinted):
+    section, leaf = key.split(".")
+    bad = copy.deepcopy(config)
+    bad[section][leaf] = value
+    with pytest.raises(WorkflowError) as raised:
+        validate(bad, str(ROOT / "schemas" / "config.schema.yaml"))
+    message = str(schema_error(raised.value))
+    assert message.startswith(f"{key}: '{value}' is not of type")
+    assert ("nested --config values as text" in message) is hinted
+
+
+def test_settings_a_built_in_dataset_would_ignore_are_refused(config):
+    config["datasets"]["demo_abdomen_ct"] = {"modality": "MRI", "region": "thorax", "center": "X"}
+    with pytest.raises(ConfigError, match=r"^datasets\.demo_abdomen_ct\.modality: 'demo_abdomen_ct' is a built-in "
+                                          r"dataset, whose modality, region, center cannot be set"):
+        check_config(config)
+
+
+def test_a_built_in_dataset_takes_a_root_and_nulls(config, tmp_path):
+    # The schema fills in `sequence: null`; `root` reads a local copy in place.
+    config["datasets"]["demo_abdomen_ct"] = {"root": str(tmp_path), "sequence": None, "channel": None}
+    check_config(config)
+
+
+def _prognosis_on(config, dataset, **ehr):
+    config["datasets"][dataset] = {}
+    config["prognosis"]["dataset"] = dataset
+    config["prognosis"]["ehr"].update(ehr)
+    config["paths"]["raw"] = "/no/such/raw"
+    return config
+
+
+def test_a_prognosis_dataset_without_an_ehr_table_fails_when_read(config):
+    with pytest.raises(ConfigError, match=r"^prognosis\.dataset: 'demo_abdomen_ct' comes with no EHR table \(of the "
+                                          r"built-in datasets only demo_headneck_pet, hecktor2022 do\)"):
+        check_config(_prognosis_on(config, "demo_abdomen_ct"))
+
+
+@pytest.mark.parametrize("dataset, ehr", [
+    ("hecktor2022", {}),                           # its instructions place the table
+    ("demo_abdomen_ct", {"table": "ehr.csv"}),     # the config names one
+])
+def test_a_prognosis_dataset_with_an_ehr_table_passes(config, dataset, ehr):
+    check_config(_prognosis_on(config, dataset, **ehr))
+
+
+def test_a_table_put_in_place_by_hand_or_prognosis_off_passes(config, tmp_path):
+    _prognosis_on(config, "demo_abdomen_ct")
+    config["prognosis"]["enabled"] = False
+    check_config(config)
+    config["prognosis"]["enabled"] = True
+    config["paths"]["raw"] = str(tmp_path)
+    (tmp_path / "demo_abdomen_ct").mkdir()
+    (tmp_path / "demo_abdomen_ct" / "clinical.csv").write_text("patient_id\n")
+    check_config(config)

@@ -45,3 +45,45 @@ def test_a_table_the_download_writes_is_not_an_input(tmp_path):
     place_table(tmp_path, dataset)
     assert input_functions(make_config(tmp_path, dataset))["prognosis_inputs"]() == {
         "manifest": tmp_path / "pre" / dataset / "manifest.csv"}
+
+
+def user_dataset(tmp_path: Path, kind: str) -> tuple[dict, Path]:
+    tmp_path.mkdir()
+    root = tmp_path / ("cases.csv" if kind == "csv" else "msd")
+    if kind == "csv":
+        root.write_text("image,label\n")
+    else:
+        root.mkdir()
+    settings = {"kind": kind, "root": str(root), "modality": "CT", "region": "abdomen", "labels": {"1": "liver"}}
+    return {"datasets": {"mine": settings, "demo_abdomen_ct": {}}}, root
+
+
+class Wildcards:
+    def __init__(self, dataset: str) -> None:
+        self.dataset = dataset
+
+
+def test_the_file_listing_a_user_datasets_cases_is_an_input_of_its_download(tmp_path):
+    config, table = user_dataset(tmp_path / "csv", "csv")
+    index = input_functions(config)["user_dataset_index"]
+    assert index(Wildcards("mine")) == [table]                 # an edited row reruns the download
+    assert index(Wildcards("demo_abdomen_ct")) == []           # built-in: its files do not change
+
+    config, folder = user_dataset(tmp_path / "msd", "msd")
+    index = input_functions(config)["user_dataset_index"]
+    assert index(Wildcards("mine")) == []                      # no dataset.json: cases come from imagesTr/
+    (folder / "dataset.json").write_text("{}")
+    assert index(Wildcards("mine")) == [folder / "dataset.json"]  # a case added to it reruns the download
+
+
+def test_the_report_declares_every_file_it_reads_that_a_rule_writes(tmp_path):
+    config = {"paths": {"raw": "raw", "preprocessed": "pre", "results": "results"}, "datasets": {"d": {}},
+              "prompts": {"encoder": "minilm"}, "lora": {"enabled": True, "centers": {"c": {}}},
+              "prognosis": {"enabled": True}, "baseline": {"enabled": False}}
+    inputs = input_functions(config)["report_inputs"]()
+    declared = {str(path) for value in inputs.values() for path in (value if isinstance(value, list) else [value])}
+    # Read by duplus.report.inputs and its provenance, written by pretrain, evaluate, prognosis, cache_prompts.
+    assert {"results/pretrain/model.json", "results/evaluate/universal/examples",
+            "results/evaluate/universal/per_case.csv", "results/evaluate/universal/efficiency.json",
+            "results/prognosis/folds.csv", "results/prognosis/km.json", "results/prompts/minilm.json",
+            "results/lora/c/metrics.json"} <= declared

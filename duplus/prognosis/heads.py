@@ -20,8 +20,8 @@ from duplus.prognosis.losses import (cox_ph_loss, discretize, logistic_hazard_lo
 class MLPSettings:
     """Training settings of MLP_Prog (config ``prognosis``: epochs, lr, hidden, time_bins)."""
 
-    hidden: int = 32
-    epochs: int = 150
+    hidden: int = 64                 # the defaults are the config schema's (prognosis.hidden, epochs, lr, time_bins)
+    epochs: int = 300
     lr: float = 3e-3
     weight_decay: float = 1e-3
     dropout: float = 0.1

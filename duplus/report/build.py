@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 from duplus.errors import DataError
 from duplus.report import figures
-from duplus.report.html import FigureRef, Section, write_index
+from duplus.report.html import FigureRef, Section, png_data_uri, write_index
 from duplus.report.inputs import ReportInputs, load_inputs
 from duplus.report.provenance import collect_provenance, write_provenance
 from duplus.report.tables import (DEFAULT_ENDPOINT, adaptation_per_class_tables, adaptation_table,
@@ -53,7 +53,7 @@ class _Builder:
         refs = []
         for png in (p for p in paths if p.suffix == ".png"):
             pdf = png.with_suffix(".pdf")
-            refs.append(FigureRef(png=f"{FIGURES_DIR}/{png.name}", caption=caption,
+            refs.append(FigureRef(src=png_data_uri(png), caption=caption,
                                   pdf=f"{FIGURES_DIR}/{pdf.name}" if pdf in paths else None))
         return refs
 

@@ -1,6 +1,9 @@
-"""Renders the report's index.html: every table as HTML, every figure by relative path, provenance.
+"""Renders the report's index.html: every table as HTML, every figure embedded, provenance.
 
-The page is self-contained (inline CSS, no scripts, no remote resources) and opens from disk.
+The page is self-contained (inline CSS, figures as data URIs, no scripts, no remote resources):
+it shows the same opened from disk, moved elsewhere, or inside `snakemake --report`, which
+embeds index.html alone. The tables' CSV / Markdown / LaTeX files and the figures' PDFs are
+linked by relative path, beside it in results/report/.
 """
 
 from __future__ import annotations
@@ -8,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+import base64
 
 import jinja2
 
@@ -17,11 +22,16 @@ from duplus.report.tabular import MISSING_TEXT, Table
 
 @dataclass(frozen=True)
 class FigureRef:
-    """A figure: PNG shown inline, PDF linked; paths relative to index.html."""
+    """A figure: ``src`` the PNG as a data URI (``png_data_uri``), ``pdf`` its path relative to index.html."""
 
-    png: str
+    src: str
     caption: str
     pdf: str | None = None
+
+
+def png_data_uri(path: str | Path) -> str:
+    """The PNG at ``path`` as a data URI, for an ``<img src>`` that needs no file beside the page."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 @dataclass
@@ -95,7 +105,7 @@ code { font-size: .9em; }
 </details>
 {% endif %}
 {% for f in s.figures %}
-<figure><img src="{{ f.png }}" alt="{{ f.caption }}"><figcaption>{{ f.caption }}{% if f.pdf %} (<a href="{{ f.pdf }}">PDF</a>){% endif %}</figcaption></figure>
+<figure><img src="{{ f.src }}" alt="{{ f.caption }}"><figcaption>{{ f.caption }}{% if f.pdf %} (<a href="{{ f.pdf }}">PDF</a>){% endif %}</figcaption></figure>
 {% endfor %}
 </section>
 {% endfor %}

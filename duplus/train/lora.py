@@ -9,6 +9,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -58,6 +59,22 @@ def _evaluate(model: torch.nn.Module, rows: pd.DataFrame, cache: Any, config: Ma
 
     model.eval()
     return evaluate_cases(model, rows, cache, config, manifest_dir)
+
+
+def _publish(staged: Path, target: Path) -> Path:
+    """Copy the journal's adapter folder to ``target``, swapped in whole; returns its weights file.
+
+    A copy, not a move: until metrics.json is written the journal may still be needed to resume.
+    """
+    building = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    shutil.copytree(staged, building)
+    previous = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(building, target)
+    shutil.rmtree(previous, ignore_errors=True)
+    return target / WEIGHTS_NAME
 
 
 def _mean_dice(frame: pd.DataFrame) -> float | None:
@@ -173,7 +190,10 @@ def run_lora(
                                 bool(settings.get("text_projection", False)),
                                 modalities=sorted({case.modality for case in train_cases}))
     lora_config = lora_config_from(settings, targets)
-    adapter_file = out / "adapter" / WEIGHTS_NAME
+    # The LoRA phase's adapter is kept in the journal until the stage ends: adapter/ is a declared
+    # output of the rule, which Snakemake deletes before it reruns a killed or failed job.
+    staged = journal.folder / "lora_adapter"
+    adapter_file = staged / WEIGHTS_NAME
     done = journal.load("lora", keys["lora"], accept=lambda record: complete(record) and adapter_file.is_file()
                         and sha256_file(adapter_file) == record.get("adapter_sha256"))
     if done is not None:
@@ -183,7 +203,7 @@ def run_lora(
         seed_everything(seed)  # peft draws the LoRA A factors at random: the run's seed decides them
         add_adapter(adapted, lora_config, center)
         adapt("lora", adapted, float(settings.get("lr", 1e-3)), f"lora {center}")
-        save_adapter(adapted, center, lora_config, out / "adapter", base_sha)
+        save_adapter(adapted, center, lora_config, staged, base_sha)
         runs["lora"]["adapter_sha256"] = sha256_file(adapter_file)
         journal.save("lora", keys["lora"], runs["lora"], results["lora"])
         del adapted
@@ -199,6 +219,7 @@ def run_lora(
     else:
         runs["full_ft"], results["full_ft"] = done
 
+    adapter_file = _publish(staged, out / "adapter")
     dice = {run: _mean_dice(frame) for run, frame in results.items()}
     metrics: dict[str, Any] = {
         "center": center,

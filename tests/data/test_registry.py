@@ -149,3 +149,13 @@ def test_null_entries_take_datasets_and_centers_out_of_the_run():
     assert config["pretrain"]["exclude_centers"] == {}
     check_dataset_references(config)
     assert drop_removed_entries({"lora": None}) == []  # nothing to take out, nothing touched
+
+
+def test_a_built_in_dataset_refuses_settings_it_would_ignore() -> None:
+    with pytest.raises(ConfigError, match=r"^datasets\.demo_abdomen_ct\.labels: .* built-in dataset"):
+        registry.get_dataset("demo_abdomen_ct", {"datasets": {"demo_abdomen_ct": {"labels": {"1": "spleen"}}}})
+    # null is no setting: a schema default (sequence), or the entry taken out of the run.
+    assert registry.get_dataset("demo_abdomen_ct", {"datasets": {"demo_abdomen_ct": {"sequence": None}}}).root is None
+    config = {"datasets": {"demo_abdomen_ct": {}, "demo_abdomen_mri": None}}
+    assert registry.drop_removed_entries(config) == ["datasets.demo_abdomen_mri"]
+    assert [spec.name for spec in registry.enabled_datasets(config)] == ["demo_abdomen_ct"]

@@ -57,3 +57,17 @@ def test_an_input_constant_in_training_cannot_move_the_risk():
     shifted[:, 3] = [-50.0, 0.0, 7.0, 300.0, 1e4]
     np.testing.assert_array_equal(mlp.predict_risk(new), mlp.predict_risk(shifted))
     np.testing.assert_array_equal(mlp.predict_survival(new, [1.0, 5.0]), mlp.predict_survival(shifted, [1.0, 5.0]))
+
+
+def test_defaults_are_the_config_schema_defaults():
+    # A caller without a config (a notebook, `SurvivalMLP()`) trains the network the pipeline trains.
+    from pathlib import Path
+
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml").read_text())
+    prognosis = schema["properties"]["prognosis"]["properties"]
+    defaults = MLPSettings()
+    for key in ("hidden", "epochs", "lr", "time_bins"):
+        assert getattr(defaults, key) == prognosis[key]["default"], key
+    assert MLPSettings.from_config({}) == defaults

@@ -1,5 +1,6 @@
 """run_report end to end on fake metrics: files, determinism, missing stages, links that resolve."""
 
+import base64
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -63,11 +64,14 @@ def test_full_report_writes_every_table_figure_and_index_last(full):
     assert b"CreationDate" not in (out / "figures/km_curves.pdf").read_bytes()
 
 
-def test_index_references_only_existing_files(full):
+def test_index_embeds_its_figures_and_links_only_existing_files(full):
     out = full["out"]
     links = _links(out / "index.html")
-    assert len(links.images) == 7
-    local = [h for h in links.images + links.links if not h.startswith("#")]
+    # Figures are inside the page (snakemake --report embeds index.html alone), each one a PNG written.
+    assert len(links.images) == 7 and all(src.startswith("data:image/png;base64,") for src in links.images)
+    pngs = {p.read_bytes() for p in (out / "figures").glob("*.png")}
+    assert {base64.b64decode(src.split(",", 1)[1]) for src in links.images} <= pngs
+    local = [h for h in links.links if not h.startswith("#")]
     assert not [h for h in local if "://" in h or h.startswith("/")], "the page must only use relative paths"
     assert [h for h in local if not (out / h).is_file()] == []
     assert {"provenance.json", "tables/table3_prognosis.tex", "figures/km_curves.pdf"} <= set(local)
@@ -98,7 +102,7 @@ def test_missing_prognosis_is_a_note_and_its_stale_outputs_go(full, tmp_path):
     assert "Prognosis metrics not found (prognosis/summary.csv): stage disabled or not run." in html
     assert "table3_prognosis" not in html
     links = _links(out / "index.html")
-    assert [h for h in links.images + links.links if not h.startswith("#") and not (out / h).is_file()] == []
+    assert [h for h in links.links if not h.startswith("#") and not (out / h).is_file()] == []
 
 
 def test_empty_results_still_give_a_page(config, tmp_path):

@@ -245,6 +245,22 @@ def test_other_settings_redo_only_the_phases_they_change(store, base_file, tmp_p
     assert "starting the full_ft phase over" in caplog.text and "resuming" not in caplog.text
 
 
+def test_the_finished_lora_phase_survives_its_output_folder_being_deleted(store, base_file, tmp_path, monkeypatch):
+    """adapter/ is a declared output of rule lora_center: Snakemake deletes it before it reruns a
+    killed or SIGTERMed job, and the rerun must still take over the finished LoRA phase."""
+    import shutil
+
+    import duplus.train.lora as lora
+
+    out = tmp_path / "out"
+    _interrupted_in_full_ft(lora, store, base_file, out, monkeypatch)
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    with monkeypatch.context() as patch:
+        metrics, calls = _run(lora, store, base_file, out, patch)
+    assert metrics["resumed_phases"] == ["zero_shot", "lora"] and calls == ["full_ft"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / FOLDER).exists()
+
+
 def test_a_changed_checkpoint_interval_keeps_the_journal(store, base_file, tmp_path, monkeypatch):
     import duplus.train.lora as lora
 
@@ -303,7 +319,7 @@ def _drop_a_field_of_the_lora_record(out):
 def _delete_the_adapter(out):
     import shutil
 
-    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / FOLDER / "lora_adapter")  # the journal's copy; adapter/ itself is the rule's output
 
 
 @pytest.mark.parametrize("damage", [_drop_a_field_of_the_lora_record, _delete_the_adapter])
