@@ -84,6 +84,11 @@ def target_grid(image: sitk.Image, spacing: Sequence[float]) -> dict[str, Any]:
             "origin": [float(o) for o in origin], "direction": list(IDENTITY)}
 
 
+# Voxels repeated beyond each face at most: a 1.5 mm grid over 0.1 mm voxels needs 15; a header
+# with a micrometre spacing would otherwise ask for millions.
+MAX_EDGE_MARGIN = 32
+
+
 def with_edge_margin(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
     """``image`` with its outer voxels repeated for one target voxel (``spacing``, mm) beyond each face.
 
@@ -92,7 +97,8 @@ def with_edge_margin(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
     would write the padding value (air), and a structure touching the field of view would lose
     its edge voxels when a mask predicted there is restored. Physical positions are unchanged.
     """
-    reach = [int(math.ceil(float(new) / float(old))) for new, old in zip(spacing, image.GetSpacing())]
+    reach = [min(int(math.ceil(float(new) / float(old))), MAX_EDGE_MARGIN) if old > 0 else 1
+             for new, old in zip(spacing, image.GetSpacing())]
     return sitk.ZeroFluxNeumannPad(image, reach, reach)
 
 
