@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -126,6 +127,18 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str,
     from duplus.tensorfile import tensor_bytes
 
     write_bytes(path, tensor_bytes(tensors, metadata))
+
+
+def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Swap the finished folder ``staging`` in as ``target``: a reader sees the old folder or the new
+    one, never a mix (``os.replace`` cannot replace a non-empty folder, so the old one steps aside first)."""
+    staging, target = Path(staging), Path(target)
+    previous = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staging, target)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def write_csv(path: str | os.PathLike, frame: "pandas.DataFrame", **kwargs: Any) -> None:  # noqa: F821

@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from duplus.atomic import save_safetensors, write_json
+from duplus.atomic import replace_folder, save_safetensors, write_json
 from duplus.errors import CheckpointError, ConfigError, ModelError
 from duplus.hashing import sha256_file
 
@@ -113,12 +113,7 @@ def save_adapter(model: nn.Module, adapter: str, lora_config: LoraConfig, folder
     meta = {"format": FORMAT, "base_sha256": base_sha256, "adapter_name": adapter,
             "config_sha256": sha256_file(staging / CONFIG_NAME)}
     save_safetensors(staging / WEIGHTS_NAME, state, metadata=meta)
-    # Swap the finished folder in: a reader sees the old adapter or the new one, never a mix.
-    previous = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(staging, target)
-    shutil.rmtree(previous, ignore_errors=True)
+    replace_folder(staging, target)
     return target / WEIGHTS_NAME
 
 

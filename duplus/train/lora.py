@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 import torch
 
-from duplus.atomic import write_json
+from duplus.atomic import replace_folder, write_json
 from duplus.errors import ConfigError, DataError
 from duplus.hashing import sha256_file
 from duplus.runtime import device_for, seed_everything
@@ -69,11 +69,7 @@ def _publish(staged: Path, target: Path) -> Path:
     building = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     shutil.copytree(staged, building)
-    previous = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(building, target)
-    shutil.rmtree(previous, ignore_errors=True)
+    replace_folder(building, target)
     return target / WEIGHTS_NAME
 
 
