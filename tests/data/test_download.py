@@ -263,3 +263,25 @@ def test_datasets_cut_from_one_archive_download_and_extract_it_once(server: _Ser
     before = len(server.ranges)
     download.run_download("toy_mr", {"datasets": {"toy_mr": {}}}, raw / "toy_mr" / "download.json")
     assert len(server.ranges) == before + 1
+
+
+@pytest.mark.parametrize("stale", [b"garbage" * 10, b"x" * (len(PAYLOAD) + 5)], ids=["prefix", "too-long"])
+def test_a_stale_part_file_is_downloaded_again_from_the_start(server: _Server, tmp_path: Path, stale: bytes) -> None:
+    # A .part left by an earlier run (another version of the archive, or damaged by a crash) resumes
+    # into a file that fails its checksum: the download starts over instead of failing the run.
+    server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.part").write_bytes(stale)
+    download_file(f"{server.url}/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest(), retries=1,
+                  backoff=0)
+    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
+    assert server.ranges[0] is not None and server.ranges[-1] is None  # resumed first, then from the first byte
+    assert not (tmp_path / "f.bin.part").exists()
+
+
+def test_a_published_file_that_never_matches_fails_after_one_fresh_download(server: _Server, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:100])
+    with pytest.raises(ChecksumError, match=r"f\.bin: md5 mismatch: expected 0{32}, got .* the second time from the start"):
+        download_file(f"{server.url}/f.bin", tmp_path / "f.bin", md5="0" * 32, retries=1, backoff=0)
+    assert server.ranges == ["bytes=100-", None]
+    assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.bin.part").exists()
