@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DOWNLOADS = ".downloads"  # beside the dataset folders: archives and partial transfers survive a rerun
 SHARED = ".shared"  # beside the dataset folders: archives several datasets are cut from, extracted once
-SHARED_ORIGIN = ".duplus-archive.json"  # inside a shared extraction: the archive (url, checksum) it came from
+SHARED_ORIGIN = ".duplus-archive.json"  # inside an extraction: the archive (url, checksum) it came from
 RECORD = "download.json"
 RETRIES = 4
 BACKOFF_S = 2.0
@@ -151,28 +151,39 @@ def _extract_shared(spec: DatasetSpec, raw_dir: Path, shared: list[str]) -> Path
     source = spec.source
     extracted = raw_dir / SHARED / _archive_stem(source.filename)
     archive = raw_dir / DOWNLOADS / source.filename
-    origin = {"url": source.url, "md5": source.md5, "sha256": source.sha256}
-    marker = extracted / SHARED_ORIGIN
     with locked_beside(archive):  # parallel download jobs of the datasets sharing it fetch it once
-        try:  # swapped in whole by _build_in_place: present means complete; the marker names its archive
-            reusable = json.loads(marker.read_text(encoding="utf-8")) == origin
-        except (OSError, ValueError):
-            reusable = False
-        if reusable:
+        if _extracted_before(spec, extracted):
             log.info("%s: %s already extracted at %s", spec.name, source.filename, extracted)
         else:
             _clear_leftovers(extracted)
-            _fetch(spec, archive)
-
-            def fill(built: Path) -> None:
-                safe_extract(archive, built)
-                write_json(built / SHARED_ORIGIN, origin)
-
-            _build_in_place(extracted, fill)
+            _fetch_and_extract(spec, archive, extracted)
             log.info("%s: extracted %s once at %s for %s too", spec.name, source.filename, extracted,
                      ", ".join(shared))
         archive.unlink(missing_ok=True)  # verified and extracted: the archive would only double the disk use
     return extracted
+
+
+def _origin(spec: DatasetSpec) -> dict[str, Any]:
+    return {"url": spec.source.url, "md5": spec.source.md5, "sha256": spec.source.sha256}
+
+
+def _extracted_before(spec: DatasetSpec, folder: Path) -> bool:
+    """Whether ``folder`` is a complete extraction of the archive ``spec`` names now."""
+    try:  # swapped in whole by _build_in_place: present means complete; the marker names its archive
+        return json.loads((folder / SHARED_ORIGIN).read_text(encoding="utf-8")) == _origin(spec)
+    except (OSError, ValueError):
+        return False
+
+
+def _fetch_and_extract(spec: DatasetSpec, archive: Path, folder: Path) -> None:
+    """Fetch and verify ``archive``, then swap in its extraction at ``folder``, marked with the archive it came from."""
+    _fetch(spec, archive)
+
+    def fill(built: Path) -> None:
+        safe_extract(archive, built)
+        write_json(built / SHARED_ORIGIN, _origin(spec))
+
+    _build_in_place(folder, fill)
 
 
 def _drop_own_copy(spec: DatasetSpec, dataset_dir: Path, extracted: Path) -> None:
@@ -200,10 +211,14 @@ def _url(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
         extracted = _extract_shared(spec, raw_dir, shared)
         _drop_own_copy(spec, dataset_dir, extracted)
     else:
-        archive = raw_dir / DOWNLOADS / spec.name / source.filename
-        _fetch(spec, archive)
-        _build_in_place(dataset_dir, lambda built: safe_extract(archive, built))
-        archive.unlink(missing_ok=True)  # verified and extracted: the archive would only double the disk use
+        # The archive is deleted once extracted: a rerun of the stage (a changed datasets.<name>
+        # entry, a job killed while hashing) reuses the extraction instead of fetching it again.
+        if _extracted_before(spec, dataset_dir):
+            log.info("%s: %s already extracted at %s", spec.name, source.filename, dataset_dir)
+        else:
+            archive = raw_dir / DOWNLOADS / spec.name / source.filename
+            _fetch_and_extract(spec, archive, dataset_dir)
+            archive.unlink(missing_ok=True)  # verified and extracted: the archive would only double the disk use
         extracted = dataset_dir
     root = extracted / source.subdir if source.subdir else extracted
     if not root.is_dir():

@@ -24,6 +24,7 @@ SPACING_RTOL = 1e-4
 ORIGIN_ATOL_MM = 1e-3
 DIRECTION_ATOL = 1e-4
 MAX_LISTED = 200
+MAX_VALUES = 10  # undeclared label values named per case
 
 
 def _vector(values: Any, digits: int) -> str:
@@ -58,6 +59,16 @@ def _extent_overlaps(image: sitk.Image, label: sitk.Image) -> bool:
 
     (lo_a, hi_a), (lo_b, hi_b) = box(image), box(label)
     return bool(np.all(lo_a <= hi_b) and np.all(lo_b <= hi_a))
+
+
+def _listing(values: Sequence[int]) -> str:
+    """``values [7, 9]``, or the first few and a count: an intensity image given as the label (swapped
+    columns, imagesTr/labelsTr mixed up) holds thousands of distinct values, which would make one
+    line of the report tens of kilobytes long."""
+    if len(values) <= MAX_VALUES:
+        return f"values {list(values)}"
+    return (f"{len(values)} distinct values ({', '.join(map(str, values[:MAX_VALUES]))}, ..., {values[-1]}: "
+            f"an intensity image given as the label?)")
 
 
 def case_problems(case: Case, label_ids: Sequence[int]) -> list[str]:
@@ -95,8 +106,8 @@ def case_problems(case: Case, label_ids: Sequence[int]) -> list[str]:
     else:
         unknown = sorted(set(int(v) for v in unique) - {0, *map(int, label_ids)})
         if unknown:
-            problems.append(f"{prefix}: label {case.label} holds values {unknown} that the dataset does not declare "
-                            f"(declared: 0 background, {', '.join(map(str, sorted(label_ids)))})")
+            problems.append(f"{prefix}: label {case.label} holds {_listing(unknown)} that the dataset does not "
+                            f"declare (declared: 0 background, {', '.join(map(str, sorted(label_ids)))})")
     return problems
 
 

@@ -53,8 +53,11 @@ def _total_from(response: http.client.HTTPResponse, offset: int) -> int | None:
     return offset + int(length) if length is not None else None
 
 
-def _attempt(url: str, part: Path, timeout: float) -> None:
-    """One request: resume ``part`` from its current size; raise on any incomplete transfer."""
+def _attempt(url: str, part: Path, timeout: float) -> bool:
+    """One request: resume ``part`` from its current size; raise on any incomplete transfer.
+
+    Returns whether ``part`` now holds bytes kept from before this request (a resume).
+    """
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
     if offset:
@@ -65,7 +68,7 @@ def _attempt(url: str, part: Path, timeout: float) -> None:
     except urllib.error.HTTPError as error:
         if error.code == 416 and offset:
             # Nothing left to send: the .part is already complete (the checksum decides).
-            return
+            return True
         raise
     with response:
         status = getattr(response, "status", 200)
@@ -89,6 +92,7 @@ def _attempt(url: str, part: Path, timeout: float) -> None:
     size = part.stat().st_size
     if total is not None and size < total:
         raise _Incomplete(f"received {size} of {total} bytes")
+    return bool(offset)
 
 
 def download_file(url: str, destination: str | os.PathLike, md5: str | None = None, sha256: str | None = None,
@@ -99,6 +103,7 @@ def download_file(url: str, destination: str | os.PathLike, md5: str | None = No
         DownloadError: after ``retries`` failed attempts (the ``.part`` file is kept for the next resume),
             or at once on a permanent HTTP error (404, 403, ...).
         ChecksumError: the complete file does not match ``md5`` / ``sha256`` (the bad ``.part`` is removed).
+            A transfer that resumed a partial file is first repeated once from the start.
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -106,10 +111,34 @@ def download_file(url: str, destination: str | os.PathLike, md5: str | None = No
         verify_checksum(destination, md5, sha256, name=str(destination))
         return destination
     part = destination.with_name(destination.name + ".part")
+    resumed = _transfer(url, part, retries, backoff, timeout)
+    try:
+        verify_checksum(part, md5, sha256, name=destination.name)
+    except ChecksumError as error:
+        part.unlink(missing_ok=True)
+        if not resumed:
+            raise
+        # The bytes kept from an earlier run may be stale (the server's file changed since, or a
+        # crash left the partial file damaged): one download from the first byte tells a bad
+        # partial file from a bad published file.
+        log.warning("%s after resuming the partial file %s; downloading it again from the start", error, part)
+        _transfer(url, part, retries, backoff, timeout)
+        try:
+            verify_checksum(part, md5, sha256, name=destination.name)
+        except ChecksumError as again:
+            part.unlink(missing_ok=True)
+            raise ChecksumError(f"{again} (downloaded twice from {url}, the second time from the start)") from None
+    os.replace(part, destination)
+    return destination
+
+
+def _transfer(url: str, part: Path, retries: int, backoff: float, timeout: float) -> bool:
+    """Fill ``part`` with the whole file, resuming it across ``retries`` attempts; whether any attempt resumed."""
     last_error: Exception | None = None
+    resumed = False
     for attempt in range(1, retries + 1):
         try:
-            _attempt(url, part, timeout)
+            resumed = _attempt(url, part, timeout) or resumed
             last_error = None
             break
         except urllib.error.HTTPError as error:
@@ -126,10 +155,4 @@ def download_file(url: str, destination: str | os.PathLike, md5: str | None = No
     if last_error is not None or not part.exists():
         raise DownloadError(f"{url}: download failed after {retries} attempts ({last_error}); the partial file "
                             f"{part} is kept and the next run resumes it")
-    try:
-        verify_checksum(part, md5, sha256, name=destination.name)
-    except ChecksumError:
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, destination)
-    return destination
+    return resumed

@@ -263,3 +263,53 @@ def test_datasets_cut_from_one_archive_download_and_extract_it_once(server: _Ser
     before = len(server.ranges)
     download.run_download("toy_mr", {"datasets": {"toy_mr": {}}}, raw / "toy_mr" / "download.json")
     assert len(server.ranges) == before + 1
+
+
+@pytest.mark.parametrize("stale", [b"garbage" * 10, b"x" * (len(PAYLOAD) + 5)], ids=["prefix", "too-long"])
+def test_a_stale_part_file_is_downloaded_again_from_the_start(server: _Server, tmp_path: Path, stale: bytes) -> None:
+    # A .part left by an earlier run (another version of the archive, or damaged by a crash) resumes
+    # into a file that fails its checksum: the download starts over instead of failing the run.
+    server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.part").write_bytes(stale)
+    download_file(f"{server.url}/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest(), retries=1,
+                  backoff=0)
+    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
+    assert server.ranges[0] is not None and server.ranges[-1] is None  # resumed first, then from the first byte
+    assert not (tmp_path / "f.bin.part").exists()
+
+
+def test_a_published_file_that_never_matches_fails_after_one_fresh_download(server: _Server, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:100])
+    with pytest.raises(ChecksumError, match=r"f\.bin: md5 mismatch: expected 0{32}, got .* the second time from the start"):
+        download_file(f"{server.url}/f.bin", tmp_path / "f.bin", md5="0" * 32, retries=1, backoff=0)
+    assert server.ranges == ["bytes=100-", None]
+    assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.bin.part").exists()
+
+
+def test_rerun_of_a_url_dataset_reuses_its_extraction(server: _Server, tmp_path: Path, monkeypatch) -> None:
+    # The archive is deleted once extracted; a rerun of the stage (a changed datasets.<name> entry, or
+    # a job killed while hashing the files) must not fetch it again: it may be tens of gigabytes.
+    archive = _msd_tar()
+    server.files["/Task99_Toy.tar"] = archive
+    spec = DatasetSpec("toy_msd", "CT", None, "abdomen", {1: "spleen"}, "url",
+                       Source(url=f"{server.url}/Task99_Toy.tar", filename="Task99_Toy.tar",
+                              md5=hashlib.md5(archive).hexdigest(), subdir="Task99_Toy"))
+    monkeypatch.setitem(catalog.BUILTIN, "toy_msd", spec)
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
+    record_path = tmp_path / "raw" / "toy_msd" / "download.json"
+    first = download.run_download("toy_msd", {"datasets": {"toy_msd": {}}}, record_path)
+    record_path.unlink()
+    saved = dict(server.files)
+    server.files.clear()
+    server.ranges.clear()
+    assert download.run_download("toy_msd", {"datasets": {"toy_msd": {}}}, record_path) == first
+    assert server.ranges == []
+    # Another archive under the same name (a new release in the registry): extracted afresh.
+    newer = archive
+    server.files.update(saved)
+    server.files["/Task99_Toy.tar?v=2"] = newer
+    monkeypatch.setitem(catalog.BUILTIN, "toy_msd", replace(spec, source=replace(
+        spec.source, url=f"{server.url}/Task99_Toy.tar?v=2", md5=hashlib.md5(newer).hexdigest())))
+    download.run_download("toy_msd", {"datasets": {"toy_msd": {}}}, record_path)
+    assert server.ranges == [None]

@@ -91,3 +91,21 @@ def test_geometry_mismatch_reads_as_plain_numbers():
     image, label = sitk.Image(4, 4, 4, sitk.sitkUInt8), sitk.Image(4, 4, 4, sitk.sitkUInt8)
     label.SetOrigin((-143.4, 2.0, 3.0))
     assert geometry_mismatch(image, label) == ["origin (-143.4, 2, 3) != image origin (0, 0, 0)"]
+
+
+def test_an_image_given_as_the_label_is_reported_in_one_short_line(msd_folder) -> None:
+    # Swapped image/label paths are a common slip; the report must stay readable for every case.
+    root = msd_folder(n=2)
+    image, _ = make_volume(seed=0)
+    ramp = np.arange(np.prod(sitk.GetArrayViewFromImage(image).shape), dtype=np.int16).reshape(
+        sitk.GetArrayViewFromImage(image).shape) - 1000
+    as_label = sitk.GetImageFromArray(ramp)
+    as_label.CopyInformation(image)
+    _write(as_label, root / "labelsTr" / "case00.nii.gz")
+    spec = get_dataset("mydata", user_config(root))
+    with pytest.raises(IntegrityError) as caught:
+        check_cases("mydata", list_cases(spec, root), [1, 2])
+    (line,) = [line for line in str(caught.value).splitlines() if "case case00" in line]
+    assert len(line) < 500
+    assert "case00.nii.gz" in line and "-1000, -999" in line and f"{ramp.max()}" in line
+    assert f"{ramp.size - 3} distinct values" in line  # all but 0, 1 and 2 and "declared: 0 background, 1, 2" in line
