@@ -13,7 +13,7 @@ from data_helpers import make_volume, write_dicom_series
 from duplus.data.image_files import image_files
 from duplus.data.io import read_image, read_image_files, write_image
 from duplus.errors import DataError
-from duplus.hashing import sha256_file, sha256_files
+from duplus.hashing import sha256_files
 
 
 def test_nifti_nrrd_mha_round_trip_geometry(tmp_path: Path) -> None:
