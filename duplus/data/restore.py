@@ -59,20 +59,21 @@ def restore_levels(levels: np.ndarray, meta: Mapping[str, Any], level_cut: float
         crop = np.zeros(tuple(high - low), dtype=np.float32)
         lo, hi = np.maximum(low, offset), np.minimum(high, offset + np.array(levels.shape))
         crop[tuple(map(slice, lo - low, hi - low))] = levels[tuple(map(slice, lo - offset, hi - offset))]
-        part = {**resampled, "size": list(crop.shape[::-1]), "origin": _physical(resampled, low[::-1]).tolist()}
+        start = _frame(resampled).TransformIndexToPhysicalPoint([int(v) for v in low[::-1]])
+        cropped = geo.image_from_array(crop, {**resampled, "size": list(crop.shape[::-1]), "origin": list(start)})
         # Original-grid voxels that can see the crop: its corners one voxel further out, mapped back.
-        corners = np.array([[x, y, z] for x in (-1, crop.shape[2]) for y in (-1, crop.shape[1])
-                            for z in (-1, crop.shape[0])], dtype=np.float64)
-        where = _continuous_index(original, _physical(part, corners))
+        frame = _frame(original)
+        where = np.array([frame.TransformPhysicalPointToContinuousIndex(
+            cropped.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z))))
+            for x in (-1, crop.shape[2]) for y in (-1, crop.shape[1]) for z in (-1, crop.shape[0])])
         first = np.clip(np.floor(where.min(axis=0)).astype(int) - 1, 0, np.array(size) - 1)
         last = np.clip(np.ceil(where.max(axis=0)).astype(int) + 1, 0, np.array(size) - 1)
         target = {"size": (last - first + 1).tolist(), "spacing": original["spacing"],
-                  "origin": _physical(original, first).tolist(), "direction": original["direction"]}
-        values = geo.resample(geo.image_from_array(crop, part), target, "linear", 0.0, sitk.sitkFloat32)
+                  "origin": list(frame.TransformIndexToPhysicalPoint(first.tolist())), "direction": original["direction"]}
+        values = geo.resample(cropped, target, "linear", 0.0, sitk.sitkFloat32)
         full[first[2]:last[2] + 1, first[1]:last[1] + 1, first[0]:last[0] + 1] = (
             sitk.GetArrayViewFromImage(values) > level_cut)
-    image = sitk.GetImageFromArray(full)
-    return _with_original_header(image, original)
+    return geo.image_from_array(full, original)
 
 
 def _grids(array: np.ndarray, meta: Mapping[str, Any]) -> tuple[Any, Mapping[str, Any], Mapping[str, Any]]:
@@ -89,21 +90,10 @@ def _grids(array: np.ndarray, meta: Mapping[str, Any]) -> tuple[Any, Mapping[str
     return box, resampled, original
 
 
-def _matrix(geometry: Mapping[str, Any]) -> np.ndarray:
-    """Index (x, y, z) to physical offset: direction times spacing."""
-    direction = np.asarray(geometry["direction"], dtype=np.float64).reshape(3, 3)
-    return direction * np.asarray(geometry["spacing"], dtype=np.float64)[None, :]
-
-
-def _physical(geometry: Mapping[str, Any], index: Any) -> np.ndarray:
-    """Physical points of (x, y, z) indices (one or many)."""
-    index = np.asarray(index, dtype=np.float64)
-    return np.asarray(geometry["origin"], dtype=np.float64) + index @ _matrix(geometry).T
-
-
-def _continuous_index(geometry: Mapping[str, Any], points: np.ndarray) -> np.ndarray:
-    offsets = np.asarray(points, dtype=np.float64) - np.asarray(geometry["origin"], dtype=np.float64)
-    return np.linalg.solve(_matrix(geometry), offsets.T).T
+def _frame(geometry: Mapping[str, Any]) -> sitk.Image:
+    """A one-voxel image carrying ``geometry``'s origin, spacing and direction: SimpleITK's index and
+    physical-point transforms, without allocating the grid."""
+    return geo.empty_image({**geometry, "size": [1, 1, 1]}, sitk.sitkUInt8)
 
 
 def _with_original_header(image: sitk.Image, original: Mapping[str, Any]) -> sitk.Image:

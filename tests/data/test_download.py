@@ -150,7 +150,8 @@ def _msd_tar() -> bytes:
     return buffer.getvalue()
 
 
-def test_url_dataset_downloads_extracts_and_records(server: _Server, tmp_path: Path, monkeypatch) -> None:
+def _serve_toy_msd(server: _Server, monkeypatch) -> tuple[bytes, DatasetSpec]:
+    """A url dataset ``toy_msd`` whose archive the test server holds; returns (archive, spec)."""
     archive = _msd_tar()
     server.files["/Task99_Toy.tar"] = archive
     spec = DatasetSpec("toy_msd", "CT", None, "abdomen", {1: "spleen"}, "url",
@@ -158,6 +159,11 @@ def test_url_dataset_downloads_extracts_and_records(server: _Server, tmp_path: P
                               md5=hashlib.md5(archive).hexdigest(), subdir="Task99_Toy"))
     monkeypatch.setitem(catalog.BUILTIN, "toy_msd", spec)
     monkeypatch.setattr(download, "BACKOFF_S", 0.0)
+    return archive, spec
+
+
+def test_url_dataset_downloads_extracts_and_records(server: _Server, tmp_path: Path, monkeypatch) -> None:
+    _, spec = _serve_toy_msd(server, monkeypatch)
     record_path = tmp_path / "raw" / "toy_msd" / "download.json"
     record = download.run_download("toy_msd", {"datasets": {"toy_msd": {}}}, record_path)
     assert json.loads(record_path.read_text(encoding="utf-8")) == record
@@ -290,13 +296,7 @@ def test_a_published_file_that_never_matches_fails_after_one_fresh_download(serv
 def test_rerun_of_a_url_dataset_reuses_its_extraction(server: _Server, tmp_path: Path, monkeypatch) -> None:
     # The archive is deleted once extracted; a rerun of the stage (a changed datasets.<name> entry, or
     # a job killed while hashing the files) must not fetch it again: it may be tens of gigabytes.
-    archive = _msd_tar()
-    server.files["/Task99_Toy.tar"] = archive
-    spec = DatasetSpec("toy_msd", "CT", None, "abdomen", {1: "spleen"}, "url",
-                       Source(url=f"{server.url}/Task99_Toy.tar", filename="Task99_Toy.tar",
-                              md5=hashlib.md5(archive).hexdigest(), subdir="Task99_Toy"))
-    monkeypatch.setitem(catalog.BUILTIN, "toy_msd", spec)
-    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
+    archive, spec = _serve_toy_msd(server, monkeypatch)
     record_path = tmp_path / "raw" / "toy_msd" / "download.json"
     first = download.run_download("toy_msd", {"datasets": {"toy_msd": {}}}, record_path)
     record_path.unlink()
