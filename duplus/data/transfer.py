@@ -30,17 +30,40 @@ class _Incomplete(Exception):
     """The server closed the connection before sending every byte."""
 
 
+def _checksum_mismatch(path: Path, md5: str | None, sha256: str | None) -> tuple[str, str, str] | None:
+    """``(algorithm, expected, computed)`` of the first published checksum ``path`` fails, or None."""
+    for algorithm, expected, digest in (("sha256", sha256, sha256_file), ("md5", md5, md5_file)):
+        if expected:
+            got = digest(path)
+            if got.lower() != expected.lower():
+                return algorithm, expected.lower(), got
+    return None
+
+
 def verify_checksum(path: Path, md5: str | None = None, sha256: str | None = None, name: str | None = None) -> None:
     """Raise ``ChecksumError`` (naming the file, the expected and the computed digest) on a mismatch."""
-    label = name or path.name
-    if sha256:
-        got = sha256_file(path)
-        if got.lower() != sha256.lower():
-            raise ChecksumError(f"{label}: sha256 mismatch: expected {sha256.lower()}, got {got}")
-    if md5:
-        got = md5_file(path)
-        if got.lower() != md5.lower():
-            raise ChecksumError(f"{label}: md5 mismatch: expected {md5.lower()}, got {got}")
+    mismatch = _checksum_mismatch(path, md5, sha256)
+    if mismatch:
+        algorithm, expected, got = mismatch
+        raise ChecksumError(f"{name or path.name}: {algorithm} mismatch: expected {expected}, got {got}")
+
+
+SHORT_DIGEST = 12  # hex digits: enough to tell two files apart in a message a person reads
+
+
+def verify_existing_download(path: Path, md5: str | None = None, sha256: str | None = None) -> None:
+    """Check a file found where a download would go; ``ChecksumError`` saying what to do if it is another file.
+
+    Users put archives there by hand to skip a download, so the file is never deleted: without
+    the advice, every rerun would fail on it with the same bare mismatch.
+    """
+    mismatch = _checksum_mismatch(path, md5, sha256)
+    if mismatch:
+        algorithm, expected, got = mismatch
+        raise ChecksumError(
+            f"{path} is already at the download path but is not the expected file ({algorithm} {got[:SHORT_DIGEST]}..., "
+            f"expected {expected[:SHORT_DIGEST]}...). Delete or move it and rerun to fetch the file again; it is "
+            f"left in place because it may be a copy you put there yourself")
 
 
 def _total_from(response: http.client.HTTPResponse, offset: int) -> int | None:
@@ -103,12 +126,13 @@ def download_file(url: str, destination: str | os.PathLike, md5: str | None = No
         DownloadError: after ``retries`` failed attempts (the ``.part`` file is kept for the next resume),
             or at once on a permanent HTTP error (404, 403, ...).
         ChecksumError: the complete file does not match ``md5`` / ``sha256`` (the bad ``.part`` is removed).
-            A transfer that resumed a partial file is first repeated once from the start.
+            A transfer that resumed a partial file is first repeated once from the start. A wrong file
+            already at ``destination`` is kept, and the error says to delete or move it.
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     if destination.exists():
-        verify_checksum(destination, md5, sha256, name=str(destination))
+        verify_existing_download(destination, md5, sha256)
         return destination
     part = destination.with_name(destination.name + ".part")
     resumed = _transfer(url, part, retries, backoff, timeout)

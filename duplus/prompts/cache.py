@@ -171,42 +171,55 @@ def _safetensors_metadata(payload: bytes) -> dict[str, str]:
 
 
 def _check_manifest(path: Path, cache: PromptCache, digest: str) -> None:
+    problem = _manifest_problem(path, cache, digest)
+    if problem is not None:
+        raise PromptError(f"{problem}; {_RERUN}")
+
+
+def _manifest_problem(path: Path, cache: PromptCache, digest: str) -> str | None:
+    """Why the manifest beside ``path`` does not vouch for its tensors (hashed to ``digest``), or None."""
     manifest_file = manifest_path(path)
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PromptError(f"prompt cache manifest {manifest_file} is missing (it belongs beside {path}); {_RERUN}") from None
+        return f"prompt cache manifest {manifest_file} is missing (it belongs beside {path})"
     except (OSError, ValueError) as error:
-        raise PromptError(f"prompt cache manifest {manifest_file} is unreadable ({error}); {_RERUN}") from None
+        return f"prompt cache manifest {manifest_file} is unreadable ({error})"
     if not isinstance(manifest, dict):
-        raise PromptError(f"prompt cache manifest {manifest_file} is not a JSON object; {_RERUN}")
-    agree = (
-        manifest.get("tensors_sha256") == digest
-        and manifest.get("encoder_identity") == cache.encoder_identity
-        and manifest.get("dim") == cache.dim
-        and set((manifest.get("texts") or {})) == set(cache.texts)
-    )
-    if not agree:
-        raise PromptError(
-            f"prompt cache manifest {manifest_file} and tensors {path} disagree (an interrupted or concurrent write?); {_RERUN}"
-        )
+        return f"prompt cache manifest {manifest_file} is not a JSON object"
+    differences = _manifest_differences(manifest, cache, digest)
+    if differences:
+        return (f"prompt cache manifest {manifest_file} and tensors {path} disagree ({'; '.join(differences)}): "
+                "an interrupted or concurrent write?")
+    return None
 
 
-def _read_existing(path: Path) -> tuple[PromptCache | None, bool]:
-    """For rebuilding: (cache or None, manifest agrees). A damaged old cache is only a warning here."""
+def _manifest_differences(manifest: dict[str, Any], cache: PromptCache, digest: str) -> list[str]:
+    """What the manifest says that the tensors file (hashed to ``digest``) does not, one phrase each."""
+    differences = []
+    recorded = str(manifest.get("tensors_sha256"))
+    if recorded != digest:
+        differences.append(f"tensors sha256 {digest[:12]}, manifest {recorded[:12]}")
+    if manifest.get("encoder_identity") != cache.encoder_identity:
+        differences.append(f"encoder {cache.encoder_identity} in the tensors, {manifest.get('encoder_identity')} in the manifest")
+    if manifest.get("dim") != cache.dim:
+        differences.append(f"dim {cache.dim} in the tensors, {manifest.get('dim')} in the manifest")
+    listed, held = set(manifest.get("texts") or {}), set(cache.texts)
+    if listed != held:
+        differences.append(f"{len(held - listed)} texts only in the tensors, {len(listed - held)} only in the manifest")
+    return differences
+
+
+def _read_existing(path: Path) -> tuple[PromptCache | None, str | None]:
+    """For rebuilding: (cache or None, why its manifest disagrees or None). A damaged old cache is only a warning here."""
     if not path.is_file():
-        return None, False
+        return None, None
     try:
         cache, digest = _read_tensors(path)
     except PromptError as error:
         log.warning("ignoring the existing prompt cache: %s", error)
-        return None, False
-    try:
-        _check_manifest(path, cache, digest)
-    except PromptError as error:
-        log.warning("%s; the tensors are complete and will be kept", error)
-        return cache, False
-    return cache, True
+        return None, None
+    return cache, _manifest_problem(path, cache, digest)
 
 
 def _write(path: Path, vectors: dict[str, torch.Tensor], identity: str, dim: int) -> PromptCache:
@@ -258,7 +271,11 @@ def build_prompt_cache(texts: Iterable[str], encoder: Encoder, path: str | os.Pa
     wanted = _unique_texts(texts)
     identity, dim = encoder.identity, int(encoder.dim)
     with locked_beside(path):
-        existing, manifest_ok = _read_existing(path)
+        existing, disagreement = _read_existing(path)
+        if disagreement is not None:
+            # The tensors file is complete and describes itself (texts, encoder, dim); the manifest
+            # written after it is what a stopped writer leaves stale, and it is rewritten below.
+            log.warning("%s; the tensors are complete and will be kept", disagreement)
         reused: dict[str, torch.Tensor] = {}
         if existing is not None and not same_encoder(existing.encoder_identity, identity):
             log.info("prompt cache %s was made by %s; re-encoding all for %s", path, existing.encoder_identity, identity)
@@ -267,7 +284,7 @@ def build_prompt_cache(texts: Iterable[str], encoder: Encoder, path: str | os.Pa
         missing = [text for text in wanted if text not in reused]
         if not prune:
             wanted = sorted(set(wanted) | set(reused))
-        if existing is not None and manifest_ok and not missing and set(reused) == set(wanted):
+        if existing is not None and disagreement is None and not missing and set(reused) == set(wanted):
             log.info("prompt cache %s is up to date (%d texts, %s)", path, len(wanted), identity)
             return existing
         vectors = {text: reused[text] for text in wanted if text in reused}
@@ -289,29 +306,33 @@ def ensure_prompts(cache_path: str | os.PathLike, texts: Iterable[str],
     Missing texts are encoded and, with ``persist``, added atomically; the cache's encoder identity
     must match, because a model is trained against one embedding space. Without ``persist`` (or if
     the cache's folder is read-only) the new embeddings are kept in memory for this run only.
+
+    A cache whose manifest disagrees with its tensors is never used as it is: with a warning that
+    names the file and what differs, all its texts are encoded again (and, with ``persist``, the
+    file is rebuilt).
     """
     path = Path(cache_path)
     wanted = _unique_texts(texts)
     with locked_beside(path) if persist else contextlib.nullcontext():
-        existing, _ = _read_existing(path)
-        present = existing.vectors() if existing is not None else {}
-        missing = [text for text in wanted if text not in present]
-        if not missing and existing is not None:
-            return existing
+        existing, disagreement = _read_existing(path)
+        if disagreement is not None:
+            # Which of the two files is stale cannot be told here: only the texts are taken from it.
+            present: dict[str, torch.Tensor] = {}
+            missing = sorted(set(existing.texts) | set(wanted))
+        else:
+            present = existing.vectors() if existing is not None else {}
+            missing = [text for text in wanted if text not in present]
+            if not missing and existing is not None:
+                return existing
         resolved = encoder if hasattr(encoder, "encode") else encoder()
         if existing is not None and not same_encoder(existing.encoder_identity, resolved.identity):
-            same_name = str(existing.encoder_identity or "").rpartition("@")[0] == resolved.identity.rpartition("@")[0]
-            why = ("the same encoder with other weights or settings (pooling, normalize, max_length, or a "
-                   "duplus version that reads them differently)" if same_name else "another encoder")
-            raise PromptError(
-                f"prompt cache {path} was made by {existing.encoder_identity} but the text encoder here is "
-                f"{resolved.identity}: {why}, whose embeddings the model was not trained on; the prompts "
-                f"{', '.join(repr(t) for t in missing[:3])}{' ...' if len(missing) > 3 else ''} are not in the "
-                "cache. Use the prompts settings and weights the model was trained with, or only prompts the cache "
-                "holds"
-            )
-        encoded = resolved.encode(missing, batch_size=batch_size)
-        present.update({text: encoded[i] for i, text in enumerate(missing)})
+            raise PromptError(_other_encoder(path, existing.encoder_identity, resolved.identity, missing, disagreement))
+        if disagreement is not None:
+            log.warning("%s; encoding its %d texts again with %s%s", disagreement, len(missing), resolved.identity,
+                        "" if persist else " for this run only (the file is left as it is)")
+        if missing:
+            encoded = resolved.encode(missing, batch_size=batch_size)
+            present.update({text: encoded[i] for i, text in enumerate(missing)})
         if not persist:
             log.info("encoded %d prompts missing from %s for this run", len(missing), path)
             return PromptCache(present, resolved.identity, int(resolved.dim), path)
@@ -320,8 +341,23 @@ def ensure_prompts(cache_path: str | os.PathLike, texts: Iterable[str],
         except OSError as error:
             log.warning("cannot add %d prompts to %s (%s); using them for this run only", len(missing), path, error)
             cache = PromptCache(present, resolved.identity, int(resolved.dim), path)
-    log.info("added %d prompts to %s", len(missing), path)
+    log.info("%s %d prompts to %s", "rebuilt with" if disagreement else "added", len(missing), path)
     return cache
+
+
+def _other_encoder(path: Path, made_by: str, here: str, missing: list[str], disagreement: str | None) -> str:
+    """Why a cache made by encoder ``made_by`` cannot be completed (or rebuilt) with the encoder ``here``."""
+    same_name = str(made_by or "").rpartition("@")[0] == here.rpartition("@")[0]
+    why = ("the same encoder with other weights or settings (pooling, normalize, max_length, or a "
+           "duplus version that reads them differently)" if same_name else "another encoder")
+    start = (f"prompt cache {path} was made by {made_by} but the text encoder here is {here}: {why}, whose "
+             "embeddings the model was not trained on; ")
+    if disagreement is not None:
+        return (f"{start}the cache cannot be used as it is ({disagreement}) nor encoded again with this encoder: "
+                f"use the prompts settings and weights the model was trained with, or {_RERUN}")
+    return (f"{start}the prompts {', '.join(repr(t) for t in missing[:3])}{' ...' if len(missing) > 3 else ''} are "
+            "not in the cache. Use the prompts settings and weights the model was trained with, or only prompts the "
+            "cache holds")
 
 
 def run_cache_prompts(config: dict[str, Any], out_cache: str | os.PathLike, threads: int | None = None) -> PromptCache:

@@ -109,7 +109,7 @@ class TextEncoder:
         self.model.to(self.device).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.max_length = _max_length(self.model.config, self.tokenizer,
+        self.max_length = _max_length(self.model, self.tokenizer,
                                       self.location if self.is_folder else _hub_folder(self.location))
         self._forward_args = set(inspect.signature(self.model.forward).parameters)
         # One real forward pass tells the output width for every architecture alike.
@@ -267,8 +267,20 @@ def _load(location: str, local_only: bool, pooling: str, name: str):
     return model, tokenizer, pooling, projected
 
 
-def _max_length(config, tokenizer, folder: str | None = None) -> int:
-    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+def _position_limit(model) -> int | None:
+    """How many tokens the model's learned position table can number, if it has one."""
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if isinstance(table, torch.nn.Embedding) and table.padding_idx is not None:
+        # RoBERTa-style models (RoBERTa, XLM-R, CamemBERT, MPNet, ESM, ...) number positions from
+        # padding_idx + 1, so the rows up to the padding index are never a token's: 514 rows hold
+        # 512 tokens, and a 514-token input would index past the table.
+        return table.num_embeddings - table.padding_idx - 1
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _max_length(model, tokenizer, folder: str | None = None) -> int:
+    limits = [_position_limit(model), getattr(tokenizer, "model_max_length", None)]
     # A sentence-transformers model was trained on at most max_seq_length tokens (256 for MiniLM,
     # whose position table holds 512): longer prompts are cut where its training cut them.
     try:

@@ -171,3 +171,57 @@ def test_read_tar_member_refuses_links(tmp_path: Path) -> None:
     archive = _tar(tmp_path / "l.tar", [(_link("x", "/etc/passwd", tarfile.SYMTYPE), None)])
     with pytest.raises(UnsafeArchiveError, match="'x' is not a regular file"):
         read_tar_member(archive, "x")
+
+
+def _folder(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+@pytest.mark.parametrize("members, culprit", [
+    ([(_file("Task/a.txt"), b"x"), (_link("Task/a.txt", "b.txt", tarfile.SYMTYPE), None)], "Task/a.txt"),
+    ([(_file("Task/a"), b"x"), (_folder("Task/a"), None)], "Task/a"),
+    ([(_folder("Task/a"), None), (_file("Task/a"), b"x")], "Task/a"),
+    ([(_file("Task/a"), b"x"), (_file("Task/a/b.txt"), b"y")], "Task/a/b.txt"),
+    ([(_file("Task/a"), b"x"), (_link("Task/a", "Task/a", tarfile.LNKTYPE), None)], "Task/a"),
+    ([(_file("Task/b.txt"), b"x"), (_link("lnk", "Task", tarfile.SYMTYPE), None),
+      (_link("lnk/b.txt", "ok.txt", tarfile.SYMTYPE), None)], "lnk/b.txt"),
+], ids=["file-then-symlink", "file-then-folder", "folder-then-file", "file-then-file-inside-it",
+        "hard-link-to-itself", "symlink-over-a-file-through-a-folder-link"])
+def test_members_whose_names_clash_are_refused_before_anything_is_written(tmp_path: Path, members: list,
+                                                                          culprit: str) -> None:
+    # A second entry of one name that tar could only extract by deleting the first (a link or a
+    # folder where a file is) is the archive's fault: named, and refused before the first byte.
+    archive = _tar(tmp_path / "clash.tar", [(_file("Task/ok.txt"), b"fine"), *members])
+    with pytest.raises(UnsafeArchiveError) as caught:
+        safe_extract(archive, tmp_path / "out")
+    assert str(archive) in str(caught.value) and f"member '{culprit}'" in str(caught.value)
+    assert not (tmp_path / "out" / "Task").exists()
+
+
+def test_repeated_folders_and_a_file_over_a_file_still_extract(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "repeat.tar", [(_folder("Task"), None), (_file("Task/a.txt"), b"first"),
+                                             (_folder("Task"), None), (_file("Task/a.txt"), b"second")])
+    safe_extract(archive, tmp_path / "out")
+    assert (tmp_path / "out" / "Task" / "a.txt").read_bytes() == b"second"
+
+
+def test_a_member_under_a_dangling_folder_link_is_refused_by_name(tmp_path: Path) -> None:
+    # "lnk" -> "absent" is harmless, but nothing can be written under it: the clash on disk is
+    # reported as the archive's, not as a bare FileExistsError.
+    archive = _tar(tmp_path / "dangling.tar", [(_link("lnk", "absent", tarfile.SYMTYPE), None),
+                                               (_file("lnk/x.txt"), b"x")])
+    with pytest.raises(UnsafeArchiveError, match=r"dangling\.tar: member 'lnk/x\.txt' cannot be extracted"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out" / "absent").exists()
+
+
+def test_zip_members_whose_names_clash_are_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "clash.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("Task/a", b"x")
+        bundle.writestr("Task/a/b.txt", b"y")
+    with pytest.raises(UnsafeArchiveError, match=r"clash\.zip: member 'Task/a/b\.txt' needs the folder 'Task/a'"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out" / "Task").exists()

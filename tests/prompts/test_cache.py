@@ -298,3 +298,44 @@ def test_the_same_weights_in_another_folder_are_the_same_encoder(path, fake_enco
     cache = ensure_prompts(path, ["A new prompt."], FakeEncoder(identity="clipmd-copy@0123456789ab"))
     assert "A new prompt." in cache
     assert same_encoder("a@0123456789ab", "b@0123456789ab") and not same_encoder("a@0123456789ab", "a@ffffffffffff")
+
+
+class _NegatedEncoder(FakeEncoder):
+    """Same identity, other vectors: tensors the manifest beside them must not be taken to vouch for."""
+
+    def vector(self, text: str) -> torch.Tensor:
+        return -super().vector(text)
+
+
+def _tensors_without_their_manifest(path):
+    """A cache whose manifest vouches for other tensors than the ones beside it (another write's)."""
+    build_prompt_cache(TEXTS, _NegatedEncoder(), path)
+    manifest = json.loads(manifest_path(path).read_text(encoding="utf-8"))
+    manifest["tensors_sha256"] = "0" * 64
+    manifest_path(path).write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def test_ensure_prompts_rebuilds_a_cache_whose_manifest_disagrees(path, caplog):
+    _tensors_without_their_manifest(path)
+    encoder = FakeEncoder()
+    cache = ensure_prompts(path, TEXTS[:1], encoder)
+    assert sorted(encoder.encoded) == sorted(TEXTS)  # every text encoded again, none taken from the tensors
+    assert all(torch.equal(cache.get(text), encoder.vector(text)) for text in TEXTS)
+    assert str(manifest_path(path)) in caplog.text and "tensors sha256" in caplog.text
+    rebuilt = PromptCache.load(path)  # the manifest agrees again
+    assert torch.equal(rebuilt.get(TEXTS[0]), encoder.vector(TEXTS[0]))
+
+
+def test_ensure_prompts_without_persist_encodes_a_disagreeing_cache_again_in_memory(path, caplog):
+    _tensors_without_their_manifest(path)
+    before = _snapshot(path)
+    encoder = FakeEncoder()
+    cache = ensure_prompts(path, ["A new prompt."], encoder, persist=False)
+    assert all(torch.equal(cache.get(text), encoder.vector(text)) for text in [*TEXTS, "A new prompt."])
+    assert _snapshot(path) == before and "for this run only" in caplog.text
+
+
+def test_ensure_prompts_refuses_a_disagreeing_cache_it_cannot_encode_again(path):
+    _tensors_without_their_manifest(path)
+    with pytest.raises(PromptError, match=f"{re.escape(str(path))} was made by fake@000000000000.*disagree"):
+        ensure_prompts(path, TEXTS[:1], FakeEncoder(identity="other@222222222222"))

@@ -174,3 +174,24 @@ def test_an_encoder_only_t5_checkpoint_loads(tmp_path):
     vectors = encoder.encode(["a scan of the liver", "a scan of the kidney"])
     assert vectors.shape == (2, 16) and torch.isfinite(vectors).all()
     assert not torch.allclose(vectors[0], vectors[1])
+
+
+def test_a_roberta_style_model_reads_only_the_positions_its_table_holds(tmp_path, caplog):
+    """RoBERTa numbers positions from pad_token_id + 1: a table of 20 rows holds 18 tokens, and a
+    tokenizer without a limit of its own (a huge sentinel) must not let 20 through."""
+    import transformers
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    vocab = {token: i for i, token in enumerate(specials + list("abcdefghijklmnopqrstuvwxyz.") + ["\u0120"])}
+    tokenizer = transformers.RobertaTokenizer(vocab=vocab, merges=[])  # byte-level BPE, one token per letter
+    config = transformers.RobertaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=20,
+                                        pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.RobertaModel(config).save_pretrained(tmp_path / "roberta")
+    tokenizer.save_pretrained(tmp_path / "roberta")
+    encoder = TextEncoder(str(tmp_path / "roberta"))
+    assert encoder.tokenizer.model_max_length > 100_000 and encoder.max_length == 18
+    vectors = encoder.encode(["a computed tomography scan of the liver", "a scan"])
+    assert vectors.shape == (2, 16) and torch.isfinite(vectors).all()
+    assert "reads only the first 18" in caplog.text
