@@ -30,7 +30,11 @@ def body_mask(array: np.ndarray, modality: str) -> np.ndarray:
     # Every step below only changes voxels inside the mask's bounding box (plus one voxel), so it runs on that box.
     box = _padded_box(mask)
     inner = mask[box]
-    inner = _binary_opening_cross(inner) if int(np.count_nonzero(inner)) > 1000 else inner
+    # Erosion counts the space beyond the array as background, so along an axis of one or two voxels
+    # (a single-slice scan) it empties the mask and the statistics would fall back to the whole image,
+    # air included: such axes are left out and the opening acts within the slice.
+    axes = tuple(axis for axis in range(mask.ndim) if mask.shape[axis] >= 3)
+    inner = _binary_opening_cross(inner, axes) if int(np.count_nonzero(inner)) > 1000 else inner
     labels, count = ndimage.label(inner)
     if count > 1:
         sizes = np.bincount(labels.ravel())[1:]
@@ -57,10 +61,14 @@ def _padded_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _binary_opening_cross(mask: np.ndarray) -> np.ndarray:
-    """``ndimage.binary_opening(mask, iterations=1)`` (face-connected cross, zero border), by shifted ANDs and ORs."""
+def _binary_opening_cross(mask: np.ndarray, axes: Sequence[int] | None = None) -> np.ndarray:
+    """``ndimage.binary_opening(mask, iterations=1)`` (face-connected cross, zero border), by shifted ANDs and ORs.
+
+    ``axes`` limits the cross to those axes (all by default): the opening with the cross of a lower dimension.
+    """
+    axes = tuple(range(mask.ndim)) if axes is None else tuple(axes)
     eroded = mask.copy()
-    for axis in range(mask.ndim):
+    for axis in axes:
         low = [slice(None)] * mask.ndim
         high = [slice(None)] * mask.ndim
         low[axis], high[axis] = slice(None, -1), slice(1, None)
@@ -72,7 +80,7 @@ def _binary_opening_cross(mask: np.ndarray) -> np.ndarray:
         eroded[tuple(first)] = False
         eroded[tuple(last)] = False
     opened = eroded.copy()
-    for axis in range(mask.ndim):
+    for axis in axes:
         low = [slice(None)] * mask.ndim
         high = [slice(None)] * mask.ndim
         low[axis], high[axis] = slice(None, -1), slice(1, None)

@@ -61,7 +61,7 @@ def _check_slice_positions(folder: Path, planes: Sequence[Sequence[str]]) -> Non
     Several echoes, phases or time frames under one series UID share slice positions; missing
     slices leave uneven steps. Both give a volume whose geometry (and so every mask) is wrong.
     """
-    positions, normal = [], None
+    positions, points, normal = [], [], None
     for position, orientation in planes:
         try:
             point = np.array([float(v) for v in position.split("\\")])
@@ -73,8 +73,10 @@ def _check_slice_positions(folder: Path, planes: Sequence[Sequence[str]]) -> Non
         if point.shape != (3,) or normal is None or normal.shape != (3,):
             return
         positions.append(float(point @ normal))
+        points.append(point)
     if len(positions) < 2:
         return
+    _check_stack_is_not_sheared(folder, np.asarray(points), normal, np.asarray(positions))
     ordered = np.sort(np.asarray(positions))
     steps = np.diff(ordered)
     if np.any(steps < 1e-3):
@@ -87,6 +89,31 @@ def _check_slice_positions(folder: Path, planes: Sequence[Sequence[str]]) -> Non
         raise DataError(f"{folder}: DICOM slice spacing is uneven ({steps.min():.3g} to {steps.max():.3g} mm): slices "
                         "are missing or the series mixes volumes; a stack of unevenly spaced slices has no single "
                         "spacing")
+
+
+# Slice origins may stray from the line along the slice normal by rounding in the writer; a gantry
+# tilt moves them a millimetre or more per centimetre of stack.
+SHEAR_TOLERANCE_MM = 0.1
+
+
+def _check_stack_is_not_sheared(folder: Path, points: np.ndarray, normal: np.ndarray, positions: np.ndarray) -> None:
+    """Refuse slices whose origins do not line up along the slice normal (a CT gantry tilt).
+
+    ITK stacks them anyway with an orthonormal direction: the in-plane drift from slice to slice is
+    lost and the slice spacing becomes the distance between origins (5.18 mm for 5 mm slices at
+    15 degrees), so the volume is sheared and stretched and every mask is displaced in the patient.
+    """
+    unit = normal / np.linalg.norm(normal)
+    order = np.argsort(positions)
+    offsets = points[order] - points[order[0]]
+    drift = offsets - np.outer(offsets @ unit, unit)
+    lateral = float(np.linalg.norm(drift, axis=1).max())
+    if lateral > SHEAR_TOLERANCE_MM:
+        extent = float(positions.max() - positions.min())
+        angle = float(np.degrees(np.arctan2(lateral, extent))) if extent > 0 else 90.0
+        raise DataError(f"{folder}: DICOM slice origins drift {lateral:.3g} mm sideways over a {extent:.3g} mm stack "
+                        f"(a gantry tilt of about {angle:.2g} degrees): the slices do not form a rectangular volume; "
+                        "convert the series with a tool that corrects gantry tilt (e.g. dcm2niix) and give the NIfTI")
 
 
 def _read_dicom_series(folder: Path) -> tuple[sitk.Image, list[Path]]:

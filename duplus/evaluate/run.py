@@ -79,9 +79,11 @@ def _spread_over_centers(part: pd.DataFrame, cap: int, seed: int) -> pd.DataFram
 def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
     """Mean per (dataset, class) ignoring NaN hd95, plus a 'mean' row per dataset (mean over classes).
 
-    ``n``: cases evaluated. ``hd95_n``: cases with a finite HD95 (both masks non-empty): a structure
-    the model misses has none, so its HD95 mean covers fewer cases; compare the two. On a dataset's
-    mean row ``hd95_n`` counts the classes its HD95 mean covers.
+    ``n``: cases evaluated. ``hd95_n``: cases with a finite HD95: both masks non-empty, or both empty
+    (0 mm by the convention of ``duplus.evaluate.metrics``, so a case without the structure that the
+    model rightly leaves empty counts, at 0 mm); a structure the model misses or invents has none, so
+    its HD95 mean covers fewer cases; compare the two. On a dataset's mean row ``hd95_n`` counts the
+    classes its HD95 mean covers.
     """
     rows = []
     for dataset, part in per_case.groupby("dataset", sort=True):

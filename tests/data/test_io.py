@@ -143,6 +143,25 @@ def test_dicom_series_that_are_not_one_even_stack_are_refused(tmp_path: Path) ->
         read_image(files[0])
 
 
+def test_a_gantry_tilted_dicom_series_is_refused_an_oblique_one_is_read(tmp_path: Path) -> None:
+    """ITK stacked a 15-degree gantry tilt as an upright volume with 5.18 mm slices: the in-plane drift
+    of the slice origins (5 mm x tan 15 = 1.34 mm per slice) was lost and the stack stretched."""
+    tilt = np.deg2rad(15.0)
+    image, _ = make_volume(shape_zyx=(8, 8, 9), spacing=(0.8, 0.8, 5.0))
+    # A third column leaning towards y puts slice k's origin at (0, 5 k sin, 5 k cos): a tilted gantry.
+    image.SetDirection((1, 0, 0, 0, 1, float(np.sin(tilt)), 0, 0, float(np.cos(tilt))))
+    write_dicom_series(image, tmp_path / "tilted", modality="CT")
+    with pytest.raises(DataError, match=r"tilted: DICOM slice origins drift 9.06 mm sideways .*tilt of about 15"):
+        read_image(tmp_path / "tilted")
+    angle = np.deg2rad(20.0)
+    oblique, _ = make_volume(shape_zyx=(8, 8, 9), spacing=(0.8, 0.8, 5.0), direction=(
+        float(np.cos(angle)), 0, float(np.sin(angle)), 0, 1, 0, -float(np.sin(angle)), 0, float(np.cos(angle))))
+    write_dicom_series(oblique, tmp_path / "oblique", modality="MR")
+    read = read_image(tmp_path / "oblique")
+    assert np.allclose(read.GetSpacing(), (0.8, 0.8, 5.0), atol=1e-4)
+    assert np.allclose(read.GetDirection(), oblique.GetDirection(), atol=1e-4)
+
+
 def test_a_folder_with_two_volumes_is_refused_and_scouts_are_ignored(tmp_path: Path) -> None:
     image, _ = make_volume(shape_zyx=(6, 8, 9), spacing=(0.8, 0.8, 2.0))
     study = tmp_path / "study"

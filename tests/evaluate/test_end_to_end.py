@@ -52,7 +52,7 @@ class IntensityOracle(torch.nn.Module):
         return 50.0 * (image - cut)
 
 
-def test_oracle_is_perfect_after_restoring_to_the_original_grid(tmp_path):
+def _oracle_case(tmp_path):
     label = np.zeros((12, 20, 24), np.uint8)  # Z, Y, X; off-centre so that a flip would be caught
     label[2:9, 4:14, 3:15] = 1
     label[4:7, 6:10, 5:9] = 2
@@ -83,7 +83,25 @@ def test_oracle_is_perfect_after_restoring_to_the_original_grid(tmp_path):
                                region="abdomen", split="test", image="c1/image.npy", meta="c1/meta.json",
                                labels=json.dumps({"1": "liver", "2": "liver tumor"}),
                                raw_image=str(tmp_path / "image.nii.gz"), raw_label=str(tmp_path / "label.nii.gz"))])
-    per_case = evaluate_cases(IntensityOracle(cuts), cases, TemplateCache(), config, manifest_dir=tmp_path)
+    return IntensityOracle(cuts), cases, config
+
+
+def test_oracle_is_perfect_after_restoring_to_the_original_grid(tmp_path):
+    oracle, cases, config = _oracle_case(tmp_path)
+    per_case = evaluate_cases(oracle, cases, TemplateCache(), config, manifest_dir=tmp_path)
     assert per_case["class"].tolist() == ["liver", "liver tumor"]
     assert per_case["dice"].min() > 0.99, per_case
     assert per_case["hd95"].max() < 1e-6 and per_case["center"].tolist() == ["siteB", "siteB"]
+
+
+@pytest.mark.parametrize("axis,mm", [(0, 3.0), (1, 1.2), (2, 1.6)])
+def test_hd95_is_measured_in_mm_of_the_original_grid_along_each_array_axis(tmp_path, monkeypatch, axis, mm):
+    """A prediction one original voxel off along array axis Z, Y or X scores that voxel's size in mm
+    (spacing 1.6 x 1.2 x 3.0 mm as x, y, z): the spacing reaches the metric in array order."""
+    import duplus.evaluate.cases as cases_module
+
+    restore = cases_module.restore_mask
+    monkeypatch.setattr(cases_module, "restore_mask", lambda *args: np.roll(restore(*args), 1, axis=axis))
+    oracle, cases, config = _oracle_case(tmp_path)
+    per_case = evaluate_cases(oracle, cases, TemplateCache(), config, manifest_dir=tmp_path)
+    assert per_case["hd95"].tolist() == pytest.approx([mm, mm])
