@@ -130,7 +130,8 @@ _CLASSES: tuple[ClassInfo, ...] = (
     _c("enhancing tumor", "brain", "tumor core", "enhancing tumor core", "contrast enhancing tumor"),
     _c("grey matter", "brain", None, "gray matter", "gm", "cortical grey matter"),
     _c("white matter", "brain", None, "wm", "cerebral white matter"),
-    _c("csf", "brain", None, "cerebrospinal fluid", "ventricles", "cerebro spinal fluid"),
+    # Not "ventricles": a cardiac dataset's label of that name would silently become brain CSF.
+    _c("csf", "brain", None, "cerebrospinal fluid", "cerebro spinal fluid"),
     _c("hippocampus", "brain", None, "hippocampi"),
     _c("anterior hippocampus", "brain", "hippocampus", "hippocampus anterior", "hippocampal head"),
     _c("posterior hippocampus", "brain", "hippocampus", "hippocampus posterior", "hippocampal body and tail"),

@@ -28,6 +28,13 @@ def test_unknown_text_is_none_and_require_names_where() -> None:
         taxonomy.require_class("banana", "datasets.x.labels.3")
 
 
+def test_an_ambiguous_label_name_is_refused_rather_than_guessed() -> None:
+    # "ventricles" names heart chambers as often as brain CSF spaces: the user must say which.
+    assert taxonomy.canonical_name("ventricles") is None
+    with pytest.raises(DataError, match="left ventricle"):
+        taxonomy.require_class("ventricles", "datasets.x.labels.1")
+
+
 def test_hierarchy_parents_and_descendants() -> None:
     assert taxonomy.parents("liver tumor") == ["liver"]
     assert taxonomy.parents("left lens") == ["left eye", "eye"]
