@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import sys
 import time
 
@@ -36,6 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--channels-last", action="store_true", help="run the network in NDHWC layout")
     return parser.parse_args(argv)
+
+
+STOPPED = "not run: time limit (SIGTERM)"
+
+
+class TimeLimit(BaseException):
+    """SIGTERM arrived (a BaseException, so that no ``except Exception`` on the way swallows it)."""
+
+
+def _stop_on_term(signum, frame) -> None:
+    raise TimeLimit()
 
 
 def _sync(device: torch.device) -> None:
@@ -98,28 +110,32 @@ def main(argv: list[str] | None = None) -> dict:
     config = {"pretrain": {"patch_size": patch},
               "inference": {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "blend": "gaussian"}}
     volume = torch.randn(args.size)
-    # One untimed window batch first: CUDA start-up and cuDNN's per-shape kernel search
-    # (cudnn.benchmark) would otherwise be charged to the first prompt count, memory included.
-    _window_batch_seconds(model, device, patch, args.sw_batch_size, 1)
-    runs = []
-    for k in sorted(args.prompts):
-        targets = torch.randn(k, cfg.text_dim)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
-        start = time.perf_counter()
-        predict_masks(model, volume, "CT", torch.randn(cfg.text_dim), targets, config, desc=f"{k} prompts")
-        _sync(device)
-        run = {"prompts": k, "seconds_per_volume": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
-        if device.type == "cuda":
-            run["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        runs.append(run)
-        print(f"{k} prompts: {run['seconds_per_volume']:.1f} s", file=sys.stderr)
-    one = _window_batch_seconds(model, device, patch, args.sw_batch_size, 1)
     many_k = max(8, max(args.prompts))
-    many = _window_batch_seconds(model, device, patch, args.sw_batch_size, many_k)
-    head_one = _head_seconds(model, device, patch, args.sw_batch_size, 1)
-    head_many = _head_seconds(model, device, patch, args.sw_batch_size, many_k)
+    runs: list[dict] = []
+    window: dict[str, float] = {}
+    # A time limit (SIGTERM, as `timeout` sends) stops the measurement; the prompt counts timed so
+    # far are still printed, so a suite cut short keeps the volume timings it has.
+    previous = signal.signal(signal.SIGTERM, _stop_on_term)
+    stopped = None
+    try:
+        # One untimed window batch first: CUDA start-up and cuDNN's per-shape kernel search
+        # (cudnn.benchmark) would otherwise be charged to the first prompt count, memory included.
+        _window_batch_seconds(model, device, patch, args.sw_batch_size, 1)
+        for k in sorted(args.prompts):
+            runs.append(_volume_run(model, device, volume, cfg, config, k))
+            print(f"{k} prompts: {runs[-1]['seconds_per_volume']:.1f} s", file=sys.stderr)
+        window["one"] = _window_batch_seconds(model, device, patch, args.sw_batch_size, 1)
+        window["many"] = _window_batch_seconds(model, device, patch, args.sw_batch_size, many_k)
+        window["head_one"] = _head_seconds(model, device, patch, args.sw_batch_size, 1)
+        window["head_many"] = _head_seconds(model, device, patch, args.sw_batch_size, many_k)
+    except TimeLimit:
+        stopped = STOPPED
+    finally:
+        # A second SIGTERM must not kill the process while it writes what it measured.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    one, many = window.get("one"), window.get("many")
+    head_one, head_many = window.get("head_one"), window.get("head_many")
+    complete = stopped is None
     result = {
         "script": "bench/inference.py",
         "preset": args.preset,
@@ -132,11 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
         "macs_per_window": count_macs(cfg, patch, 1),
         "macs_per_window_per_extra_prompt": count_macs(cfg, patch, 2) - count_macs(cfg, patch, 1),
         "runs": runs,
-        "class_scaling_ratio": many / one,
+        "class_scaling_ratio": many / one if complete else None,
         "class_scaling_k": many_k,
         "window_batch_seconds": {"1": one, str(many_k): many},
         "head_seconds_per_window_batch": {"1": head_one, str(many_k): head_many},
-        "class_scaling_ratio_from_head": (one + head_many - head_one) / one,
+        "class_scaling_ratio_from_head": (one + head_many - head_one) / one if complete else None,
         # Whole volume (windows + blending + thresholding): the largest prompt count vs the smallest.
         "volume_class_scaling_ratio": runs[-1]["seconds_per_volume"] / runs[0]["seconds_per_volume"] if len(runs) > 1 else None,
         "machine": {
@@ -149,8 +165,27 @@ def main(argv: list[str] | None = None) -> dict:
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
-    print(json.dumps(result, indent=2))
+    if stopped:
+        result["stopped"] = f"{stopped}; prompt counts not timed: {sorted(args.prompts)[len(runs):]}"
+    print(json.dumps(result, indent=2), flush=True)
+    signal.signal(signal.SIGTERM, previous)
     return result
+
+
+def _volume_run(model: DuPLUS, device: torch.device, volume: torch.Tensor, cfg: ModelConfig, config: dict,
+                k: int) -> dict:
+    """One whole volume with ``k`` prompts through ``predict_masks``: seconds and peak memory."""
+    targets = torch.randn(k, cfg.text_dim)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    predict_masks(model, volume, "CT", torch.randn(cfg.text_dim), targets, config, desc=f"{k} prompts")
+    _sync(device)
+    run = {"prompts": k, "seconds_per_volume": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        run["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return run
 
 
 if __name__ == "__main__":

@@ -65,7 +65,15 @@ def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int]
     if layout == ["cl"]:
         use_channels_last(model)
     optimizer = build_optimizer(model.parameters(), 1e-4, 3e-5, device)
-    forward = torch.compile(model) if compiled == "compiled" else model
+    if compiled == "compiled":
+        # Every compiled variant starts from a clean compiler state with static shapes: dynamo
+        # keeps per-function state across models, so a second variant in the same process (another
+        # batch size or layout) would otherwise be compiled with symbolic sizes or strides, which
+        # is not what a training run of fixed patches compiles.
+        torch._dynamo.reset()
+        forward = torch.compile(model, dynamic=False)
+    else:
+        forward = model
     amp = torch.bfloat16 if precision == "bf16" else None
     image = torch.randn((batch, 1, *patch), device=device)
     modality = torch.zeros(batch, dtype=torch.long)  # on the host, as the training loop passes it
@@ -107,6 +115,10 @@ def _variant(cfg: ModelConfig, device: torch.device, name: str, patch: list[int]
             result["profile"] = profile_steps(step, device, PROFILED_STEPS)
         except Exception as error:  # noqa: BLE001 - a profiler that cannot start must not cost the timing
             result["profile"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+        except TimeLimit:
+            # The limit came during the profile: the timing above is complete and is kept.
+            result["profile"] = {"error": STOPPED}
+            raise TimeLimit(result) from None
     return result
 
 
@@ -116,7 +128,8 @@ STOPPED = "not run: time limit (SIGTERM)"
 
 class TimeLimit(BaseException):
     """SIGTERM arrived: stop timing, report what was measured (a BaseException, so that no
-    ``except Exception`` around a variant or its profile swallows it)."""
+    ``except Exception`` around a variant or its profile swallows it). Its argument, if any, is
+    the run of the variant in progress when its timing was already complete."""
 
 
 def _stop_on_term(signum, frame) -> None:
@@ -127,6 +140,10 @@ def _stop_on_term(signum, frame) -> None:
 # them, normalisations, fused elementwise code, the optimizer.
 KERNEL_CATEGORIES = [
     ("fused (compiled)", ("triton",)),
+    # The decoder's trilinear upsampling (its backward adds with atomics) and skip concatenation:
+    # unfused full-resolution passes that would otherwise hide under "other".
+    ("upsampling", ("upsample",)),
+    ("concatenation", ("catarray", "aten::cat")),
     # Layout kernels by name only: a generic copy kernel is mostly autocast's dtype casts.
     ("layout transpose", ("nchwtonhwc", "nhwctonchw", "transpose", "permute", "aten::contiguous", "aten::clone")),
     ("optimizer", ("adam", "multi_tensor_apply", "foreach_")),
@@ -229,38 +246,42 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {VARIANTS}")
     macs = count_macs(cfg, patch, args.classes)
     flops_per_sample = 3 * 2 * macs
+    params = count_parameters(DuPLUS(cfg))  # before the timing: a limit after it must find nothing left to do
+    planned = [(name, batch) for batch in batches for name in variants]
     runs = []
     # A time limit (SIGTERM, as `timeout` sends) ends the current variant; the JSON of the runs
     # done so far is still printed, so a suite cut short keeps what it measured.
     previous = signal.signal(signal.SIGTERM, _stop_on_term)
     try:
-        for batch in batches:
-            for name in variants:
-                if runs and runs[-1].get("error") == STOPPED:
-                    runs.append({"variant": name, "batch": batch, "error": STOPPED})
-                    continue
-                print(f"timing {name} at batch {batch} ...", file=sys.stderr)
-                try:
-                    run = _variant(cfg, device, name, patch, batch, args.classes, steps, args.warmup,
-                                   profiled=name in args.profile)
-                    run["achieved_tflops"] = run["samples_per_s"] * flops_per_sample / 1e12
-                except TimeLimit:
-                    run = {"variant": name, "batch": batch, "error": STOPPED}
-                except Exception as error:  # noqa: BLE001 - one failing variant (OOM, no compiler) must not hide the others
-                    run = {"variant": name, "batch": batch,
-                           "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
-                runs.append(run)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        for name, batch in planned:
+            print(f"timing {name} at batch {batch} ...", file=sys.stderr)
+            try:
+                run = _variant(cfg, device, name, patch, batch, args.classes, steps, args.warmup,
+                               profiled=name in args.profile)
+            except TimeLimit as limit:
+                if limit.args:  # timed, then stopped in its profile
+                    _add_tflops(limit.args[0], flops_per_sample)
+                    runs.append(limit.args[0])
+                raise
+            except Exception as error:  # noqa: BLE001 - one failing variant (OOM, no compiler) must not hide the others
+                run = {"variant": name, "batch": batch,
+                       "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+            runs.append(_add_tflops(run, flops_per_sample))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except TimeLimit:  # in a variant or between two: the rest are marked, the output still written
+        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # A second SIGTERM must not kill the process while it writes what it measured.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    runs += [{"variant": name, "batch": batch, "error": STOPPED} for name, batch in planned[len(runs):]]
     result = {
         "script": "bench/train_step.py",
         "preset": args.preset,
         "patch": patch,
         "batch": batches,
         "classes": args.classes,
-        "params": count_parameters(DuPLUS(cfg)),
+        "params": params,
         "macs_per_sample_forward": macs,
         "flops_per_sample_train": flops_per_sample,
         "timed_steps": steps,
@@ -272,8 +293,15 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
         },
     }
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
+    signal.signal(signal.SIGTERM, previous)
     return result
+
+
+def _add_tflops(run: dict, flops_per_sample: int) -> dict:
+    if "samples_per_s" in run:
+        run["achieved_tflops"] = run["samples_per_s"] * flops_per_sample / 1e12
+    return run
 
 
 if __name__ == "__main__":

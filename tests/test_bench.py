@@ -59,6 +59,11 @@ def test_kernel_names_fall_into_the_categories_a_gpu_profile_needs():
         "void multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
         "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_nn": "matmul",
         "void at::native::vectorized_elementwise_kernel<4, EluBackwardFunctor>": "elementwise",
+        "void at::native::(anonymous namespace)::upsample_trilinear3d_backward_out_frame<c10::BFloat16, float>":
+            "upsampling",
+        "triton_poi_fused_upsample_trilinear3d_cat_3": "fused (compiled)",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>,"
+        " unsigned int, 4, 64, 64>": "concatenation",
         "Memset (Device)": "other",
     }
     assert {name: bench.kernel_category(name) for name in names} == names
@@ -175,3 +180,105 @@ def test_a_time_limit_keeps_the_runs_already_measured(monkeypatch, capsys):
     assert result["runs"][1]["error"] == result["runs"][2]["error"] == bench.STOPPED
     assert calls == ["eager-fp32", "eager-fp32-cl"]
     assert json.loads(capsys.readouterr().out)["runs"][0]["variant"] == "eager-fp32"
+
+
+def test_each_compiled_variant_compiles_afresh_with_static_shapes(monkeypatch):
+    """Compiled variants after the first (another batch or layout) must not inherit dynamo's state:
+    it would compile them with symbolic sizes or strides, unlike a training run of fixed patches."""
+    import torch
+
+    bench = _script("train_step")
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+
+    def compile(model, **kwargs):
+        calls.append(("compile", kwargs.get("dynamic", "unset")))
+        return model  # eager: the test is about how compilation is asked for, not about inductor
+
+    monkeypatch.setattr(torch, "compile", compile)
+    result = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--batch", "1", "2",
+                         "--variants", "compiled-fp32", "eager-fp32", "--device", "cpu"])
+    assert all("samples_per_s" in run for run in result["runs"])
+    assert calls == ["reset", ("compile", False)] * 2
+
+
+def test_a_time_limit_during_a_profile_keeps_that_variants_timing(monkeypatch, capsys):
+    import os
+    import signal
+
+    bench = _script("train_step")
+
+    def profile(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` does, while the profiler runs
+        raise AssertionError("the SIGTERM handler should have stopped the profile")
+
+    monkeypatch.setattr(bench, "profile_steps", profile)
+    before = signal.getsignal(signal.SIGTERM)
+    result = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--batch", "1",
+                         "--variants", "eager-fp32", "eager-fp32-cl", "--profile", "eager-fp32", "--device", "cpu"])
+    timed, stopped = result["runs"]
+    assert timed["samples_per_s"] > 0 and timed["achieved_tflops"] > 0
+    assert timed["profile"] == {"error": bench.STOPPED}
+    assert stopped == {"variant": "eager-fp32-cl", "batch": 1, "error": bench.STOPPED}
+    assert result["summary"]["fastest"] == "eager-fp32 at batch 1"
+    assert json.loads(capsys.readouterr().out)["runs"][0]["samples_per_s"] == timed["samples_per_s"]
+    assert signal.getsignal(signal.SIGTERM) == before  # restored once the output is written
+
+
+def test_inference_cut_by_a_time_limit_keeps_the_volumes_it_timed(monkeypatch, capsys):
+    import os
+    import signal
+
+    bench = _script("inference")
+    real, counts = bench._volume_run, []
+
+    def volume_run(model, device, volume, cfg, config, k):
+        counts.append(k)
+        if len(counts) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, device, volume, cfg, config, k)
+
+    monkeypatch.setattr(bench, "_volume_run", volume_run)
+    result = bench.main(["--preset", "tiny", "--size", "40", "40", "40", "--prompts", "1", "8", "--device", "cpu"])
+    assert [run["prompts"] for run in result["runs"]] == [1]
+    assert result["runs"][0]["seconds_per_volume"] > 0
+    assert result["class_scaling_ratio"] is None and "[8]" in result["stopped"]
+    assert json.loads(capsys.readouterr().out)["runs"] == result["runs"]
+
+
+def _suite(tmp_path, **env):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(tmp_path / "out")], check=False, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_suite_stops_before_any_part_when_a_module_is_missing(tmp_path):
+    """Without monai every part fails within seconds: the suite says so once, and spends nothing."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'monai':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    (tmp_path / "wheels").mkdir()
+    done = _suite(tmp_path, PRESET="tiny", PYTHONPATH=str(hide), WHEELS=str(tmp_path / "wheels"))
+    assert done.returncode == 3, done.stderr
+    assert "missing Python modules: monai" in done.stderr and "fetch_wheels.sh" in done.stderr
+    assert "== train_step" not in done.stderr and not list((tmp_path / "out").glob("*.json"))
+
+
+def test_gpu_suite_at_the_paper_size_refuses_a_machine_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = _suite(tmp_path, PRESET="paper")
+    assert done.returncode == 4 and "no CUDA GPU" in done.stderr
+    assert not list((tmp_path / "out").glob("*"))

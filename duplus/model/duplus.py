@@ -129,7 +129,9 @@ class DuPLUS(nn.Module):
                 " (is the prompt cache from the encoder the model was trained with?)"
             )
         factor = self.cfg.downsample_factor
-        if math.prod(-(-int(n) // factor) for n in image.shape[2:]) < 2:
+        # A list, not a generator: torch.compile cannot trace a generator argument and would
+        # split the network's graph here.
+        if math.prod([-(-int(n) // factor) for n in image.shape[2:]]) < 2:
             # Instance norm needs more than one bottleneck voxel to compute its statistics.
             raise ModelError(
                 f"input {tuple(image.shape[2:])} is too small for this model: the bottleneck would be a single "

@@ -162,3 +162,20 @@ def test_controller_summary_sees_how_strongly_each_feature_is_present(norm, keep
     assert changed == keeps_levels
     with pytest.raises(ConfigError, match="controller_norm"):
         ModelConfig.from_dict({**cfg.to_dict(), "controller_norm": "layer"})
+
+
+def test_compiled_network_breaks_its_graph_only_where_the_stems_route(tiny_model):
+    """torch.compile splits the network only at the stems' host-side routing (data-dependent by
+    nature), not at an input check: every other break would cut the compiled step into more graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    args = (torch.randn(2, 1, 16, 16, 16), torch.zeros(2, dtype=torch.long), torch.randn(2, TEXT_DIM),
+            torch.randn(2, 3, TEXT_DIM))
+    try:
+        torch.compile(tiny_model, backend="eager", dynamic=False)(*args)
+        reasons = [reason.splitlines()[0] for reason in counters["graph_break"]]
+    finally:
+        torch._dynamo.reset()
+    assert reasons and all("Dynamic shape operator" in r or "Data dependent operator" in r for r in reasons), reasons
