@@ -9,7 +9,7 @@ import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.context import BaseContext
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,20 +34,31 @@ def _vector(values: Any, digits: int) -> str:
 
 def geometry_mismatch(image: sitk.Image, label: sitk.Image) -> list[str]:
     """What differs between the grids of ``image`` and ``label`` (empty when they match within tolerance)."""
+    return grid_mismatch(_geometry(image), _geometry(label))
+
+
+def grid_mismatch(image: Mapping[str, Any], label: Mapping[str, Any]) -> list[str]:
+    """:func:`geometry_mismatch` on geometry records (size, spacing, origin, direction), e.g. a meta's original grid."""
     problems = []
-    if image.GetSize() != label.GetSize():
-        problems.append(f"size {label.GetSize()} != image size {image.GetSize()}")
-    spacing_i, spacing_l = np.array(image.GetSpacing()), np.array(label.GetSpacing())
+    size_i, size_l = tuple(int(s) for s in image["size"]), tuple(int(s) for s in label["size"])
+    if size_i != size_l:
+        problems.append(f"size {size_l} != image size {size_i}")
+    spacing_i, spacing_l = np.array(image["spacing"], dtype=float), np.array(label["spacing"], dtype=float)
     if not np.allclose(spacing_i, spacing_l, rtol=SPACING_RTOL, atol=1e-6):
         problems.append(f"spacing {_vector(spacing_l, 5)} != image spacing {_vector(spacing_i, 5)}")
     # Origins may differ by rounding in the writer; a fraction of a voxel is never rounding.
     origin_tol = max(ORIGIN_ATOL_MM, 1e-3 * float(spacing_i.min()))
-    if not np.allclose(image.GetOrigin(), label.GetOrigin(), rtol=0, atol=origin_tol):
-        problems.append(f"origin {_vector(label.GetOrigin(), 4)} != image origin {_vector(image.GetOrigin(), 4)}")
-    if not np.allclose(image.GetDirection(), label.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
-        problems.append(f"direction {_vector(label.GetDirection(), 4)} != image direction "
-                        f"{_vector(image.GetDirection(), 4)}")
+    if not np.allclose(image["origin"], label["origin"], rtol=0, atol=origin_tol):
+        problems.append(f"origin {_vector(label['origin'], 4)} != image origin {_vector(image['origin'], 4)}")
+    if not np.allclose(image["direction"], label["direction"], rtol=0, atol=DIRECTION_ATOL):
+        problems.append(f"direction {_vector(label['direction'], 4)} != image direction "
+                        f"{_vector(image['direction'], 4)}")
     return problems
+
+
+def _geometry(image: sitk.Image) -> dict[str, Any]:
+    return {"size": image.GetSize(), "spacing": image.GetSpacing(), "origin": image.GetOrigin(),
+            "direction": image.GetDirection()}
 
 
 def _extent_overlaps(image: sitk.Image, label: sitk.Image) -> bool:

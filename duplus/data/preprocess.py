@@ -24,7 +24,7 @@ from duplus.atomic import atomic_path, save_npy, write_csv, write_json
 from duplus.data import geometry as geo
 from duplus.data.integrity import check_cases, init_worker, worker_context
 from duplus.data.intensity import apply_box, body_mask, crop_box, normalize
-from duplus.data.io import write_image
+from duplus.data.io import read_image, write_image
 from duplus.data.layouts import Case, list_cases, read_case
 from duplus.data.registry import DatasetSpec, get_dataset
 from duplus.data.staging import STAGING, case_key, clear_case, mark_done, raw_file_hashes, staged_row
@@ -132,12 +132,20 @@ def sample_locations(label: np.ndarray, label_ids: list[int], seed: int) -> dict
 
 
 def _originals(case: Case, image: sitk.Image, label: sitk.Image, folder: Path) -> tuple[str, str]:
-    """Absolute paths of 3-D originals; volumes picked from 4-D files or PNG stacks get a NIfTI copy."""
+    """Absolute paths of 3-D originals; volumes picked from 4-D files or PNG stacks get a NIfTI copy.
+
+    A label on another grid than its image (``label_format="resample"``) stays the file as drawn,
+    not the copy resampled onto the image: evaluation scores on the label's own grid.
+    """
     raw_image, raw_label = str(Path(case.image).resolve()), str(Path(case.label).resolve())
     if case.channel is not None or Path(case.image).is_dir():
         write_image(image, folder / "image_original.nii.gz")
         raw_image = str((folder / "image_original.nii.gz").resolve())
-    if case.label_channel is not None or case.label_format != "image":
+    if case.label_format == "resample":
+        if case.label_channel is not None:  # the chosen volume, still on the label's own grid
+            write_image(read_image(case.label, channel=case.label_channel), folder / "label_original.nii.gz")
+            raw_label = str((folder / "label_original.nii.gz").resolve())
+    elif case.label_channel is not None or case.label_format != "image":
         write_image(label, folder / "label_original.nii.gz")
         raw_label = str((folder / "label_original.nii.gz").resolve())
     return raw_image, raw_label

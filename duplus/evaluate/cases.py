@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from duplus.errors import DataError, PromptError
+from duplus.evaluate import label_grid
 from duplus.evaluate.inference import predict_masks
 from duplus.evaluate.metrics import case_metrics
 from duplus.evaluate.packed import PackedMasks
@@ -141,12 +142,14 @@ def evaluate_case(
     result.seconds.append(time.perf_counter() - started)
 
     label, label_spacing = read_array(row["raw_label"])
-    # Scored on the label's grid and spacing, example or not; the example keeps its image's spacing.
-    raw_image, image_spacing = read_array(row["raw_image"]) if keep_example else (None, label_spacing)
     truth = label_masks(label, label_map, classes)
-    pred = np.stack([restore_mask(pred_small, k, meta) for k in range(len(classes))])
+    # Scored on the label's own grid and spacing, which may not be the image's (``duplus.evaluate.label_grid``).
+    scoring = label_grid.scoring_meta(meta, label_grid.label_geometry(row["raw_label"]))
+    pred = np.stack([restore_mask(pred_small, k, scoring) for k in range(len(classes))])
     if pred.shape != truth.shape:
         raise DataError(f"{where}: restored prediction {pred.shape[1:]} differs from the raw label grid {truth.shape[1:]}")
+    if scoring is not meta:
+        pred &= label_grid.image_field_of_view(meta["original"], scoring["original"])
     tolerance = float((config.get("evaluate") or {}).get("nsd_tolerance_mm", 2.0))
     scores = case_metrics(pred, truth, label_spacing, classes, tolerance)
     for item in scores:
@@ -154,6 +157,10 @@ def evaluate_case(
     log.info("%s (%s): dice %s", where, row.get("center", ""), ", ".join(f"{s['class']} {s['dice']:.3f}" for s in scores))
     result.max_classes = max(result.max_classes, len(classes))
     if keep_example:
+        raw_image, image_spacing = read_array(row["raw_image"])
+        if scoring is not meta:  # the picture stays on the image's grid: prediction and truth are brought onto it
+            pred = np.stack([restore_mask(pred_small, k, meta) for k in range(len(classes))])
+            truth = label_masks(label_grid.label_on_image_grid(row["raw_label"], meta["original"]), label_map, classes)
         result.examples[str(row["dataset"])] = {
             "image": np.asarray(raw_image, dtype=np.float32),
             "pred": pred.astype(np.uint8),
