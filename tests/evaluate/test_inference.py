@@ -38,8 +38,14 @@ def test_volume_larger_than_window(model):
 
 
 def test_volume_smaller_than_window_is_padded(model):
-    probs = predict_probabilities(model, torch.randn(9, 16, 5).numpy(), 0, torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), _config())
+    image, ctx, tgt = torch.randn(9, 16, 5), torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM)
+    probs = predict_probabilities(model, image.numpy(), 0, ctx, tgt, _config())
     assert probs.shape == (2, 9, 16, 5)
+    # One window over the volume padded at the far end with its minimum (as training pads), cropped back.
+    padded = torch.nn.functional.pad(image, (0, 11, 0, 0, 0, 7), value=float(image.min()))
+    with torch.no_grad():
+        direct = torch.sigmoid(model.eval()(padded[None, None], torch.tensor([0]), ctx[None], tgt))[0, :, :9, :, :5]
+    assert torch.allclose(probs, direct, atol=1e-5)
 
 
 def test_single_window_equals_direct_forward(model):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from duplus.errors import CheckpointError, ConfigError
+from duplus.errors import CheckpointError, ConfigError, ModelError
 from duplus.hashing import sha256_file
 from duplus.model import DuPLUS, ModelConfig, load_model, lora_target_names, save_model
 from duplus.train.adapters import (
@@ -172,7 +172,7 @@ def test_two_adapters_switch(adapted, base_file, center_data, tmp_path):
     out_b = _out(shared)
     assert torch.equal(out_b, _out(model)) and torch.equal(out_other, _out(second))
     assert not torch.equal(out_b, out_other)
-    with pytest.raises(Exception, match="no adapter named"):
+    with pytest.raises(ModelError, match=r"no adapter named 'missing' in the model \(has \['other', 'siteB'\]\)"):
         set_adapter(shared, "missing")
 
 
