@@ -12,13 +12,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-try:
-    from duplus.data.preprocess import settings, transform_case
-    from duplus.prompts.templates import context_prompt, target_prompts
-except ImportError as error:  # the data or prompt package is not there yet
-    pytest.skip(f"data/prompt packages unavailable: {error}", allow_module_level=True)
-
+from duplus.data.preprocess import settings, transform_case
 from duplus.evaluate.run import evaluate_cases
+from duplus.prompts.templates import context_prompt, target_prompts
 
 TEXT_DIM = 4
 HU = {"background": -100.0, "liver": 100.0, "liver tumor": 300.0}

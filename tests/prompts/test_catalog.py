@@ -96,9 +96,9 @@ def test_free_text_resolves_synonyms_and_keeps_unknown_words(monkeypatch, caplog
 
 
 def test_free_text_with_the_real_taxonomy():
-    taxonomy = pytest.importorskip("duplus.data.taxonomy")
-    if not hasattr(taxonomy, "canonical_name"):
-        pytest.skip("taxonomy has no canonical_name yet")
+    from duplus.data.taxonomy import canonical_name
+
+    assert canonical_name("hepatic tumour") == "liver tumor"
     resolved = resolve_free_text("liver, hepatic tumour", "CT")
     assert [r.canonical for r in resolved] == ["liver", "liver tumor"]
     assert resolved[1].text == "A computed tomography scan of a liver tumor."

@@ -93,9 +93,9 @@ def test_hierarchical_prompt_reads_parents_and_region_from_the_taxonomy(monkeypa
 
 
 def test_hierarchical_prompt_with_the_real_taxonomy():
-    taxonomy = pytest.importorskip("duplus.data.taxonomy")
-    if not hasattr(taxonomy, "parents"):
-        pytest.skip("taxonomy has no parents() yet")
+    from duplus.data.taxonomy import parents, region_of
+
+    assert parents("liver tumor") == ["liver"] and region_of("liver tumor") == "abdomen"
     assert target_prompts("CT", "liver tumor", hierarchical=True)[0] == (
         "A computed tomography scan of a liver tumor in the liver of the abdomen."
     )

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from reliability_helpers import (DATASETS, LORA_CENTER, STAGE_CALLS, ReferenceRun, StageServer, assert_same_bytes,
                                  assert_same_json, assert_same_npz, assert_same_safetensors, check_tree_readable,
-                                 final_files, importable, relative_set, stage_kwargs)
+                                 final_files, relative_set, stage_kwargs)
 
 # Fields that hold wall-clock time or memory (they differ between any two runs), and the phases a
 # rerun took over from the killed attempt.
@@ -156,8 +156,7 @@ def check_train_log_prefix(ref: Path, out: Path) -> None:
 
 
 STAGES = ["preprocess", "cache_prompts", "pretrain", "evaluate",
-          pytest.param("lora", marks=pytest.mark.xfail(not importable("duplus.train.lora"), strict=False,
-                                                        reason="duplus.train.lora is not in the tree yet")),
+          "lora",
           "prognosis"]
 
 

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from duplus.errors import DuplusError, UnsafeArchiveError
-from reliability_helpers import ROOT, importable
+from reliability_helpers import ROOT
 
 
 class Payload:
@@ -141,21 +141,11 @@ def test_checkpoint_with_foreign_tensors_file_is_refused_cleanly(torch_format: b
     assert latest is not None and latest[0] == 1
 
 
-def _adapter_loader() -> Callable:
-    """``load_adapter`` where the LoRA package defines it (duplus.train.lora, else duplus.train.adapters)."""
-    import importlib
-
-    for name in ("duplus.train.lora", "duplus.train.adapters"):
-        if importable(name) and hasattr(importlib.import_module(name), "load_adapter"):
-            return importlib.import_module(name).load_adapter
-    pytest.xfail("no load_adapter in duplus.train yet")
-
-
 @pytest.mark.parametrize("layout", ["pickle-as-safetensors", "pickle-bin-only"])
 def test_adapter_loading_refuses_pickles(layout: str, saved_model: Path, marker: Path, tmp_path: Path) -> None:
     from duplus.model.io import load_model
+    from duplus.train.adapters import load_adapter
 
-    load_adapter = _adapter_loader()
     folder = tmp_path / "adapter"
     folder.mkdir()
     payload = evil_bytes(marker, torch_format=True)
