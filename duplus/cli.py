@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = commands.add_parser(
         "segment",
-        help="segment a NIfTI/NRRD scan or DICOM series with free-text class prompts",
+        help="segment a NIfTI/NRRD/MHA scan or DICOM series with free-text class prompts",
         description="Segment a scan; masks are written on exactly the input grid.",
     )
     from duplus import segment
