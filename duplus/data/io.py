@@ -214,7 +214,8 @@ def _gzip_payload_size(path: Path) -> int | None:
 
 
 def _check_nifti_file(path: Path) -> None:
-    """Catch what the ITK NIfTI reader lets through: truncated voxel data and NaN/Inf (it reads them as 0)."""
+    """Catch what the ITK NIfTI reader lets through: truncated voxel data, NaN/Inf (it reads them as 0) and
+    an unusable voxel size (it reads 1 mm)."""
     try:
         nifti = nibabel.load(str(path))
         header = nifti.header
@@ -223,6 +224,15 @@ def _check_nifti_file(path: Path) -> None:
         expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     except Exception as error:  # noqa: BLE001 - any header failure means the file is unusable
         raise DataError(f"{path}: cannot read the image (corrupt NIfTI header: {error})") from None
+    # ITK reads a zero, NaN or infinite voxel size (pixdim) as 1 mm, whatever the sform says, with
+    # only a warning on stderr: every distance, resampling and HD95 would then be silently wrong.
+    # The raw header: nibabel's loader already swaps a zero for 1, as ITK does.
+    with nibabel.openers.ImageOpener(str(path)) as handle:
+        raw = type(header).from_fileobj(handle, check=False)
+    voxel_size = [float(v) for v in raw["pixdim"][1:1 + min(3, len(header.get_data_shape()))]]
+    if not all(np.isfinite(v) and v != 0 for v in voxel_size):
+        raise DataError(f"{path}: the NIfTI header's voxel size (pixdim) is {voxel_size}; it must be finite and "
+                        "non-zero (the reader would take 1 mm instead)")
     if path.name.lower().endswith(".gz"):
         with open(path, "rb") as handle:
             handle.seek(-4, os.SEEK_END)
