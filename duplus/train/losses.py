@@ -38,17 +38,21 @@ def masked_loss(
     ranks pass the global sum (times the number of ranks), so the gradients DDP averages are those
     of one process holding the whole batch.
 
-    Uses ``torch.where`` rather than a product so that even a non-finite loss of an unsupervised
-    class cannot leak into the result or the gradient. No host synchronisation.
+    Unsupervised classes' logits are replaced (``torch.where``, not a product) before the loss, so
+    even non-finite logits of such a class (a padding prompt overflowing in bf16, say) reach neither
+    the result nor the gradient: a ``where`` after the loss alone would still send 0 * NaN back
+    through those logits into the shared weights. No host synchronisation.
     """
     if logits.shape != target.shape or class_weight.shape != logits.shape[:2]:
         raise ValueError(
             f"loss shapes disagree: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
             f"class_weight {tuple(class_weight.shape)}"
         )
+    supervised = class_weight > 0
+    voxel_mask = supervised.reshape(*supervised.shape, *([1] * (logits.dim() - 2)))
+    logits = torch.where(voxel_mask, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     losses = per_class_loss(logits, target)
     weight = class_weight.to(losses.dtype)
-    supervised = weight > 0
     weighted = torch.where(supervised, losses * weight, torch.zeros_like(losses))
     total = weight.sum() if weight_total is None else weight_total.to(weighted.dtype)
     return weighted.sum() / total.clamp_min(1e-6)

@@ -44,6 +44,10 @@ def test_non_finite_loss_of_padding_class_does_not_leak():
     weight = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     loss = masked_loss(logits, target, weight)
     assert torch.isfinite(loss)
+    loss.backward()
+    # Nothing of the NaN class flows back: its logits get a zero gradient, the others a finite one.
+    assert torch.isfinite(logits.grad).all()
+    assert torch.all(logits.grad[0, 2] == 0) and logits.grad[0, :2].abs().sum() > 0
 
 
 def test_loss_decreases_towards_perfect_prediction():
