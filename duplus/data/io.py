@@ -158,6 +158,10 @@ def _single_dicom_of_a_series(path: Path) -> int:
 def _select_channel(image: sitk.Image, path: Path, channel: int | None) -> sitk.Image:
     """Reduce a 4-D or multi-component image to the 3-D volume ``channel`` (a sequence or time frame)."""
     components = image.GetNumberOfComponentsPerPixel()
+    if components == 1 and sitk.sitkVectorUInt8 <= image.GetPixelID() <= sitk.sitkVectorFloat64:
+        # A NIfTI with intent "vector" and no fifth dimension reads as a vector image of one
+        # component, which no resampling filter accepts: it is the scalar volume.
+        image = sitk.VectorIndexSelectionCast(image, 0)
     if channel and components == 1 and image.GetDimension() == 3:
         raise DataError(f"{path}: channel {channel} asked for, but the image is a single 3-D volume")
     if components > 1:
@@ -193,6 +197,10 @@ def check_image(image: sitk.Image, path: str | os.PathLike) -> sitk.Image:
     spacing = image.GetSpacing()
     if not all(np.isfinite(s) and s > 0 for s in spacing):
         raise DataError(f"{path}: voxel spacing {spacing} must be positive and finite")
+    # A NaN or infinite origin or direction (NRRD/MHA headers are read as written) makes every
+    # resampled grid NaN and every restored mask empty.
+    if not np.isfinite(image.GetOrigin()).all() or not np.isfinite(image.GetDirection()).all():
+        raise DataError(f"{path}: image origin {image.GetOrigin()} or direction {image.GetDirection()} is not finite")
     if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         array = sitk.GetArrayViewFromImage(image)
         if not np.isfinite(array).all():
@@ -229,6 +237,24 @@ def _check_nifti_file(path: Path) -> None:
     # The raw header: nibabel's loader already swaps a zero for 1, as ITK does.
     with nibabel.openers.ImageOpener(str(path)) as handle:
         raw = type(header).from_fileobj(handle, check=False)
+    # ITK's NIfTI reader never returns on an sform with an infinite offset and permuted axes, and
+    # would carry a NaN or infinite origin into every resampling: the affine in use must be finite.
+    affines = {"sform (srow_x/y/z)": [raw[f"srow_{a}"] for a in "xyz"] if raw["sform_code"] > 0 else [],
+               "qform (quatern_*, qoffset_*)": [raw[k] for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x",
+                                                                 "qoffset_y", "qoffset_z")] if raw["qform_code"] > 0
+               else []}
+    for name, values in affines.items():
+        if not np.isfinite(np.asarray(values, dtype=float)).all():
+            raise DataError(f"{path}: the NIfTI header's {name} holds NaN or infinite values; expected a finite "
+                            "voxel-to-patient transform")
+    # ITK corrupts its heap (the process aborts) reading integer voxels of several components per
+    # voxel (dim[5] > 1) that carry an intensity scaling: no error to catch, so refused before it.
+    slope, inter = float(raw["scl_slope"]), float(raw["scl_inter"])
+    scaled = np.isfinite(slope) and slope != 0 and (slope != 1 or (np.isfinite(inter) and inter != 0))
+    if raw["dim"][0] >= 5 and raw["dim"][5] > 1 and scaled and raw.get_data_dtype().kind in "iu":
+        raise DataError(f"{path}: NIfTI with {int(raw['dim'][5])} components per voxel, integer voxels and an "
+                        f"intensity scaling (scl_slope {slope:g}, scl_inter {inter:g}) cannot be read safely; save "
+                        "it with float voxels, or one volume per file")
     voxel_size = [float(v) for v in raw["pixdim"][1:1 + min(3, len(header.get_data_shape()))]]
     if not all(np.isfinite(v) and v != 0 for v in voxel_size):
         raise DataError(f"{path}: the NIfTI header's voxel size (pixdim) is {voxel_size}; it must be finite and "
@@ -291,7 +317,12 @@ def _read(path: Path, channel: int | None) -> tuple[sitk.Image, list[Path] | Non
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reader error"
         raise DataError(f"{path}: cannot read the image (corrupt, truncated or not an image file): "
                         f"{first_line}") from None
-    image = _select_channel(image, path, channel)
+    try:
+        image = _select_channel(image, path, channel)
+    except RuntimeError as error:  # e.g. a 4-D vector image: ITK's component selection is 2-D/3-D only
+        raise DataError(f"{path}: cannot take one 3-D volume out of the {image.GetDimension()}-D image of "
+                        f"{image.GetNumberOfComponentsPerPixel()} components per voxel ({image.GetPixelIDTypeAsString()}"
+                        f"): {str(error).strip().splitlines()[-1]}") from None
     return check_image(image, path), series
 
 

@@ -268,3 +268,113 @@ def test_duplicate_ids_are_named(ids: list[str]) -> None:
         return
     with pytest.raises(EHRError, match="duplicate id"):
         validate_ehr(frame, ehr_schema())
+
+
+# --- Headers found by a longer randomized campaign (NRRD/MHA/NIfTI writers with odd fields) --------
+
+def _raw_nifti(path: Path, shape: tuple[int, ...], dtype: str, affine_rows: np.ndarray | None = None,
+               intent: int = 0, scaling: tuple[float, float] | None = None) -> Path:
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    if affine_rows is not None:
+        for axis, row in zip("xyz", affine_rows):
+            header[f"srow_{axis}"] = row
+        header["sform_code"] = 2
+    header["intent_code"] = intent
+    image = nibabel.Nifti1Image(np.ones(shape, dtype=dtype), None, header=header)  # no affine: the header as set
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nibabel.save(image, str(path))
+    if scaling is not None:  # after saving: nibabel's writer resets scl_slope/scl_inter of an unscaled array
+        with open(path, "r+b") as handle:
+            handle.seek(112)
+            handle.write(np.array(scaling, dtype="<f4").tobytes())
+    return path
+
+
+def _read_in_child(path: Path) -> str:
+    """read_image in a child process: on the old code these files hung ITK's reader or aborted the process."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom duplus.data.io import read_image\nfrom duplus.errors import DuplusError\n"
+            "try:\n    read_image(sys.argv[1])\nexcept DuplusError as e:\n    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], check=False, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.returncode == 0, done.stderr[-500:]
+    return done.stdout
+
+
+def test_sform_with_permuted_axes_and_infinite_offset_is_refused(tmp_path: Path) -> None:
+    # ITK's ReadImageInformation never returned on this header.
+    rows = np.array([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, np.inf], [0.0, 1.0, 0.0, 0.0]])
+    path = _raw_nifti(tmp_path / "s.nii", (3, 3, 3), "uint8", affine_rows=rows)
+    assert f"refused: {path}: the NIfTI header's sform" in _read_in_child(path)
+
+
+def test_scaled_integer_vector_nifti_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # ITK corrupted its heap reading it (free(): invalid pointer, the process aborted).
+    path = _raw_nifti(tmp_path / "s.nii", (4, 4, 4, 1, 2), "uint8", intent=1007, scaling=(0.5, 0.0))
+    assert f"refused: {path}: NIfTI with 2 components per voxel" in _read_in_child(path)
+
+
+def test_vector_nifti_of_one_component_is_read_as_a_scalar_volume(tmp_path: Path) -> None:
+    # Intent "vector" without a fifth dimension: ITK gives a one-component vector image no resampler took.
+    from duplus.data.io import read_image
+    from duplus.data.preprocess import prepare_image
+
+    path = _raw_nifti(tmp_path / "s.nii.gz", (5, 6, 7), "int16", intent=1007)
+    image = read_image(path)
+    image = _scalar_with_values(image)
+    array, meta = prepare_image(image, "CT", CONFIG)
+    _check_prepared(array, meta)
+
+
+def _scalar_with_values(image: Any) -> Any:
+    import SimpleITK as sitk
+
+    assert image.GetNumberOfComponentsPerPixel() == 1 and image.GetPixelID() == sitk.sitkInt16
+    values = np.random.default_rng(0).integers(-900, 400, size=image.GetSize()[::-1]).astype(np.int16)
+    result = sitk.GetImageFromArray(values)
+    result.CopyInformation(image)
+    return result
+
+
+def test_four_d_vector_image_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from duplus.data.io import read_image
+
+    path = _raw_nifti(tmp_path / "s.nii", (1, 13, 1, 2), "float32", intent=1007)
+    with pytest.raises(DuplusError, match=r"s\.nii: cannot take one 3-D volume"):
+        read_image(path, channel=0)
+    with pytest.raises(DuplusError, match=r"s\.nii"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("modality", ["MRI", "PET"])
+def test_float32_extreme_intensities_give_a_finite_volume(modality: str) -> None:
+    # The z-score in float32 overflowed (max - (-max) = inf) and the whole volume became NaN.
+    import SimpleITK as sitk
+
+    from duplus.data.preprocess import prepare_image
+
+    top = np.finfo(np.float32).max
+    values = np.random.default_rng(0).choice([-top, -top / 3, top / 3, top], size=(6, 7, 8)).astype(np.float32)
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((4.0, 4.0, 4.0))  # the target spacing: no resampling, the extremes reach the statistics
+    array, meta = prepare_image(image, modality, CONFIG)
+    _check_prepared(array, meta)
+
+
+@pytest.mark.parametrize("spacing", [(1e4, 1.0, 1e4), (1.0, 1e30, 1.0)])
+def test_a_grid_spanning_metres_is_refused(spacing: tuple[float, float, float]) -> None:
+    # 3 x 8 x 8 voxels of 1e4 mm asked for a 2.6e8-voxel grid (MemoryError, minutes); 1e30 mm wrapped int().
+    import SimpleITK as sitk
+
+    from duplus.data.geometry import target_grid
+    from duplus.errors import DataError
+
+    image = sitk.Image([3, 8, 8], sitk.sitkInt16)
+    image.SetSpacing(spacing)
+    with pytest.raises(DataError, match="check the header's spacing"):
+        target_grid(image, [4.0, 4.0, 4.0])
