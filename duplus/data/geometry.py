@@ -55,6 +55,12 @@ def reorient_lps(image: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(image, "LPS")
 
 
+# The most voxels a resampled grid may have: 4 GiB as float32, far above a whole-body CT at 1 mm.
+MAX_GRID_VOXELS = 2**30
+# The longest field of view along an axis: a whole-body scan is about 2 m; 3 voxels of 1e4 mm is not a body.
+MAX_EXTENT_MM = 5000.0
+
+
 def target_grid(image: sitk.Image, spacing: Sequence[float]) -> dict[str, Any]:
     """The identity-direction grid with ``spacing`` (x, y, z mm) that covers ``image``.
 
@@ -72,14 +78,24 @@ def target_grid(image: sitk.Image, spacing: Sequence[float]) -> dict[str, Any]:
         # Enough voxels that the last original voxel centre lies inside the new grid: with
         # round(size * old / new), 100 slices of 0.8 mm became 53 of 1.5 mm, whose last voxel ends
         # at 78.75 mm, before the last original centre (79.2 mm), and a restored mask lost that slice.
-        new_size = np.maximum(1, np.ceil((size - 1) * old / new - 1e-6).astype(int) + 1)
+        extent = (size - 1) * old
+        new_size = np.ceil(extent / new - 1e-6) + 1
     else:
         # Oblique acquisitions: the bounding box of the voxel centres in patient space.
         corners = np.array([image.TransformContinuousIndexToPhysicalPoint([float(c[i] * (size[i] - 1))
                                                                            for i in range(3)])
                             for c in np.ndindex(2, 2, 2)])
         origin = corners.min(axis=0)
-        new_size = np.maximum(1, np.round((corners.max(axis=0) - origin) / new).astype(int) + 1)
+        extent = corners.max(axis=0) - origin
+        new_size = np.round(extent / new) + 1
+    # A header's spacing of 1e4 mm or more (or a huge size) spans metres: the grid would ask for
+    # more memory than any scan needs, and int() of 1e30 voxels wraps to a nonsense size.
+    if (not np.isfinite(new_size).all() or float(np.max(extent)) > MAX_EXTENT_MM
+            or float(np.prod(np.maximum(new_size, 1))) > MAX_GRID_VOXELS):
+        raise DataError(f"the image spans {[round(float(e), 3) for e in extent]} mm (size {list(size)}, spacing "
+                        f"{list(old)} mm): over {MAX_EXTENT_MM:g} mm along an axis or {MAX_GRID_VOXELS:.3g} voxels on "
+                        f"a {list(new)} mm grid, more than any scan; check the header's spacing")
+    new_size = np.maximum(1, new_size.astype(int))
     return {"size": [int(s) for s in new_size], "spacing": [float(s) for s in new],
             "origin": [float(o) for o in origin], "direction": list(IDENTITY)}
 

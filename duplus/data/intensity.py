@@ -127,7 +127,9 @@ def apply_box(array: np.ndarray, box: Sequence[Sequence[int]]) -> np.ndarray:
 def normalize(array: np.ndarray, mask: np.ndarray, modality: str, ct_window: Sequence[float],
               percentiles: Sequence[float]) -> tuple[np.ndarray, dict[str, Any]]:
     """Clip (CT: fixed HU window; MRI/PET: body percentiles) then z-score with body statistics."""
-    values = array[mask] if mask.any() else array.ravel()
+    # Statistics and the z-score in float64: float32 voxels near its maximum overflow to inf in a
+    # float32 sum or difference (MRI percentiles keep them), and the volume became NaN.
+    values = (array[mask] if mask.any() else array.ravel()).astype(np.float64)
     if modality == "CT":
         low, high = float(ct_window[0]), float(ct_window[1])
         kind = "ct_window"
@@ -141,6 +143,6 @@ def normalize(array: np.ndarray, mask: np.ndarray, modality: str, ct_window: Seq
     std = float(clipped_values.std())
     if std < 1e-6:
         raise DataError(f"image is constant inside the body after clipping to [{low:g}, {high:g}]")
-    result = (np.clip(array, low, high).astype(np.float32) - np.float32(mean)) / np.float32(std)
+    result = (np.clip(array.astype(np.float64), low, high) - mean) / std
     return result.astype(np.float32), {"kind": kind, "clip": [low, high], "mean": mean, "std": std,
                                        "percentiles": list(map(float, percentiles)) if kind == "percentiles" else None}
