@@ -158,7 +158,7 @@ def _single_dicom_of_a_series(path: Path) -> int:
 def _select_channel(image: sitk.Image, path: Path, channel: int | None) -> sitk.Image:
     """Reduce a 4-D or multi-component image to the 3-D volume ``channel`` (a sequence or time frame)."""
     components = image.GetNumberOfComponentsPerPixel()
-    if components == 1 and sitk.sitkVectorUInt8 <= image.GetPixelID() <= sitk.sitkVectorFloat64:
+    if components == 1 and image.GetPixelIDTypeAsString().startswith("vector of"):
         # A NIfTI with intent "vector" and no fifth dimension reads as a vector image of one
         # component, which no resampling filter accepts: it is the scalar volume.
         image = sitk.VectorIndexSelectionCast(image, 0)

@@ -319,12 +319,13 @@ def test_scaled_integer_vector_nifti_is_refused_not_a_crash(tmp_path: Path) -> N
     assert f"refused: {path}: NIfTI with 2 components per voxel" in _read_in_child(path)
 
 
-def test_vector_nifti_of_one_component_is_read_as_a_scalar_volume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["int16", "int8"])  # int8's vector pixel id lies below uint8's
+def test_vector_nifti_of_one_component_is_read_as_a_scalar_volume(dtype: str, tmp_path: Path) -> None:
     # Intent "vector" without a fifth dimension: ITK gives a one-component vector image no resampler took.
     from duplus.data.io import read_image
     from duplus.data.preprocess import prepare_image
 
-    path = _raw_nifti(tmp_path / "s.nii.gz", (5, 6, 7), "int16", intent=1007)
+    path = _raw_nifti(tmp_path / "s.nii.gz", (5, 6, 7), dtype, intent=1007)
     image = read_image(path)
     image = _scalar_with_values(image)
     array, meta = prepare_image(image, "CT", CONFIG)
@@ -334,7 +335,7 @@ def test_vector_nifti_of_one_component_is_read_as_a_scalar_volume(tmp_path: Path
 def _scalar_with_values(image: Any) -> Any:
     import SimpleITK as sitk
 
-    assert image.GetNumberOfComponentsPerPixel() == 1 and image.GetPixelID() == sitk.sitkInt16
+    assert image.GetNumberOfComponentsPerPixel() == 1 and image.GetPixelID() in (sitk.sitkInt16, sitk.sitkInt8)
     values = np.random.default_rng(0).integers(-900, 400, size=image.GetSize()[::-1]).astype(np.int16)
     result = sitk.GetImageFromArray(values)
     result.CopyInformation(image)
