@@ -127,9 +127,21 @@ def apply_box(array: np.ndarray, box: Sequence[Sequence[int]]) -> np.ndarray:
 def normalize(array: np.ndarray, mask: np.ndarray, modality: str, ct_window: Sequence[float],
               percentiles: Sequence[float]) -> tuple[np.ndarray, dict[str, Any]]:
     """Clip (CT: fixed HU window; MRI/PET: body percentiles) then z-score with body statistics."""
-    # Statistics and the z-score in float64: float32 voxels near its maximum overflow to inf in a
-    # float32 sum or difference (MRI percentiles keep them), and the volume became NaN.
-    values = (array[mask] if mask.any() else array.ravel()).astype(np.float64)
+    # In float32, like the stored volume. Only intensities near float32's maximum, whose sums and
+    # differences overflow to inf (the volume became NaN), are done again in float64: doing every
+    # scan in float64 would double this step's memory and change every volume in its last digits.
+    try:
+        result, stats = _normalize_in(np.float32, array, mask, modality, ct_window, percentiles)
+        if np.isfinite([*stats["clip"], stats["mean"], stats["std"]]).all() and np.isfinite(result).all():
+            return result, stats
+    except DataError:
+        pass  # perhaps an overflow: float64 tells a constant image from one
+    return _normalize_in(np.float64, array, mask, modality, ct_window, percentiles)
+
+
+def _normalize_in(dtype: type, array: np.ndarray, mask: np.ndarray, modality: str, ct_window: Sequence[float],
+                  percentiles: Sequence[float]) -> tuple[np.ndarray, dict[str, Any]]:
+    values = (array[mask] if mask.any() else array.ravel()).astype(dtype, copy=False)
     if modality == "CT":
         low, high = float(ct_window[0]), float(ct_window[1])
         kind = "ct_window"
@@ -143,6 +155,6 @@ def normalize(array: np.ndarray, mask: np.ndarray, modality: str, ct_window: Seq
     std = float(clipped_values.std())
     if std < 1e-6:
         raise DataError(f"image is constant inside the body after clipping to [{low:g}, {high:g}]")
-    result = (np.clip(array.astype(np.float64), low, high) - mean) / std
+    result = (np.clip(array.astype(dtype, copy=False), low, high).astype(dtype, copy=False) - dtype(mean)) / dtype(std)
     return result.astype(np.float32), {"kind": kind, "clip": [low, high], "mean": mean, "std": std,
                                        "percentiles": list(map(float, percentiles)) if kind == "percentiles" else None}
