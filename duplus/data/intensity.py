@@ -135,7 +135,7 @@ def normalize(array: np.ndarray, mask: np.ndarray, modality: str, ct_window: Seq
         if np.isfinite([*stats["clip"], stats["mean"], stats["std"]]).all() and np.isfinite(result).all():
             return result, stats
     except DataError:
-        pass  # perhaps an overflow: float64 tells a constant image from one
+        pass  # perhaps an overflow: the float64 pass tells a truly constant image from an overflowing one
     return _normalize_in(np.float64, array, mask, modality, ct_window, percentiles)
 
 
