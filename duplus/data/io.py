@@ -221,22 +221,8 @@ def _gzip_payload_size(path: Path) -> int | None:
     return total
 
 
-def _check_nifti_file(path: Path) -> None:
-    """Catch what the ITK NIfTI reader lets through: truncated voxel data, NaN/Inf (it reads them as 0) and
-    an unusable voxel size (it reads 1 mm)."""
-    try:
-        nifti = nibabel.load(str(path))
-        header = nifti.header
-        # The array proxy knows the real data offset (some writers leave vox_offset at 0 in the header).
-        offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))
-        expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    except Exception as error:  # noqa: BLE001 - any header failure means the file is unusable
-        raise DataError(f"{path}: cannot read the image (corrupt NIfTI header: {error})") from None
-    # ITK reads a zero, NaN or infinite voxel size (pixdim) as 1 mm, whatever the sform says, with
-    # only a warning on stderr: every distance, resampling and HD95 would then be silently wrong.
-    # The raw header: nibabel's loader already swaps a zero for 1, as ITK does.
-    with nibabel.openers.ImageOpener(str(path)) as handle:
-        raw = type(header).from_fileobj(handle, check=False)
+def _check_nifti_header(path: Path, raw: nibabel.Nifti1Header, ndim: int) -> None:
+    """Refuse the header fields ITK misreads silently, hangs on or crashes on."""
     # ITK's NIfTI reader never returns on an sform with an infinite offset and permuted axes, and
     # would carry a NaN or infinite origin into every resampling: the affine in use must be finite.
     affines = {"sform (srow_x/y/z)": [raw[f"srow_{a}"] for a in "xyz"] if raw["sform_code"] > 0 else [],
@@ -255,10 +241,28 @@ def _check_nifti_file(path: Path) -> None:
         raise DataError(f"{path}: NIfTI with {int(raw['dim'][5])} components per voxel, integer voxels and an "
                         f"intensity scaling (scl_slope {slope:g}, scl_inter {inter:g}) cannot be read safely; save "
                         "it with float voxels, or one volume per file")
-    voxel_size = [float(v) for v in raw["pixdim"][1:1 + min(3, len(header.get_data_shape()))]]
+    # ITK reads a zero, NaN or infinite voxel size (pixdim) as 1 mm, whatever the sform says, with
+    # only a warning on stderr: every distance, resampling and HD95 would then be silently wrong.
+    voxel_size = [float(v) for v in raw["pixdim"][1:1 + min(3, ndim)]]
     if not all(np.isfinite(v) and v != 0 for v in voxel_size):
         raise DataError(f"{path}: the NIfTI header's voxel size (pixdim) is {voxel_size}; it must be finite and "
                         "non-zero (the reader would take 1 mm instead)")
+
+
+def _check_nifti_file(path: Path) -> None:
+    """Catch what the ITK NIfTI reader lets through: truncated voxel data, NaN/Inf (it reads them as 0) and
+    an unusable voxel size (it reads 1 mm)."""
+    try:
+        nifti = nibabel.load(str(path))
+        header = nifti.header
+        # The array proxy knows the real data offset (some writers leave vox_offset at 0 in the header).
+        offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))
+        expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception as error:  # noqa: BLE001 - any header failure means the file is unusable
+        raise DataError(f"{path}: cannot read the image (corrupt NIfTI header: {error})") from None
+    # The raw header, unchecked: nibabel's checks may already have mended what ITK would misread.
+    with nibabel.openers.ImageOpener(str(path)) as handle:
+        _check_nifti_header(path, type(header).from_fileobj(handle, check=False), len(header.get_data_shape()))
     if path.name.lower().endswith(".gz"):
         with open(path, "rb") as handle:
             handle.seek(-4, os.SEEK_END)
