@@ -282,3 +282,14 @@ def test_gpu_suite_at_the_paper_size_refuses_a_machine_without_cuda(tmp_path):
     done = _suite(tmp_path, PRESET="paper")
     assert done.returncode == 4 and "no CUDA GPU" in done.stderr
     assert not list((tmp_path / "out").glob("*"))
+
+
+def test_metrics_bench_times_both_definitions_of_each_class(capsys):
+    result = _script("metrics").main(["--size", "40", "96", "96", "--repeat", "1"])
+    assert [run["class"] for run in result["runs"]] == ["liver", "kidney", "lesion"]
+    for run in result["runs"]:
+        new, old = run["surface_elements"], run["boundary_voxels"]
+        assert new["seconds"] > 0 and old["seconds"] > 0
+        assert new["dice"] == pytest.approx(old["dice"])  # same masks, same Dice: only the surface metrics differ
+        assert 0 < new["nsd"] <= 1 and new["hd95"] > 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
