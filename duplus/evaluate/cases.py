@@ -19,6 +19,7 @@ import torch
 
 from duplus.errors import DataError, PromptError
 from duplus.evaluate import label_grid
+from duplus.evaluate.definitions import DEFAULT_NSD_TOLERANCE_MM
 from duplus.evaluate.inference import predict_masks
 from duplus.evaluate.metrics import case_metrics
 from duplus.evaluate.packed import PackedMasks
@@ -150,7 +151,7 @@ def evaluate_case(
         raise DataError(f"{where}: restored prediction {pred.shape[1:]} differs from the raw label grid {truth.shape[1:]}")
     if scoring is not meta:
         pred &= label_grid.image_field_of_view(meta["original"], scoring["original"])
-    tolerance = float((config.get("evaluate") or {}).get("nsd_tolerance_mm", 2.0))
+    tolerance = float((config.get("evaluate") or {}).get("nsd_tolerance_mm", DEFAULT_NSD_TOLERANCE_MM))
     scores = case_metrics(pred, truth, label_spacing, classes, tolerance)
     for item in scores:
         result.rows.append({"dataset": row["dataset"], "case": row["case"], "center": row.get("center", ""), **item})

@@ -1,8 +1,10 @@
 """Per-class segmentation metrics: Dice, 95th-percentile Hausdorff distance (mm), normalised surface Dice.
 
-Definitions (those of DeepMind's ``surface-distance``, Nikolov et al. 2021, which the test suite
-checks against): both surfaces are made of surface elements (the marching-cubes faces between
-voxel corners, each with its area in mm^2, so anisotropic spacing weighs them correctly).
+Definitions: those of DeepMind's ``surface-distance`` (Nikolov et al. 2021), which the test suite
+checks against. Both surfaces are made of surface elements (the faces between voxel corners that its
+marching-cubes style table gives each 2x2x2 neighbourhood, each with its area in mm^2, so anisotropic
+spacing weighs them correctly). The same in words for the report: ``duplus.evaluate.definitions``;
+what the literature reports: docs/metrics.md.
 
 - NSD at tolerance tau: the area of each surface lying within tau mm of the other surface, over
   the total area of both surfaces.
@@ -27,6 +29,7 @@ from monai.metrics import compute_dice
 from monai.metrics.utils import get_edge_surface_distance
 
 from duplus.errors import DataError
+from duplus.evaluate.definitions import DEFAULT_NSD_TOLERANCE_MM
 
 HD_PERCENTILE = 95.0
 
@@ -112,7 +115,7 @@ def case_metrics(
     truth: np.ndarray,
     spacing: Sequence[float],
     class_names: Sequence[str] | None = None,
-    nsd_tolerance_mm: float = 2.0,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
 ) -> list[dict[str, float | str]]:
     """One dict ``{class, dice, hd95, nsd}`` per class of bool masks ``pred``, ``truth`` [K, *spatial].
 

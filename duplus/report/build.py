@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from duplus.errors import DataError
+from duplus.evaluate.definitions import DEFAULT_NSD_TOLERANCE_MM
 from duplus.report import figures
 from duplus.report.html import FigureRef, Section, png_data_uri, write_index
 from duplus.report.inputs import ReportInputs, load_inputs
@@ -76,13 +77,14 @@ def _segmentation(b: _Builder, inputs: ReportInputs, config: Mapping[str, Any], 
     if inputs.summary is None:
         return b.note(section, "Segmentation metrics not found (evaluate/universal/summary.csv): "
                                "stage not run.")
-    section.tables = b.tables([segmentation_table(inputs.summary, inputs.baseline_summary, published)])
+    tolerance = float((config.get("evaluate") or {}).get("nsd_tolerance_mm", DEFAULT_NSD_TOLERANCE_MM))
+    section.tables = b.tables([segmentation_table(inputs.summary, inputs.baseline_summary, published, tolerance)])
     if inputs.baseline_summary is None:
         enabled = (config.get("baseline") or {}).get("enabled", True)
         why = "stage disabled in the config" if enabled is False else "stage disabled or not run"
         b.missing.append(f"Baseline metrics not found (evaluate/baseline/summary.csv): {why}; "
                          f"Table 1 has no baseline columns.")
-    section.detail_tables = b.tables(per_class_tables(inputs.summary, inputs.baseline_summary))
+    section.detail_tables = b.tables(per_class_tables(inputs.summary, inputs.baseline_summary, tolerance))
     if inputs.per_case is not None:
         section.figures += b.figure(figures.dice_boxplots, inputs.per_case, caption="Dice per test case, by class")
     else:

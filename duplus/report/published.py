@@ -6,8 +6,14 @@ Each value carries its source and benchmark so that tables can mark it as publis
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 NNUNET_REVISITED = "nnU-Net Revisited (Isensee et al., MICCAI 2024), 5-fold cross-validation"
+# Every model of that paper is trained and evaluated in the nnU-Net framework, whose evaluation
+# (nnunetv2.evaluation.evaluate_predictions) gives NaN where a class is absent from both masks.
+NNUNET_DICE = ("Dice over the 5 cross-validation folds' cases, averaged per class and then over the classes "
+               "by nnU-Net's evaluation, which leaves a case out of a class's mean where the class is absent "
+               "from both prediction and reference (this pipeline counts it as Dice 1)")
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,8 @@ class PublishedValue:
     benchmark: str
     std: float | None = None
     unit: str = ""
+    # How the source computed the metric, where it says so (None: the source does not say).
+    definition: str | None = None
 
     def text(self) -> str:
         """The value at its published precision ("0.8308", "0.69 ± 0.02")."""
@@ -33,7 +41,8 @@ class PublishedValue:
 
 def _dice(model: str, percent: float, benchmark: str) -> PublishedValue:
     # Published as percent with 2 decimals; as a fraction that is exactly 4 decimals.
-    return PublishedValue(model, "mean Dice", round(percent / 100.0, 4), 4, NNUNET_REVISITED, benchmark)
+    return PublishedValue(model, "mean Dice", round(percent / 100.0, 4), 4, NNUNET_REVISITED, benchmark,
+                          definition=NNUNET_DICE)
 
 
 # benchmark -> {model: mean Dice}
@@ -65,9 +74,13 @@ _DATASET_BENCHMARK: dict[str, str] = {
 
 PROGNOSIS: tuple[PublishedValue, ...] = (
     PublishedValue("HECKTOR 2021 best", "C-index", 0.720, 3,
-                   "HECKTOR 2021 challenge, best test C-index (MICCAI 2021)", "HECKTOR 2021 test"),
+                   "HECKTOR 2021 challenge, best test C-index (MICCAI 2021)", "HECKTOR 2021 test",
+                   definition="concordance index of the predicted risk with progression-free survival "
+                              "(Task 2's endpoint), on the challenge's test centres"),
     PublishedValue("HECKTOR 2022 best", "C-index", 0.682, 3,
-                   "HECKTOR 2022 challenge, best test C-index (MICCAI 2022)", "HECKTOR 2022 test"),
+                   "HECKTOR 2022 challenge, best test C-index (MICCAI 2022)", "HECKTOR 2022 test",
+                   definition="concordance index of the predicted risk with recurrence-free survival "
+                              "(Task 2's endpoint), on the challenge's test centres"),
     PublishedValue("DuPLUS (paper)", "C-index", 0.69, 2,
                    "DuPLUS (Saeed et al., arXiv 2510.03483)", "HECKTOR", std=0.02),
 )
@@ -97,6 +110,15 @@ EFFICIENCY: tuple[PublishedEfficiency, ...] = (
                         seconds_per_volume=77.0, peak_memory_mb=7600.0, device="RTX 3090",
                         note="one 512x512x280 CT; memory published as 7.6 GB of RAM"),
 )
+
+
+def definition_notes(values: Iterable[PublishedValue]) -> list[str]:
+    """One line per distinct published source: how it defines its metric, or that it does not say."""
+    notes: dict[tuple[str, str], str] = {}
+    for value in values:
+        how = value.definition or "the source does not define it further"
+        notes.setdefault((value.source, value.metric), f"Published {value.metric} of {value.source}: {how}.")
+    return list(notes.values())
 
 
 def benchmark_for(dataset: str) -> str | None:

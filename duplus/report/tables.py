@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from duplus.evaluate.definitions import DEFAULT_NSD_TOLERANCE_MM, definitions_note
 from duplus.report import published as pub
 from duplus.report.inputs import number
 from duplus.report.tabular import Column, Table, fmt, fmt_mean_std
@@ -66,8 +67,9 @@ def _seg_columns(prefix: str = "", label: str = "") -> list[Column]:
 
 
 def segmentation_table(summary: pd.DataFrame, baseline: pd.DataFrame | None = None,
-                       published: bool = True) -> Table:
-    """Table 1: mean Dice / HD95 / NSD per dataset, a task-specific baseline and published Dice."""
+                       published: bool = True, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM) -> Table:
+    """Table 1: mean Dice / HD95 / NSD per dataset, a task-specific baseline and published Dice;
+    ``nsd_tolerance_mm`` (config ``evaluate.nsd_tolerance_mm``) is named with the definitions."""
     means = _dataset_means(summary)
     base_means = _dataset_means(baseline) if baseline is not None else None
     columns = [Column("dataset", "dataset", numeric=False), Column("classes", "classes"), Column("cases", "cases")]
@@ -96,8 +98,9 @@ def segmentation_table(summary: pd.DataFrame, baseline: pd.DataFrame | None = No
     if len(means) > 1:
         rows.extend(_overall_rows(means, base_means))
     notes = [
-        "Dice and NSD per dataset are the means over its classes and test cases (NSD at the configured "
-        "tolerance); HD95 in mm, in the original image space.",
+        "Dice, HD95 and NSD per dataset are the means over its classes of the means over its test cases, "
+        "in the original image space.",
+        definitions_note(nsd_tolerance_mm),
         "Rounding: Dice / NSD 3 decimals, HD95 1 decimal; a dash is a value that could not be computed.",
     ]
     if base_means is not None:
@@ -108,6 +111,8 @@ def segmentation_table(summary: pd.DataFrame, baseline: pd.DataFrame | None = No
         notes.append(f"Published Dice: {pub.NNUNET_REVISITED}, on the named benchmark (published in percent, "
                      "shown as a fraction at its published precision). Datasets without a published "
                      "counterpart (e.g. the synthetic demo) have none.")
+        shown = [v for d in datasets for v in pub.published_dice(d).values()]
+        notes.extend(pub.definition_notes(shown))
         if any(pub.benchmark_for(d) == "KiTS23" and d.lower() != "kits23" for d in datasets):
             notes.append("KiTS19 / KiTS21 are compared with the KiTS23 number, the closest published one "
                          "(KiTS23 has more cases and a cyst class).")
@@ -145,7 +150,8 @@ def _overall_row(means: pd.DataFrame, base_means: pd.DataFrame | None, label: st
     return row
 
 
-def per_class_tables(summary: pd.DataFrame, baseline: pd.DataFrame | None = None) -> list[Table]:
+def per_class_tables(summary: pd.DataFrame, baseline: pd.DataFrame | None = None,
+                     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM) -> list[Table]:
     """One table per dataset: Dice / HD95 / NSD per class (and the baseline's, where it has them)."""
     tables = []
     for dataset in dict.fromkeys(summary["dataset"]):
@@ -173,7 +179,7 @@ def per_class_tables(summary: pd.DataFrame, baseline: pd.DataFrame | None = None
                              "the model finds none). HD95 in mm, over the HD95 cases only: where prediction or truth "
                              "is empty there is no distance, so a structure the model misses drops out of the HD95 "
                              "mean (compare HD95 cases with cases). On the mean row, HD95 cases counts the classes "
-                             "the HD95 mean covers.", DASH_NOTE]))
+                             "the HD95 mean covers.", definitions_note(nsd_tolerance_mm), DASH_NOTE]))
     return tables
 
 
@@ -313,6 +319,7 @@ def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, pu
                          "ibs": None, "source": f"published: {value.source}"})
         notes.append(PUBLISHED_NOTE + " Published C-indices come from other cohorts (HECKTOR test sets) "
                      "and are shown at their published precision.")
+        notes.extend(pub.definition_notes(pub.PROGNOSIS))
     return Table("table3_prognosis", f"Table 3. Survival prognosis ({endpoint})",
                  list(PROGNOSIS_COLUMNS), rows, notes)
 

@@ -57,3 +57,14 @@ def test_empty_mask_conventions():
 def test_shape_mismatch_is_named():
     with pytest.raises(DataError, match="differ in shape"):
         case_metrics(np.zeros((1, 4, 4, 4), bool), np.zeros((1, 4, 4, 5), bool), (1, 1, 1))
+
+
+def test_default_nsd_tolerance_is_the_schemas():
+    from pathlib import Path
+
+    import yaml
+
+    from duplus.evaluate.definitions import DEFAULT_NSD_TOLERANCE_MM
+
+    schema = yaml.safe_load((Path(__file__).parents[2] / "schemas/config.schema.yaml").read_text(encoding="utf-8"))
+    assert schema["properties"]["evaluate"]["properties"]["nsd_tolerance_mm"]["default"] == DEFAULT_NSD_TOLERANCE_MM

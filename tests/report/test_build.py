@@ -178,3 +178,12 @@ def test_table3_names_the_configured_endpoint(full, tmp_path):
     assert "**Table 3. Survival prognosis (overall survival)**" in \
         (tmp_path / "report/tables/table3_prognosis.md").read_text(encoding="utf-8")
     assert "Table 3. Survival prognosis (overall survival)" in (tmp_path / "report/index.html").read_text(encoding="utf-8")
+
+
+def test_table1_notes_name_the_configured_nsd_tolerance(full, tmp_path):
+    assert "at a tolerance of 2 mm" in (full["out"] / "tables/table1_segmentation.md").read_text(encoding="utf-8")
+    config = {**full["config"], "evaluate": {"nsd_tolerance_mm": 1.5}}
+    run_report(config, full["results"], tmp_path / "report")
+    for name in ("table1_segmentation.md", "table1_per_class_btcv.md"):
+        text = (tmp_path / "report/tables" / name).read_text(encoding="utf-8")
+        assert "at a tolerance of 1.5 mm" in text and "2 mm" not in text, name

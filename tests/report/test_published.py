@@ -32,3 +32,11 @@ def test_prognosis_and_efficiency_references():
     total = by_model["TotalSegmentator (1.5 mm)"]
     assert (total.seconds_per_volume, total.device) == (77.0, "RTX 3090")
     assert all(e.source for e in pub.EFFICIENCY) and all(v.source for v in pub.PROGNOSIS)
+
+
+def test_every_published_dice_states_its_definition():
+    for dataset in ("btcv", "amos_ct", "kits19", "lits"):
+        for value in pub.published_dice(dataset).values():
+            assert "nnU-Net's evaluation" in value.definition and "absent from both" in value.definition
+    notes = pub.definition_notes(v for d in ("btcv", "lits") for v in pub.published_dice(d).values())
+    assert len(notes) == 1  # one source, one metric: said once however many values it gave

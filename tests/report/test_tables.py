@@ -167,3 +167,29 @@ def test_per_class_tables_explain_the_dash(results):
     for table in tables:
         assert "A dash is a value that could not be computed." in table.notes, table.name
         assert "A dash is a value that could not be computed." in table.to_markdown()
+
+
+def test_table1_notes_define_hd95_nsd_and_empty_masks(results):
+    inputs = load_inputs(results)
+    table = segmentation_table(inputs.summary, inputs.baseline_summary, published=True, nsd_tolerance_mm=3.0)
+    per_class = per_class_tables(inputs.summary, inputs.baseline_summary, nsd_tolerance_mm=3.0)
+    for notes in [table.notes] + [t.notes for t in per_class]:
+        definitions = next(n for n in notes if n.startswith("Surfaces are area-weighted surface elements"))
+        assert "the larger of the two directed 95th percentiles" in definitions
+        assert "normalised surface Dice at a tolerance of 3 mm" in definitions
+        assert "absent from both prediction and truth scores Dice 1, HD95 0 mm and NSD 1" in definitions
+    # The published Dice says how its source computed it, including its different empty-class rule.
+    assert any(n.startswith("Published mean Dice of nnU-Net Revisited") and "absent from both" in n
+               for n in table.notes)
+    unpublished = segmentation_table(inputs.summary, inputs.baseline_summary, published=False)
+    assert not any(n.startswith("Published mean Dice") for n in unpublished.notes)
+
+
+def test_prognosis_notes_give_each_published_c_index_its_definition(results):
+    inputs = load_inputs(results)
+    notes = prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published=True).notes
+    by_source = {n.split(":")[0]: n for n in notes if n.startswith("Published C-index of")}
+    assert len(by_source) == 3
+    assert "recurrence-free survival" in next(n for s, n in by_source.items() if "HECKTOR 2022" in s)
+    assert "progression-free survival" in next(n for s, n in by_source.items() if "HECKTOR 2021" in s)
+    assert "does not define it further" in next(n for s, n in by_source.items() if "DuPLUS" in s)
