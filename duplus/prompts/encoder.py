@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,18 @@ MINILM = "minilm"
 MINILM_NAME = "all-MiniLM-L6-v2"
 POOLINGS = ("auto", "mean", "cls", "pooler")
 _CLIP_TYPES = ("clip", "clip_text_model")
+# sentence-transformers' own description of a model (modules.json, then each module's folder):
+# read here rather than depending on the library, whose model-building is not needed for three
+# small JSON files.
+_ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+_ST_POOLING = "sentence_transformers.models.Pooling"
+_ST_NORMALIZE = "sentence_transformers.models.Normalize"
+# Pooling config keys -> the token poolings run here, in the order sentence-transformers
+# concatenates them; a key it leaves out has its constructor's default (mean on, others off).
+_ST_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+             "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
+_ST_MODE_NAMES = {"cls": "cls", "max": "max", "mean": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len"}
+_ST_OTHER_MODES = ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
 # Files that never change what a model computes; everything else at the folder's top level
 # (weights, config, tokenizer files) goes into the identity.
 _DOC_SUFFIXES = (".md", ".txt.license")
@@ -82,8 +95,12 @@ class TextEncoder:
     Args:
         source: ``"minilm"``, a Hugging Face hub id (e.g. a ClipMD or openai CLIP checkpoint) or
             a local folder written by ``save_pretrained``.
-        pooling: ``auto`` (CLIP: projected pooled output, like ClipMD's text features; other
-            models: attention-masked mean of the last hidden states), ``mean``, ``cls`` or ``pooler``.
+        pooling: ``auto``: the model's own pooling, as :func:`declared_pooling` reads it (CLIP:
+            the pooled output through its text projection, as CLIP defines its text features;
+            sentence-transformers models: the Pooling and Normalize modules of their modules.json;
+            other models: attention-masked mean of the last hidden states). Or ``mean``, ``cls``
+            or ``pooler`` whatever the model declares. The pooling used is logged and is part of
+            :attr:`identity`.
         device: where the model runs; embeddings are always returned on the CPU.
         normalize: L2-normalize every embedding, so that prompt vectors from different encoders
             share one scale and cosine similarity is a dot product.
@@ -101,11 +118,15 @@ class TextEncoder:
         self.location = location
         self.is_folder = is_folder
         self.name = name or display
-        self.normalize = normalize
         self.device = torch.device(device)
         self._identity: str | None = None
         local_only = is_folder or _offline()
-        self.model, self.tokenizer, self.pooling, self.projected = _load(location, local_only, pooling, self.name)
+        self.model, self.tokenizer, self.pooling, self.projected, declared = _load(location, local_only, pooling, self.name)
+        # A declared Normalize module is part of the model's embedding; ``normalize`` adds it to any model.
+        self.normalize = normalize or bool(declared and declared.normalize)
+        log.info("text encoder %s: pooling %s%s (%s)", self.name, self.pooling,
+                 " + L2 normalisation" if self.normalize else "",
+                 _pooling_origin(pooling, self.pooling, declared, self.projected))
         self.model.to(self.device).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -174,12 +195,21 @@ class TextEncoder:
                 raise PromptError(f"text encoder {self.name} has no pooled output; set prompts.pooling to mean or cls")
             return pooled
         hidden = outputs.last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
         if attention_mask is None:
-            return hidden.mean(dim=1)
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        tokens = mask.sum(dim=1).clamp(min=1.0)
+        pooled = []
+        for mode in self.pooling.split("+"):  # several modes are concatenated, as sentence-transformers does
+            if mode == "cls":
+                pooled.append(hidden[:, 0])
+            elif mode == "max":
+                pooled.append(hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1))
+            elif mode == "mean":
+                pooled.append((hidden * mask).sum(dim=1) / tokens)
+            else:  # mean_sqrt_len
+                pooled.append((hidden * mask).sum(dim=1) / tokens.sqrt())
+        return torch.cat(pooled, dim=-1)
 
     def _warn_truncated(self, texts: list[str]) -> None:
         lengths = self.tokenizer(texts, truncation=False)["input_ids"]
@@ -217,8 +247,12 @@ def _load(location: str, local_only: bool, pooling: str, name: str):
         hint = "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; " if local_only else ""
         raise PromptError(f"cannot load {where}: {hint}{_first_line(error)}; {_INSTALL_HINT}") from None
     is_clip = config.model_type in _CLIP_TYPES
+    declared = None if is_clip else declared_pooling(location, local_only, where)
     if pooling == "auto":
-        pooling = "pooler" if is_clip else "mean"
+        pooling = "pooler" if is_clip else "+".join(declared.modes) if declared else "mean"
+    elif declared is not None and pooling != "+".join(declared.modes):
+        log.warning("%s: prompts.pooling %s replaces the %s pooling the model declares (%s); its embeddings are "
+                    "not the ones it was trained to give", where, pooling, "+".join(declared.modes), declared.source)
     if is_clip and pooling == "cls":
         # CLIP's text tower attends causally: its first token sees only itself, so every prompt
         # would get the same vector.
@@ -264,7 +298,105 @@ def _load(location: str, local_only: bool, pooling: str, name: str):
         )
     if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
         model = model.get_encoder()  # prompts only need the encoder half of T5-style models
-    return model, tokenizer, pooling, projected
+    return model, tokenizer, pooling, projected, declared
+
+
+@dataclass(frozen=True)
+class DeclaredPooling:
+    """The pooling a sentence-transformers model declares: token poolings (concatenated in this
+    order) and whether a Normalize module follows; ``source`` names the file it was read from."""
+
+    modes: tuple[str, ...]
+    normalize: bool
+    source: str
+
+
+def declared_pooling(location: str, local_only: bool = True, where: str = "text encoder") -> DeclaredPooling | None:
+    """The pooling the sentence-transformers files of a model folder or hub id declare, or None
+    when it has no modules.json (a plain transformers model).
+
+    ``PromptError`` naming the file when the declaration is unreadable or asks for modules this
+    encoder does not run (Dense projections, weighted-mean or last-token pooling, ...): leaving
+    them out would silently give other embeddings than the model's.
+    """
+    modules_file = _model_file(location, "modules.json", local_only)
+    if modules_file is None:
+        return None
+    modules = _read_json(modules_file, where)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise PromptError(f"{where}: {modules_file} is not a list of sentence-transformers modules")
+    types = [str(m.get("type", "")) for m in modules]
+    unknown = [t for t in types if t not in (_ST_TRANSFORMER, _ST_POOLING, _ST_NORMALIZE)]
+    if unknown:
+        raise PromptError(f"{where}: {modules_file} declares modules that prompts.pooling auto cannot run "
+                          f"({', '.join(unknown)}); set prompts.pooling to mean, cls or pooler to pool the "
+                          "transformer's output without them, knowing the embeddings differ from the model's own")
+    transformer_paths = [str(m.get("path", "")) for m in modules if m.get("type") == _ST_TRANSFORMER]
+    if transformer_paths != [""]:
+        raise PromptError(f"{where}: {modules_file} places its transformer in {transformer_paths}, not in the "
+                          "model's own folder; give that folder as prompts.source")
+    poolings = [str(m.get("path", "")) for m in modules if m.get("type") == _ST_POOLING]
+    if not poolings:
+        return None
+    if len(poolings) > 1:
+        raise PromptError(f"{where}: {modules_file} declares {len(poolings)} Pooling modules; one is expected")
+    relative = f"{poolings[0]}/config.json" if poolings[0] else "config.json"
+    pooling_file = _model_file(location, relative, local_only)
+    if pooling_file is None:
+        raise PromptError(f"{where}: {modules_file} names a Pooling module in {poolings[0]!r} but {relative} is missing")
+    settings = _read_json(pooling_file, where)
+    if not isinstance(settings, dict):
+        raise PromptError(f"{where}: {pooling_file} is not a sentence-transformers Pooling config (a JSON object)")
+    if settings.get("pooling_mode") is not None:  # the constructor's one-word form overrides the flags
+        mode = str(settings["pooling_mode"]).lower()
+        if mode not in _ST_MODE_NAMES:
+            raise PromptError(f"{where}: {pooling_file}: pooling_mode {mode!r} is not one of "
+                              f"{', '.join(_ST_MODE_NAMES)} (the ones run here)")
+        modes = (_ST_MODE_NAMES[mode],)
+    else:
+        others = [key for key in _ST_OTHER_MODES if settings.get(key)]
+        if others:
+            raise PromptError(f"{where}: {pooling_file} asks for {', '.join(others)}, which is not run here; "
+                              f"set prompts.pooling to mean or cls to choose one yourself")
+        modes = tuple(name for key, name in _ST_MODES.items() if settings.get(key, key == "pooling_mode_mean_tokens"))
+        if not modes:
+            raise PromptError(f"{where}: {pooling_file} switches every pooling mode off")
+    return DeclaredPooling(modes, _ST_NORMALIZE in types, str(pooling_file))
+
+
+def _pooling_origin(asked: str, used: str, declared: DeclaredPooling | None, projected: bool) -> str:
+    """Why the pooling is what it is, for the log."""
+    if asked != "auto":
+        return "set by prompts.pooling"
+    if declared is not None:
+        return f"declared in {declared.source}" + (", with a Normalize module" if declared.normalize else "")
+    if used == "pooler":
+        return ("CLIP's text features: the pooled output through its text projection" if projected else
+                "a CLIP text tower saved without its text projection: the pooled output as it is")
+    return "no pooling declared (no sentence-transformers modules.json): attention-masked mean"
+
+
+def _model_file(location: str, relative: str, local_only: bool) -> Path | None:
+    """``relative`` inside a model folder or hub repo (downloaded unless ``local_only``), or None."""
+    if Path(location).is_dir():
+        path = Path(location) / relative
+        return path if path.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(location, relative, local_files_only=local_only,
+                            _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):
+        return None
+    return Path(found) if found else None
+
+
+def _read_json(path: Path, where: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PromptError(f"{where}: cannot read {path}: {_first_line(error)}") from None
 
 
 def _position_limit(model) -> int | None:
