@@ -8,9 +8,13 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 CORES ?= all
 
-.PHONY: venv run test lint bench bench-gpu clean
+.PHONY: venv slurm-profile run test lint bench bench-gpu clean
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed slurm-profile
+
+# `snakemake --profile slurm` finds it by name (a profile of yours already there is kept).
+slurm-profile:
+	@bash tools/install_slurm_profile.sh
 
 $(VENV)/.installed: pyproject.toml
 	@# Snakemake 9 needs Python 3.11; an older interpreter would fail later, deep in pip's resolver.

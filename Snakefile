@@ -17,6 +17,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (workflow.basedir, os.ge
 from duplus.configcheck import check_config, schema_error  # noqa: E402 - needs the path above
 from duplus.data.registry import drop_removed_entries, stringify_label_ids  # noqa: E402
 from duplus.errors import ConfigError  # noqa: E402
+from duplus.jobresources import cluster_plan_problems  # noqa: E402
 
 # The embedded demo config, found beside this file even when run with --directory elsewhere.
 configfile: Path(workflow.basedir) / "config.yaml"
@@ -53,3 +54,15 @@ rule all:
     input:
         report_index(),
     default_target: True
+
+
+# Before the first sbatch: a profile (a site's own, or --cores / set-resources given to this run)
+# can still take from a job what the config declares for it; stop and say what to change rather
+# than queue a GPU rule without its GPU or with a handful of threads.
+onstart:
+    if not workflow.local_exec:
+        planned = [(job.rule.name, job.threads, job.resources) for job in workflow.dag.needrun_jobs() if not job.is_local]
+        problems = cluster_plan_problems(planned, config, workflow.resource_settings.cores)
+        if problems:
+            print("Stopped before submitting any job: " + "; ".join(problems), file=sys.stderr)
+            sys.exit(1)

@@ -12,11 +12,9 @@ rule baseline_train:
         str(log_dir() / "baseline_train/{dataset}.log"),
     wildcard_constraints:
         dataset="[^/]+",
-    threads: 1
+    threads: job_threads("baseline_train", config)
     resources:
-        mem_mb=16000,
-        runtime=2880,
-        gpu=gpus(),
+        **job_resources("baseline_train", config),
     conda:
         "../envs/duplus.yaml"
     script:
@@ -36,11 +34,9 @@ rule baseline_evaluate:
         tracked=tracked("baseline_evaluate"),
     log:
         str(log_dir() / "baseline_evaluate.log"),
-    threads: 1
+    threads: job_threads("baseline_evaluate", config)
     resources:
-        mem_mb=16000,
-        runtime=240,
-        gpu=gpus(),
+        **job_resources("baseline_evaluate", config),
     conda:
         "../envs/duplus.yaml"
     script:

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from duplus.data.registry import USER_KINDS, get_dataset
+from duplus.jobresources import job_resources, job_threads  # noqa: F401 - the rules' threads and resources
 from duplus.tracked import stage_settings
 
 
@@ -138,11 +139,6 @@ def report_inputs(wildcards=None):
 
 def report_index():
     return results_dir() / "report" / "index.html"
-
-
-def gpus():
-    """GPUs per GPU-capable job; 0 on the demo, set per rule by the slurm profile."""
-    return config["resources"]["gpus"]
 
 
 def tracked(stage):

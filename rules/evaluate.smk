@@ -13,11 +13,9 @@ rule evaluate:
         tracked=tracked("evaluate"),
     log:
         str(log_dir() / "evaluate.log"),
-    threads: 1
+    threads: job_threads("evaluate", config)
     resources:
-        mem_mb=16000,
-        runtime=240,
-        gpu=gpus(),
+        **job_resources("evaluate", config),
     conda:
         "../envs/duplus.yaml"
     script:

@@ -13,11 +13,9 @@ rule lora_center:
         tracked=tracked("lora_center"),
     log:
         str(log_dir() / "lora_center/{center}.log"),
-    threads: 1
+    threads: job_threads("lora_center", config)
     resources:
-        mem_mb=16000,
-        runtime=480,
-        gpu=gpus(),
+        **job_resources("lora_center", config),
     conda:
         "../envs/duplus.yaml"
     script:

@@ -8,10 +8,9 @@ rule preprocess:
         tracked=tracked("preprocess"),
     log:
         str(log_dir() / "preprocess/{dataset}.log"),
-    threads: 2
+    threads: job_threads("preprocess", config)
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **job_resources("preprocess", config),
     conda:
         "../envs/duplus.yaml"
     script:

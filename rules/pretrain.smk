@@ -11,11 +11,9 @@ rule universal_pretrain:
         tracked=tracked("universal_pretrain"),
     log:
         str(log_dir() / "universal_pretrain.log"),
-    threads: 1
+    threads: job_threads("universal_pretrain", config)
     resources:
-        mem_mb=16000,
-        runtime=2880,
-        gpu=gpus(),
+        **job_resources("universal_pretrain", config),
     conda:
         "../envs/duplus.yaml"
     script:

@@ -12,11 +12,9 @@ rule prognosis:
         tracked=tracked("prognosis"),
     log:
         str(log_dir() / "prognosis.log"),
-    threads: 1
+    threads: job_threads("prognosis", config)
     resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=gpus(),
+        **job_resources("prognosis", config),
     conda:
         "../envs/duplus.yaml"
     script:

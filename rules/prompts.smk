@@ -7,11 +7,9 @@ rule cache_prompts:
         tracked=tracked("cache_prompts"),
     log:
         str(log_dir() / "cache_prompts/{encoder}.log"),
-    threads: 1
+    threads: job_threads("cache_prompts", config)
     resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=0,
+        **job_resources("cache_prompts", config),
     conda:
         "../envs/duplus.yaml"
     script:

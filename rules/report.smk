@@ -12,10 +12,9 @@ rule report:
         tracked=tracked("report"),
     log:
         str(log_dir() / "report.log"),
-    threads: 1
+    threads: job_threads("report", config)
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **job_resources("report", config),
     conda:
         "../envs/duplus.yaml"
     script:

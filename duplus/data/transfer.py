@@ -5,10 +5,12 @@ Bytes go to ``<name>.part`` (resumed with a Range request); only a verified file
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +21,9 @@ from duplus.hashing import md5_file, sha256_file
 from duplus.progress import progress
 
 log = logging.getLogger(__name__)
+
+# A host with no route out: network unreachable, host unreachable, connection refused.
+_NO_ROUTE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED}
 
 CHUNK = 1 << 20
 USER_AGENT = "duplus-downloader/1.0"
@@ -156,6 +161,18 @@ def download_file(url: str, destination: str | os.PathLike, md5: str | None = No
     return destination
 
 
+def _offline_hint(error: Exception | None) -> str:
+    """Says so when this host found no route to the server at all (no DNS, no network), the usual
+    case on a cluster's compute nodes: the message then says where the download has to run."""
+    reason = getattr(error, "reason", error)  # a URLError wraps the socket's error
+    offline = isinstance(reason, (socket.gaierror, TimeoutError)) or (
+        isinstance(reason, OSError) and reason.errno in _NO_ROUTE)
+    if not offline:
+        return ""
+    return (f"; {socket.gethostname()} finds no route to the server: without network here, download on a host "
+            "that has it (the pipeline runs downloads where Snakemake runs, not on compute nodes)")
+
+
 def _transfer(url: str, part: Path, retries: int, backoff: float, timeout: float) -> bool:
     """Fill ``part`` with the whole file, resuming it across ``retries`` attempts; whether any attempt resumed."""
     last_error: Exception | None = None
@@ -177,6 +194,6 @@ def _transfer(url: str, part: Path, retries: int, backoff: float, timeout: float
         if attempt < retries:
             time.sleep(wait)
     if last_error is not None or not part.exists():
-        raise DownloadError(f"{url}: download failed after {retries} attempts ({last_error}); the partial file "
-                            f"{part} is kept and the next run resumes it")
+        raise DownloadError(f"{url}: download failed after {retries} attempts ({last_error}){_offline_hint(last_error)}; "
+                            f"the partial file {part} is kept and the next run resumes it")
     return resumed

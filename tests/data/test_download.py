@@ -167,6 +167,21 @@ def _msd_tar() -> bytes:
     return buffer.getvalue()
 
 
+def test_a_host_without_network_is_told_so_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    import socket
+    import urllib.error
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(DownloadError) as raised:
+        download_file("https://example.org/data.zip", tmp_path / "data.zip", retries=2, backoff=0.0)
+    message = str(raised.value)
+    assert "\n" not in message and "finds no route to the server" in message and "where Snakemake runs" in message
+
+
 def _serve_toy_msd(server: _Server, monkeypatch) -> tuple[bytes, DatasetSpec]:
     """A url dataset ``toy_msd`` whose archive the test server holds; returns (archive, spec)."""
     archive = _msd_tar()
