@@ -32,7 +32,6 @@ class FakeCache:
 
 def make_setup(tmp_path: Path, monkeypatch: Any) -> dict[str, Any]:
     """Scan (scan.nii.gz), tiny model, its sha256 and a run config; prompts resolve without the taxonomy."""
-    torch.set_num_threads(1)
     array = np.zeros((10, 18, 20), np.float32)  # Z, Y, X
     array[3:7, 5:13, 4:16] = 100.0
     scan = sitk.GetImageFromArray(array)

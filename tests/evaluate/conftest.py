@@ -1,5 +1,1 @@
-"""Shared settings of the evaluation tests (one torch thread: the test machine is shared)."""
-
-import torch
-
-torch.set_num_threads(1)
+"""Shared settings of the evaluation tests (torch's thread count: tests/conftest.py)."""

@@ -1,4 +1,4 @@
-"""Small DuPLUS networks shared by the model tests (one torch thread: the test machine is shared)."""
+"""Small DuPLUS networks shared by the model tests."""
 
 import pytest
 import torch
@@ -6,7 +6,6 @@ from model_helpers import TEXT_DIM
 
 from duplus.model import DuPLUS, ModelConfig
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture()

@@ -1,9 +1,8 @@
-"""Shared fixtures of the prognosis tests: one torch thread (the machine is shared), EHR schema."""
+"""Shared fixtures of the prognosis tests: EHR schema (torch's thread count: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from duplus.prognosis.ehr import EHRSchema
 
@@ -13,14 +12,6 @@ HEADNECK = {
         "numeric": ["age", "weight"], "categorical": ["center", "tobacco", "alcohol", "performance_status"],
         "binary": ["gender", "hpv", "surgery", "chemotherapy"], "allow_unmatched": False}},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -128,7 +128,9 @@ def test_every_model_sees_the_same_folds_and_risks_are_complete():
     assert result.folds["ibs"].between(0, 0.5).all()
 
 
+@pytest.mark.learning
 def test_image_plus_ehr_beats_each_alone():
+    """SPREAD"""
     cohort = synthetic_cohort(300, seed=0)
     folds, _ = ev.make_folds(cohort.event, cohort.center, 3)
     result = ev.cross_validate(cohort, ["ehr_mlp", "image_mlp", "image_ehr_tabular"], folds, FAST)

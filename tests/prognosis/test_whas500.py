@@ -1,8 +1,9 @@
-"""On real patients (WHAS500, shipped with scikit-survival) the EHR-only MLP matches Cox PH."""
+"""On real patients (WHAS500, shipped with scikit-survival) the EHR-only MLP comes close to Cox PH."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from duplus.prognosis import evaluate as ev
 from duplus.prognosis.heads import MLPSettings
@@ -23,14 +24,22 @@ def whas500_cohort() -> Cohort:
     return Cohort(ids=table.ids, time=table.time, event=table.event, ehr=table.frame, schema=schema)
 
 
-def test_ehr_mlp_is_within_one_std_of_cox_on_the_same_folds():
+@pytest.mark.learning
+def test_ehr_mlp_comes_within_003_of_cox_on_the_same_folds():
+    """Two 3-fold splits (fold seeds 0 and 1), the MLP seeded alike, compared fold by fold with Cox PH.
+
+    SPREAD
+    """
     cohort = whas500_cohort()
-    folds, how = ev.make_folds(cohort.event, None, 3, seed=0)
-    assert how == "event"
-    settings = ModelSettings(mlp=MLPSettings(epochs=120, hidden=32))
-    result = ev.cross_validate(cohort, ["ehr_coxph", "ehr_mlp"], folds, settings)
-    summary = ev.summarize(result.folds).set_index("model")
-    cox, mlp = summary.loc["ehr_coxph"], summary.loc["ehr_mlp"]
-    assert 0.7 < cox["harrell_c_mean"] < 0.85                  # published range for this table
-    assert mlp["harrell_c_mean"] >= cox["harrell_c_mean"] - cox["harrell_c_std"]
-    assert np.isfinite(result.folds["ibs"]).all()
+    gaps, cox_means = [], []
+    for seed in (0, 1):
+        folds, how = ev.make_folds(cohort.event, None, 3, seed=seed)
+        assert how == "event"
+        settings = ModelSettings(mlp=MLPSettings(epochs=120, hidden=32, seed=seed))
+        result = ev.cross_validate(cohort, ["ehr_coxph", "ehr_mlp"], folds, settings)
+        assert np.isfinite(result.folds["ibs"]).all()
+        summary = ev.summarize(result.folds).set_index("model")
+        cox_means.append(summary.loc["ehr_coxph", "harrell_c_mean"])
+        gaps.append(summary.loc["ehr_mlp", "harrell_c_mean"] - cox_means[-1])
+    assert all(0.7 < c < 0.85 for c in cox_means), cox_means   # published range for this table
+    assert np.mean(gaps) > -0.03, gaps

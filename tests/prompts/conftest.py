@@ -7,7 +7,6 @@ import torch
 
 from prompt_helpers import FakeEncoder, FakeSpec
 
-torch.set_num_threads(1)  # the test machine's cores are shared
 
 
 @pytest.fixture(scope="session")

@@ -30,13 +30,14 @@ def _blob(shape, centre, radius):
     return (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= radius**2
 
 
-def _write_case(root: Path, dataset: str, case: str, shape, labels: dict, rng) -> dict:
+def _write_case(root: Path, dataset: str, case: str, shape, labels: dict, rng, radius_scale: float = 1.0) -> dict:
+    """One preprocessed case: a ball per class (radius 3 voxels for label 1, else 2, times ``radius_scale``)."""
     folder = root / dataset / case
     folder.mkdir(parents=True)
     label = np.zeros(shape, dtype=np.uint8)
     for label_id in sorted(int(k) for k in labels):
         centre = [int(rng.integers(3, s - 3)) for s in shape]
-        label[_blob(shape, centre, 2 + (label_id == 1))] = label_id
+        label[_blob(shape, centre, (2 + (label_id == 1)) * radius_scale)] = label_id
     image = (rng.normal(size=shape) * 0.1 + label).astype(np.float32)
     np.save(folder / "image.npy", image)
     np.save(folder / "label.npy", label)
@@ -118,15 +119,6 @@ class FakePromptCache:
 
     def get_many(self, texts) -> torch.Tensor:
         return torch.stack([self.get(t) for t in texts]) if texts else torch.zeros(0, self.dim)
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    """One intra-op thread: the test machine's cores are shared, and more threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture
