@@ -409,6 +409,9 @@ def _user_dataset(name: str, settings: Mapping[str, Any]) -> DatasetSpec:
         problems += label_problems
         if not canonical and not label_problems:
             problems.append(f"{key}.labels: declares no class (only background)")
+        if len(canonical) > 255:  # the store's uint8 labels (duplus.data.labelmap)
+            problems.append(f"{key}.labels: {len(canonical)} label values are named, the store holds at most 255 "
+                            f"per dataset; name the ones to train on (the others are background)")
     channel = settings.get("channel")
     if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
         problems.append(f"{key}.channel: expected a volume index >= 0 of the 4-D images, got {channel!r}")
