@@ -287,6 +287,11 @@ def _declarations(config: Mapping[str, Any]) -> tuple[list[tuple[str, ClassInfo]
     return declared, problems
 
 
+def declared_by(name: str, config: Mapping[str, Any]) -> list[ClassInfo]:
+    """The classes dataset ``name`` declares, as the taxonomy holds them (canonical name and parent)."""
+    return [info for owner, info in _declarations(config)[0] if owner == name]
+
+
 def declared_class_problems(config: Mapping[str, Any]) -> tuple[list[ClassInfo], list[str]]:
     """The config's declared classes that can join the taxonomy, and one line per problem of the others."""
     from duplus.data.taxonomy import declaration_problems
