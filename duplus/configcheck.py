@@ -111,10 +111,11 @@ def _usable_specs(config: Mapping[str, Any]) -> list[Any]:
 
 def _warn_close_declarations(config: Mapping[str, Any]) -> None:
     """A declared class named like a built-in one is probably a typo or a synonym: say so, keep it apart."""
-    from duplus.data.taxonomy import close_builtin_classes, declared_classes
+    from duplus.data.taxonomy import close_builtin_classes, declared_classes, parents
 
     for info in declared_classes():
-        close = close_builtin_classes(info.name)
+        # "left hippocampus" under parent hippocampus is a part of it, declared as such: nothing to say.
+        close = [name for name in close_builtin_classes(info.name) if name not in parents(info.name)]
         if close:
             log.warning("declared class '%s' is close to the built-in class(es) %s: it is trained and scored as a "
                         "class of its own; if it is the same structure, drop the declaration and name '%s' in "

@@ -286,3 +286,18 @@ def test_a_real_brain_mri_with_an_atlas_label_onboards_with_a_class_of_its_own(r
         assert set(np.unique(original)) <= {0, 1, 2}
     assert "A Magnetic Resonance Imaging scan of a central brain parcel." in prompts_for_config(config)
     assert taxonomy.descendants("white matter") == ["central parcel"]
+
+
+def test_a_declared_part_of_a_built_in_class_is_not_warned_about(tmp_path: Path, caplog) -> None:
+    from duplus.configcheck import check_config
+
+    (tmp_path / "imagesTr").mkdir()
+    config = _brain_config(tmp_path, {1: "left hippocampus"},
+                           classes={"left hippocampus": {"parent": "hippocampus"}})
+    with caplog.at_level(logging.WARNING):
+        check_config(config)
+    assert "close to" not in caplog.text
+    config["datasets"]["mydata"]["classes"] = {"left hippocampus": {}}
+    with caplog.at_level(logging.WARNING):
+        check_config(config)
+    assert "declared class 'left hippocampus' is close to the built-in class(es) hippocampus" in caplog.text
