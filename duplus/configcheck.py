@@ -63,20 +63,92 @@ def check_config(config: Mapping[str, Any]) -> None:
     """Every dataset's settings make a dataset, user data roots exist, stage references are datasets,
     a prognosis run on a built-in dataset has an EHR table.
 
-    Raises ``ConfigError`` naming the key; warns about a region the prompts do not know (it is
-    used as written, "A computed tomography scan of the <region>").
+    Raises one ``ConfigError`` listing every problem found, each naming its key and its fix. Warns
+    about a region the prompts do not know (it is used as written, "A computed tomography scan of
+    the <region>"), a declared class whose name is close to a built-in one (declared as a class of
+    its own, never merged), and label names that differ from the dataset's own dataset.json.
     """
-    from duplus.data.registry import check_dataset_references, check_user_root, enabled_datasets
+    from duplus.data.registry import USER_KINDS, check_user_root, config_problems
     from duplus.data.taxonomy import REGIONS
 
-    for spec in enabled_datasets(config):
+    problems = config_problems(config)
+    usable = _usable_specs(config)
+    for spec in usable:
         if spec.root is not None:
-            check_user_root(spec)
+            try:
+                check_user_root(spec)
+            except ConfigError as error:
+                problems.append(str(error))
         if spec.region not in REGIONS:
             log.warning("datasets.%s.region: '%s' is none of the regions the prompts know (%s); it will be "
                         "used as written", spec.name, spec.region, ", ".join(REGIONS))
-    check_dataset_references(config)
-    _check_prognosis_table(config)
+        if spec.kind in USER_KINDS:
+            _warn_label_source_mismatch(spec, (config.get("datasets") or {}).get(spec.name) or {})
+    _warn_close_declarations(config)
+    if not problems:
+        try:
+            _check_prognosis_table(config)
+        except ConfigError as error:
+            problems.append(str(error))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the config:\n  " + "\n  ".join(problems))
+
+
+def _usable_specs(config: Mapping[str, Any]) -> list[Any]:
+    """The specs of the datasets whose settings make one (the others are among the listed problems)."""
+    from duplus.data.registry import _dataset
+
+    specs = []
+    for name in config.get("datasets") or {}:
+        try:
+            specs.append(_dataset(name, config))
+        except ConfigError:
+            continue
+    return specs
+
+
+def _warn_close_declarations(config: Mapping[str, Any]) -> None:
+    """A declared class named like a built-in one is probably a typo or a synonym: say so, keep it apart."""
+    from duplus.data.taxonomy import close_builtin_classes, declared_classes, parents
+
+    for info in declared_classes():
+        # "left hippocampus" under parent hippocampus is a part of it, declared as such: nothing to say.
+        close = [name for name in close_builtin_classes(info.name) if name not in parents(info.name)]
+        if close:
+            log.warning("declared class '%s' is close to the built-in class(es) %s: it is trained and scored as a "
+                        "class of its own; if it is the same structure, drop the declaration and name '%s' in "
+                        "labels (a parent: %s makes it a part of it)", info.name, ", ".join(close), close[0],
+                        close[0])
+
+
+def _warn_label_source_mismatch(spec: Any, settings: Mapping[str, Any]) -> None:
+    """Labels given in the config that differ from the folder's own dataset.json: the config wins, but
+    a renumbered export (2 is the tumour here, the vessel there) is worth a look before training."""
+    from pathlib import Path
+
+    from duplus.data.registry import dataset_json_labels
+    from duplus.data.taxonomy import canonical_name
+
+    if spec.kind != "msd" or not settings.get("labels"):
+        return
+    listed, _ = dataset_json_labels(Path(str(spec.root)))
+    listed = {k: v for k, v in listed.items() if k != 0}
+    if not listed:
+        return
+    differences = []
+    for label_id in sorted(set(listed) | set(spec.labels)):
+        ours, theirs = spec.labels.get(label_id), listed.get(label_id)
+        if theirs is None:
+            differences.append(f"{label_id}: '{ours}' in the config, absent from dataset.json")
+        elif ours is None:
+            differences.append(f"{label_id}: '{theirs}' in dataset.json, not in the config (taken as background)")
+        elif (canonical_name(theirs) or theirs) != ours:
+            differences.append(f"{label_id}: '{ours}' in the config, '{theirs}' in dataset.json")
+    if differences:
+        log.warning("datasets.%s.labels differ from %s (the config's are used): %s", spec.name,
+                    Path(str(spec.root)) / "dataset.json", "; ".join(differences))
 
 
 def _check_prognosis_table(config: Mapping[str, Any]) -> None:

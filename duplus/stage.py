@@ -21,6 +21,21 @@ log = logging.getLogger("duplus.stage")
 EXIT_INTERRUPTED = 143
 
 
+def declare_config_classes(kwargs: dict[str, Any]) -> None:
+    """Make the classes the run's config declares known in this process before the stage looks any up.
+
+    The config reaches a stage as its ``config`` argument, or inside the ``kwargs`` of a training
+    entry point (``duplus.train.distributed.launch``).
+    """
+    config = kwargs.get("config")
+    if config is None and isinstance(kwargs.get("kwargs"), dict):
+        config = kwargs["kwargs"].get("config")
+    if isinstance(config, dict):
+        from duplus.data.registry import use_declared_classes
+
+        use_declared_classes(config)
+
+
 def run_stage(name: str, func: Callable[..., Any], *, log_path: str | None, torch_threads: int | None = None, **kwargs: Any) -> Any:
     """Call ``func(**kwargs)`` as stage ``name``; log its duration; exit 1 on a ``DuplusError``."""
     setup_logging(log_path)
@@ -29,6 +44,7 @@ def run_stage(name: str, func: Callable[..., Any], *, log_path: str | None, torc
     started = time.perf_counter()
     log.info("stage %s started (threads=%s)", name, torch_threads)
     try:
+        declare_config_classes(kwargs)
         result = func(**kwargs)
     except DuplusError as error:
         log.error("stage %s failed: %s", name, error)

@@ -47,6 +47,49 @@ def _is_demo(name: str, config: Mapping[str, Any]) -> bool:
     return not settings.get("kind") and builtin is not None and builtin.kind == "demo"
 
 
+# Settings of a user dataset that only name its classes: tracked by the classes they resolve to.
+_NAMING_KEYS = ("labels", "classes")
+
+
+def _as_written(name: str, config: Mapping[str, Any]) -> Any:
+    settings = copy.deepcopy((config.get("datasets") or {}).get(name))
+    if isinstance(settings, dict) and not settings.get("root"):
+        # Files outside the root concern only data read in place; the schema fills the key in for
+        # every dataset, and a downloaded or generated one must not rerun for it.
+        settings.pop("allow_outside_root", None)
+    return settings
+
+
+def _dataset_meaning(name: str, config: Mapping[str, Any]) -> Any:
+    """A dataset's settings as what they mean: labels by the classes they resolve to (``Liver`` and
+    ``liver``, ``liver tumour`` and ``hepatic tumor`` alike, a ``0: background`` entry nothing), its
+    declared classes by name, parent and prompt, its region in lower case. A built-in dataset's
+    settings are taken as written."""
+    settings = _as_written(name, config)
+    if not isinstance(settings, dict) or not settings.get("kind"):
+        return settings
+    from duplus.data.registry import declared_by, get_dataset
+
+    spec = get_dataset(name, config)
+    settings["labels"] = {str(k): v for k, v in sorted(spec.labels.items())}
+    settings["region"] = spec.region
+    declared = declared_by(name, config)
+    if declared:
+        settings["classes"] = {info.name: {"parent": info.parent, "prompt": info.prompt} for info in declared}
+    else:
+        settings.pop("classes", None)
+    return settings
+
+
+def _dataset_files(name: str, config: Mapping[str, Any]) -> Any:
+    """What a dataset's download depends on: its settings less those that name classes."""
+    settings = _as_written(name, config)
+    if isinstance(settings, dict):
+        for key in _NAMING_KEYS:
+            settings.pop(key, None)
+    return settings
+
+
 def stage_settings(stage: str, config: Mapping[str, Any], **wildcards: str) -> dict[str, Any]:
     """The settings ``stage`` depends on (``dataset=`` / ``center=`` for per-dataset / per-center jobs).
 
@@ -70,14 +113,13 @@ def _settings(stage: str, config: Mapping[str, Any], **wildcards: str) -> dict[s
     if stage == "download":
         name = wildcards["dataset"]
         demo = _is_demo(name, config)  # generated phantoms depend on the seed and their own size key
-        return {"dataset": copy.deepcopy(datasets.get(name)), "demo": _demo_size(name, config) if demo else None,
+        return {"dataset": _dataset_files(name, config), "demo": _demo_size(name, config) if demo else None,
                 "seed": config.get("seed") if demo else None}
     if stage == "preprocess":
-        return {"dataset": copy.deepcopy(datasets.get(wildcards["dataset"])),
-                **_sections(config, "seed", "preprocess")}
+        return {"dataset": _dataset_meaning(wildcards["dataset"], config), **_sections(config, "seed", "preprocess")}
     if stage == "cache_prompts":
         # The prompts are built from every dataset's classes, wording and modality.
-        return {"datasets": copy.deepcopy(datasets), **_sections(config, "prompts")}
+        return {"datasets": {name: _dataset_meaning(name, config) for name in datasets}, **_sections(config, "prompts")}
     if stage == "universal_pretrain":
         return _sections(config, "seed", "model", "pretrain")
     if stage == "baseline_train":

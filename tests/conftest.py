@@ -1,4 +1,4 @@
-"""Test-wide settings: no progress bars, no hub access, torch's thread count, the `learning` marker's pass.
+"""Test-wide settings: no progress bars, no hub access, torch's thread count, no declared class kept.
 
 ``DUPLUS_TEST_THREADS`` (default 1: the test machine's cores are shared, and small 3-D convolutions
 only contend with more) sets torch's intra-op threads for every test. Each thread count, like each
@@ -33,3 +33,12 @@ def pytest_report_header(config):
 
     return (f"torch {torch.__version__}: {TORCH_THREADS} thread(s), CPU kernels "
             f"{torch.backends.cpu.get_cpu_capability()} (ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')})")
+
+
+@pytest.fixture(autouse=True)
+def _forget_declared_classes():
+    """Classes a test's config declares join the taxonomy for the process: none may outlive its test."""
+    yield
+    from duplus.data import taxonomy
+
+    taxonomy.declare_classes([])

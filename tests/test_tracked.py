@@ -116,3 +116,55 @@ def test_the_prognosis_endpoint_reruns_the_report_not_the_stage(config):
     changed["prognosis"]["endpoint"] = "overall survival"      # a label of Table 3 only
     assert stage_settings("prognosis", changed) == stage_settings("prognosis", config)
     assert stage_settings("report", changed) != stage_settings("report", config)
+
+
+def _own(tmp_path, labels, **extra):
+    return {"kind": "msd", "root": str(tmp_path), "modality": "CT", "region": "abdomen", "sequence": None,
+            "labels": labels, **extra}
+
+
+@pytest.mark.parametrize("relabel", [
+    {"1": "Liver", "2": "Hepatic Tumour"},
+    {"0": "background", "1": "liver", "2": "liver tumor"},
+    {"2": "lesion of the liver", "1": "LIVER"},
+])
+def test_an_equivalent_relabel_reruns_nothing(config, tmp_path, relabel):
+    config["datasets"] = {"mine": _own(tmp_path, {"1": "liver", "2": "liver tumour"})}
+    relabelled = copy.deepcopy(config)
+    relabelled["datasets"]["mine"]["labels"] = relabel
+    for stage in ("download", "preprocess"):
+        assert stage_settings(stage, relabelled, dataset="mine") == stage_settings(stage, config, dataset="mine")
+    assert stage_settings("cache_prompts", relabelled) == stage_settings("cache_prompts", config)
+
+
+def test_a_relabel_to_other_classes_reruns_prompts_and_preprocessing_not_the_download(config, tmp_path):
+    config["datasets"] = {"mine": _own(tmp_path, {"1": "liver", "2": "liver tumour"})}
+    changed = copy.deepcopy(config)
+    changed["datasets"]["mine"]["labels"] = {"1": "spleen", "2": "liver tumour"}
+    assert stage_settings("preprocess", changed, dataset="mine") != stage_settings("preprocess", config, dataset="mine")
+    assert stage_settings("cache_prompts", changed) != stage_settings("cache_prompts", config)
+    assert stage_settings("download", changed, dataset="mine") == stage_settings("download", config, dataset="mine")
+
+
+def test_a_declared_class_is_tracked_by_what_it_means(config, tmp_path):
+    declared = {"left caudate": {"prompt": "left caudate nucleus", "synonyms": ["l caudate"]}}
+    config["datasets"] = {"mine": _own(tmp_path, {"1": "left caudate"}, classes=declared)}
+    respelt = copy.deepcopy(config)
+    respelt["datasets"]["mine"].update(labels={"1": "L Caudate"},
+                                       classes={"Left_Caudate": {"prompt": "left caudate nucleus",
+                                                                 "synonyms": ["l caudate", "caudate left"]}})
+    assert stage_settings("cache_prompts", respelt) == stage_settings("cache_prompts", config)
+    reworded = copy.deepcopy(config)
+    reworded["datasets"]["mine"]["classes"]["left caudate"]["prompt"] = "caudate nucleus of the left hemisphere"
+    assert stage_settings("cache_prompts", reworded) != stage_settings("cache_prompts", config)
+    assert stage_settings("preprocess", reworded, dataset="mine") != stage_settings("preprocess", config, dataset="mine")
+
+
+def test_the_demo_datasets_keep_their_tracked_settings(config):
+    from snakemake.utils import validate
+
+    validate(config, str(ROOT_CONFIG.parent / "schemas" / "config.schema.yaml"))
+    assert stage_settings("download", config, dataset="demo_abdomen_ct")["dataset"] == {"sequence": None}
+    assert stage_settings("preprocess", config, dataset="demo_abdomen_ct")["dataset"] == {"sequence": None}
+    assert stage_settings("cache_prompts", config)["datasets"] == {name: {"sequence": None} for name in
+                                                                   config["datasets"]}

@@ -258,14 +258,24 @@ def _package(spec: DatasetSpec, dataset_dir: Path, raw_dir: Path) -> Path:
 
 
 def _user_files(spec: DatasetSpec, root: Path) -> list[Path]:
-    if spec.kind == "csv":
-        from duplus.data.layouts import list_cases
+    """Every file of a dataset read in place that preprocessing reads: the CSV and its cases' files,
+    or an MSD folder's tree and, where ``allow_outside_root`` lets dataset.json list them, its
+    cases' files outside the root (without it the listing is refused, naming them)."""
+    from duplus.data.layouts import files_outside, list_cases
 
+    if spec.kind == "csv":
         files = [root]
         for case in list_cases(spec, root):
             files += [p for p in (case.image, case.label) if p is not None and Path(p).is_file()]
         return files
-    return _tree_files(root)
+    files = _tree_files(root)
+    if spec.layout == "msd" and (root / "dataset.json").is_file():
+        # Cases are listed by their real paths: a link inside the root is hashed through already.
+        inside = {os.path.realpath(p) for p in files}
+        outside = {p for p in files_outside(list_cases(spec, root), root) if p.is_file()
+                   and os.path.realpath(p) not in inside}
+        files += sorted(outside)
+    return files
 
 
 def run_download(dataset: str, config: Mapping[str, Any], out_record: str | os.PathLike) -> dict[str, Any]:
@@ -281,7 +291,7 @@ def run_download(dataset: str, config: Mapping[str, Any], out_record: str | os.P
         root = check_user_root(spec)
         if spec.kind == "manual":
             _manual(spec, root)
-        files = _user_files(spec, root) if spec.kind in ("msd", "csv") else _tree_files(root)
+        files = _user_files(spec, root) if spec.layout in ("msd", "csv") else _tree_files(root)
         hash_root = root.parent if root.is_file() else root
     else:
         _clear_leftovers(dataset_dir)

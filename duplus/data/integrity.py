@@ -1,6 +1,7 @@
 """Integrity check of a dataset's cases before any expensive work: every problem, by case and file, at once.
 
-Missing files, unreadable or non-3-D volumes, NaN/Inf, constant images, mismatched label grids, undeclared values.
+Missing files, unreadable or non-3-D volumes, NaN/Inf, constant images, mismatched label grids, and labels that
+are intensity images (non-integer, negative or thousands of distinct values).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from duplus.data.labelmap import MAX_LABEL_VALUES
 from duplus.data.layouts import Case, read_case
 from duplus.errors import DataError, IntegrityError
 from duplus.progress import progress
@@ -73,17 +75,19 @@ def _extent_overlaps(image: sitk.Image, label: sitk.Image) -> bool:
 
 
 def _listing(values: Sequence[int]) -> str:
-    """``values [7, 9]``, or the first few and a count: an intensity image given as the label (swapped
-    columns, imagesTr/labelsTr mixed up) holds thousands of distinct values, which would make one
-    line of the report tens of kilobytes long."""
+    """``values [7, 9]``, or the first few and a count: an intensity image given as the label holds
+    thousands of distinct values, which would make one line of the report tens of kilobytes long."""
     if len(values) <= MAX_VALUES:
         return f"values {list(values)}"
-    return (f"{len(values)} distinct values ({', '.join(map(str, values[:MAX_VALUES]))}, ..., {values[-1]}: "
-            f"an intensity image given as the label?)")
+    return f"{len(values)} distinct values ({', '.join(map(str, values[:MAX_VALUES]))}, ..., {values[-1]})"
 
 
-def case_problems(case: Case, label_ids: Sequence[int]) -> list[str]:
-    """Every problem of one case, each naming the case id and the file at fault."""
+def case_problems(case: Case) -> list[str]:
+    """Every problem of one case, each naming the case id and the file at fault.
+
+    Label values the dataset does not declare are no problem: they are background (a config may
+    name a subset of an atlas), counted when the case is preprocessed.
+    """
     prefix = f"case {case.case_id}"
     problems: list[str] = []
     if not case.image.exists():
@@ -111,14 +115,15 @@ def case_problems(case: Case, label_ids: Sequence[int]) -> list[str]:
         problems.append(f"{prefix}: image {case.image} is constant (every voxel = {float(pixels.min()):g})")
     values = sitk.GetArrayViewFromImage(label)
     unique = np.unique(values)
+    swapped = "an intensity image given as the label (image and label swapped)?"
     if not np.all(np.equal(np.mod(unique, 1), 0)):
         examples = unique[np.mod(unique, 1) != 0][:3]
-        problems.append(f"{prefix}: label {case.label} holds non-integer values (e.g. {examples})")
-    else:
-        unknown = sorted(set(int(v) for v in unique) - {0, *map(int, label_ids)})
-        if unknown:
-            problems.append(f"{prefix}: label {case.label} holds {_listing(unknown)} that the dataset does not "
-                            f"declare (declared: 0 background, {', '.join(map(str, sorted(label_ids)))})")
+        problems.append(f"{prefix}: label {case.label} holds non-integer values (e.g. {examples}): {swapped}")
+    elif unique.size and unique[0] < 0:
+        problems.append(f"{prefix}: label {case.label} holds negative values (e.g. {int(unique[0])}): {swapped}")
+    elif len(unique) > MAX_LABEL_VALUES:
+        problems.append(f"{prefix}: label {case.label} holds {_listing([int(v) for v in unique])}, more than any "
+                        f"label map ({MAX_LABEL_VALUES}): {swapped}")
     return problems
 
 
@@ -133,18 +138,17 @@ def init_worker() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def _check_one(args: tuple[Case, tuple[int, ...]]) -> list[str]:
-    case, ids = args
+def _check_one(case: Case) -> list[str]:
     try:
-        return case_problems(case, ids)
+        return case_problems(case)
     except Exception as error:  # noqa: BLE001 - any reader failure is a problem of this case, reported with the rest
         return [f"case {case.case_id}: {case.image}: unexpected error while checking: {error}"]
 
 
-def check_cases(dataset: str, cases: Iterable[Case], label_ids: Sequence[int], threads: int = 1) -> int:
+def check_cases(dataset: str, cases: Iterable[Case], threads: int = 1) -> int:
     """Check every case; raise ``IntegrityError`` listing all problems by case and file. Returns the case count."""
     cases = list(cases)
-    jobs = [(case, tuple(int(i) for i in label_ids)) for case in cases]
+    jobs = cases
     problems: list[str] = []
     if threads > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(threads, len(jobs)), mp_context=worker_context(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,18 @@ def _listed_image(listed: Path, channel: int | None) -> tuple[Path, int | None]:
     return listed.resolve(), channel  # missing: the integrity check names it
 
 
+def _lies_under(root: Path, path: Path) -> bool:
+    """Whether ``path`` is inside ``root`` as written (``..`` and absolute paths resolved, symlinks not:
+    a link inside the root is the dataset's own way of holding a file, and is checksummed through)."""
+    return os.path.normpath(os.path.abspath(path)).startswith(os.path.normpath(os.path.abspath(root)) + os.sep)
+
+
+def files_outside(cases: list[Case], root: Path) -> list[Path]:
+    """The image and label files of ``cases`` that lie outside ``root`` (read only when allowed)."""
+    files = [p for case in cases for p in (case.image, case.label) if p is not None]
+    return [Path(p) for p in files if not _lies_under(root, Path(p))]
+
+
 def msd_cases(spec: DatasetSpec, root: Path) -> list[Case]:
     """MSD / nnU-Net layout: ``dataset.json`` ``training`` entries, else ``imagesTr``/``labelsTr`` pairs.
 
@@ -89,14 +102,24 @@ def msd_cases(spec: DatasetSpec, root: Path) -> list[Case]:
             entries = json.loads(index.read_text(encoding="utf-8")).get("training", [])
         except (json.JSONDecodeError, AttributeError) as error:
             raise DataError(f"{index}: not a valid dataset.json ({error})") from None
+        outside = []
         for number, entry in enumerate(entries):
             if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
                 raise DataError(f"{index}: training[{number}] needs 'image' and 'label' paths, got {entry!r}")
+            away = [str(entry[key]) for key in ("image", "label") if not _lies_under(root, root / entry[key])]
+            if away:
+                outside.append(f"training[{number}] ({_strip_suffix(Path(str(entry['image'])).name)}): "
+                               f"{', '.join(away)}")
             listed = root / entry["image"]
             case_id = _strip_suffix(listed.name)  # the listed name: a symlink's target may be called anything
             image, channel = _listed_image(listed, spec.channel)
             cases.append(Case(case_id, image, (root / entry["label"]).resolve(),
                               str(entry.get("center") or _center(spec, "default")), channel))
+        if outside and not spec.options.get("allow_outside_root"):
+            raise DataError(f"{index}: {len(outside)} case(s) list files outside the dataset's root {root}, which "
+                            f"its download record would not checksum: {'; '.join(outside)}. Move them under the "
+                            f"root, or set datasets.{spec.name}.allow_outside_root: true to read and checksum them "
+                            f"with the rest")
         if cases:
             return cases
     images = root / "imagesTr"

@@ -25,6 +25,7 @@ from duplus.data import geometry as geo
 from duplus.data.integrity import check_cases, init_worker, worker_context
 from duplus.data.intensity import apply_box, body_mask, crop_box, normalize
 from duplus.data.io import read_image, write_image
+from duplus.data.labelmap import LabelValues, label_values, summarize_undeclared
 from duplus.data.layouts import Case, list_cases, read_case
 from duplus.data.registry import DatasetSpec, get_dataset
 from duplus.data.staging import STAGING, case_key, clear_case, mark_done, raw_file_hashes, staged_row
@@ -131,8 +132,24 @@ def sample_locations(label: np.ndarray, label_ids: list[int], seed: int) -> dict
     return found
 
 
-def _originals(case: Case, image: sitk.Image, label: sitk.Image, folder: Path) -> tuple[str, str]:
+def declared_label(label: sitk.Image, values: LabelValues) -> tuple[sitk.Image, dict[int, int]]:
+    """``label`` with undeclared values set to background and values renumbered for the store, and
+    {undeclared value: voxels}; the label itself when nothing changes."""
+    array = sitk.GetArrayViewFromImage(label)
+    stored, undeclared = values.apply(array)
+    if stored is array:
+        return label, undeclared
+    result = sitk.GetImageFromArray(stored)
+    result.CopyInformation(label)
+    return result, undeclared
+
+
+def _originals(case: Case, image: sitk.Image, label: sitk.Image, folder: Path,
+               renumbered: bool = False) -> tuple[str, str]:
     """Absolute paths of 3-D originals; volumes picked from 4-D files or PNG stacks get a NIfTI copy.
+
+    A label whose values were renumbered for the store (values above 255) gets a copy with the
+    stored ids, so that evaluation reads the ids the manifest names.
 
     A label on another grid than its image (``label_format="resample"``) stays the file as drawn,
     not the copy resampled onto the image: evaluation scores on the label's own grid.
@@ -145,7 +162,7 @@ def _originals(case: Case, image: sitk.Image, label: sitk.Image, folder: Path) -
         if case.label_channel is not None:  # the chosen volume, still on the label's own grid
             write_image(read_image(case.label, channel=case.label_channel), folder / "label_original.nii.gz")
             raw_label = str((folder / "label_original.nii.gz").resolve())
-    elif case.label_channel is not None or case.label_format != "image":
+    elif case.label_channel is not None or case.label_format != "image" or renumbered:
         write_image(label, folder / "label_original.nii.gz")
         raw_label = str((folder / "label_original.nii.gz").resolve())
     return raw_image, raw_label
@@ -158,6 +175,8 @@ def process_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed
         image, label = read_case(case)
         if label is None:
             raise DataError("has no label file")
+        values = label_values(spec.labels)
+        label, undeclared = declared_label(label, values)
         crop = bool(options["crop_foreground"])
         array, label_array, meta = transform_case(image, label, spec.modality, options, crop,
                                                   label_in_crop=split == "train")
@@ -167,24 +186,28 @@ def process_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed
     save_npy(folder / "image.npy", array)
     assert label_array is not None  # a label went in, so one came out
     save_npy(folder / "label.npy", label_array)
-    locations = sample_locations(label_array, sorted(spec.labels), _stable_int(seed, spec.name, case.case_id))
+    locations = sample_locations(label_array, sorted(values.classes), _stable_int(seed, spec.name, case.case_id))
     with atomic_path(folder / "locations.npz", suffix=".npz") as tmp:
         np.savez_compressed(tmp, **locations)
     final_folder = Path(final_dir) / case.case_id
-    raw_image, raw_label = _originals(case, image, label, folder)
+    raw_image, raw_label = _originals(case, image, label, folder, renumbered=values.renumbered)
     raw_image = raw_image.replace(str(folder.resolve()), str(final_folder.resolve()))
     raw_label = raw_label.replace(str(folder.resolve()), str(final_folder.resolve()))
     meta.update({"dataset": spec.name, "case": case.case_id, "center": case.center, "sequence": spec.sequence,
-                 "region": spec.region, "labels": {str(k): v for k, v in spec.labels.items()},
+                 "region": spec.region, "labels": {str(k): v for k, v in values.classes.items()},
                  "raw_image": raw_image, "raw_label": raw_label, "split": split,
                  "present_labels": [int(v) for v in np.flatnonzero(np.bincount(label_array.ravel())) if v]})
+    if undeclared:
+        meta["background_values"] = {str(k): n for k, n in sorted(undeclared.items())}
     write_json(folder / "meta.json", meta)
     return {"dataset": spec.name, "case": case.case_id, "center": case.center, "modality": spec.modality,
             "sequence": spec.sequence or "", "region": spec.region, "image": f"{case.case_id}/image.npy",
             "label": f"{case.case_id}/label.npy", "meta": f"{case.case_id}/meta.json",
             "locations": f"{case.case_id}/locations.npz", "shape": "x".join(map(str, array.shape)),
-            "labels": json.dumps({str(k): v for k, v in spec.labels.items()}), "raw_image": raw_image,
-            "raw_label": raw_label, "split": split}
+            "labels": json.dumps({str(k): v for k, v in values.classes.items()}), "raw_image": raw_image,
+            "raw_label": raw_label, "split": split,
+            # Not a manifest column: what run_preprocess counts into its log (kept in a staged case's row).
+            "background_values": {str(k): n for k, n in undeclared.items()}}
 
 
 def _stage_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed: int, staging: str,
@@ -237,6 +260,20 @@ def _install(staging: Path, out_dir: Path, case_ids: list[str]) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _log_background_values(dataset: str, rows: list[dict[str, Any]]) -> None:
+    """Say which label values datasets.<name>.labels left out, and in how many cases: taken as background."""
+    voxels: dict[int, int] = {}
+    cases = 0
+    for row in rows:
+        found = row.get("background_values") or {}
+        cases += bool(found)
+        for value, count in found.items():
+            voxels[int(value)] = voxels.get(int(value), 0) + int(count)
+    if voxels:
+        log.info("preprocess %s: label %s of %d case(s) are not in datasets.%s.labels: taken as background",
+                 dataset, summarize_undeclared(voxels), cases, dataset)
+
+
 def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str | os.PathLike,
                    out_manifest: str | os.PathLike, threads: int = 1) -> pd.DataFrame:
     """Preprocess every case of ``dataset`` into ``out_manifest``'s folder and write ``manifest.csv``."""
@@ -255,7 +292,7 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
         if os.sep in case.case_id or case.case_id.startswith("."):
             raise DataError(f"dataset {dataset}: case id '{case.case_id}' cannot be used as a folder name")
     threads = max(1, int(threads or 1))
-    check_cases(dataset, cases, sorted(spec.labels), threads=threads)
+    check_cases(dataset, cases, threads=threads)
     out_dir = Path(out_manifest).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob(".staging-*"), *out_dir.glob(".trash-*")]:
@@ -288,9 +325,11 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
     shutil.rmtree(staging, ignore_errors=True)
     frame = pd.DataFrame(rows)[MANIFEST_COLUMNS]
     write_csv(out_manifest, frame)
-    unseen = unseen_labels(out_dir, rows, sorted(spec.labels))
+    _log_background_values(dataset, rows)
+    stored = label_values(spec.labels)
+    unseen = unseen_labels(out_dir, rows, sorted(stored.classes))
     if unseen:
-        named = ", ".join(f"{i} ({spec.labels[i]})" for i in unseen)
+        named = ", ".join(f"{i} ({stored.classes[i]})" for i in unseen)
         log.warning("preprocess %s: label id(s) %s of datasets.%s.labels occur in none of its %d cases; training "
                     "takes these classes as absent from every scan of %s (remove them if it does not annotate "
                     "them)", dataset, named, dataset, len(rows), dataset)

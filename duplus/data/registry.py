@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
 
-from duplus.errors import ConfigError, DataError
+from duplus.errors import ConfigError
+
+if TYPE_CHECKING:
+    from duplus.data.taxonomy import ClassInfo
 
 MODALITIES = ("CT", "MRI", "PET")
 KINDS = ("demo", "url", "manual", "msd", "csv", "package")
 USER_KINDS = ("msd", "csv")
 # The one setting a built-in dataset takes: everything else about it (modality, region, labels,
 # centers) is the catalog's, and a value given for it would be ignored without a word.
-BUILTIN_KEYS = ("root",)
+BUILTIN_KEYS = ("root", "allow_outside_root")
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,16 @@ def get_dataset(name: str, config: Mapping[str, Any] | None = None) -> DatasetSp
     """The ``DatasetSpec`` of ``name``: a user dataset declared in ``config['datasets']`` or a built-in one.
 
     Raises ``ConfigError`` naming ``datasets.<name>`` (and listing the known names) when neither exists.
+    The classes ``config`` declares (``datasets.*.classes``) are made known first, so that any
+    dataset's labels may name them.
     """
+    if config is not None:
+        use_declared_classes(config)
+    return _dataset(name, config)
+
+
+def _dataset(name: str, config: Mapping[str, Any] | None) -> DatasetSpec:
+    """``get_dataset`` with the config's declared classes already known."""
     settings = _dataset_section(config).get(name)
     if settings is None:
         settings = {}
@@ -117,7 +129,8 @@ def get_dataset(name: str, config: Mapping[str, Any] | None = None) -> DatasetSp
         known = ", ".join(sorted(builtins))
         raise ConfigError(
             f"datasets.{name}: unknown dataset '{name}'. A built-in dataset is one of: {known}. "
-            f"A dataset of your own needs kind (msd | csv), root, modality, region and labels."
+            f"A dataset of your own needs kind (msd | csv), root, modality, region and labels (an msd folder's "
+            f"dataset.json may give the labels)."
         )
     spec = builtins[name]
     # null is how the schema fills in defaults it has (sequence: null): nothing was asked for.
@@ -131,7 +144,8 @@ def get_dataset(name: str, config: Mapping[str, Any] | None = None) -> DatasetSp
         )
     if settings.get("root"):
         # A built-in dataset already unpacked somewhere: read it in place, like a user dataset.
-        return _replace(spec, root=str(Path(str(settings["root"])).expanduser()))
+        return _replace(spec, root=str(Path(str(settings["root"])).expanduser()),
+                        options={**spec.options, "allow_outside_root": bool(settings.get("allow_outside_root"))})
     return spec
 
 
@@ -194,55 +208,222 @@ def stringify_label_ids(config: MutableMapping[str, Any]) -> None:
             settings["labels"] = {str(k): v for k, v in labels.items()}
 
 
-def check_dataset_references(config: Mapping[str, Any]) -> None:
-    """Every dataset a stage names (prognosis, LoRA centers, held-out centers) is one of the run's.
+def dataset_reference_problems(config: Mapping[str, Any]) -> list[str]:
+    """Every dataset a stage names (prognosis, LoRA centers, held-out centers) that is not one of the run's,
+    one line each with its fix.
 
     Caught before any job runs: otherwise a dataset outside ``datasets`` would be downloaded and
     preprocessed, but have no prompts in the cache, and fail only after pretraining.
     """
     names = sorted(config.get("datasets") or {})
     known = ", ".join(names) or "none"
+    problems = []
     prognosis = config.get("prognosis") or {}
     if prognosis.get("enabled", True) and prognosis.get("dataset") is not None and prognosis["dataset"] not in names:
-        raise ConfigError(f"prognosis.dataset '{prognosis['dataset']}' is not one of the run's datasets ({known}); "
-                          "add it under datasets: or set prognosis.enabled: false")
+        problems.append(f"prognosis.dataset '{prognosis['dataset']}' is not one of the run's datasets ({known}); "
+                        "add it under datasets:, or name a dataset of yours that has an EHR table "
+                        "(prognosis.ehr.table), or set prognosis.enabled: false")
     lora = config.get("lora") or {}
     for center, spec in ((lora.get("centers") or {}) if lora.get("enabled", True) else {}).items():
         dataset = (spec or {}).get("dataset")
         if dataset not in names:
-            raise ConfigError(f"lora.centers.{center}.dataset '{dataset}' is not one of the run's datasets ({known}); "
-                              f"`lora: {{centers: {{{center}: null}}}}` in a --configfile leaves the center out")
+            problems.append(f"lora.centers.{center}.dataset '{dataset}' is not one of the run's datasets ({known}); "
+                            f"`lora: {{centers: {{{center}: null}}}}` in a --configfile leaves the center out "
+                            f"(or set lora.enabled: false)")
     for dataset in ((config.get("pretrain") or {}).get("exclude_centers") or {}):
         if dataset not in names:
-            raise ConfigError(f"pretrain.exclude_centers: '{dataset}' is not one of the run's datasets ({known}); "
-                              f"`pretrain: {{exclude_centers: {{{dataset}: null}}}}` in a --configfile drops the entry")
+            problems.append(f"pretrain.exclude_centers: '{dataset}' is not one of the run's datasets ({known}); "
+                            f"`pretrain: {{exclude_centers: {{{dataset}: null}}}}` in a --configfile drops the entry")
+    return problems
+
+
+def check_dataset_references(config: Mapping[str, Any]) -> None:
+    """``ConfigError`` listing every problem of :func:`dataset_reference_problems`, if any."""
+    problems = dataset_reference_problems(config)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _declarations(config: Mapping[str, Any]) -> tuple[list[tuple[str, ClassInfo]], list[str]]:
+    """(declaring dataset, class) for every class ``datasets.*.classes`` declares, and the problems of
+    their settings, one line each."""
+    from duplus.data.taxonomy import ClassInfo, builtin_name, normalized
+
+    declared: list[tuple[str, ClassInfo]] = []
+    problems: list[str] = []
+    for name, settings in _dataset_section(config).items():
+        classes = settings.get("classes") if isinstance(settings, Mapping) else None
+        if not classes:
+            continue
+        key = f"datasets.{name}.classes"
+        if not isinstance(classes, Mapping):
+            problems.append(f"{key}: expected a mapping of class name -> {{synonyms, parent, prompt}}, got {classes!r}")
+            continue
+        region = str(settings.get("region") or "").strip().lower()
+        for class_name, entry in classes.items():
+            entry = entry or {}
+            where = f"{key}.{class_name}"
+            if not isinstance(entry, Mapping):
+                problems.append(f"{where}: expected a mapping (synonyms, parent, prompt) or nothing, got {entry!r}")
+                continue
+            synonyms = entry.get("synonyms") or []
+            synonyms = [synonyms] if isinstance(synonyms, str) else list(synonyms)
+            parent = entry.get("parent")
+            prompt = entry.get("prompt")
+            if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()
+                                       or "{" in prompt.replace("{scan}", "")):
+                problems.append(f"{where}.prompt: expected the words its target prompts use, or a sentence "
+                                f"with {{scan}} where the scan's name goes, got {prompt!r}")
+                prompt = None
+            declared.append((name, ClassInfo(
+                name=normalized(class_name), region=region or "whole body",
+                parent=(builtin_name(parent) or normalized(parent)) if parent else None,
+                synonyms=tuple(str(s) for s in synonyms), prompt=prompt)))
+    owners: dict[str, str] = {}
+    for owner, info in declared:
+        if owners.setdefault(info.name, owner) != owner:
+            problems.append(f"datasets.{owner}.classes.{info.name}: already declared by datasets.{owners[info.name]}; "
+                            f"declare a class once, every dataset's labels may then name it")
+    return declared, problems
+
+
+def declared_by(name: str, config: Mapping[str, Any]) -> list[ClassInfo]:
+    """The classes dataset ``name`` declares, as the taxonomy holds them (canonical name and parent)."""
+    return [info for owner, info in _declarations(config)[0] if owner == name]
+
+
+def declared_class_problems(config: Mapping[str, Any]) -> tuple[list[ClassInfo], list[str]]:
+    """The config's declared classes that can join the taxonomy, and one line per problem of the others."""
+    from duplus.data.taxonomy import declaration_problems
+
+    declared, problems = _declarations(config)
+    usable = list({info.name: info for _, info in declared}.values())
+    while True:  # dropping a class can strand its declared children: check again until none is dropped
+        found = declaration_problems(usable)
+        if not found:
+            break
+        bad = {name for name, _ in found}
+        problems += [f"declared class '{name}': {problem}" for name, problem in found]
+        usable = [info for info in usable if info.name not in bad]
+    return usable, list(dict.fromkeys(problems))
+
+
+def use_declared_classes(config: Mapping[str, Any]) -> None:
+    """Make the classes ``config`` declares known to the taxonomy; ``ConfigError`` listing every problem."""
+    from duplus.data.taxonomy import declare_classes
+
+    usable, problems = declared_class_problems(config)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    declare_classes(usable)
+
+
+def config_problems(config: Mapping[str, Any]) -> list[str]:
+    """Every problem of the run's declared classes, datasets and stage references, one line each."""
+    from duplus.data.taxonomy import declare_classes
+
+    usable, problems = declared_class_problems(config)
+    declare_classes(usable)  # labels naming a usable declared class resolve; the others are listed once, above
+    for name in _dataset_section(config):
+        try:
+            _dataset(name, config)
+        except ConfigError as error:
+            problems += str(error).splitlines()
+    return problems + dataset_reference_problems(config)
+
+
+def dataset_json_labels(root: Path) -> tuple[dict[int, str], str | None]:
+    """The label names an MSD / nnU-Net folder's ``dataset.json`` lists, and a problem reading them (or None).
+
+    MSD lists ``{"0": "background", "1": "liver"}``, nnU-Net v2 ``{"background": 0, "liver": 1}``.
+    """
+    import json
+
+    index = Path(root) / "dataset.json"
+    if not index.is_file():
+        return {}, None
+    try:
+        listed = json.loads(index.read_text(encoding="utf-8")).get("labels") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        return {}, f"{index}: not a valid dataset.json ({error})"
+    if not isinstance(listed, Mapping):
+        return {}, f"{index}: 'labels' is not a mapping"
+    if all(str(key).strip().isdigit() for key in listed):
+        return {int(key): str(value) for key, value in listed.items()}, None
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in listed.values()):
+        return {int(value): str(key) for key, value in listed.items()}, None
+    return {}, (f"{index}: labels {dict(listed)!r} are neither MSD's (id: name) nor nnU-Net's (name: id), "
+                f"e.g. region-based labels listing several ids per name; give labels in the config")
+
+
+def _label_classes(key: str, labels: Mapping[Any, Any], source: str) -> tuple[dict[int, str], list[str]]:
+    """Canonical class per label id, and one line per id that names no class (with its fixes)."""
+    from duplus.data.taxonomy import canonical_name, did_you_mean
+
+    canonical: dict[int, str] = {}
+    problems = []
+    for raw_id, text in labels.items():
+        try:
+            label_id = int(raw_id)
+        except (TypeError, ValueError):
+            problems.append(f"{key}.labels{source}: label id '{raw_id}' is not an integer")
+            continue
+        if label_id == 0 and str(text).strip().lower() in ("background", "bg"):
+            continue  # as MSD's dataset.json lists it: nothing to map
+        if label_id <= 0:
+            problems.append(f"{key}.labels{source}.{raw_id}: label id must be a positive integer (0 is background)")
+            continue
+        name = canonical_name(str(text))
+        if name is None:
+            problems.append(f"{key}.labels{source}.{raw_id}: '{text}' is not a known class name or synonym"
+                            f"{did_you_mean(str(text))}; use a class of `duplus list-classes`, or declare it as "
+                            f"a class of your own under {key}.classes ('{text}': {{}}, optionally with "
+                            f"synonyms, parent and prompt)")
+            continue
+        canonical[label_id] = name
+    return dict(sorted(canonical.items())), problems
 
 
 def _user_dataset(name: str, settings: Mapping[str, Any]) -> DatasetSpec:
-    from duplus.data.taxonomy import canonical_label_map
-
     key = f"datasets.{name}"
     kind = settings.get("kind")
     if kind not in USER_KINDS:
         raise ConfigError(f"{key}.kind: '{kind}' is not one of {', '.join(USER_KINDS)} (the layouts of your own data)")
-    missing = [k for k in ("root", "modality", "region", "labels") if not settings.get(k)]
+    problems = []
+    missing = [k for k in ("root", "modality", "region") if not settings.get(k)]
     if missing:
-        raise ConfigError(f"{key}: a {kind} dataset needs {', '.join(missing)} (see schemas/config.schema.yaml)")
-    root = Path(str(settings["root"])).expanduser()
-    labels = settings["labels"]
-    if not isinstance(labels, Mapping):
-        raise ConfigError(f"{key}.labels: expected a mapping of label id -> class name, got {labels!r}")
-    try:
-        canonical = canonical_label_map({int(k): str(v) for k, v in labels.items()}, where=f"{key}.labels")
-    except ValueError as error:
-        if isinstance(error, DataError):
-            raise ConfigError(str(error)) from None
-        raise ConfigError(f"{key}.labels: label ids must be integers, got {list(labels)}") from None
-    region = str(settings["region"]).strip().lower()
-    center = settings.get("center")
+        problems.append(f"{key}: a {kind} dataset needs {', '.join(missing)} (see schemas/config.schema.yaml)")
+    root = Path(str(settings.get("root") or "")).expanduser()
+    labels = settings.get("labels")
+    source = ""
+    if not labels and kind == "msd" and settings.get("root"):
+        # The folder's own names, as MSD and nnU-Net write them: no need to copy them into the config.
+        labels, problem = dataset_json_labels(root)
+        source = f" (from {root / 'dataset.json'})"
+        if problem:
+            problems.append(f"{key}.labels: none in the config, and {problem}")
+    canonical: dict[int, str] = {}
+    if not labels:
+        if not any(p.startswith(f"{key}.labels") for p in problems):
+            listed = " and its dataset.json lists none" if kind == "msd" else ""
+            problems.append(f"{key}.labels: a {kind} dataset needs labels (label id -> class name){listed}")
+    elif not isinstance(labels, Mapping):
+        problems.append(f"{key}.labels: expected a mapping of label id -> class name, got {labels!r}")
+    else:
+        canonical, label_problems = _label_classes(key, labels, source)
+        problems += label_problems
+        if not canonical and not label_problems:
+            problems.append(f"{key}.labels: declares no class (only background)")
+        if len(canonical) > 255:  # the store's uint8 labels (duplus.data.labelmap)
+            problems.append(f"{key}.labels: {len(canonical)} label values are named, the store holds at most 255 "
+                            f"per dataset; name the ones to train on (the others are background)")
     channel = settings.get("channel")
     if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
-        raise ConfigError(f"{key}.channel: expected a volume index >= 0 of the 4-D images, got {channel!r}")
+        problems.append(f"{key}.channel: expected a volume index >= 0 of the 4-D images, got {channel!r}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    region = str(settings["region"]).strip().lower()
+    center = settings.get("center")
     return DatasetSpec(
         name=name,
         modality=str(settings["modality"]),
@@ -257,6 +438,7 @@ def _user_dataset(name: str, settings: Mapping[str, Any]) -> DatasetSpec:
         description=f"user dataset ({kind}) at {root}",
         default_center=str(center) if center else None,
         channel=channel,
+        options={"allow_outside_root": bool(settings.get("allow_outside_root", False))},
     )
 
 

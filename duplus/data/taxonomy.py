@@ -1,14 +1,18 @@
 """Canonical class registry: lower-case class names with region, parent and synonyms.
 
 Free text ("Hepatic tumour", "kidney_L") maps to a canonical name; masks follow the hierarchy.
+Built-in classes are fixed here; a run's config may declare more (``datasets.<name>.classes``,
+read by ``duplus.data.registry``), which :func:`declare_classes` adds beside them for every lookup
+of the process: a declared class is named, prompted, trained and scored like a built-in one.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 
@@ -19,12 +23,17 @@ REGIONS = ("abdomen", "pelvis", "thorax", "heart", "head and neck", "brain", "wh
 
 @dataclass(frozen=True)
 class ClassInfo:
-    """One segmentable class: canonical name, body region, parent class (or None) and synonyms."""
+    """One segmentable class: canonical name, body region, parent class (or None) and synonyms.
+
+    ``prompt`` is set only for a declared class whose config gives its target prompt's wording
+    (see ``duplus.prompts.templates.class_wording``); built-in classes are prompted by name.
+    """
 
     name: str
     region: str
     parent: str | None = None
     synonyms: tuple[str, ...] = ()
+    prompt: str | None = None
 
 
 def _c(name: str, region: str, parent: str | None = None, *synonyms: str) -> ClassInfo:
@@ -163,35 +172,125 @@ def _normalize(text: str) -> str:
     return text
 
 
-@lru_cache(maxsize=1)
+# Classes a run's config declares (``declare_classes``), after the built-in ones.
+_declared: tuple[ClassInfo, ...] = ()
+
+
 def _tables() -> tuple[dict[str, ClassInfo], dict[str, str], dict[str, tuple[str, ...]]]:
+    return _build_tables(_CLASSES + _declared)
+
+
+@lru_cache(maxsize=8)
+def _build_tables(classes: tuple[ClassInfo, ...]
+                  ) -> tuple[dict[str, ClassInfo], dict[str, str], dict[str, tuple[str, ...]]]:
     by_name: dict[str, ClassInfo] = {}
     lookup: dict[str, str] = {}
-    for info in _CLASSES:
+    for info in classes:
         if info.parent is not None and info.parent not in by_name:
             raise AssertionError(f"class '{info.name}' lists parent '{info.parent}' before it is defined")
         by_name[info.name] = info
-    for info in _CLASSES:
+    for info in classes:
         for text in (info.name, *info.synonyms):
             key = _normalize(text)
             owner = lookup.setdefault(key, info.name)
             if owner != info.name:
                 raise AssertionError(f"synonym '{text}' is claimed by both '{owner}' and '{info.name}'")
     children: dict[str, list[str]] = {name: [] for name in by_name}
-    for info in _CLASSES:
+    for info in classes:
         if info.parent is not None:
             children[info.parent].append(info.name)
     return by_name, lookup, {k: tuple(v) for k, v in children.items()}
 
 
+def normalized(text: str) -> str:
+    """The form names are compared in: lower case, unified separators and spellings, no articles."""
+    return _normalize(str(text))
+
+
+def builtin_name(text: str) -> str | None:
+    """The built-in class ``text`` names (name or synonym), ignoring any declared class."""
+    return _build_tables(_CLASSES)[1].get(_normalize(str(text)))
+
+
+def close_builtin_classes(text: str, limit: int = 3) -> list[str]:
+    """Built-in classes whose name or a synonym is close to ``text`` (a declared name worth a second look)."""
+    lookup = _build_tables(_CLASSES)[1]
+    near = difflib.get_close_matches(_normalize(str(text)), list(lookup), n=3 * limit, cutoff=0.8)
+    return list(dict.fromkeys(lookup[key] for key in near))[:limit]
+
+
+def declaration_problems(declared: Sequence[ClassInfo]) -> list[tuple[str, str]]:
+    """Why ``declared`` cannot join the built-in classes, as (declared class, problem) pairs; empty when it can.
+
+    A declared name or synonym that a built-in class already has is refused, not merged: the
+    label should use the built-in class, or the declaration another name.
+    """
+    problems = []
+    builtin = _build_tables(_CLASSES)[1]
+    owners: dict[str, str] = {}
+    names = {info.name for info in declared}
+    for info in declared:
+        for text in (info.name, *info.synonyms):
+            key = _normalize(text)
+            if not key:
+                problems.append((info.name, "an empty name or synonym"))
+            elif key in builtin:
+                what = "name" if text == info.name else f"synonym '{text}'"
+                problems.append((info.name, f"its {what} is already the built-in class '{builtin[key]}': use "
+                                            f"'{builtin[key]}' in labels and drop the declaration, or declare another name"))
+            elif owners.setdefault(key, info.name) != info.name:
+                problems.append((info.name, f"'{text}' is also a name or synonym of declared class '{owners[key]}'"))
+        if info.parent is not None and info.parent not in names and builtin_name(info.parent) is None:
+            problems.append((info.name, f"parent '{info.parent}' is neither a built-in class{did_you_mean(info.parent)} "
+                                        f"nor a declared one"))
+    by_name = {info.name: info for info in declared}
+    for info in declared:
+        chain, parent = [info.name], info.parent
+        while parent in by_name:
+            if parent in chain:
+                problems.append((info.name, f"its parents form a loop ({' > '.join([*chain, parent])})"))
+                break
+            chain.append(parent)
+            parent = by_name[parent].parent
+    return problems
+
+
+def declare_classes(declared: Sequence[ClassInfo]) -> None:
+    """Make ``declared`` (parents named by canonical declared or built-in names) known beside the built-in classes.
+
+    Replaces any earlier declaration; ``DataError`` listing every problem if they cannot be added.
+    """
+    global _declared
+    problems = declaration_problems(declared)
+    if problems:
+        raise DataError("; ".join(f"declared class '{name}': {problem}" for name, problem in problems))
+    resolved = [replace(info, parent=builtin_name(info.parent) or info.parent) if info.parent else info
+                for info in declared]
+    # Parents first, as the tables require: a declared parent may be listed after its child.
+    ordered: list[ClassInfo] = []
+    pending = list(resolved)
+    while pending:
+        placed = {info.name for info in ordered}
+        ready = [info for info in pending if info.parent is None or info.parent in placed
+                 or builtin_name(info.parent) == info.parent]
+        ordered += ready
+        pending = [info for info in pending if info not in ready]
+    _declared = tuple(ordered)
+
+
+def declared_classes() -> list[ClassInfo]:
+    """The classes the current config declares (none outside a run)."""
+    return list(_declared)
+
+
 def all_classes() -> list[ClassInfo]:
-    """Every canonical class, parents before children."""
-    return list(_CLASSES)
+    """Every canonical class (built-in, then declared), parents before children."""
+    return list(_CLASSES + _declared)
 
 
 def class_names() -> list[str]:
-    """Every canonical class name."""
-    return [info.name for info in _CLASSES]
+    """Every canonical class name (built-in, then declared)."""
+    return [info.name for info in _CLASSES + _declared]
 
 
 def canonical_name(text: str) -> str | None:
@@ -225,7 +324,7 @@ def require_class(text: str, where: str) -> str:
     if name is None:
         raise DataError(
             f"{where}: '{text}' is not a known class name or synonym{did_you_mean(text)}; run `duplus list-classes` "
-            f"to see the {len(_CLASSES)} classes"
+            f"to see the {len(_CLASSES) + len(_declared)} classes"
         )
     return name
 
@@ -269,15 +368,22 @@ def region_of(name: str) -> str:
 
 
 def canonical_label_map(label_map: dict[int, str], where: str = "labels") -> dict[int, str]:
-    """Map every label name to its canonical class; ``DataError`` naming ``where`` for unknown names."""
+    """Map every label name to its canonical class; one ``DataError`` naming ``where`` and every unknown name."""
     result: dict[int, str] = {}
+    problems = []
     for key, text in label_map.items():
         label_id = int(key)
         if label_id == 0 and str(text).strip().lower() in ("background", "bg"):
             continue  # as MSD's dataset.json lists it: nothing to map
         if label_id <= 0:
-            raise DataError(f"{where}.{key}: label id must be a positive integer (0 is background)")
-        result[label_id] = require_class(str(text), f"{where}.{key}")
+            problems.append(f"{where}.{key}: label id must be a positive integer (0 is background)")
+            continue
+        try:
+            result[label_id] = require_class(str(text), f"{where}.{key}")
+        except DataError as error:
+            problems.append(str(error))
+    if problems:
+        raise DataError("; ".join(problems))
     return dict(sorted(result.items()))
 
 
@@ -304,7 +410,7 @@ def masks_from_label(label: np.ndarray, label_map: dict[int, str], classes: list
 def format_class_table() -> str:
     """A plain-text table of every class with region, parent and synonyms (for `duplus list-classes`)."""
     rows = [("class", "region", "parent", "synonyms")]
-    for info in _CLASSES:
+    for info in _CLASSES + _declared:
         rows.append((info.name, info.region, info.parent or "-", ", ".join(info.synonyms) or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = []

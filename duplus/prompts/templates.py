@@ -1,6 +1,8 @@
 """Prompt templates: the T1 context prompt of a scan and the five T2 target paraphrases of a class.
 
-Strings follow the paper's code literally ("a" before every class name); every function is pure.
+Strings follow the paper's code literally ("a" before every class name). The functions are pure
+but for the taxonomy lookups of :func:`class_wording` and :func:`taxonomy_parents`: a class the
+run's config declares may bring its own wording.
 """
 
 from __future__ import annotations
@@ -115,9 +117,15 @@ def target_prompts(
     plain name.
     """
     mod = modality_phrase(modality, sequence)
-    organ = _clean(class_name, "class name")
+    name = _clean(class_name, "class name")
+    wording = class_wording(name)
+    if "{scan}" in wording:
+        # A declared class's own sentence: one text, in every paraphrase slot, so that sampling a
+        # paraphrase and taking the canonical one give the same prompt.
+        return [_capitalize_first(_clean(wording.replace("{scan}", mod), "prompt"))] * len(TARGET_TEMPLATES)
+    organ = wording
     if hierarchical:
-        chain = list(parents) if parents is not None else taxonomy_parents(organ)
+        chain = list(parents) if parents is not None else taxonomy_parents(name)
         organ = hierarchical_phrase(organ, chain)
     texts = [template.format(mod=mod, organ=organ) for template in TARGET_TEMPLATES]
     return [_capitalize_first(text) for text in texts]
@@ -126,6 +134,22 @@ def target_prompts(
 def target_prompt(modality: str, class_name: str, sequence: str | None = None) -> str:
     """The canonical T2 prompt (paraphrase 0), the one used at inference."""
     return target_prompts(modality, class_name, sequence)[0]
+
+
+def class_wording(class_name: str) -> str:
+    """What stands for the class in its target prompts: the class name itself, or, for a class the
+    config declares with ``prompt``, its words ("left caudate nucleus") or its sentence with
+    ``{scan}`` where the scan's name goes ("A {scan} showing the left caudate nucleus.").
+    """
+    from duplus.data import taxonomy
+
+    declared = {info.name: info for info in getattr(taxonomy, "declared_classes", list)() if info.prompt}
+    if not declared:
+        return class_name  # built-in classes are named as they are
+    name = taxonomy.canonical_name(class_name)
+    if name in declared:
+        return " ".join(str(declared[name].prompt).split())
+    return class_name
 
 
 def taxonomy_parents(class_name: str) -> list[str]:

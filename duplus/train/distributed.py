@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     from duplus.train.interrupt import TrainingInterrupted
 
     try:
+        from duplus.stage import declare_config_classes
+
+        declare_config_classes(payload["kwargs"])  # a rank is a fresh process: the config's own classes first
         _resolve(payload["entry"])(**payload["kwargs"])
     except TrainingInterrupted as error:
         # torchrun reports any non-zero exit as a failure; the launcher reads this to tell a
