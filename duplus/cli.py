@@ -86,7 +86,11 @@ def _main(argv: list[str] | None) -> int:
             print(f"duplus: error: {error}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    quiet = bool(getattr(args, "quiet", False)) and not args.verbose
+    if quiet:
+        os.environ["DUPLUS_NO_PROGRESS"] = "1"
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     logging.getLogger("numexpr").setLevel(logging.WARNING)  # "NumExpr defaulting to N threads" on every run
     try:
         return int(args.func(args) or 0)

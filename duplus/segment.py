@@ -41,9 +41,12 @@ def default_paths(config: Mapping[str, Any]) -> tuple[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `duplus segment`."""
-    parser.add_argument("-i", "--input", required=True, help="NIfTI/NRRD/MHA file or a folder holding one DICOM series")
+    parser.add_argument("-i", "--input", required=True,
+                        help="NIfTI/NRRD/MHA file or a folder holding one DICOM series; or, for many scans, a folder "
+                             "searched recursively for both, or a CSV with a column 'image' (and optionally 'id')")
     parser.add_argument("-o", "--output", required=True,
-                        help="output folder (created); files an earlier run's report.json there lists are replaced")
+                        help="output folder (created); files an earlier run's report.json there lists are replaced. "
+                             "Many scans: one subfolder per scan, and summary.json/summary.csv")
     parser.add_argument("--format", default=None, choices=FORMATS,
                         help="mask file format (default: the input's: NIfTI stays .nii.gz, NRRD .nrrd, MetaImage .mha, "
                              "a DICOM folder gets .nrrd, which keeps its geometry exactly)")
@@ -59,25 +62,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder of a center (results/lora/<center>)")
     parser.add_argument("--dataset-classes", default=None, metavar="NAME",
                         help="segment every class of this dataset (see `duplus list-datasets`)")
-    parser.add_argument("--multilabel", action="store_true", help="one label image + labels.json instead of one mask per class")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (any case)")
+    parser.add_argument("--multilabel", "--ml", action="store_true",
+                        help="one label image + labels.json instead of one mask per class")
+    parser.add_argument("--device", default="auto",
+                        help="auto | cpu | cuda | cuda:N | gpu | gpu:N (= cuda) | mps (any case)")
     parser.add_argument("--prompt-cache", default=None,
                         help="prompt embedding cache, read only (default: <paths.results>/prompts/<prompts.encoder>"
                              ".safetensors of the config); prompts it lacks are encoded for this run")
     parser.add_argument("--config", default=None, help="run config for preprocessing and windows (default ./config.yaml if present)")
     parser.add_argument("--threshold", type=float, default=None, help="sigmoid threshold (default inference.threshold)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The mistakes a command line can hold that need no scan and no model, answered before torch is imported.
+
+    Raises ``ConfigError`` (or ``DataError`` for a missing input) naming the option.
+    """
+    from duplus.prompts.catalog import split_free_text
+    from duplus.prompts.templates import normalize_modality
+    from duplus.runtime import device_name
+    from duplus.segment_outputs import check_output_folder, output_format
+
+    if not Path(args.input).exists():
+        raise DataError(f"{args.input}: file not found (-i takes a scan, a DICOM folder, a folder of scans or a CSV "
+                        "list of them)")
+    check_output_folder(args.output)
+    if args.prompts is None and not args.dataset_classes:
+        raise ConfigError('--prompts is missing: name the classes to segment, comma-separated, e.g. --prompts '
+                          '"liver, liver tumor" (`duplus list-classes` lists them), or give --dataset-classes')
+    if args.prompts is not None:
+        try:
+            split_free_text(args.prompts)
+        except DuplusError:
+            raise ConfigError(f"--prompts {args.prompts!r}: no class named in it; give class names separated by "
+                              'commas, e.g. --prompts "liver, liver tumor"') from None
+    try:
+        normalize_modality(args.modality)
+    except DuplusError as error:
+        raise ConfigError(f"--modality: {error}") from None
+    device_name(args.device)
+    if args.threshold is not None and not 0.0 < float(args.threshold) < 1.0:
+        raise ConfigError(f"--threshold {args.threshold}: a sigmoid threshold lies strictly between 0 and 1")
+    output_format(args.input, args.format)
+    for option, path in (("--weights", args.weights), ("--config", args.config), ("--adapter", args.adapter)):
+        if path and not Path(path).exists():
+            raise ConfigError(f"{option} {path}: not found")
 
 
 def run(args: argparse.Namespace) -> int:
-    """CLI entry: 0 on success; 2 with a one-line message for any ``DuplusError`` or file-system error."""
+    """CLI entry: 0 on success; 2 with a one-line message for any ``DuplusError`` or file-system error;
+    for many scans, 1 when some failed (the summary names them)."""
+    from duplus.segment_batch import is_batch_input
+
     try:
-        report = segment_image(
-            args.input, args.output, args.prompts, args.modality, region=args.region, sequence=args.sequence,
-            weights=args.weights, sha256=args.sha256, adapter=args.adapter,
-            dataset_classes=args.dataset_classes, multilabel=args.multilabel, device=args.device,
-            prompt_cache=args.prompt_cache, config=load_config(args.config), threshold=args.threshold,
-            channel=args.channel, mask_format=args.format,
-        )
+        check_arguments(args)
+        options = dict(region=args.region, sequence=args.sequence, weights=args.weights, sha256=args.sha256,
+                       adapter=args.adapter, dataset_classes=args.dataset_classes, multilabel=args.multilabel,
+                       device=args.device, prompt_cache=args.prompt_cache, config=load_config(args.config),
+                       threshold=args.threshold)
+        if is_batch_input(args.input):
+            return _run_batch(args, options)
+        report = segment_image(args.input, args.output, args.prompts, args.modality, channel=args.channel,
+                               mask_format=args.format, **options)
     except DuplusError as error:
         print(f"duplus: error: {error}", file=sys.stderr)
         return 2
@@ -87,6 +134,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {len(report['outputs'])} file(s) to {args.output} (report: {report['report']})")
     return 0
+
+
+def _run_batch(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    from duplus.segment_batch import SUMMARY_JSON, find_scans, run_batch
+
+    scans = find_scans(args.input, args.output)
+    segmenter = Segmenter(args.prompts, args.modality, **options)
+    summary = run_batch(segmenter, scans, args.output, channel=args.channel, mask_format=args.format)
+    counts = summary["counts"]
+    print(f"{len(scans)} scan(s): {counts['done']} segmented, {counts['skipped']} already done, {counts['failed']} "
+          f"failed (summary: {Path(args.output) / SUMMARY_JSON})")
+    for row in summary["scans"]:
+        if row["status"] == "failed":
+            print(f"duplus: failed: {row['scan']}: {row['error']}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -268,6 +330,7 @@ class Segmenter:
         self.sha256, self.adapter, self.multilabel = sha256, adapter, bool(multilabel)
         self.config, self.threshold = config, threshold
         self._sidecar: dict[str, Any] | None = None
+        self._adapter_sha256: str | None = None
         self._loaded: tuple[Any, Any] | None = None  # (model, prompt embeddings)
         self.load_seconds = 0.0
 
@@ -294,7 +357,7 @@ class Segmenter:
         sidecar = self.sidecar()
         settings = inference_settings(self.window_config())
         return {
-            "model_sha256": sidecar["sha256"], "adapter_sha256": _adapter_hash(self.adapter),
+            "model_sha256": sidecar["sha256"], "adapter_sha256": self.adapter_sha256(),
             "modality": self.modality, "region": self.region, "sequence": self.sequence,
             "context_prompt": self.context_text, "classes": self.names, "texts": [item[2] for item in self.resolved],
             "threshold": settings["threshold"] if self.threshold is None else float(self.threshold),
@@ -303,30 +366,45 @@ class Segmenter:
             "multilabel": self.multilabel, "format": fmt, "channel": channel,
         }
 
+    def adapter_sha256(self) -> str | None:
+        if self._adapter_sha256 is None:
+            self._adapter_sha256 = _adapter_hash(self.adapter) or ""
+        return self._adapter_sha256 or None
+
     def preprocess_config(self) -> dict[str, Any]:
         return {**self.config, "preprocess": self.sidecar().get("preprocess", self.config.get("preprocess") or {})}
 
     def prepare(self, image: str | Path, channel: int | None = None) -> Prepared:
         """Read, check, hash and preprocess ``image`` (safe to run in a thread beside :meth:`predict`)."""
         from duplus.data.io import read_image_files
-        from duplus.data.preprocess import prepare_image
         from duplus.hashing import sha256_files
-        from duplus.segment_checks import warn_if_wrong_modality
 
         started = time.perf_counter()
         scan, sources = read_image_files(image, channel)  # DataError naming the file: missing, unreadable, 4-D, NaN
+        return self._prepared(scan, sources, str(image), sha256_files(sources), started)
+
+    def prepare_image(self, scan: Any, name: str = "image") -> Prepared:
+        """:meth:`prepare` for a SimpleITK image in memory (``name`` is what messages call it)."""
+        from duplus.data.io import check_image
+
+        started = time.perf_counter()
+        return self._prepared(check_image(scan, name), [], name, "", started)
+
+    def _prepared(self, scan: Any, sources: list[Path], image: str, input_sha256: str, started: float) -> Prepared:
+        from duplus.data.preprocess import prepare_image
+        from duplus.segment_checks import warn_if_wrong_modality
+
         direction = np.asarray(scan.GetDirection(), dtype=float).reshape(3, 3)
         if not np.allclose(direction @ direction.T, np.eye(3), atol=1e-4):
             raise DataError(f"{image}: the scan's grid is sheared (its direction matrix is not orthonormal, e.g. a CT "
                             "gantry tilt); preprocessing and restoring assume an orthogonal grid, so resample the scan "
                             "onto one first")
         warn_if_wrong_modality(scan, self.modality, image)
-        input_sha256 = sha256_files(sources)
         try:
             array, meta = prepare_image(scan, self.modality, self.preprocess_config())
         except DataError as error:
             raise DataError(f"{image}: {error}") from None
-        return Prepared(str(image), scan, sources, input_sha256, array, meta, time.perf_counter() - started)
+        return Prepared(image, scan, sources, input_sha256, array, meta, time.perf_counter() - started)
 
     def load(self) -> tuple[Any, Any]:
         """The network and the prompt embeddings, loaded on first use (a cached network is reused)."""
@@ -446,6 +524,55 @@ def segment_image(
     report, before the masks are written.
     """
     return Segmenter(prompts, modality, **options).segment(image, out_dir, channel=channel, mask_format=mask_format)
+
+
+# The Segmenter of the last `segment_images` call: the same prompts and options again reuse its prompt
+# embeddings (a text encoder loads only for prompts the cache lacks); the network is cached apart.
+_LAST_SEGMENTER: dict[str, Segmenter] = {}
+
+
+def segment_images(
+    images: Any,
+    prompts: str | Sequence[str] | None,
+    modality: str,
+    *,
+    spacing: Sequence[float] | None = None,
+    **options: Any,
+) -> Any:
+    """Masks of the prompted classes for images in memory; nothing is written.
+
+    ``images``: a SimpleITK image or a numpy array [Z, Y, X] (``spacing``: its x, y, z voxel size in
+    mm, default 1 mm), or a list of them. Returns, per image, ``{class name: mask}`` on the image's
+    own grid: a uint8 SimpleITK image for an image, a uint8 array for an array (a list for a list).
+    ``options`` are :class:`Segmenter`'s (weights, prompt_cache, device, region, threshold, config...).
+    The network loads once and is kept for later calls.
+    """
+    import json
+
+    import SimpleITK as sitk
+
+    single = not isinstance(images, (list, tuple))
+    items = [images] if single else list(images)
+    key = json.dumps([prompts, modality, options], sort_keys=True, default=str)
+    if key not in _LAST_SEGMENTER:
+        _LAST_SEGMENTER.clear()
+        _LAST_SEGMENTER[key] = Segmenter(prompts, modality, **options)
+    segmenter = _LAST_SEGMENTER[key]
+    results = []
+    for index, item in enumerate(items):
+        is_array = isinstance(item, np.ndarray)
+        if is_array:
+            if item.ndim != 3:
+                raise DataError(f"image {index}: expected a 3-D array [Z, Y, X], got shape {item.shape}")
+            scan = sitk.GetImageFromArray(np.ascontiguousarray(item, dtype=np.float32))
+            scan.SetSpacing(tuple(float(v) for v in (spacing or (1.0, 1.0, 1.0))))
+        elif isinstance(item, sitk.Image):
+            scan = item
+        else:
+            raise DataError(f"image {index}: expected a SimpleITK image or a numpy array, got {type(item).__name__}")
+        masks = segmenter.masks(segmenter.prepare_image(scan, f"image {index}"))
+        results.append({name: sitk.GetArrayFromImage(mask) if is_array else mask for name, mask in masks.items()})
+    return results[0] if single else results
 
 
 def check_encoder(cache: Any, sidecar: Mapping[str, Any], cache_path: str, weights: str) -> None:

@@ -77,11 +77,8 @@ def output_names(names: list[str], multilabel: bool, fmt: str = "nii.gz") -> lis
     return files
 
 
-def check_outputs(image: str | Path, out_dir: str | Path, files: list[str]) -> None:
-    """Refuse an output folder that is a file, or that would replace the input scan or land inside its DICOM folder.
-
-    Nothing is created here; :func:`prepare_folder` does that once the scan has been read.
-    """
+def check_output_folder(out_dir: str | Path) -> None:
+    """Refuse an output folder that is a file, or lies inside one (``scan.nii.gz/out``)."""
     out = Path(out_dir)
     for place in (out, *out.parents):
         if place.exists():
@@ -89,6 +86,14 @@ def check_outputs(image: str | Path, out_dir: str | Path, files: list[str]) -> N
                 where = f"--output {out_dir}" if place == out else f"--output {out_dir}: {place}"
                 raise ConfigError(f"{where} is a file, not a folder; give a folder for the masks")
             break
+
+
+def check_outputs(image: str | Path, out_dir: str | Path, files: list[str]) -> None:
+    """Refuse an output folder that is a file, or that would replace the input scan or land inside its DICOM folder.
+
+    Nothing is created here; :func:`prepare_folder` does that once the scan has been read.
+    """
+    check_output_folder(out_dir)
     source = Path(image).resolve()
     out = Path(out_dir).resolve()
     if source.is_dir() and (out == source or source in out.parents):
