@@ -331,6 +331,7 @@ class Segmenter:
         self.config, self.threshold = config, threshold
         self._sidecar: dict[str, Any] | None = None
         self._adapter_sha256: str | None = None
+        self._zero_shot: list[str] | None = None
         self._loaded: tuple[Any, Any] | None = None  # (model, prompt embeddings)
         self.load_seconds = 0.0
 
@@ -365,6 +366,15 @@ class Segmenter:
             "preprocess": self.preprocess_config().get("preprocess"),
             "multilabel": self.multilabel, "format": fmt, "channel": channel,
         }
+
+    def zero_shot(self) -> list[str]:
+        """Prompts the model never trained on (its sidecar's classes, modalities and regions), one line each."""
+        from duplus.segment_knowledge import trained_on, zero_shot_notes
+
+        if self._zero_shot is None:
+            self._zero_shot = zero_shot_notes(trained_on(self.sidecar(), self.config), self.modality, self.region,
+                                              self.names)
+        return self._zero_shot
 
     def adapter_sha256(self) -> str | None:
         if self._adapter_sha256 is None:
@@ -419,6 +429,8 @@ class Segmenter:
                                       self.config, self.device)
             check_encoder(cache, sidecar, self.prompt_cache, self.weights)
             self._loaded = (model, cache)
+            for note in self.zero_shot():
+                log.warning("%s", note)
             self.load_seconds = time.perf_counter() - started
         return self._loaded
 
@@ -496,6 +508,7 @@ class Segmenter:
             "input_sha256": prepared.sha256, "input_files_hashed": len(prepared.sources),
             "input_files": [str(path) for path in prepared.sources],
             "channel": channel, "format": fmt,
+            "zero_shot": self.zero_shot(),
             # What a rerun compares to skip this scan (batch mode): see Segmenter.settings.
             "settings": settings,
         }
