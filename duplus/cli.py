@@ -17,6 +17,14 @@ from duplus.errors import DuplusError
 def _list_classes(args: argparse.Namespace) -> int:
     from duplus.data.taxonomy import format_class_table
 
+    if getattr(args, "weights", None):
+        from duplus.model import read_sidecar
+        from duplus.segment import load_config
+        from duplus.segment_knowledge import format_trained_on, trained_on
+
+        print(format_trained_on(trained_on(read_sidecar(args.weights), load_config(args.config)), args.weights))
+        return 0
+
     print(format_class_table())
     return 0
 
@@ -44,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     classes = commands.add_parser("list-classes", help="canonical classes with region, parent and synonyms")
+    classes.add_argument("--weights", default=None, help="list what these model weights were trained on instead")
+    classes.add_argument("--config", default=None, help="config declaring datasets of your own (default ./config.yaml)")
     classes.set_defaults(func=_list_classes)
 
     datasets = commands.add_parser("list-datasets", help="built-in datasets with modality, classes and source")
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Listing commands must stay instant: answer them before importing the model stack.
-    if argv[:1] in (["list-classes"], ["list-datasets"]):
+    if argv in (["list-classes"], ["list-datasets"]):
         func = _list_classes if argv[0] == "list-classes" else _list_datasets
         try:
             return func(argparse.Namespace())
@@ -86,7 +96,11 @@ def _main(argv: list[str] | None) -> int:
             print(f"duplus: error: {error}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    quiet = bool(getattr(args, "quiet", False)) and not args.verbose
+    if quiet:
+        os.environ["DUPLUS_NO_PROGRESS"] = "1"
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     logging.getLogger("numexpr").setLevel(logging.WARNING)  # "NumExpr defaulting to N threads" on every run
     try:
         return int(args.func(args) or 0)

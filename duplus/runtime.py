@@ -27,26 +27,41 @@ def setup_logging(log_path: str | None = None, level: int = logging.INFO) -> Non
     logging.captureWarnings(True)
 
 
-# The devices a run may ask for. torch.device() takes many more ("meta", "mps", "xpu"), which
-# either fail deep inside inference or silently produce no data; "gpu" it refuses with a bare RuntimeError.
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# The devices a run may ask for. torch.device() takes many more ("meta", "xpu"), which either fail
+# deep inside inference or silently produce no data, and refuses "gpu" with a bare RuntimeError; so
+# "gpu"/"gpu:N" (TotalSegmentator's spelling) are read as cuda/cuda:N here, and the rest refused.
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, gpu, gpu:N (= cuda), mps"
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|gpu)(:\d+)?)$")
 
 
-def resolve_device(name: str = "auto") -> "torch.device":  # noqa: F821
-    """``auto`` picks CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:1`` (any case) are taken as given.
+def device_name(name: str) -> str:
+    """The canonical spelling of a device name (``GPU:1`` -> ``cuda:1``), checked without importing torch.
 
-    Raises ``ConfigError`` for any other name, and for a CUDA device torch cannot see.
+    Raises ``ConfigError`` for a name outside ``DEVICE_CHOICES``.
     """
-    import torch
-
     from duplus.errors import ConfigError
 
     key = str(name).strip().lower()
     if not _DEVICE.match(key):
         raise ConfigError(f"device '{name}': expected one of {DEVICE_CHOICES} (case does not matter)")
+    return "cuda" + key[3:] if key.startswith("gpu") else key
+
+
+def resolve_device(name: str = "auto") -> "torch.device":  # noqa: F821
+    """``auto`` picks CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:1``/``gpu:1``/``mps`` (any case)
+    are taken as given.
+
+    Raises ``ConfigError`` for any other name, and for a device torch cannot see.
+    """
+    import torch
+
+    from duplus.errors import ConfigError
+
+    key = device_name(name)
     if key == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if key == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device '{name}' was asked for but torch sees no Apple GPU (MPS); use --device cpu")
     if key.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' was asked for but torch sees no CUDA GPU; use --device cpu")
     device = torch.device(key)

@@ -77,11 +77,8 @@ def output_names(names: list[str], multilabel: bool, fmt: str = "nii.gz") -> lis
     return files
 
 
-def check_outputs(image: str | Path, out_dir: str | Path, files: list[str]) -> None:
-    """Refuse an output folder that is a file, or that would replace the input scan or land inside its DICOM folder.
-
-    Nothing is created here; :func:`prepare_folder` does that once the scan has been read.
-    """
+def check_output_folder(out_dir: str | Path) -> None:
+    """Refuse an output folder that is a file, or lies inside one (``scan.nii.gz/out``)."""
     out = Path(out_dir)
     for place in (out, *out.parents):
         if place.exists():
@@ -89,6 +86,14 @@ def check_outputs(image: str | Path, out_dir: str | Path, files: list[str]) -> N
                 where = f"--output {out_dir}" if place == out else f"--output {out_dir}: {place}"
                 raise ConfigError(f"{where} is a file, not a folder; give a folder for the masks")
             break
+
+
+def check_outputs(image: str | Path, out_dir: str | Path, files: list[str]) -> None:
+    """Refuse an output folder that is a file, or that would replace the input scan or land inside its DICOM folder.
+
+    Nothing is created here; :func:`prepare_folder` does that once the scan has been read.
+    """
+    check_output_folder(out_dir)
     source = Path(image).resolve()
     out = Path(out_dir).resolve()
     if source.is_dir() and (out == source or source in out.parents):
@@ -167,6 +172,16 @@ def overlap_notes(names: list[str], predicted: list[int], kept: list[int], file:
             for k, name in enumerate(names) if kept[k] < predicted[k]]
 
 
+def restored_mask(masks: Any, k: int, meta: Mapping[str, Any]) -> Any:
+    """Class ``k`` of preprocessed-grid ``masks`` on the input grid, as a uint8 SimpleITK image."""
+    from duplus.data.restore import restore_to_original
+    from duplus.evaluate.packed import PackedMasks
+
+    if isinstance(masks, PackedMasks):  # boundary probabilities interpolated where they were kept
+        return masks.restored(k, meta)
+    return restore_to_original(np.asarray(masks[k], dtype=np.uint8), meta, is_label=True)
+
+
 def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str], multilabel: bool,
                 fmt: str = "nii.gz") -> list[str]:
     """Restore [K, Z, Y, X] preprocessed-grid masks to the input grid and write them; returns file names.
@@ -178,15 +193,11 @@ def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str]
 
     from duplus.atomic import write_json
     from duplus.data.io import write_image
-    from duplus.data.restore import restore_to_original
-    from duplus.evaluate.packed import PackedMasks
 
     out.mkdir(parents=True, exist_ok=True)
 
     def restored(k: int) -> sitk.Image:
-        if isinstance(masks, PackedMasks):  # boundary probabilities interpolated where they were kept
-            return masks.restored(k, meta)
-        return restore_to_original(np.asarray(masks[k], dtype=np.uint8), meta, is_label=True)
+        return restored_mask(masks, k, meta)
 
     files = output_names(names, multilabel, fmt)
     if not multilabel:

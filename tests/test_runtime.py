@@ -73,10 +73,19 @@ def test_each_phase_gets_its_own_peak_not_the_process_high_water_mark():
     assert small.mb > 10  # a real reading: the interpreter and torch are resident
 
 
-@pytest.mark.parametrize("name", ["gpu", "meta", "cuda:x", "cpu:0", ""])
+@pytest.mark.parametrize("name", ["meta", "cuda:x", "cpu:0", "gpux", ""])
 def test_a_device_name_outside_the_choices_is_refused_with_them(name):
-    with pytest.raises(ConfigError, match=r"expected one of auto, cpu, cuda, cuda:N"):
+    with pytest.raises(ConfigError, match=r"expected one of auto, cpu, cuda, cuda:N, gpu, gpu:N \(= cuda\), mps"):
         resolve_device(name)
+
+
+def test_gpu_is_read_as_cuda_and_names_are_checked_without_torch():
+    from duplus.runtime import device_name
+
+    assert device_name(" GPU ") == "cuda" and device_name("gpu:1") == "cuda:1" and device_name("MPS") == "mps"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):  # an alias of cuda, not a refused name
+            resolve_device("gpu:0")
 
 
 def test_device_names_are_read_case_insensitively():
