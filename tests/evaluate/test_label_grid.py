@@ -87,7 +87,7 @@ def hecktor_case(tmp_path, monkeypatch):
         copy = sitk.Resample(label, pet, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         sitk.WriteImage(copy, str(tmp_path / "copy.nii.gz"))
 
-        spec = get_dataset("hecktor2022")
+        spec = get_dataset("hecktor2022_pet")
         options = settings({"preprocess": {"spacing": list(spacing), "crop_foreground": False}})
         out = tmp_path / "pre"
         row = process_case(list_cases(spec, tmp_path)[0], spec, options, 0, str(out), str(out), split="test")
@@ -123,7 +123,7 @@ def test_a_label_on_a_finer_offset_grid_is_scored_against_the_file_as_drawn(heck
     assert row["raw_label"].endswith("labelsTr/CHUM-001.nii.gz")  # the annotators' file, not a copy on the scan
     result = evaluate_frame(oracle, pd.DataFrame([row]), ClassCache(), CONFIG, keep_examples=True)
     drawn = result.frame().set_index("class").loc["primary tumor"]
-    example = result.examples["hecktor2022"]  # the picture stays on the scan's grid
+    example = result.examples["hecktor2022_pet"]  # the picture stays on the scan's grid
     assert example["image"].shape == example["pred"].shape[1:] == example["truth"].shape[1:] == PET_SIZE[::-1]
     copied = _scores(oracle, {**row, "raw_label": copy}).loc["primary tumor"]
     # Against the copy the surface is only known to a scan voxel: where the copy's staircase leaves the
