@@ -156,7 +156,7 @@ def _check_prognosis_table(config: Mapping[str, Any]) -> None:
     fail only in the prognosis job, after pretraining."""
     from pathlib import Path
 
-    from duplus.data.registry import USER_KINDS, builtin_datasets, get_dataset
+    from duplus.data.registry import USER_KINDS, builtin_datasets, get_dataset, raw_folder
 
     prognosis = config.get("prognosis") or {}
     name = prognosis.get("dataset")
@@ -166,7 +166,7 @@ def _check_prognosis_table(config: Mapping[str, Any]) -> None:
     if spec.kind in USER_KINDS or spec.clinical:
         return  # a dataset of your own may hold clinical.csv: the stage says so if it does not
     raw = Path((config.get("paths") or {}).get("raw", "data/raw"))
-    if (raw / name / "clinical.csv").is_file():
+    if (raw_folder(spec, raw) / "clinical.csv").is_file():
         return  # put in place by hand
     with_table = ", ".join(sorted(n for n, s in builtin_datasets().items() if s.clinical))
     raise ConfigError(f"prognosis.dataset: '{name}' comes with no EHR table (of the built-in datasets only "

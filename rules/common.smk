@@ -1,7 +1,7 @@
 # Input functions and path helpers shared by the rules (functions only, no rules).
 from pathlib import Path
 
-from duplus.data.registry import USER_KINDS, get_dataset
+from duplus.data.registry import USER_KINDS, get_dataset, raw_folder
 from duplus.jobresources import job_resources, job_threads  # noqa: F401 - the rules' threads and resources
 from duplus.tracked import stage_settings
 
@@ -97,11 +97,12 @@ def prognosis_manifest(wildcards=None):
 
 def prognosis_inputs(wildcards=None):
     """The image manifest and the EHR table, so that edits to either rerun prognosis: the table the
-    config names, else clinical.csv in the dataset's raw folder (when it is there)."""
+    config names, else clinical.csv in the dataset's raw folder (when it is there; HECKTOR's CT and
+    PET datasets share one, duplus.data.registry.raw_folder)."""
     table = (config["prognosis"].get("ehr") or {}).get("table")
     if table:
         return {"manifest": prognosis_manifest(), "ehr": table}
-    default = raw_dir() / config["prognosis"]["dataset"] / "clinical.csv"
+    default = raw_folder(get_dataset(config["prognosis"]["dataset"], config), raw_dir()) / "clinical.csv"
     return {"manifest": prognosis_manifest(), **({"ehr": default} if _placed_by_hand(default) else {})}
 
 

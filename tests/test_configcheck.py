@@ -124,12 +124,12 @@ def _prognosis_on(config, dataset, **ehr):
 
 def test_a_prognosis_dataset_without_an_ehr_table_fails_when_read(config):
     with pytest.raises(ConfigError, match=r"^prognosis\.dataset: 'demo_abdomen_ct' comes with no EHR table \(of the "
-                                          r"built-in datasets only demo_headneck_pet, hecktor2022 do\)"):
+                                          r"built-in datasets only demo_headneck_pet, hecktor2022_ct, hecktor2022_pet do\)"):
         check_config(_prognosis_on(config, "demo_abdomen_ct"))
 
 
 @pytest.mark.parametrize("dataset, ehr", [
-    ("hecktor2022", {}),                           # its instructions place the table
+    ("hecktor2022_pet", {}),                       # its instructions place the table
     ("demo_abdomen_ct", {"table": "ehr.csv"}),     # the config names one
 ])
 def test_a_prognosis_dataset_with_an_ehr_table_passes(config, dataset, ehr):

@@ -27,14 +27,14 @@ def place_table(tmp_path: Path, dataset: str) -> Path:
 
 
 def test_a_named_table_is_an_input(tmp_path):
-    inputs = input_functions(make_config(tmp_path, "hecktor2022", table="ehr.csv"))["prognosis_inputs"]()
-    assert inputs == {"manifest": tmp_path / "pre" / "hecktor2022" / "manifest.csv", "ehr": "ehr.csv"}
+    inputs = input_functions(make_config(tmp_path, "hecktor2022_pet", table="ehr.csv"))["prognosis_inputs"]()
+    assert inputs == {"manifest": tmp_path / "pre" / "hecktor2022_pet" / "manifest.csv", "ehr": "ehr.csv"}
 
 
 def test_the_default_table_put_in_place_by_hand_is_an_input(tmp_path):
-    functions = input_functions(make_config(tmp_path, "hecktor2022"))
+    functions = input_functions(make_config(tmp_path, "hecktor2022_pet"))
     assert "ehr" not in functions["prognosis_inputs"]()       # not there yet: the stage says so itself
-    clinical = place_table(tmp_path, "hecktor2022")
+    clinical = place_table(tmp_path, "hecktor2022")  # the one placement the CT and the PET dataset read
     assert functions["prognosis_inputs"]()["ehr"] == clinical
 
 

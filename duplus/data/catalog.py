@@ -37,6 +37,17 @@ CHAOS = Source(
     homepage="https://zenodo.org/records/3431873",
     licence="CC BY-NC-SA 4.0",  # non-commercial
 )
+# HECKTOR 2022's training release: imagesTr/<case>__CT.nii.gz and <case>__PT.nii.gz, labelsTr/<case>.nii.gz
+# (drawn on the CT grid), case ids prefixed by their center (CHUM-001, MDA-103, ...). One placement under
+# paths.raw/hecktor2022/ serves the CT and the PET dataset.
+HECKTOR_SCANS = {"CT": "CT", "PT": "PET"}  # file suffix -> modality
+HECKTOR = Source(
+    required=(("imagesTr/*__CT.nii.gz", 1), ("imagesTr/*__PT.nii.gz", 1), ("labelsTr/*.nii.gz", 1)),
+    instructions="Register at https://hecktor.grand-challenge.org, download the HECKTOR 2022 training data and "
+                 "unpack it so that imagesTr/<case>__CT.nii.gz, imagesTr/<case>__PT.nii.gz and "
+                 "labelsTr/<case>.nii.gz lie in the dataset folder, with the clinical/endpoint CSV beside them.",
+    homepage="https://hecktor.grand-challenge.org", folder="hecktor2022",
+)
 RADIOMICS = "pyradiomics-bhklab==3.1.4"
 RADIOMICS_SHA256 = "a44a087efc4ede91b5dfa5cf0de58ea3596bfaec1ef2484f278504b0a8fd5ffb"
 
@@ -156,13 +167,13 @@ _SPECS: list[DatasetSpec] = [
             "Download the NIfTI version of FDG-PET-CT-Lesions (autoPET, TCIA) and unpack it so that "
             "FDG-PET-CT-Lesions/<patient>/<study>/SUV.nii.gz and SEG.nii.gz lie in the dataset folder.",
             "https://autopet.grand-challenge.org", centers=("tuebingen",), description="autoPET FDG lesions (SUV)"),
-    _manual("hecktor2022", "PET", "head and neck", {1: "primary tumor", 2: "lymph node"}, "hecktor",
-            (("imagesTr/*__PT.nii.gz", 1), ("labelsTr/*.nii.gz", 1)),
-            "Register at https://hecktor.grand-challenge.org, download the HECKTOR 2022 training data and unpack it "
-            "so that imagesTr/<case>__PT.nii.gz, imagesTr/<case>__CT.nii.gz and labelsTr/<case>.nii.gz lie in the "
-            "dataset folder, with the clinical/endpoint CSV beside them.",
-            "https://hecktor.grand-challenge.org", description="HECKTOR 2022 PET primary tumour and nodes, RFS",
-            clinical=True),
+    # HECKTOR 2022: each case is a PET/CT pair with one label drawn on the CT. Two datasets read the one
+    # placed folder, each scan with its own modality stem and context prompt (docs/datasets.md).
+    *(DatasetSpec(f"hecktor2022_{modality.lower()}", modality, None, "head and neck",
+                  {1: "primary tumor", 2: "lymph node"}, "manual", HECKTOR, layout="hecktor",
+                  description=f"HECKTOR 2022 {modality} of the PET/CT pairs: primary tumour and nodes, RFS",
+                  options={"scan": scan}, clinical=True)
+      for scan, modality in HECKTOR_SCANS.items()),
     # Medical Segmentation Decathlon.
     _msd("msd_brain_tumour", "Task01_BrainTumour", "MRI", "brain",
          {1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumor"}, sequence="FLAIR", channel=0),

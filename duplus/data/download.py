@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from duplus.atomic import locked_beside, write_json
 from duplus.data.archive import safe_extract
-from duplus.data.registry import DatasetSpec, check_user_root, get_dataset
+from duplus.data.registry import DatasetSpec, check_user_root, get_dataset, raw_folder
 from duplus.data.transfer import download_file
 from duplus.errors import DownloadError
 from duplus.hashing import sha256_file
@@ -299,8 +299,8 @@ def run_download(dataset: str, config: Mapping[str, Any], out_record: str | os.P
             root = _demo(spec, config, dataset_dir)
         elif spec.kind == "url":
             root = _url(spec, dataset_dir, raw_dir)
-        elif spec.kind == "manual":
-            root = _manual(spec, dataset_dir)
+        elif spec.kind == "manual":  # placed by hand, in its own folder or one several datasets read
+            root = _manual(spec, raw_folder(spec, raw_dir))
         elif spec.kind == "package":
             root = _package(spec, dataset_dir, raw_dir)
         else:

@@ -103,9 +103,8 @@ def case_problems(case: Case) -> list[str]:
     except DataError as error:
         return [f"{prefix}: {error}"]
     assert label is not None
-    if case.label_format == "resample":
-        raw = sitk.ReadImage(str(case.label))
-        if not _extent_overlaps(image, raw):
+    if case.label_format == "resample":  # read on its own grid
+        if not _extent_overlaps(image, label):
             problems.append(f"{prefix}: label {case.label} lies outside the physical extent of image {case.image}")
     elif case.label_format == "image":
         for mismatch in geometry_mismatch(image, label):

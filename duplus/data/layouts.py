@@ -29,7 +29,8 @@ class Case:
 
     ``image`` / ``label`` are files or folders (DICOM series, PNG stacks); ``channel`` picks one volume
     of a 4-D image or label; ``label_format`` is ``"image"`` (a label volume on the image grid),
-    ``"resample"`` (a label volume on another grid, e.g. HECKTOR's CT grid under a PET image) or
+    ``"resample"`` (a label volume on a grid of its own, e.g. HECKTOR's CT grid under a PET image,
+    resampled from there straight onto the training grid and scored there) or
     ``"chaos_png"`` (a folder of PNG slices matched to the DICOM files). ``subject`` groups cases of
     one person (two cardiac phases, two studies), which must fall on the same side of the
     train/test split; None: the case is its own subject.
@@ -260,12 +261,22 @@ def autopet_cases(spec: DatasetSpec, root: Path) -> list[Case]:
 
 
 def hecktor_cases(spec: DatasetSpec, root: Path) -> list[Case]:
-    """HECKTOR 2022: ``imagesTr/<case>__PT.nii.gz`` with ``labelsTr/<case>.nii.gz`` on the CT grid."""
+    """HECKTOR 2022: ``imagesTr/<case>__CT.nii.gz`` and ``__PT.nii.gz`` with ``labelsTr/<case>.nii.gz``.
+
+    The dataset's ``scan`` option (``CT`` or ``PT``) picks the image. Cases are listed by their label
+    files, so the CT and the PET dataset list the same patients, and the train/test split (drawn from
+    case ids and centers alone) puts each patient's two scans on the same side; a missing scan is
+    reported by the integrity check, naming the file. The label is drawn on the CT grid and read on
+    its own grid (``label_format="resample"``) for both scans: HECKTOR does not promise that a
+    label's header equals its CT's, and preprocessing resamples it straight onto the training grid.
+    """
+    scan = spec.options.get("scan", "PT")
     cases = []
-    for image in sorted((root / "imagesTr").glob("*__PT.nii.gz")):
-        case_id = image.name[: -len("__PT.nii.gz")]
+    for label in _visible_images(root / "labelsTr"):
+        case_id = _strip_suffix(label.name)
         center = case_id.split("-")[0] if "-" in case_id else "hecktor"
-        cases.append(Case(case_id, image, root / "labelsTr" / f"{case_id}.nii.gz", center, label_format="resample"))
+        cases.append(Case(case_id, root / "imagesTr" / f"{case_id}__{scan}.nii.gz", label, center,
+                          label_format="resample"))
     return cases
 
 
@@ -327,9 +338,12 @@ def _check_label_values(label: "sitk.Image", case: Case) -> None:
 
 
 def read_case(case: Case) -> tuple["sitk.Image", "sitk.Image | None"]:
-    """Read a case's image and label as 3-D images; a label on another grid is resampled (nearest) onto the image."""
-    import SimpleITK as sitk
+    """Read a case's image and label as 3-D images.
 
+    A label of ``label_format="resample"`` comes on its own grid, checked to hold label ids: every
+    later step resamples it from there (preprocessing onto the training grid), never by way of the
+    image's grid, where a nearest-neighbour copy would lose or grow structures smaller than its voxels.
+    """
     from duplus.data.io import read_image
 
     image = read_image(case.image, channel=case.channel)
@@ -341,6 +355,5 @@ def read_case(case: Case) -> tuple["sitk.Image", "sitk.Image | None"]:
         return image, _chaos_label(case, image)
     label = read_image(case.label, channel=case.label_channel)
     if case.label_format == "resample":
-        _check_label_values(label, case)  # before the cast to 8 bits would hide 1.5 or 258
-        label = sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        _check_label_values(label, case)  # before a cast to 8 bits would hide 1.5 or 258
     return image, label

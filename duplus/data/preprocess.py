@@ -59,6 +59,9 @@ def transform_case(image: sitk.Image, label: sitk.Image | None, modality: str, o
                    crop: bool, label_in_crop: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Reorient, resample, (crop), normalise; returns arrays in (Z, Y, X) order and the restore metadata.
 
+    The label is resampled (nearest neighbour) from its own grid, which need not be the image's
+    (HECKTOR's CT-grid label under a PET scan), straight onto the image's target grid.
+
     The crop box covers the body and, with ``label_in_crop`` (training cases), every labelled
     voxel. Test cases are cropped by the body alone: a box drawn around the ground truth would tell
     the evaluated model where the answer is not (no false positive could land outside it).
@@ -151,8 +154,8 @@ def _originals(case: Case, image: sitk.Image, label: sitk.Image, folder: Path,
     A label whose values were renumbered for the store (values above 255) gets a copy with the
     stored ids, so that evaluation reads the ids the manifest names.
 
-    A label on another grid than its image (``label_format="resample"``) stays the file as drawn,
-    not the copy resampled onto the image: evaluation scores on the label's own grid.
+    A label on a grid of its own (``label_format="resample"``) stays the file as drawn: evaluation
+    scores on the label's own grid.
     """
     raw_image, raw_label = str(Path(case.image).resolve()), str(Path(case.label).resolve())
     if case.channel is not None or Path(case.image).is_dir():

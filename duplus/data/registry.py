@@ -28,7 +28,9 @@ class Source:
 
     ``required`` lists ``(glob pattern relative to the dataset root, minimum count)`` pairs that a
     manual dataset must satisfy; ``subdir`` is the folder inside an extracted archive that holds the
-    dataset layout; ``members`` are archive members read by a ``package`` dataset.
+    dataset layout; ``members`` are archive members read by a ``package`` dataset. ``folder`` names
+    the folder under ``paths.raw`` where a manual dataset's files are placed when several built-in
+    datasets are read from one placement (HECKTOR's CT and PET); by default each has its own.
     """
 
     url: str | None = None
@@ -42,6 +44,7 @@ class Source:
     package: str | None = None
     homepage: str | None = None
     licence: str | None = None
+    folder: str | None = None
 
     def describe(self) -> str:
         """One short line saying where the data comes from."""
@@ -147,6 +150,12 @@ def _dataset(name: str, config: Mapping[str, Any] | None) -> DatasetSpec:
         return _replace(spec, root=str(Path(str(settings["root"])).expanduser()),
                         options={**spec.options, "allow_outside_root": bool(settings.get("allow_outside_root"))})
     return spec
+
+
+def raw_folder(spec: DatasetSpec, raw: str | Path) -> Path:
+    """The folder under ``raw`` (``paths.raw``) that holds the raw files of a built-in dataset, and its
+    default EHR table: its own, ``<raw>/<name>``, unless its source is placed once for several datasets."""
+    return Path(raw) / (spec.source.folder or spec.name)
 
 
 def enabled_datasets(config: Mapping[str, Any]) -> list[DatasetSpec]:

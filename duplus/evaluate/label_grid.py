@@ -1,10 +1,11 @@
 """The grid a case is scored on: its label's own, which need not be the image's.
 
 HECKTOR ships the PET image (~4 mm) with the ground truth drawn on the CT grid (~1 mm). Training sees
-a nearest-neighbour copy of that label on the PET grid, but a small lymph node can vanish or change
-size in such a copy, and the challenge scores on the CT-resolution truth. So a case whose label lies
-on another grid is scored there: the prediction is restored onto the label's grid (in patient space,
-as onto the image's) and compared with the label file as drawn, with the label grid's spacing.
+that label resampled from its own grid onto the training grid, but a copy of it on the PET grid would
+lose or change the size of a small lymph node, and the challenge scores on the CT-resolution truth.
+So a case whose label lies on another grid is scored there: the prediction is restored onto the
+label's grid (in patient space, as onto the image's) and compared with the label file as drawn, with
+the label grid's spacing.
 """
 
 from __future__ import annotations

@@ -147,8 +147,11 @@ def _manifest_rows(manifest: str | os.PathLike | Sequence[str | os.PathLike], da
 def _ehr_path(config: Mapping[str, Any], schema: EHRSchema, dataset: str) -> Path:
     if schema.table:
         return Path(schema.table)
+    from duplus.data.registry import get_dataset, raw_folder
+
     raw = (config.get("paths") or {}).get("raw", "data/raw")
-    return Path(raw) / dataset / "clinical.csv"
+    # The dataset's raw folder: HECKTOR's CT and PET datasets read one placement, which holds the table.
+    return raw_folder(get_dataset(dataset, config), raw) / "clinical.csv"
 
 
 def _feature_settings(config: Mapping[str, Any], cases: pd.DataFrame) -> FeatureSettings:

@@ -78,19 +78,19 @@ def test_amos_splits_ct_and_mri_by_case_number(tmp_path: Path) -> None:
     assert [c.case_id for c in list_cases(get_dataset("amos_mr"), root)] == ["amos_0507"]
 
 
-def test_hecktor_label_on_the_ct_grid_is_resampled_onto_pet(tmp_path: Path) -> None:
+def test_hecktor_label_on_the_ct_grid_is_read_on_its_own_grid(tmp_path: Path) -> None:
     pet, _ = make_volume(shape_zyx=(10, 12, 12), spacing=(4.0, 4.0, 4.0))
     _, label = make_volume(shape_zyx=(20, 24, 24), spacing=(2.0, 2.0, 2.0))
     (tmp_path / "imagesTr").mkdir()
     (tmp_path / "labelsTr").mkdir()
     sitk.WriteImage(sitk.Cast(pet, sitk.sitkFloat32), str(tmp_path / "imagesTr" / "CHUM-001__PT.nii.gz"))
     sitk.WriteImage(label, str(tmp_path / "labelsTr" / "CHUM-001.nii.gz"))
-    spec = get_dataset("hecktor2022")
+    spec = get_dataset("hecktor2022_pet")
     cases = list_cases(spec, tmp_path)
     assert [(c.case_id, c.center) for c in cases] == [("CHUM-001", "CHUM")]
-    image, resampled = read_case(cases[0])
-    assert resampled is not None and resampled.GetSize() == image.GetSize()
-    check_cases("hecktor2022", cases)
+    image, drawn = read_case(cases[0])  # resampled later, from its own grid onto the training grid
+    assert drawn is not None and drawn.GetSize() == label.GetSize() != image.GetSize()
+    check_cases("hecktor2022_pet", cases)
     broken = sitk.Cast(label, sitk.sitkFloat32) * 1.5  # 1.5, 3.0: not label ids
     broken.CopyInformation(label)
     sitk.WriteImage(broken, str(tmp_path / "labelsTr" / "CHUM-001.nii.gz"))

@@ -14,7 +14,8 @@ from duplus.errors import ConfigError
 from data_helpers import user_config
 
 PAPER = ["btcv", "amos_ct", "amos_mr", "lits", "kits19", "structseg_thorax", "structseg_headneck", "chaos_t1_in",
-         "chaos_t1_out", "chaos_t2", "mnms", "brain_structures", "autopet", "hecktor2022"]
+         "chaos_t1_out", "chaos_t2", "mnms", "brain_structures", "autopet", "hecktor2022_ct",
+         "hecktor2022_pet"]
 
 
 def test_every_paper_msd_and_demo_dataset_is_registered() -> None:
@@ -27,7 +28,7 @@ def test_every_paper_msd_and_demo_dataset_is_registered() -> None:
     assert spleen.source.url == "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task09_Spleen.tar"
     assert spleen.source.md5 == "410d4a301da4e5b2f6f86ec3ddba524e"
     assert registry.get_dataset("lits").source.md5 == "a90ec6c4aa7f6a3d087205e23d4e6397"
-    for name in ("btcv", "structseg_thorax", "hecktor2022", "mnms"):
+    for name in ("btcv", "structseg_thorax", "hecktor2022_ct", "hecktor2022_pet", "mnms"):
         spec = registry.get_dataset(name)
         assert spec.kind == "manual" and spec.source.required and spec.source.instructions
 
@@ -112,7 +113,7 @@ def test_bad_user_dataset_names_the_key(msd_folder, change: dict, key: str) -> N
 
 def test_dataset_table_lists_builtins() -> None:
     table = registry.format_dataset_table()
-    for name in ("demo_abdomen_ct", "msd_spleen", "hecktor2022", "radiomics_lung_ct"):
+    for name in ("demo_abdomen_ct", "msd_spleen", "hecktor2022_pet", "radiomics_lung_ct"):
         assert name in table
 
 

@@ -87,7 +87,7 @@ def hecktor_case(tmp_path, monkeypatch):
         copy = sitk.Resample(label, pet, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         sitk.WriteImage(copy, str(tmp_path / "copy.nii.gz"))
 
-        spec = get_dataset("hecktor2022")
+        spec = get_dataset("hecktor2022_pet")
         options = settings({"preprocess": {"spacing": list(spacing), "crop_foreground": False}})
         out = tmp_path / "pre"
         row = process_case(list_cases(spec, tmp_path)[0], spec, options, 0, str(out), str(out), split="test")
@@ -123,7 +123,7 @@ def test_a_label_on_a_finer_offset_grid_is_scored_against_the_file_as_drawn(heck
     assert row["raw_label"].endswith("labelsTr/CHUM-001.nii.gz")  # the annotators' file, not a copy on the scan
     result = evaluate_frame(oracle, pd.DataFrame([row]), ClassCache(), CONFIG, keep_examples=True)
     drawn = result.frame().set_index("class").loc["primary tumor"]
-    example = result.examples["hecktor2022"]  # the picture stays on the scan's grid
+    example = result.examples["hecktor2022_pet"]  # the picture stays on the scan's grid
     assert example["image"].shape == example["pred"].shape[1:] == example["truth"].shape[1:] == PET_SIZE[::-1]
     copied = _scores(oracle, {**row, "raw_label": copy}).loc["primary tumor"]
     # Against the copy the surface is only known to a scan voxel: where the copy's staircase leaves the
@@ -173,3 +173,31 @@ def test_field_of_view_is_the_scans_voxels_on_the_label_grid():
     inside = image_field_of_view(scan, label)
     # Label centres at -3.5 ... 7.5 mm along x; the scan's two voxels span -2 ... 6 mm.
     assert inside.shape == (1, 3, 12) and inside[0, 0].tolist() == [False] * 2 + [True] * 8 + [False] * 2
+
+
+@pytest.mark.parametrize("name", ["hecktor2022_ct", "hecktor2022_pet"])
+def test_both_scans_of_a_generated_hecktor_pair_are_scored_on_the_label_as_drawn(tmp_path, monkeypatch, name):
+    # CT (~1 mm) and PET (4 mm) on grids of their own, the label on the CT grid (tests/hecktor_fixture.py).
+    # A model that predicts the stored training label exactly is scored against the file as drawn:
+    # within a training voxel of its surface, whichever scan it saw. (Had the training label come by
+    # way of the PET grid, the PET's scores here would be Dice 0.82 / 0.72, HD95 2.5 / 3.0 mm.)
+    from hecktor_fixture import write_hecktor
+
+    monkeypatch.setattr(cases_module, "context_text", lambda modality, region, sequence: "context")
+    monkeypatch.setattr(cases_module, "target_text", lambda modality, name, sequence: name)
+    release = write_hecktor(tmp_path / "hecktor2022", cases=("CHUM-001", "CHUM-002"))  # the second has a node
+    spec = get_dataset(name)
+    options = settings({"preprocess": {"spacing": [2.0, 2.0, 2.0], "crop_foreground": False}})
+    out = tmp_path / "pre"
+    row = process_case(list_cases(spec, release)[1], spec, options, 0, str(out), str(out), split="test")
+    stored = np.load(out / row["label"])
+    np.save(out / row["image"], np.arange(stored.size, dtype=np.float32).reshape(stored.shape))
+    oracle = Oracle(np.stack([(stored == label_id).ravel() for label_id in (1, 2)]).astype(np.float32))
+    config = {**CONFIG, "pretrain": {"patch_size": [32, 32, 32]}}
+    scores = evaluate_cases(oracle, pd.DataFrame([{**row, "manifest_dir": str(out)}]), ClassCache(), config)
+    scores = scores.set_index("class")
+    print(scores[["dice", "hd95", "nsd"]])
+    assert row["raw_label"] == str((release / "labelsTr" / "CHUM-002.nii.gz").resolve())
+    for structure in ("primary tumor", "lymph node"):
+        assert scores.loc[structure, "dice"] > 0.9 and scores.loc[structure, "hd95"] <= 2.0
+        assert scores.loc[structure, "nsd"] > 0.99
