@@ -226,6 +226,27 @@ def validate_ehr(frame: pd.DataFrame, schema: EHRSchema, source: str = "<table>"
     return EHRTable(frame=out, schema=schema, source=source, unmatched=unmatched)
 
 
+def check_cohort(table: EHRTable, n_folds: int) -> None:
+    """Problems that make a cross-validated survival analysis of ``table`` meaningless, all in one
+    EHRError naming the columns: a covariate missing in every row, one follow-up time for every
+    patient. Fewer events than folds is a warning (folds are then dealt so that events spread)."""
+    schema, frame = table.schema, table.frame
+    problems = []
+    empty = [c for c in schema.covariates if len(frame) and frame[c].isna().all()]
+    if empty:
+        problems.append(f"covariate(s) {empty} missing in every row (remove them from prognosis.ehr)")
+    times = frame[schema.time].to_numpy(dtype=float)
+    if len(times) > 1 and np.ptp(times) == 0:
+        problems.append(f"column '{schema.time}': every patient has the same follow-up time {times[0]:g}, "
+                        f"so no patient outlives another")
+    if problems:
+        raise EHRError(f"EHR table {table.source}: " + "; ".join(problems))
+    events = int(frame[schema.event].sum())
+    if 0 < events < n_folds:
+        log.warning("EHR table %s, column '%s': %d event(s) for %d folds: some test folds have none and "
+                    "their C-index is undefined", table.source, schema.event, events, n_folds)
+
+
 def _column_texts(raw: Mapping[str, Any]) -> dict[str, ColumnText]:
     texts = {}
     for column, spec in raw.items():

@@ -17,7 +17,7 @@ import torch
 
 from duplus.atomic import write_csv, write_json
 from duplus.errors import ConfigError, DataError, EHRError
-from duplus.prognosis.ehr import EHRSchema, load_ehr
+from duplus.prognosis.ehr import EHRSchema, check_cohort, load_ehr
 from duplus.prognosis.evaluate import (FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS, cross_validate, km_curves,
                                        make_folds, summarize)
 from duplus.prognosis.features import MASK_SOURCES, CaseInput, FeatureSettings, extract_features, feature_names
@@ -85,6 +85,7 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
         features = extract_features(model, inputs, out, model_key, settings, device=device)
         image = np.stack([features[c] for c in matched])
         center = cases["center"].astype(str).to_numpy() if "center" in cases else None
+    check_cohort(table, n_folds)
     if center is None and schema.center:
         # Missing centers form one stratum of their own rather than breaking the stratification.
         center = table.frame[schema.center].fillna("unknown").astype(str).to_numpy()

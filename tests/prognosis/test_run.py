@@ -180,3 +180,17 @@ def test_ehr_only_without_a_table_says_which_keys(tmp_path, fakes):
     config["prognosis"].update(dataset=None)
     with pytest.raises(ConfigError, match="prognosis.dataset is null .* prognosis.ehr.table is null"):
         run_prognosis(config, None, None, tmp_path / "m", tmp_path / "out")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(weight=np.nan), r"covariate\(s\) \['weight'\] missing in every row"),
+    (dict(rfs_months=0.0), "column 'rfs_months': every patient has the same follow-up time 0"),
+])
+def test_a_cohort_that_cannot_be_analysed_is_one_error_naming_the_column(tmp_path, fakes, change, message):
+    config = make_project(tmp_path)["config"]
+    clinical = tmp_path / "data" / "raw" / "demo_headneck_pet" / "clinical.csv"
+    pd.read_csv(clinical).assign(**change).to_csv(clinical, index=False)
+    config["prognosis"].update(dataset=None)
+    config["prognosis"]["ehr"] = {**config["prognosis"]["ehr"], "table": str(clinical)}
+    with pytest.raises(EHRError, match=message):
+        run_prognosis(config, None, None, tmp_path / "m", tmp_path / "out")
