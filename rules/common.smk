@@ -96,14 +96,19 @@ def prognosis_manifest(wildcards=None):
 
 
 def prognosis_inputs(wildcards=None):
-    """The image manifest and the EHR table, so that edits to either rerun prognosis: the table the
-    config names, else clinical.csv in the dataset's raw folder (when it is there; HECKTOR's CT and
-    PET datasets share one, duplus.data.registry.raw_folder)."""
+    """The image manifest, the prompt cache, the pretrained model and the EHR table, so that edits
+    to any rerun prognosis: the table the config names, else clinical.csv in the dataset's raw
+    folder (when it is there; HECKTOR's CT and PET datasets share one, duplus.data.registry.raw_folder).
+    With prognosis.dataset: null (EHR only) the named table alone."""
     table = (config["prognosis"].get("ehr") or {}).get("table")
+    if config["prognosis"].get("dataset") is None:
+        # The stage itself says so in one line when the table is not named.
+        return {"ehr": table} if table else {}
+    images = {"manifest": prognosis_manifest(), "prompts": prompt_cache(), "model": pretrained_model()}
     if table:
-        return {"manifest": prognosis_manifest(), "ehr": table}
+        return {**images, "ehr": table}
     default = raw_folder(get_dataset(config["prognosis"]["dataset"], config), raw_dir()) / "clinical.csv"
-    return {"manifest": prognosis_manifest(), **({"ehr": default} if _placed_by_hand(default) else {})}
+    return {**images, **({"ehr": default} if _placed_by_hand(default) else {})}
 
 
 def _placed_by_hand(clinical):

@@ -1,9 +1,8 @@
 rule prognosis:
-    """Survival from image features and EHR: cross-validated against EHR-only and image-only baselines."""
+    """Survival from image features and EHR: cross-validated against EHR-only and image-only baselines
+    (prognosis.dataset: null: the EHR routes and baselines on the table alone)."""
     input:
         unpack(prognosis_inputs),
-        prompts=prompt_cache,
-        model=pretrained_model,
     output:
         summary=results_dir() / "prognosis" / "summary.csv",
         folds=results_dir() / "prognosis" / "folds.csv",

@@ -15,8 +15,16 @@ def input_functions(config: dict) -> dict:
 
 
 def make_config(tmp_path: Path, dataset: str, table: str | None = None) -> dict:
-    return {"paths": {"raw": str(tmp_path / "raw"), "preprocessed": str(tmp_path / "pre")},
+    return {"paths": {"raw": str(tmp_path / "raw"), "preprocessed": str(tmp_path / "pre"),
+                      "results": str(tmp_path / "results")}, "prompts": {"encoder": "minilm"},
             "datasets": {dataset: {}}, "prognosis": {"dataset": dataset, "ehr": {"table": table}}}
+
+
+IMAGE_INPUTS = {"prompts": Path("prompts/minilm.safetensors"), "model": Path("pretrain/model.safetensors")}
+
+
+def image_inputs(tmp_path: Path) -> dict:
+    return {key: tmp_path / "results" / path for key, path in IMAGE_INPUTS.items()}
 
 
 def place_table(tmp_path: Path, dataset: str) -> Path:
@@ -28,7 +36,15 @@ def place_table(tmp_path: Path, dataset: str) -> Path:
 
 def test_a_named_table_is_an_input(tmp_path):
     inputs = input_functions(make_config(tmp_path, "hecktor2022_pet", table="ehr.csv"))["prognosis_inputs"]()
-    assert inputs == {"manifest": tmp_path / "pre" / "hecktor2022_pet" / "manifest.csv", "ehr": "ehr.csv"}
+    assert inputs == {"manifest": tmp_path / "pre" / "hecktor2022_pet" / "manifest.csv", "ehr": "ehr.csv",
+                      **image_inputs(tmp_path)}
+
+
+def test_an_ehr_only_run_needs_the_table_alone(tmp_path):
+    """prognosis.dataset: null: no manifest, prompts or pretrained model (no pretraining for a table)."""
+    config = make_config(tmp_path, "hecktor2022_pet", table="ehr.csv")
+    config["prognosis"]["dataset"] = None
+    assert input_functions(config)["prognosis_inputs"]() == {"ehr": "ehr.csv"}
 
 
 def test_the_default_table_put_in_place_by_hand_is_an_input(tmp_path):
@@ -44,7 +60,7 @@ def test_a_table_the_download_writes_is_not_an_input(tmp_path):
     # once for nothing (the download record, upstream of the manifest, covers it).
     place_table(tmp_path, dataset)
     assert input_functions(make_config(tmp_path, dataset))["prognosis_inputs"]() == {
-        "manifest": tmp_path / "pre" / dataset / "manifest.csv"}
+        "manifest": tmp_path / "pre" / dataset / "manifest.csv", **image_inputs(tmp_path)}
 
 
 def user_dataset(tmp_path: Path, kind: str) -> tuple[dict, Path]:

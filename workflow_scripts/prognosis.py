@@ -10,8 +10,9 @@ run_stage(
     log_path=snakemake.log[0],
     torch_threads=snakemake.threads,
     config=snakemake.config,
-    manifest=snakemake.input.manifest,
-    prompt_cache=snakemake.input.prompts,
-    model_path=snakemake.input.model,
+    # Absent for an EHR-only run (prognosis.dataset: null).
+    manifest=getattr(snakemake.input, "manifest", None),
+    prompt_cache=getattr(snakemake.input, "prompts", None),
+    model_path=getattr(snakemake.input, "model", None),
     out_dir=os.path.dirname(snakemake.output.summary),
 )

@@ -26,8 +26,31 @@ _MAX_LISTED = 10
 
 
 @dataclass(frozen=True)
+class ColumnText:
+    """How the text route describes one column (config ``prognosis.ehr.columns.<column>``).
+
+    name: the readable name ("sex", "Karnofsky score"); default: the column name with ``_`` and
+        ``.`` read as spaces. unit: written after a number ("years"). labels: coded value -> its
+        meaning (``{1: male, 2: female}``); keys of a binary column are read like its values
+        (1/0, yes/no, M/F ...), so ``{1: HPV positive, 0: HPV negative}`` works for either spelling.
+    """
+
+    name: str | None = None
+    unit: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class EHRSchema:
-    """Roles of the EHR table's columns (config ``prognosis.ehr``)."""
+    """Roles of the EHR table's columns (config ``prognosis.ehr``).
+
+    center: the column naming each patient's center (institution): folds are stratified by it when
+        the images give no center, and the text route reads it as "center: X". treatments: binary
+        columns that are treatments, read as "treated with X" / "not treated with X". Neither is
+        ever guessed from a column's name: a column called ``site`` may be a tumour subsite.
+    columns: per-column text descriptions (``ColumnText``); a column without one reads
+        "name: value".
+    """
 
     id: str = "patient_id"
     time: str = "rfs_months"
@@ -37,6 +60,9 @@ class EHRSchema:
     binary: tuple[str, ...] = ()
     table: str | None = None
     allow_unmatched: bool = False
+    center: str | None = None
+    treatments: tuple[str, ...] = ()
+    columns: Mapping[str, ColumnText] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "EHRSchema":
@@ -51,9 +77,19 @@ class EHRSchema:
             binary=tuple(ehr.get("binary", ("gender", "hpv", "surgery", "chemotherapy"))),
             table=ehr.get("table"),
             allow_unmatched=bool(ehr.get("allow_unmatched", False)),
+            center=ehr.get("center"),
+            treatments=tuple(ehr.get("treatments") or ()),
+            columns=_column_texts(ehr.get("columns") or {}),
         )
         schema.check()
         return schema
+
+    def text_of(self, column: str) -> ColumnText:
+        """The column's description, or an empty one (its name, no unit, values as they are)."""
+        return self.columns.get(column) or ColumnText()
+
+    def display_name(self, column: str) -> str:
+        return self.text_of(column).name or column.replace("_", " ").replace(".", " ").strip()
 
     @property
     def covariates(self) -> tuple[str, ...]:
@@ -61,10 +97,28 @@ class EHRSchema:
 
     @property
     def required(self) -> tuple[str, ...]:
-        return (self.id, self.time, self.event) + self.covariates
+        extra = (self.center,) if self.center and self.center not in self.covariates else ()
+        return (self.id, self.time, self.event) + self.covariates + extra
 
     def check(self) -> None:
-        """A column may have one role only; a repeated name is a config mistake."""
+        """A column may have one role only; a repeated name is a config mistake. Treatments must
+        be binary covariates, described columns covariates (or the center); all problems at once."""
+        problems = []
+        not_binary = [c for c in self.treatments if c not in self.binary]
+        if not_binary:
+            problems.append(f"treatments {not_binary} are not listed under binary (a treatment is given or not; "
+                            f"a --configfile merged into config.yaml keeps its treatments unless it sets its own, "
+                            f"e.g. treatments: [])")
+        known = set(self.covariates) | ({self.center} if self.center else set())
+        unused = sorted(set(self.columns) - known)
+        if unused:
+            # Not an error: a --configfile merged into config.yaml inherits the demo's descriptions.
+            log.warning("config prognosis.ehr.columns describes %s, which are not covariates or the center; "
+                        "those descriptions are unused", unused)
+        if self.center in (self.id, self.time, self.event):
+            problems.append(f"center '{self.center}' is the id, time or event column")
+        if problems:
+            raise EHRError("config prognosis.ehr: " + "; ".join(problems))
         seen: dict[str, str] = {}
         roles = [("id", [self.id]), ("time", [self.time]), ("event", [self.event]),
                  ("numeric", self.numeric), ("categorical", self.categorical), ("binary", self.binary)]
@@ -149,6 +203,8 @@ def validate_ehr(frame: pd.DataFrame, schema: EHRSchema, source: str = "<table>"
         out[column] = _categorical(frame[column])
     for column in schema.binary:
         out[column] = _binary(frame[column], ids, column, source)
+    if schema.center and schema.center not in schema.covariates:
+        out[schema.center] = _categorical(frame[schema.center])
 
     unmatched: list[str] = []
     if image_ids is not None:
@@ -168,6 +224,58 @@ def validate_ehr(frame: pd.DataFrame, schema: EHRSchema, source: str = "<table>"
             log.warning("EHR table %s has no row for %d image case(s): %s", source, len(without_ehr),
                         _listing(without_ehr))
     return EHRTable(frame=out, schema=schema, source=source, unmatched=unmatched)
+
+
+def check_cohort(table: EHRTable, n_folds: int) -> None:
+    """Problems that make a cross-validated survival analysis of ``table`` meaningless, all in one
+    EHRError naming the columns: a covariate missing in every row, one follow-up time for every
+    patient. Fewer events than folds is a warning (folds are then dealt so that events spread)."""
+    schema, frame = table.schema, table.frame
+    problems = []
+    empty = [c for c in schema.covariates if len(frame) and frame[c].isna().all()]
+    if empty:
+        problems.append(f"covariate(s) {empty} missing in every row (remove them from prognosis.ehr)")
+    times = frame[schema.time].to_numpy(dtype=float)
+    if len(times) > 1 and np.ptp(times) == 0:
+        problems.append(f"column '{schema.time}': every patient has the same follow-up time {times[0]:g}, "
+                        f"so no patient outlives another")
+    if problems:
+        raise EHRError(f"EHR table {table.source}: " + "; ".join(problems))
+    events = int(frame[schema.event].sum())
+    if 0 < events < n_folds:
+        log.warning("EHR table %s, column '%s': %d event(s) for %d folds: some test folds have none and "
+                    "their C-index is undefined", table.source, schema.event, events, n_folds)
+
+
+def _column_texts(raw: Mapping[str, Any]) -> dict[str, ColumnText]:
+    texts = {}
+    for column, spec in raw.items():
+        spec = dict(spec or {})
+        # Keys as the validated table holds values: 1.0 and 1 are one level, as in _categorical.
+        labels = {_level_key(k): str(v) for k, v in (spec.get("labels") or {}).items()}
+        texts[str(column)] = ColumnText(name=spec.get("name"), unit=spec.get("unit"), labels=labels)
+    return texts
+
+
+def _level_key(value: Any) -> str:
+    """A coded value as text, the way ``_categorical`` writes levels ("1" for 1, 1.0 and "1")."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def binary_code(value: Any) -> float | None:
+    """1.0 / 0.0 for an accepted binary spelling, NaN for missing, None for anything else."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)) or str(value).strip() == "":
+        return np.nan
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return 1.0
+    if text in _FALSE:
+        return 0.0
+    return None
 
 
 def _listing(values: Sequence[Any]) -> str:
@@ -246,25 +354,13 @@ def _categorical(raw: pd.Series) -> pd.Series:
         if pd.isna(value) or str(value).strip() == "":
             return None
         # 1.0 read from a column with gaps is the same level as 1.
-        if isinstance(value, (float, np.floating)) and float(value).is_integer():
-            return str(int(value))
-        return str(value).strip()
+        return _level_key(value)
 
     return raw.reset_index(drop=True).map(level).astype(object)
 
 
 def _binary(raw: pd.Series, ids: pd.Series, column: str, source: str) -> pd.Series:
-    def code(value: Any) -> float | None:
-        if pd.isna(value) or str(value).strip() == "":
-            return np.nan
-        text = str(value).strip().lower()
-        if text in _TRUE:
-            return 1.0
-        if text in _FALSE:
-            return 0.0
-        return None
-
-    values = [code(v) for v in raw.reset_index(drop=True)]
+    values = [binary_code(v) for v in raw.reset_index(drop=True)]
     # A list, not Series.map: pandas would turn the "unknown" marker None into NaN (= missing).
     bad = pd.Series([v is None for v in values])
     coded = pd.Series([np.nan if v is None else v for v in values], dtype=float)

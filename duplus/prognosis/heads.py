@@ -44,21 +44,40 @@ class MLPSettings:
 
 
 class MLPProg(nn.Module):
-    """Shared trunk plus linear paths -> (Cox log-risk (N,), hazard logits per time bin (N, B))."""
+    """Shared trunk plus linear paths -> (Cox log-risk (N,), hazard logits per time bin (N, B)).
 
-    def __init__(self, in_dim: int, hidden: int, n_bins: int, dropout: float = 0.1) -> None:
+    With ``condition_dim`` > 0 the last ``condition_dim`` inputs do not enter the trunk: they
+    condition it through FiLM (the first hidden layer h becomes h * (1 + gamma(c)) + beta(c)), the
+    mechanism by which DuPLUS's context prompt steers the image features. gamma and beta start at
+    zero, so training starts from the unconditioned network.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, n_bins: int, dropout: float = 0.1, condition_dim: int = 0) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+        if not 0 <= condition_dim < in_dim:
+            raise ValueError(f"MLP_Prog: condition_dim {condition_dim} must leave inputs to condition (in_dim {in_dim})")
+        self.condition_dim = condition_dim
+        main_dim = in_dim - condition_dim
+        self.trunk = nn.Sequential(nn.Linear(main_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                    nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.film = nn.Linear(condition_dim, 2 * hidden) if condition_dim else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
         self.risk = nn.Linear(hidden, 1)
         self.hazard = nn.Linear(hidden, n_bins)
         # Linear paths beside the trunk: on a small cohort the model can stay close to a Cox /
         # logistic-hazard linear model and use the trunk only for what a linear term misses.
-        self.risk_linear = nn.Linear(in_dim, 1, bias=False)
-        self.hazard_linear = nn.Linear(in_dim, n_bins, bias=False)
+        self.risk_linear = nn.Linear(main_dim, 1, bias=False)
+        self.hazard_linear = nn.Linear(main_dim, n_bins, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(x)
+        if self.film is None:
+            h = self.trunk(x)
+        else:
+            x, condition = x[:, : -self.condition_dim], x[:, -self.condition_dim:]
+            gamma, beta = self.film(condition).chunk(2, dim=-1)
+            h = self.trunk[1:](self.trunk[0](x) * (1 + gamma) + beta)
         return (self.risk(h) + self.risk_linear(x)).squeeze(-1), self.hazard(h) + self.hazard_linear(x)
 
 
@@ -80,8 +99,9 @@ class SurvivalMLP:
         >>> risk = mlp.predict_risk(X_test); surv = mlp.predict_survival(X_test, times)
     """
 
-    def __init__(self, settings: MLPSettings = MLPSettings()) -> None:
+    def __init__(self, settings: MLPSettings = MLPSettings(), condition_dim: int = 0) -> None:
         self.settings = settings
+        self.condition_dim = condition_dim     # trailing inputs that condition the rest (FiLM)
 
     def fit(self, X: np.ndarray, time: np.ndarray, event: np.ndarray) -> "SurvivalMLP":
         s = self.settings
@@ -100,7 +120,7 @@ class SurvivalMLP:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed)
-            net = MLPProg(X.shape[1], s.hidden, len(self.edges_) - 1, s.dropout)
+            net = MLPProg(X.shape[1], s.hidden, len(self.edges_) - 1, s.dropout, self.condition_dim)
             optimizer = torch.optim.Adam(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
             train = self._tensors(X[fit_idx], time[fit_idx], event[fit_idx])
             val = self._tensors(X[val_idx], time[val_idx], event[val_idx]) if len(val_idx) else None

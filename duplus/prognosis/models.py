@@ -1,5 +1,6 @@
 """The survival models compared in cross-validation and their inputs, fitted on one training fold:
-ehr_coxph, ehr_rsf, ehr_mlp (EHR only), image_mlp, image_ehr_tabular, image_ehr_text (MLP_Prog).
+ehr_coxph, ehr_rsf, ehr_mlp, ehr_text, ehr_tabular_text (EHR only), image_mlp, image_ehr_tabular,
+image_ehr_text (concatenated) and image_ehr_text_film (the text conditions the image features), MLP_Prog.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sksurv.util import Surv
 from duplus.prognosis.ehr import EHRSchema
 from duplus.prognosis.heads import MLPSettings, SurvivalMLP
 from duplus.prognosis.tabular import EHRPreprocessor
+from duplus.prognosis.text import TextFeatures
 
 # model name -> (learner, input blocks)
 MODEL_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -25,8 +27,14 @@ MODEL_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "image_mlp": ("mlp", ("image",)),
     "image_ehr_tabular": ("mlp", ("image", "ehr")),
     "image_ehr_text": ("mlp", ("image", "text")),
+    # FiLM: the last block conditions the first (MLPProg's condition_dim).
+    "image_ehr_text_film": ("film", ("image", "text")),
+    "ehr_text": ("mlp", ("text",)),
+    "ehr_tabular_text": ("mlp", ("ehr", "text")),
 }
-MERGE_MODELS = {"tabular": "image_ehr_tabular", "text": "image_ehr_text"}
+MERGE_MODELS = {"tabular": "image_ehr_tabular", "text": "image_ehr_text", "text_film": "image_ehr_text_film"}
+# The EHR routes through the text encoder, run whenever the cohort has text inputs.
+EHR_TEXT_MODELS = ("ehr_text", "ehr_tabular_text")
 # Wide blocks (bottleneck features, sentence embeddings) are reduced with a PCA fitted on the
 # training fold: a cohort of tens to hundreds of patients cannot support hundreds of inputs.
 MAX_BLOCK_DIM = 16
@@ -40,8 +48,8 @@ class Cohort:
     """Patients with outcome and model inputs, all arrays aligned by row.
 
     ehr: validated EHR rows (``EHRTable.frame``) with its schema; image: features (N, F) with
-    optional column names (``features.feature_names``); text: EHR sentence embeddings (N, D);
-    center: used to stratify folds and report centers without events.
+    optional column names (``features.feature_names``); text: the EHR through the text encoder
+    (``text.TextFeatures``); center: used to stratify folds and report centers without events.
     """
 
     ids: np.ndarray
@@ -50,7 +58,7 @@ class Cohort:
     ehr: pd.DataFrame | None = None
     schema: EHRSchema | None = None
     image: np.ndarray | None = None
-    text: np.ndarray | None = None
+    text: TextFeatures | None = None
     center: np.ndarray | None = None
     image_names: list[str] | None = None
 
@@ -107,6 +115,8 @@ class FoldFit:
 def model_names(config: Mapping[str, Any], cohort: Cohort) -> list[str]:
     """The models to compare: the EHR baselines, image_mlp, and one per config ``prognosis.merge``."""
     names = ["ehr_coxph", "ehr_rsf", "ehr_mlp"] if cohort.has("ehr") else []
+    if cohort.has("ehr") and cohort.has("text"):
+        names.extend(EHR_TEXT_MODELS)
     if cohort.has("image"):
         names.append("image_mlp")
         for merge in (config.get("prognosis") or {}).get("merge", ["tabular", "text"]):
@@ -119,6 +129,13 @@ def model_names(config: Mapping[str, Any], cohort: Cohort) -> list[str]:
 def build_inputs(cohort: Cohort, blocks: tuple[str, ...], train: np.ndarray,
                  test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Design matrices for the training and test rows; every statistic comes from ``train``."""
+    parts_train, parts_test = block_inputs(cohort, blocks, train, test)
+    return np.concatenate(parts_train, axis=1), np.concatenate(parts_test, axis=1)
+
+
+def block_inputs(cohort: Cohort, blocks: tuple[str, ...], train: np.ndarray,
+                 test: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``build_inputs`` block by block: one (train, test) matrix pair per block, in order."""
     parts_train, parts_test = [], []
     for block in blocks:
         if not cohort.has(block):
@@ -127,6 +144,11 @@ def build_inputs(cohort: Cohort, blocks: tuple[str, ...], train: np.ndarray,
             prep = EHRPreprocessor(cohort.schema).fit(cohort.ehr.iloc[train])
             parts_train.append(prep.transform(cohort.ehr.iloc[train]))
             parts_test.append(prep.transform(cohort.ehr.iloc[test]))
+            continue
+        if block == "text":
+            a, b = cohort.text.design(train, test)
+            parts_train.append(a)
+            parts_test.append(b)
             continue
         values = np.asarray(getattr(cohort, block), dtype=np.float64)
         a, b = values[train], values[test]
@@ -143,7 +165,7 @@ def build_inputs(cohort: Cohort, blocks: tuple[str, ...], train: np.ndarray,
             b = np.concatenate([pca.transform(b[:, reduce]), b[:, ~reduce]], axis=1)
         parts_train.append(a)
         parts_test.append(b)
-    return np.concatenate(parts_train, axis=1), np.concatenate(parts_test, axis=1)
+    return parts_train, parts_test
 
 
 def fit_predict(name: str, cohort: Cohort, train: np.ndarray, test: np.ndarray,
@@ -152,10 +174,14 @@ def fit_predict(name: str, cohort: Cohort, train: np.ndarray, test: np.ndarray,
     if name not in MODEL_INPUTS:
         raise ValueError(f"unknown prognosis model '{name}'; known: {sorted(MODEL_INPUTS)}")
     learner, blocks = MODEL_INPUTS[name]
-    X_train, X_test = build_inputs(cohort, blocks, train, test)
+    parts_train, parts_test = block_inputs(cohort, blocks, train, test)
+    X_train, X_test = np.concatenate(parts_train, axis=1), np.concatenate(parts_test, axis=1)
     time, event = cohort.time[train], cohort.event[train]
-    if learner == "mlp":
-        mlp = SurvivalMLP(replace(settings.mlp, seed=settings.mlp.seed + fold)).fit(X_train, time, event)
+    if learner in ("mlp", "film"):
+        # FiLM: the inputs of the last block condition those before it.
+        condition_dim = parts_train[-1].shape[1] if learner == "film" else 0
+        mlp = SurvivalMLP(replace(settings.mlp, seed=settings.mlp.seed + fold),
+                          condition_dim=condition_dim).fit(X_train, time, event)
         return FoldFit(mlp.predict_risk(X_train), mlp.predict_risk(X_test),
                        lambda times: mlp.predict_survival(X_test, times))
     if learner == "coxph":

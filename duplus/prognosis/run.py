@@ -9,7 +9,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,12 +17,12 @@ import torch
 
 from duplus.atomic import write_csv, write_json
 from duplus.errors import ConfigError, DataError, EHRError
-from duplus.prognosis.ehr import EHRSchema, load_ehr
+from duplus.prognosis.ehr import EHRSchema, check_cohort, load_ehr
 from duplus.prognosis.evaluate import (FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS, cross_validate, km_curves,
                                        make_folds, summarize)
 from duplus.prognosis.features import MASK_SOURCES, CaseInput, FeatureSettings, extract_features, feature_names
 from duplus.prognosis.models import Cohort, ModelSettings, model_names
-from duplus.prognosis.sentence import ehr_to_sentence
+from duplus.prognosis.text import text_features
 from duplus.runtime import device_for, seed_everything
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     """Run the prognosis stage and write its outputs to ``out_dir``; returns the summary table.
 
     Args:
-        config: the full validated config.
+        config: the full validated config; ``prognosis.dataset: null`` runs the EHR routes and
+            baselines on ``prognosis.ehr.table`` alone (manifest, prompt cache and model unused).
         manifest: manifest.csv of the prognosis dataset (or several manifests; rows of
             ``prognosis.dataset`` are used, all splits).
         prompt_cache: the prompt cache file (or a loaded cache with ``get``).
@@ -49,38 +50,54 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
         return _write_disabled(out)
     seed = int(config.get("seed", 0))
     seed_everything(seed)
-    dataset = prog.get("dataset", "demo_headneck_pet")
-    cases = _manifest_rows(manifest, dataset)
+    # No dataset: EHR only, the table's patients without images (the EHR routes and baselines).
+    dataset = prog.get("dataset")
     schema = EHRSchema.from_config(config)
-    table = load_ehr(_ehr_path(config, schema, dataset), schema, image_ids=cases.index)
-    matched = table.frame[schema.id].tolist()
-    cases = cases.loc[matched]
     n_folds = int(prog.get("folds", 5))
-    if len(matched) < max(n_folds, 2):
-        raise EHRError(f"EHR table {table.source}: only {len(matched)} patient(s) have an image in dataset "
-                       f"'{dataset}'; {n_folds}-fold cross-validation needs at least {n_folds}")
-
-    device = device_for(config)
     merge = list(prog.get("merge", ["tabular", "text"]))
-    if model is None:
-        model, model_key, config = _load_model(model_path, device, config)
-    elif model_key is None:
-        raise ConfigError("run_prognosis: an adapted model needs model_key (hash of its base and adapter)")
-    cache = _load_prompt_cache(prompt_cache) if not hasattr(prompt_cache, "get") else prompt_cache
-    settings = _feature_settings(config, cases)
-    inputs = [_case_input(case, row, cache) for case, row in cases.iterrows()]
-    features = extract_features(model, inputs, out, model_key, settings, device=device)
-    image = np.stack([features[c] for c in matched])
+    image, settings, center = None, None, None
+    if dataset is None:
+        if not schema.table:
+            raise ConfigError("config prognosis.dataset is null (EHR-only prognosis) but prognosis.ehr.table is "
+                              "null too: name the clinical CSV in prognosis.ehr.table")
+        table = load_ehr(schema.table, schema)
+        matched = table.frame[schema.id].tolist()
+        if len(matched) < max(n_folds, 2):
+            raise EHRError(f"EHR table {table.source}: {len(matched)} patient(s); {n_folds}-fold cross-validation "
+                           f"needs at least {n_folds}")
+    else:
+        cases = _manifest_rows(manifest, dataset)
+        table = load_ehr(_ehr_path(config, schema, dataset), schema, image_ids=cases.index)
+        matched = table.frame[schema.id].tolist()
+        cases = cases.loc[matched]
+        if len(matched) < max(n_folds, 2):
+            raise EHRError(f"EHR table {table.source}: only {len(matched)} patient(s) have an image in dataset "
+                           f"'{dataset}'; {n_folds}-fold cross-validation needs at least {n_folds} (for prognosis "
+                           f"from the EHR alone, set prognosis.dataset: null and prognosis.ehr.table)")
+        device = device_for(config)
+        if model is None:
+            model, model_key, config = _load_model(model_path, device, config)
+        elif model_key is None:
+            raise ConfigError("run_prognosis: an adapted model needs model_key (hash of its base and adapter)")
+        cache = _load_prompt_cache(prompt_cache) if not hasattr(prompt_cache, "get") else prompt_cache
+        settings = _feature_settings(config, cases)
+        inputs = [_case_input(case, row, cache) for case, row in cases.iterrows()]
+        features = extract_features(model, inputs, out, model_key, settings, device=device)
+        image = np.stack([features[c] for c in matched])
+        center = cases["center"].astype(str).to_numpy() if "center" in cases else None
+    check_cohort(table, n_folds)
+    if center is None and schema.center:
+        # Missing centers form one stratum of their own rather than breaking the stratification.
+        center = table.frame[schema.center].fillna("unknown").astype(str).to_numpy()
 
     text = None
-    if "text" in merge:
-        sentences = [ehr_to_sentence(row, schema) for _, row in table.frame.iterrows()]
-        text = np.asarray(_encode_sentences(config, sentences), dtype=np.float64)
+    encoding = str((prog.get("text") or {}).get("encoding", "fields"))
+    if dataset is None or {"text", "text_film"} & set(merge):
+        text = text_features(table.frame, schema, _sentence_encoder(config), encoding)
 
-    center = cases["center"].astype(str).to_numpy() if "center" in cases else None
     cohort = Cohort(ids=np.asarray(matched), time=table.time, event=table.event, ehr=table.frame,
                     schema=schema, image=image, text=text, center=center,
-                    image_names=feature_names((image.shape[1] - 1) // 2))
+                    image_names=None if image is None else feature_names((image.shape[1] - 1) // 2))
     if not cohort.event.any():
         # Not an error: the stage still writes its files, with NaN metrics and a note per fold.
         log.warning("prognosis: EHR table %s has no event (column '%s' is 0 for all %d patients): every metric "
@@ -95,10 +112,12 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     write_json(out / "km.json", km_curves(result.groups))
     write_csv(out / "summary.csv", summary)
     write_json(out / "cohort.json", {
-        "dataset": dataset, "ehr_table": table.source, "patients": len(cohort), "events": int(cohort.event.sum()),
-        "unmatched_ehr_ids": table.unmatched, "folds": n_folds, "stratified_by": stratified_by,
-        "models": models, "model_sha256": model_key, "tumour_mask": settings.mask_source,
-        "feature_dim": int(image.shape[1]), "text_dim": None if text is None else int(text.shape[1])})
+        "dataset": dataset, "ehr_only": image is None, "ehr_table": table.source, "patients": len(cohort),
+        "events": int(cohort.event.sum()), "unmatched_ehr_ids": table.unmatched, "folds": n_folds,
+        "stratified_by": stratified_by, "models": models, "model_sha256": model_key,
+        "tumour_mask": None if settings is None else settings.mask_source,
+        "feature_dim": None if image is None else int(image.shape[1]),
+        "text_encoding": None if text is None else text.encoding, "text_dim": None if text is None else text.dim})
     for _, row in summary.iterrows():
         log.info("prognosis %s: Harrell C %.3f ± %.3f, Uno C %.3f ± %.3f, IBS %.3f", row["model"],
                  row["harrell_c_mean"], row["harrell_c_std"], row["uno_c_mean"], row["uno_c_std"], row["ibs_mean"])
@@ -209,12 +228,19 @@ def _load_prompt_cache(path: str | os.PathLike) -> Any:
     return PromptCache.load(path)
 
 
-def _encode_sentences(config: Mapping[str, Any], sentences: list[str]) -> np.ndarray:
+def _sentence_encoder(config: Mapping[str, Any]) -> Callable[[list[str]], np.ndarray]:
+    """The config's text encoder (``prompts.source``, ``prompts.pooling``), loaded once, as a
+    function of a list of sentences."""
     from duplus.prompts.encoder import TextEncoder
 
     prompts = config.get("prompts") or {}
     # The constructor loads the model; a ``load`` factory is preferred where the class offers one.
     loader = getattr(TextEncoder, "load", TextEncoder)
     encoder = loader(str(prompts.get("source", "minilm")), str(prompts.get("pooling", "auto")))
-    embeddings = encoder.encode(sentences, batch_size=int(prompts.get("batch_size", 64)))
-    return embeddings.detach().cpu().numpy() if hasattr(embeddings, "detach") else np.asarray(embeddings)
+    batch_size = int(prompts.get("batch_size", 64))
+
+    def encode(sentences: list[str]) -> np.ndarray:
+        embeddings = encoder.encode(sentences, batch_size=batch_size)
+        return embeddings.detach().cpu().numpy() if hasattr(embeddings, "detach") else np.asarray(embeddings)
+
+    return encode

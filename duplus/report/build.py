@@ -114,8 +114,10 @@ def _prognosis(b: _Builder, inputs: ReportInputs, config: Mapping[str, Any], pub
         why = "stage disabled in the config" if enabled is False else "stage disabled or not run"
         return b.note(section, f"Prognosis metrics not found (prognosis/summary.csv): {why}.")
     endpoint = (config.get("prognosis") or {}).get("endpoint") or DEFAULT_ENDPOINT
+    # prognosis.dataset: null is the EHR-only run (a missing key is the schema's default dataset).
+    ehr_only = "dataset" in (config.get("prognosis") or {}) and config["prognosis"]["dataset"] is None
     section.tables = b.tables([prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published,
-                                               endpoint)])
+                                               endpoint, ehr_only=ehr_only)])
     if inputs.km:
         time_column = ((config.get("prognosis") or {}).get("ehr") or {}).get("time")
         section.figures = b.figure(figures.km_curves, inputs.km, f"time ({time_column})" if time_column else "time",

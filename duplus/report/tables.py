@@ -24,9 +24,12 @@ PROGNOSIS_MODELS: dict[str, str] = {
     "ehr_coxph": "EHR: Cox proportional hazards",
     "ehr_rsf": "EHR: random survival forest",
     "ehr_mlp": "EHR: neural survival head",
+    "ehr_text": "EHR as text (one sentence per field) through the text encoder",
+    "ehr_tabular_text": "EHR as a table + as text",
     "image_mlp": "Image features: neural survival head",
     "image_ehr_tabular": "Image + EHR as a table",
     "image_ehr_text": "Image + EHR as text prompt",
+    "image_ehr_text_film": "Image features conditioned on EHR text (FiLM)",
 }
 
 # Config prognosis.endpoint when it is not set: what the demo cohort and HECKTOR measure.
@@ -285,9 +288,10 @@ PROGNOSIS_COLUMNS = [
 
 
 def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, published: bool = True,
-                    endpoint: str = DEFAULT_ENDPOINT) -> Table:
+                    endpoint: str = DEFAULT_ENDPOINT, ehr_only: bool = False) -> Table:
     """Table 3: cross-validated C-indices and integrated Brier score per model, then published C-indices;
-    ``endpoint`` (config ``prognosis.endpoint``) names what the survival times measure."""
+    ``endpoint`` (config ``prognosis.endpoint``) names what the survival times measure; ``ehr_only``
+    (config ``prognosis.dataset: null``) marks a run on the EHR table without images."""
     by_model = summary.drop_duplicates("model", keep="last").set_index("model")
     order = [m for m in PROGNOSIS_MODELS if m in by_model.index]
     order += sorted(m for m in by_model.index if m not in PROGNOSIS_MODELS)
@@ -307,7 +311,10 @@ def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, pu
         })
     notes = ["Mean ± standard deviation over the cross-validation folds; C-index higher is better, "
              "integrated Brier score (IBS) lower is better; 3 decimals."]
-    absent = [m for m in PROGNOSIS_MODELS if m not in by_model.index]
+    absent = [m for m in PROGNOSIS_MODELS if m not in by_model.index and not (ehr_only and m.startswith("image"))]
+    if ehr_only:
+        notes.insert(0, "EHR only: the cohort's clinical table without images (config prognosis.dataset: null); "
+                        "no image model was run.")
     if absent:
         notes.append("Not in this run: " + ", ".join(absent) + ".")
     if folds is not None and "note" in folds.columns:
@@ -320,7 +327,7 @@ def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, pu
         notes.append(PUBLISHED_NOTE + " Published C-indices come from other cohorts (HECKTOR test sets) "
                      "and are shown at their published precision.")
         notes.extend(pub.definition_notes(pub.PROGNOSIS))
-    return Table("table3_prognosis", f"Table 3. Survival prognosis ({endpoint})",
+    return Table("table3_prognosis", f"Table 3. Survival prognosis ({endpoint}{', EHR only' if ehr_only else ''})",
                  list(PROGNOSIS_COLUMNS), rows, notes)
 
 

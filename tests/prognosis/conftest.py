@@ -10,7 +10,14 @@ HEADNECK = {
     "prognosis": {"ehr": {
         "table": None, "id": "patient_id", "time": "rfs_months", "event": "relapse",
         "numeric": ["age", "weight"], "categorical": ["center", "tobacco", "alcohol", "performance_status"],
-        "binary": ["gender", "hpv", "surgery", "chemotherapy"], "allow_unmatched": False}},
+        "binary": ["gender", "hpv", "surgery", "chemotherapy"], "allow_unmatched": False,
+        # As the demo config.yaml describes its columns.
+        "center": "center", "treatments": ["surgery", "chemotherapy"],
+        "columns": {"age": {"unit": "years"}, "weight": {"unit": "kg"},
+                    "gender": {"name": "sex", "labels": {1: "male", 0: "female"}},
+                    "hpv": {"name": "HPV status", "labels": {1: "positive", 0: "negative"}},
+                    "tobacco": {"name": "smoking"}, "alcohol": {"name": "alcohol use"},
+                    "performance_status": {"name": "ECOG performance status"}}}},
 }
 
 

@@ -15,6 +15,7 @@ from duplus.prognosis.ehr import EHRSchema, validate_ehr
 from duplus.prognosis.heads import MLPSettings
 from duplus.prognosis.models import Cohort, ModelSettings, fit_predict, model_names
 from duplus.prognosis.tabular import EHRPreprocessor
+from duplus.prognosis.text import TextFeatures
 from tests.prognosis.fakes import synthetic_cohort
 
 FAST = ModelSettings(mlp=MLPSettings(epochs=60, hidden=16, lr=0.01), rsf_trees=10)
@@ -115,14 +116,16 @@ def test_preprocessing_never_sees_test_rows(monkeypatch):
 
 def test_every_model_sees_the_same_folds_and_risks_are_complete():
     cohort = synthetic_cohort(60, seed=5)
-    cohort.text = np.random.default_rng(0).normal(size=(60, 40))     # wide block -> PCA on train
-    names = model_names({"prognosis": {"merge": ["tabular", "text"]}}, cohort)
-    assert names == ["ehr_coxph", "ehr_rsf", "ehr_mlp", "image_mlp", "image_ehr_tabular", "image_ehr_text"]
+    # A wide block (a whole-sentence embedding) -> PCA on train.
+    cohort.text = TextFeatures({"sentence": np.random.default_rng(0).normal(size=(60, 40))}, encoding="sentence")
+    names = model_names({"prognosis": {"merge": ["tabular", "text", "text_film"]}}, cohort)
+    assert names == ["ehr_coxph", "ehr_rsf", "ehr_mlp", "ehr_text", "ehr_tabular_text", "image_mlp",
+                     "image_ehr_tabular", "image_ehr_text", "image_ehr_text_film"]
     folds, _ = ev.make_folds(cohort.event, cohort.center, 3)
     result = ev.cross_validate(cohort, names, folds, FAST)
     assert list(result.risks.columns) == ev.RISK_COLUMNS and list(result.folds.columns) == ev.FOLD_COLUMNS
     per_model = result.risks.pivot(index="patient_id", columns="model", values="fold")
-    assert per_model.shape == (60, 6) and (per_model.nunique(axis=1) == 1).all()
+    assert per_model.shape == (60, 9) and (per_model.nunique(axis=1) == 1).all()
     assert result.risks["risk"].notna().all()
     assert result.folds[["harrell_c", "uno_c", "ibs", "mean_auc"]].notna().all().all()
     assert result.folds["ibs"].between(0, 0.5).all()

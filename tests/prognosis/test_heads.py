@@ -77,3 +77,46 @@ def test_defaults_are_the_config_schema_defaults():
     for key in ("hidden", "epochs", "lr", "time_bins"):
         assert getattr(defaults, key) == prognosis[key]["default"], key
     assert MLPSettings.from_config({}) == defaults
+
+
+def test_film_starts_from_the_unconditioned_network():
+    import torch
+
+    from duplus.prognosis.heads import MLPProg
+
+    torch.manual_seed(0)
+    net = MLPProg(in_dim=5, hidden=8, n_bins=3, condition_dim=2).eval()
+    x = torch.randn(4, 5)
+    moved = x.clone()
+    moved[:, -2:] += 3.0                          # only the condition changes
+    for a, b in zip(net(x), net(moved)):
+        torch.testing.assert_close(a, b)          # gamma = beta = 0 at the start
+
+
+def interaction(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Risk = image feature x (+1 or -1 by a coded record field): no main effect of either input."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(n, 3))
+    field = rng.integers(0, 2, size=n)
+    log_hazard = 1.5 * image[:, 0] * (2 * field - 1)
+    event_time = rng.exponential(np.exp(-log_hazard))
+    censor = rng.exponential(2.0, size=n)
+    X = np.column_stack([image, np.eye(2)[field]])
+    return X, np.minimum(event_time, censor), event_time <= censor
+
+
+@pytest.mark.learning
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_film_conditioning_lets_the_record_steer_the_image_features(seed):
+    """The record field flips the sign of the image effect; only through the FiLM condition can
+    the held-out risk follow it. Held-out Harrell's C measured for seeds 0 / 1 / 2
+    (ATEN_CPU_CAPABILITY=default and =avx2 within 0.001): with the FiLM condition 0.72 / 0.80 / 0.83
+    (concatenated instead: the same within 0.002), image alone 0.51 / 0.40 / 0.48."""
+    X, time, event = interaction(400, seed)
+    train, test = np.arange(300), np.arange(300, 400)
+    settings = MLPSettings(epochs=200, hidden=16, seed=seed)
+    film = SurvivalMLP(settings, condition_dim=2).fit(X[train], time[train], event[train])
+    alone = SurvivalMLP(settings).fit(X[train, :3], time[train], event[train])
+    c_film = concordance_index_censored(event[test], time[test], film.predict_risk(X[test]))[0]
+    c_alone = concordance_index_censored(event[test], time[test], alone.predict_risk(X[test, :3]))[0]
+    assert c_film > 0.68 and c_alone < 0.58

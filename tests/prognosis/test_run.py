@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from duplus.errors import EHRError
+from duplus.errors import ConfigError, EHRError
 from duplus.hashing import sha256_file
 from duplus.prognosis import run as run_module
 from duplus.prognosis.evaluate import FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS
@@ -60,11 +60,11 @@ def fakes(monkeypatch):
     monkeypatch.setattr(run_module, "_prompt_texts", lambda m, r, s, classes: (
         f"A {m} of the {r}", [f"A {m} of a {c}." for c in classes]))
 
-    def encode(config, sentences):
-        calls["sentences"] = list(sentences)
+    def encode(sentences):
+        calls["sentences"].extend(sentences)
         return np.stack([np.random.default_rng(len(s)).normal(size=12) for s in sentences])
 
-    monkeypatch.setattr(run_module, "_encode_sentences", encode)
+    monkeypatch.setattr(run_module, "_sentence_encoder", lambda config: encode)
     model = FakeDuPLUS()
     # As the real loader: the weights' sha256 (from the sidecar it checks them against) comes along.
     monkeypatch.setattr(run_module, "_load_model", lambda path, device, config: (model, sha256_file(path), dict(config)))
@@ -83,7 +83,8 @@ def test_stage_writes_the_documented_files(tmp_path, fakes):
     folds = pd.read_csv(out / "folds.csv")
     risks = pd.read_csv(out / "risks.csv", dtype={"patient_id": str})
     assert list(folds.columns) == FOLD_COLUMNS and list(risks.columns) == RISK_COLUMNS
-    models = ["ehr_coxph", "ehr_rsf", "ehr_mlp", "image_mlp", "image_ehr_tabular", "image_ehr_text"]
+    models = ["ehr_coxph", "ehr_rsf", "ehr_mlp", "ehr_text", "ehr_tabular_text", "image_mlp", "image_ehr_tabular",
+              "image_ehr_text"]
     assert list(summary["model"]) == models
     assert len(folds) == 3 * len(models) and len(risks) == N * len(models)
     assert set(risks["patient_id"]) == {f"HN{i:02d}" for i in range(N)}
@@ -91,10 +92,13 @@ def test_stage_writes_the_documented_files(tmp_path, fakes):
     assert set(km) == set(models)
     assert set(km["image_mlp"]) == {"low", "high", "logrank_p"}
     assert set(km["image_mlp"]["low"]) == {"time", "survival"}
-    assert len(calls["sentences"]) == N and calls["sentences"][1].startswith("A 51-year-old male")
+    # One sentence per coded field, each distinct sentence encoded once (numbers go as numbers).
+    assert "sex: male" in calls["sentences"] and "smoking: never" in calls["sentences"]
+    assert len(calls["sentences"]) == len(set(calls["sentences"])) < N
     assert len(list((out / "features").glob("*.npy"))) == N
     cohort = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
     assert cohort["patients"] == N and cohort["stratified_by"] == "event x center"
+    assert cohort["ehr_only"] is False and cohort["text_encoding"] == "fields"
 
     # The cache is keyed by the weights file's hash (reuse itself is tested in test_features).
     encoded = model.encode_calls
@@ -151,3 +155,42 @@ def test_a_cohort_without_events_warns_naming_the_column_and_still_writes_nan(tm
     folds = pd.read_csv(out / "folds.csv")
     assert folds["note"].str.contains("no events in training fold").all()
     assert json.loads((out / "km.json").read_text(encoding="utf-8")) == {}
+
+
+def test_ehr_only_runs_the_ehr_routes_on_a_table_without_images(tmp_path, fakes):
+    """prognosis.dataset: null: no manifest, model or prompts; every patient of the table is used."""
+    calls, model = fakes
+    project = make_project(tmp_path)
+    config = project["config"]
+    table = tmp_path / "data" / "raw" / "demo_headneck_pet" / "clinical.csv"
+    config["prognosis"].update(dataset=None)
+    config["prognosis"]["ehr"] = {**config["prognosis"]["ehr"], "table": str(table), "center": "center"}
+    out = tmp_path / "out"
+    summary = run_prognosis(config, None, None, tmp_path / "absent.safetensors", out)
+    assert list(summary["model"]) == ["ehr_coxph", "ehr_rsf", "ehr_mlp", "ehr_text", "ehr_tabular_text"]
+    assert summary["harrell_c_mean"].notna().all()
+    cohort = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
+    assert cohort["ehr_only"] is True and cohort["patients"] == N and cohort["feature_dim"] is None
+    assert cohort["stratified_by"] == "event x center"       # the table's center column
+    assert model.encode_calls == 0 and not (out / "features").exists()
+
+
+def test_ehr_only_without_a_table_says_which_keys(tmp_path, fakes):
+    config = make_project(tmp_path)["config"]
+    config["prognosis"].update(dataset=None)
+    with pytest.raises(ConfigError, match="prognosis.dataset is null .* prognosis.ehr.table is null"):
+        run_prognosis(config, None, None, tmp_path / "m", tmp_path / "out")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(weight=np.nan), r"covariate\(s\) \['weight'\] missing in every row"),
+    (dict(rfs_months=0.0), "column 'rfs_months': every patient has the same follow-up time 0"),
+])
+def test_a_cohort_that_cannot_be_analysed_is_one_error_naming_the_column(tmp_path, fakes, change, message):
+    config = make_project(tmp_path)["config"]
+    clinical = tmp_path / "data" / "raw" / "demo_headneck_pet" / "clinical.csv"
+    pd.read_csv(clinical).assign(**change).to_csv(clinical, index=False)
+    config["prognosis"].update(dataset=None)
+    config["prognosis"]["ehr"] = {**config["prognosis"]["ehr"], "table": str(clinical)}
+    with pytest.raises(EHRError, match=message):
+        run_prognosis(config, None, None, tmp_path / "m", tmp_path / "out")

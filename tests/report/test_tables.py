@@ -193,3 +193,14 @@ def test_prognosis_notes_give_each_published_c_index_its_definition(results):
     assert "recurrence-free survival" in next(n for s, n in by_source.items() if "HECKTOR 2022" in s)
     assert "progression-free survival" in next(n for s, n in by_source.items() if "HECKTOR 2021" in s)
     assert "does not define it further" in next(n for s, n in by_source.items() if "DuPLUS" in s)
+
+
+def test_an_ehr_only_run_is_marked_and_lists_no_image_model_as_missing(results):
+    inputs = load_inputs(results)
+    table = prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published=False, ehr_only=True)
+    assert table.title == "Table 3. Survival prognosis (recurrence-free survival, EHR only)"
+    assert table.notes[0].startswith("EHR only: the cohort's clinical table without images")
+    missing = next(n for n in table.notes if n.startswith("Not in this run"))
+    assert "ehr_text" in missing and "image" not in missing
+    plain = prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published=False)
+    assert "EHR only" not in plain.title and not any(n.startswith("EHR only") for n in plain.notes)
