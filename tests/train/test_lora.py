@@ -301,14 +301,18 @@ def shifted_center_dice(folder, seed: int) -> dict:
 def test_lora_recovers_a_shifted_center_that_zero_shot_misses(tmp_path):
     """Pretrain on siteA, then adapt to siteB through run_lora, scored by real sliding-window evaluation.
 
-    SPREAD
+    Checked on seeds 0-3 (store and training seed alike; 0 here) under ATEN_CPU_CAPABILITY=default
+    and =avx2 with one thread, and seeds 0-1 with two (AMD EPYC, AVX2): zero-shot Dice 0.00-0.17,
+    LoRA 0.56-0.70, full fine-tuning 0.53-0.71; LoRA gained at least 0.52 over zero-shot and at
+    least 0.96 of what full fine-tuning gained. The earlier setup (rank 1 on stems and encoder,
+    balls of radius 2-3 voxels, 80 steps) scored LoRA 0.00-0.09 on seed 0 on this CPU.
     """
     metrics = shifted_center_dice(tmp_path, seed=0)
     zero, lora, full = metrics["zero_shot_dice"], metrics["lora_dice"], metrics["full_ft_dice"]
     summary = f"Dice zero-shot {zero:.3f}, LoRA {lora:.3f}, full fine-tuning {full:.3f}"
     assert metrics["test_cases"] == 3 and metrics["train_cases"] == 4
-    assert zero < 0.1, summary  # the reversed contrast defeats the pretrained network
-    assert lora > zero + 0.25, summary
+    assert zero < 0.3, summary  # the reversed contrast defeats the pretrained network
+    assert lora > zero + 0.3, summary
     assert lora - zero > 0.5 * (full - zero), summary  # most of what full fine-tuning gains
     assert metrics["trainable_params_lora"] < 0.15 * metrics["total_params"]
     assert metrics["adapter_bytes"] < 0.15 * metrics["checkpoint_bytes"]
