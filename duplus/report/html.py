@@ -8,11 +8,10 @@ linked by relative path, beside it in results/report/.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-
-import base64
 
 import jinja2
 

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from model_helpers import TEXT_DIM, randomize_film
 
 from duplus.errors import ConfigError, ModelError
 from duplus.model import DuPLUS, ModelConfig, count_parameters, modality_index
-
-from model_helpers import TEXT_DIM, randomize_film
 
 
 def _inputs(batch: int = 2, size: int = 16, seed: int = 0):

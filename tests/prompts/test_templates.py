@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prompt_helpers import install_module
 
 from duplus.errors import PromptError
 from duplus.prompts.templates import context_prompt, modality_phrase, target_prompt, target_prompts
-from prompt_helpers import install_module
 
 
 def test_context_prompts_match_the_papers_strings():

@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import pytest
 import torch
-
 from reliability_helpers import ROOT, SNAKEMAKE, child_env
 
 # --- Snakemake's lock ------------------------------------------------------------------------------
