@@ -53,7 +53,8 @@ def test_capitalization_keeps_the_sequence_name_intact():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    name=st.text(alphabet=st.characters(categories=("Ll", "Nd"), max_codepoint=0x7F) | st.just(" "), min_size=1, max_size=20).filter(str.strip),
+    name=st.text(alphabet=st.characters(categories=("Ll", "Nd"), max_codepoint=0x7F) | st.just(" "),
+                 min_size=1, max_size=20).filter(str.strip),
     modality=st.sampled_from(["CT", "MRI", "PET"]),
 )
 def test_paraphrases_are_five_distinct_deterministic_texts(name, modality):
