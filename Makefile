@@ -39,7 +39,12 @@ test: venv
 	$(TEST_ENV) $(BIN)/python -m pytest -q
 	$(TEST_ENV) ATEN_CPU_CAPABILITY=default DUPLUS_TEST_THREADS=2 $(BIN)/python -m pytest -q -m learning
 
+# Static checks, each configured in one place: ruff ([tool.ruff] in pyproject.toml), snakefmt's
+# formatting of the workflow ([tool.snakefmt]), Snakemake's own lint (it exits 0 on the workflow as it
+# is, and CI keeps it so), then a dry run that plans every job of the demo.
 lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile rules/
 	$(BIN)/snakemake --lint
 	$(BIN)/snakemake -n all
 

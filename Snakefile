@@ -19,6 +19,7 @@ from duplus.data.registry import drop_removed_entries, stringify_label_ids  # no
 from duplus.errors import ConfigError  # noqa: E402
 from duplus.jobresources import cluster_plan_problems  # noqa: E402
 
+
 # The embedded demo config, found beside this file even when run with --directory elsewhere.
 configfile: Path(workflow.basedir) / "config.yaml"
 
@@ -51,9 +52,9 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         report_index(),
-    default_target: True
 
 
 # Before the first sbatch: a profile (a site's own, or --cores / set-resources given to this run)

@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (centre, semi_axes) in ORGANS.items():
         pred, truth = organ_pair(shape, centre, semi_axes, rng)
         log(f"{name}: {int(truth.sum())} truth voxels")
-        new_s, new = timed(lambda: metrics.class_metrics(pred, truth, SPACING, args.tolerance_mm), args.repeat)
-        old_s, old = timed(lambda: boundary_voxel_metrics(pred, truth, args.tolerance_mm), args.repeat)
+        new_s, new = timed(lambda pred=pred, truth=truth: metrics.class_metrics(pred, truth, SPACING, args.tolerance_mm),
+                           args.repeat)
+        old_s, old = timed(lambda pred=pred, truth=truth: boundary_voxel_metrics(pred, truth, args.tolerance_mm), args.repeat)
         runs.append({"class": name, "truth_voxels": int(truth.sum()), "truth_ml": float(truth.sum() * np.prod(SPACING) / 1000),
                      "surface_elements": {"seconds": new_s, **new}, "boundary_voxels": {"seconds": old_s, **old},
                      "time_ratio": new_s / old_s})

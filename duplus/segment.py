@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-cache", default=None,
                         help="prompt embedding cache, read only (default: <paths.results>/prompts/<prompts.encoder>"
                              ".safetensors of the config); prompts it lacks are encoded for this run")
-    parser.add_argument("--config", default=None, help="run config for preprocessing and windows (default ./config.yaml if present)")
+    parser.add_argument("--config", default=None,
+                        help="run config for preprocessing and windows (default ./config.yaml if present)")
     parser.add_argument("--threshold", type=float, default=None, help="sigmoid threshold (default inference.threshold)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
 

@@ -36,7 +36,8 @@ def declare_config_classes(kwargs: dict[str, Any]) -> None:
         use_declared_classes(config)
 
 
-def run_stage(name: str, func: Callable[..., Any], *, log_path: str | None, torch_threads: int | None = None, **kwargs: Any) -> Any:
+def run_stage(name: str, func: Callable[..., Any], *, log_path: str | None, torch_threads: int | None = None,
+              **kwargs: Any) -> Any:
     """Call ``func(**kwargs)`` as stage ``name``; log its duration; exit 1 on a ``DuplusError``."""
     setup_logging(log_path)
     set_threads(torch_threads)

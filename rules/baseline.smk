@@ -6,17 +6,17 @@ rule baseline_train:
     output:
         model=results_dir() / "baseline" / "{dataset}" / "model.safetensors",
         log_csv=results_dir() / "baseline" / "{dataset}" / "train_log.csv",
-    params:
-        tracked=tracked("baseline_train"),
     log:
         str(log_dir() / "baseline_train/{dataset}.log"),
     wildcard_constraints:
         dataset="[^/]+",
+    conda:
+        "../envs/duplus.yaml"
     threads: job_threads("baseline_train", config)
     resources:
         **job_resources("baseline_train", config),
-    conda:
-        "../envs/duplus.yaml"
+    params:
+        tracked=tracked("baseline_train"),
     script:
         "../workflow_scripts/baseline_train.py"
 
@@ -30,14 +30,14 @@ rule baseline_evaluate:
     output:
         summary=results_dir() / "evaluate" / "baseline" / "summary.csv",
         per_case=results_dir() / "evaluate" / "baseline" / "per_case.csv",
-    params:
-        tracked=tracked("baseline_evaluate"),
     log:
         str(log_dir() / "baseline_evaluate.log"),
+    conda:
+        "../envs/duplus.yaml"
     threads: job_threads("baseline_evaluate", config)
     resources:
         **job_resources("baseline_evaluate", config),
-    conda:
-        "../envs/duplus.yaml"
+    params:
+        tracked=tracked("baseline_evaluate"),
     script:
         "../workflow_scripts/baseline_evaluate.py"

@@ -10,14 +10,14 @@ rule download:
         user_dataset_index,
     output:
         record=raw_dir() / "{dataset}" / "download.json",
-    params:
-        tracked=tracked("download"),
     log:
         str(log_dir() / "download/{dataset}.log"),
+    conda:
+        "../envs/duplus.yaml"
     threads: job_threads("download", config)
     resources:
         **job_resources("download", config),
-    conda:
-        "../envs/duplus.yaml"
+    params:
+        tracked=tracked("download"),
     script:
         "../workflow_scripts/download.py"

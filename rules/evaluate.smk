@@ -9,14 +9,14 @@ rule evaluate:
         per_case=results_dir() / "evaluate" / "universal" / "per_case.csv",
         efficiency=results_dir() / "evaluate" / "universal" / "efficiency.json",
         examples=directory(results_dir() / "evaluate" / "universal" / "examples"),  # one case per dataset, for the report
-    params:
-        tracked=tracked("evaluate"),
     log:
         str(log_dir() / "evaluate.log"),
+    conda:
+        "../envs/duplus.yaml"
     threads: job_threads("evaluate", config)
     resources:
         **job_resources("evaluate", config),
-    conda:
-        "../envs/duplus.yaml"
+    params:
+        tracked=tracked("evaluate"),
     script:
         "../workflow_scripts/evaluate.py"

@@ -9,15 +9,15 @@ rule lora_center:
         # What `duplus segment --adapter results/lora/<center>` loads.
         adapter=directory(results_dir() / "lora" / "{center}" / "adapter"),
         adapter_meta=results_dir() / "lora" / "{center}" / "adapter_meta.json",
-    params:
-        tracked=tracked("lora_center"),
     log:
         str(log_dir() / "lora_center/{center}.log"),
+    conda:
+        "../envs/duplus.yaml"
     threads: job_threads("lora_center", config)
     resources:
         **job_resources("lora_center", config),
-    conda:
-        "../envs/duplus.yaml"
+    params:
+        tracked=tracked("lora_center"),
     script:
         "../workflow_scripts/lora_finetune.py"
 

@@ -4,15 +4,15 @@ rule preprocess:
         record=dataset_download_record,
     output:
         manifest=preprocessed_dir() / "{dataset}" / "manifest.csv",
-    params:
-        tracked=tracked("preprocess"),
     log:
         str(log_dir() / "preprocess/{dataset}.log"),
+    conda:
+        "../envs/duplus.yaml"
     threads: job_threads("preprocess", config)
     resources:
         **job_resources("preprocess", config),
-    conda:
-        "../envs/duplus.yaml"
+    params:
+        tracked=tracked("preprocess"),
     script:
         "../workflow_scripts/preprocess.py"
 

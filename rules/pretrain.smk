@@ -7,14 +7,14 @@ rule universal_pretrain:
         model=results_dir() / "pretrain" / "model.safetensors",
         sidecar=results_dir() / "pretrain" / "model.json",
         log_csv=results_dir() / "pretrain" / "train_log.csv",
-    params:
-        tracked=tracked("universal_pretrain"),
     log:
         str(log_dir() / "universal_pretrain.log"),
+    conda:
+        "../envs/duplus.yaml"
     threads: job_threads("universal_pretrain", config)
     resources:
         **job_resources("universal_pretrain", config),
-    conda:
-        "../envs/duplus.yaml"
+    params:
+        tracked=tracked("universal_pretrain"),
     script:
         "../workflow_scripts/universal_pretrain.py"

@@ -7,14 +7,14 @@ rule prognosis:
         summary=results_dir() / "prognosis" / "summary.csv",
         folds=results_dir() / "prognosis" / "folds.csv",
         km=results_dir() / "prognosis" / "km.json",
-    params:
-        tracked=tracked("prognosis"),
     log:
         str(log_dir() / "prognosis.log"),
+    conda:
+        "../envs/duplus.yaml"
     threads: job_threads("prognosis", config)
     resources:
         **job_resources("prognosis", config),
-    conda:
-        "../envs/duplus.yaml"
+    params:
+        tracked=tracked("prognosis"),
     script:
         "../workflow_scripts/prognosis.py"

@@ -3,14 +3,14 @@ rule cache_prompts:
     output:
         cache=results_dir() / "prompts" / "{encoder}.safetensors",
         manifest=results_dir() / "prompts" / "{encoder}.json",
-    params:
-        tracked=tracked("cache_prompts"),
     log:
         str(log_dir() / "cache_prompts/{encoder}.log"),
+    conda:
+        "../envs/duplus.yaml"
     threads: job_threads("cache_prompts", config)
     resources:
         **job_resources("cache_prompts", config),
-    conda:
-        "../envs/duplus.yaml"
+    params:
+        tracked=tracked("cache_prompts"),
     script:
         "../workflow_scripts/cache_prompts.py"

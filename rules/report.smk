@@ -8,14 +8,14 @@ rule report:
             caption="../docs/report_caption.rst",
             category="Report",
         ),
-    params:
-        tracked=tracked("report"),
     log:
         str(log_dir() / "report.log"),
+    conda:
+        "../envs/duplus.yaml"
     threads: job_threads("report", config)
     resources:
         **job_resources("report", config),
-    conda:
-        "../envs/duplus.yaml"
+    params:
+        tracked=tracked("report"),
     script:
         "../workflow_scripts/report.py"

@@ -17,8 +17,19 @@ import numpy as np
 import SimpleITK as sitk
 
 from duplus.data.cohort import draw_patient
-from duplus.data.demo_headneck import (AIR, AIRWAY, BODY, BRAIN, NODE, PAROTID, PRIMARY, SPINE, TONSIL,
-                                       headneck_anatomy, render_pet)
+from duplus.data.demo_headneck import (
+    AIR,
+    AIRWAY,
+    BODY,
+    BRAIN,
+    NODE,
+    PAROTID,
+    PRIMARY,
+    SPINE,
+    TONSIL,
+    headneck_anatomy,
+    render_pet,
+)
 from duplus.data.phantoms import Grid
 
 CASES = ("CHUM-001", "CHUM-002", "CHUP-001", "CHUP-002")

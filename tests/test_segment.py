@@ -46,7 +46,8 @@ def test_multilabel_output(setup, tmp_path):
                                    weights=str(setup["weights"]), device="cpu", config=setup["config"], multilabel=True)
     assert report["outputs"] == ["labels.nii.gz", "labels.json"]
     _same_grid(sitk.ReadImage(str(out / "labels.nii.gz")), setup["image"])
-    assert json.loads((out / "labels.json").read_text(encoding="utf-8")) == {"0": "background", "1": "liver", "2": "spleen-ish blob"}
+    assert json.loads((out / "labels.json").read_text(encoding="utf-8")) == {"0": "background", "1": "liver",
+                                                                             "2": "spleen-ish blob"}
 
 
 def _run(argv, capsys):

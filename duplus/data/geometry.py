@@ -6,7 +6,6 @@ Both preprocessing and the restore step use these, so a prediction maps back ont
 from __future__ import annotations
 
 import math
-
 from typing import Any, Sequence
 
 import numpy as np

@@ -11,12 +11,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from duplus.data.registry import DatasetSpec
 from duplus.errors import DataError
+
+if TYPE_CHECKING:  # SimpleITK is imported where an image is read, so that listing cases stays light
+    import SimpleITK as sitk
 
 # CHAOS ground-truth PNGs encode organs as grey values around 63 / 126 / 189 / 252 (liver, right
 # kidney, left kidney, spleen); the challenge's own ranges, which also catch the edge pixels.

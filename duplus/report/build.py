@@ -16,8 +16,15 @@ from duplus.report import figures
 from duplus.report.html import FigureRef, Section, png_data_uri, write_index
 from duplus.report.inputs import ReportInputs, load_inputs
 from duplus.report.provenance import collect_provenance, write_provenance
-from duplus.report.tables import (DEFAULT_ENDPOINT, adaptation_per_class_tables, adaptation_table,
-                                  efficiency_table, per_class_tables, prognosis_table, segmentation_table)
+from duplus.report.tables import (
+    DEFAULT_ENDPOINT,
+    adaptation_per_class_tables,
+    adaptation_table,
+    efficiency_table,
+    per_class_tables,
+    prognosis_table,
+    segmentation_table,
+)
 from duplus.report.tabular import Table
 
 log = logging.getLogger("duplus.report")

@@ -8,11 +8,10 @@ linked by relative path, beside it in results/report/.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-
-import base64
 
 import jinja2
 
@@ -46,6 +45,8 @@ class Section:
     missing: str | None = None
 
 
+# Long lines break after a block tag ({% ... %}), whose newline trim_blocks drops, or with a
+# backslash, which Python drops: the rendered page is the same as with one line.
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -81,18 +82,24 @@ code { font-size: .9em; }
 <ul>{% for note in missing_notes %}<li>{{ note }}</li>{% endfor %}</ul>
 </div>
 {% endif %}
-{% macro cell_class(c) %}{% set names = (['num'] if c.numeric else []) + (['published'] if c.published else []) %}{% if names %} class="{{ names|join(' ') }}"{% endif %}{% endmacro %}
+{% macro cell_class(c) %}{% set names = (['num'] if c.numeric else []) + (['published'] if c.published else []) %}
+{% if names %} class="{{ names|join(' ') }}"{% endif %}{% endmacro %}
 {% macro render_table(t) %}
 <table id="{{ t.name }}">
 <caption>{{ t.title }}</caption>
-<thead><tr>{% for c in t.columns %}<th{% if c.published %} class="published" title="published value, not measured here"{% endif %}>{{ c.title }}</th>{% endfor %}</tr></thead>
+<thead><tr>{% for c in t.columns %}
+<th{% if c.published %} class="published" title="published value, not measured here"{% endif %}>{{ c.title }}</th>{% endfor %}
+</tr></thead>
 <tbody>
-{% for row in t.rows %}<tr{% if (row.get('source') or '').startswith('published') %} class="published"{% endif %}>{% for c in t.columns %}<td{{ cell_class(c) }}>{{ row.get(c.key) if row.get(c.key) is not none else missing_text }}</td>{% endfor %}</tr>
+{% for row in t.rows %}
+<tr{% if (row.get('source') or '').startswith('published') %} class="published"{% endif %}>{% for c in t.columns %}
+<td{{ cell_class(c) }}>{{ row.get(c.key) if row.get(c.key) is not none else missing_text }}</td>{% endfor %}</tr>
 {% endfor %}
 </tbody>
 </table>
 {% if t.notes %}<ul class="notes">{% for n in t.notes %}<li>{{ n }}</li>{% endfor %}</ul>{% endif %}
-<p class="links">Download: <a href="tables/{{ t.name }}.csv">CSV</a> · <a href="tables/{{ t.name }}.md">Markdown</a> · <a href="tables/{{ t.name }}.tex">LaTeX</a></p>
+<p class="links">Download: <a href="tables/{{ t.name }}.csv">CSV</a> · <a href="tables/{{ t.name }}.md">Markdown</a> · \
+<a href="tables/{{ t.name }}.tex">LaTeX</a></p>
 {% endmacro %}
 {% for s in sections %}
 <section id="{{ s.key }}">
@@ -105,7 +112,8 @@ code { font-size: .9em; }
 </details>
 {% endif %}
 {% for f in s.figures %}
-<figure><img src="{{ f.src }}" alt="{{ f.caption }}"><figcaption>{{ f.caption }}{% if f.pdf %} (<a href="{{ f.pdf }}">PDF</a>){% endif %}</figcaption></figure>
+<figure><img src="{{ f.src }}" alt="{{ f.caption }}">\
+<figcaption>{{ f.caption }}{% if f.pdf %} (<a href="{{ f.pdf }}">PDF</a>){% endif %}</figcaption></figure>
 {% endfor %}
 </section>
 {% endfor %}

@@ -94,7 +94,7 @@ def _plain_json(value: Any) -> Any:
         return {k: _plain_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain_json(v) for v in value]
-    if hasattr(value, "value") and isinstance(getattr(value, "value"), str):  # peft enums
+    if hasattr(value, "value") and isinstance(value.value, str):  # peft enums
         return value.value
     return value
 

@@ -16,7 +16,8 @@ import pandas as pd
 from duplus.errors import ConfigError, DataError
 from duplus.hashing import sha256_text
 
-REQUIRED_COLUMNS = ("dataset", "case", "center", "modality", "sequence", "region", "split", "image", "label", "locations", "shape", "labels")
+REQUIRED_COLUMNS = ("dataset", "case", "center", "modality", "sequence", "region", "split", "image", "label", "locations",
+                    "shape", "labels")
 
 
 @dataclass(frozen=True)

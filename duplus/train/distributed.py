@@ -173,7 +173,8 @@ def launch(entry: str, processes: int, kwargs: dict[str, Any], worker_log: str |
 
     with tempfile.TemporaryDirectory(prefix="duplus-launch-") as folder:
         arguments = Path(folder) / "arguments.json"
-        arguments.write_text(json.dumps({"entry": entry, "kwargs": kwargs, "log_path": worker_log}, default=str), encoding="utf-8")
+        arguments.write_text(json.dumps({"entry": entry, "kwargs": kwargs, "log_path": worker_log}, default=str),
+                             encoding="utf-8")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    "-m", "duplus.train.distributed", str(arguments)]
         log.info("launching %s on %d processes: %s", entry, processes, " ".join(command))

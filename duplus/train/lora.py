@@ -54,7 +54,8 @@ def center_rows(manifests: Iterable[str | os.PathLike], dataset: str, center: st
     raise DataError(f"dataset '{dataset}' is in none of the manifests {[str(m) for m in manifests]}")
 
 
-def _evaluate(model: torch.nn.Module, rows: pd.DataFrame, cache: Any, config: Mapping[str, Any], manifest_dir: Path) -> pd.DataFrame:
+def _evaluate(model: torch.nn.Module, rows: pd.DataFrame, cache: Any, config: Mapping[str, Any],
+              manifest_dir: Path) -> pd.DataFrame:
     from duplus.evaluate.run import evaluate_cases
 
     model.eval()

@@ -13,7 +13,8 @@ from duplus.errors import ConfigError
 GRAD_CLIP = 12.0
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
+                    device: torch.device) -> torch.optim.AdamW:
     """AdamW; the fused kernel on CUDA (one launch for all parameters)."""
     params = [p for p in params if p.requires_grad]
     if not params:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-
 from data_helpers import TINY
+
 from duplus.data.demo import generate_demo
 from duplus.data.geometry import orientation_code
 from duplus.hashing import sha256_tree

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from data_helpers import TINY, user_config
+
 from duplus.data import catalog, download
 from duplus.data.registry import DatasetSpec, Source
 from duplus.data.transfer import download_file

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from data_helpers import make_volume, user_config
+
 from duplus.data.integrity import check_cases
 from duplus.data.layouts import list_cases
 from duplus.data.registry import get_dataset

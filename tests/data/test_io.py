@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from data_helpers import make_volume, write_dicom_series
+
 from duplus.data.image_files import image_files
 from duplus.data.io import read_image, read_image_files, write_image
 from duplus.errors import DataError

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from data_helpers import make_volume, write_dicom_series
+
 from duplus.data.integrity import check_cases
 from duplus.data.layouts import list_cases, read_case
 from duplus.data.preprocess import process_case, settings

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-
 from data_helpers import TINY, user_config
+
 from duplus.data import preprocess
 from duplus.data.download import run_download
 from duplus.errors import DataError, IntegrityError

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from duplus.data import taxonomy
-from duplus.data.preprocess import transform_case
 from duplus.data.preprocess import settings as preprocess_settings
+from duplus.data.preprocess import transform_case
 from duplus.data.restore import restore_to_original
 
 SYNONYMS = [(text, info.name) for info in taxonomy.all_classes() for text in (info.name, *info.synonyms)]

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from data_helpers import user_config
 
 from duplus.data import registry
 from duplus.data.catalog import BUILTIN, MSD_TASKS
 from duplus.data.layouts import list_cases
 from duplus.errors import ConfigError
-
-from data_helpers import user_config
 
 PAPER = ["btcv", "amos_ct", "amos_mr", "lits", "kits19", "structseg_thorax", "structseg_headneck", "chaos_t1_in",
          "chaos_t1_out", "chaos_t2", "mnms", "brain_structures", "autopet", "hecktor2022_ct",

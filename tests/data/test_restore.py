@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from data_helpers import make_volume
+
 from duplus.data.layouts import Case, read_case
 from duplus.data.preprocess import prepare_image, settings, transform_case
 from duplus.data.restore import restore_to_original

@@ -27,7 +27,8 @@ def test_volume_larger_than_window(model):
     calls = []
     handle = model.encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     try:
-        probs = predict_probabilities(model, torch.randn(20, 30, 18), "MRI", torch.randn(TEXT_DIM), torch.randn(4, TEXT_DIM), _config())
+        probs = predict_probabilities(model, torch.randn(20, 30, 18), "MRI", torch.randn(TEXT_DIM), torch.randn(4, TEXT_DIM),
+                                      _config())
     finally:
         handle.remove()
     assert probs.shape == (4, 20, 30, 18) and probs.dtype == torch.float32 and probs.device.type == "cpu"

@@ -48,7 +48,8 @@ def test_mask_touching_the_border():
 
 def test_empty_mask_conventions():
     empty, cube = np.zeros((10, 10, 10), bool), _cube((10, 10, 10), (2, 2, 2), (4, 4, 4))
-    rows = case_metrics(np.stack([empty, empty, cube]), np.stack([empty, cube, empty]), (1, 1, 1), ["none", "missed", "spurious"], 2.0)
+    rows = case_metrics(np.stack([empty, empty, cube]), np.stack([empty, cube, empty]), (1, 1, 1),
+                        ["none", "missed", "spurious"], 2.0)
     assert rows[0] == {"class": "none", "dice": 1.0, "hd95": 0.0, "nsd": 1.0}
     assert rows[1]["dice"] == 0.0 and math.isnan(rows[1]["hd95"]) and rows[1]["nsd"] == 0.0
     assert rows[2]["dice"] == 0.0 and math.isnan(rows[2]["hd95"]) and rows[2]["nsd"] == 0.0

@@ -152,7 +152,8 @@ def test_the_readme_own_data_example_validates_with_integer_label_ids(tmp_path: 
 
 
 def test_lint_and_dry_run_list_every_stage() -> None:
-    lint = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--lint"], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=ROOT)
+    lint = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--lint"],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=ROOT)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     dry = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-n", "all", "--directory", "/tmp/duplus-dry"],
                          capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=ROOT)
@@ -174,7 +175,8 @@ def test_segment_with_a_center_adapter_writes_on_the_input_grid(finished_run: Pa
          "--weights", str(finished_run / "results/pretrain/model.safetensors"),
          "--prompt-cache", str(finished_run / "results/prompts/minilm.safetensors"),
          "--adapter", str(finished_run / "results/lora/ct_siteB"), "--device", "cpu"],
-        capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=finished_run, env=dict(os.environ, DUPLUS_NO_PROGRESS="1"),
+        capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=finished_run,
+        env=dict(os.environ, DUPLUS_NO_PROGRESS="1"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     image = sitk.ReadImage(str(raw))

@@ -7,7 +7,6 @@ from model_helpers import TEXT_DIM
 from duplus.model import DuPLUS, ModelConfig
 
 
-
 @pytest.fixture()
 def tiny_cfg() -> ModelConfig:
     return ModelConfig.preset("tiny", text_dim=TEXT_DIM)

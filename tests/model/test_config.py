@@ -7,7 +7,8 @@ from duplus.model import ModelConfig
 
 
 def test_presets_and_overrides():
-    cfg = ModelConfig.from_config({"model": {"preset": "tiny", "overrides": {"embed_dim": 24, "channels": [4, 8, 16]}}}, text_dim=384)
+    cfg = ModelConfig.from_config({"model": {"preset": "tiny", "overrides": {"embed_dim": 24, "channels": [4, 8, 16]}}},
+                                  text_dim=384)
     assert cfg.channels == (4, 8, 16) and cfg.embed_dim == 24 and cfg.text_dim == 384
     assert cfg.head_channels == 8 and cfg.n_dynamic_params == 153
     paper = ModelConfig.from_config({"model": {"preset": "paper"}}, text_dim=512)

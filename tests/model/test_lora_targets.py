@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from model_helpers import TEXT_DIM
 from torch import nn
 
 from duplus.errors import ConfigError
 from duplus.model import lora_target_names
-
-from model_helpers import TEXT_DIM
 
 
 def test_targets_are_conv_or_linear_by_group(tiny_model):

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from model_helpers import TEXT_DIM, randomize_film
 
 from duplus.errors import CheckpointError
 from duplus.model import load_model, save_model, sidecar_path
-
-from model_helpers import TEXT_DIM, randomize_film
 
 
 def test_round_trip_gives_identical_outputs(tiny_model, tmp_path):

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from model_helpers import TEXT_DIM, randomize_film
 
 from duplus.errors import ConfigError, ModelError
 from duplus.model import DuPLUS, ModelConfig, count_parameters, modality_index
-
-from model_helpers import TEXT_DIM, randomize_film
 
 
 def _inputs(batch: int = 2, size: int = 16, seed: int = 0):
@@ -130,7 +129,8 @@ def test_dynamic_head_equals_per_class_convolutions(monkeypatch, budget):
     c, k = 8, 5
     head = head_module.DynamicHead(c)
     torch.manual_seed(0)
-    features, params = torch.randn(2, c, 10, 11, 12), torch.randn(2, k, sum(head.splits))  # 1320 voxels: 2 chunks at the small budget
+    # 1320 voxels: 2 chunks at the small budget
+    features, params = torch.randn(2, c, 10, 11, 12), torch.randn(2, k, sum(head.splits))
     logits = head(features, params)
     assert logits.shape == (2, k, 10, 11, 12)
     for b in range(2):

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from duplus.errors import DataError
-from duplus.prognosis.features import (CaseInput, FeatureSettings, case_features, extract_features, padded_shape,
-                                       size_divisor)
+from duplus.prognosis.features import CaseInput, FeatureSettings, case_features, extract_features, padded_shape, size_divisor
 from tests.prognosis.fakes import FakeDuPLUS
 
 CTX, TARGETS = torch.zeros(8), torch.zeros(2, 8)

@@ -11,8 +11,7 @@ import torch
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.util import Surv
 
-from duplus.prognosis.losses import (cox_ph_loss, discretize, logistic_hazard_loss, make_time_bins,
-                                     survival_from_hazard_logits)
+from duplus.prognosis.losses import cox_ph_loss, discretize, logistic_hazard_loss, make_time_bins, survival_from_hazard_logits
 
 
 def reference_loss(risk, time, event, ties):
@@ -25,8 +24,8 @@ def reference_loss(risk, time, event, ties):
         R = np.exp(risk[at_risk]).sum()
         D = np.exp(risk[tied]).sum()
         loglik += risk[tied].sum()
-        for l in range(d):
-            loglik -= math.log(R - (l / d) * D) if ties == "efron" else math.log(R)
+        for k in range(d):
+            loglik -= math.log(R - (k / d) * D) if ties == "efron" else math.log(R)
     return -loglik / n_events
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from duplus.prognosis import evaluate as ev
+from duplus.prognosis.ehr import EHRSchema, validate_ehr
 from duplus.prognosis.heads import MLPSettings
 from duplus.prognosis.models import Cohort, ModelSettings
-from duplus.prognosis.ehr import EHRSchema, validate_ehr
 
 
 def whas500_cohort() -> Cohort:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from prompt_helpers import FakeEncoder, FakeSpec
-
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from prompt_helpers import FakeEncoder, install_module
 
 from duplus.errors import PromptError
 from duplus.prompts import cache as cache_module
 from duplus.prompts.cache import PromptCache, build_prompt_cache, ensure_prompts, manifest_path, run_cache_prompts
 from duplus.prompts.templates import target_prompts
-from prompt_helpers import FakeEncoder, install_module
 
 TEXTS = target_prompts("CT", "liver") + target_prompts("CT", "liver tumor") + ["A computed tomography scan of the abdomen"]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
+from prompt_helpers import FakeSpec, install_module
 
 from duplus.errors import PromptError
 from duplus.prompts.catalog import dataset_classes, prompts_for_config, resolve_free_text, split_free_text
 from duplus.prompts.templates import target_prompts
-from prompt_helpers import FakeSpec, install_module
 
 CONFIG = {"prompts": {"paraphrases": True}}
 

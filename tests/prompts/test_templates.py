@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prompt_helpers import install_module
 
 from duplus.errors import PromptError
 from duplus.prompts.templates import context_prompt, modality_phrase, target_prompt, target_prompts
-from prompt_helpers import install_module
 
 
 def test_context_prompts_match_the_papers_strings():
@@ -53,7 +53,8 @@ def test_capitalization_keeps_the_sequence_name_intact():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    name=st.text(alphabet=st.characters(categories=("Ll", "Nd"), max_codepoint=0x7F) | st.just(" "), min_size=1, max_size=20).filter(str.strip),
+    name=st.text(alphabet=st.characters(categories=("Ll", "Nd"), max_codepoint=0x7F) | st.just(" "),
+                 min_size=1, max_size=20).filter(str.strip),
     modality=st.sampled_from(["CT", "MRI", "PET"]),
 )
 def test_paraphrases_are_five_distinct_deterministic_texts(name, modality):

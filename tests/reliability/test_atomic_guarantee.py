@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from reliability_helpers import check_readable, check_tree_readable
 from safetensors.torch import load_file as load_safetensors
 
 import duplus.atomic as atomic
-from reliability_helpers import check_readable, check_tree_readable
 
 OLD = {"version": "old", "values": list(range(200))}
 NEW = {"version": "new", "values": list(range(1000, 1400))}

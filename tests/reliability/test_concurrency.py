@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import pytest
 import torch
-
 from reliability_helpers import ROOT, SNAKEMAKE, child_env
 
 # --- Snakemake's lock ------------------------------------------------------------------------------
@@ -49,8 +48,8 @@ def test_second_snakemake_run_on_the_same_folder_is_refused(tmp_path: Path) -> N
             assert first.poll() is None, "the first run ended before taking its lock"
             assert time.monotonic() < deadline, "the first run never took its lock"
             time.sleep(0.1)
-        second = subprocess.run(_snakemake(workdir, overrides, target), capture_output=True, text=True, encoding="utf-8", errors="replace",
-                                env=child_env(), timeout=300)
+        second = subprocess.run(_snakemake(workdir, overrides, target), capture_output=True, text=True, encoding="utf-8",
+                                errors="replace", env=child_env(), timeout=300)
         assert first.poll() is None, "the first run had finished: the overlap was not tested"
         output = second.stdout + second.stderr
         assert second.returncode != 0, output[-2000:]

@@ -17,7 +17,6 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from reliability_helpers import ROOT, SCHEMA, SNAKEMAKE, child_env, tiny_config
 
 SCHEMA_DATA = yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))

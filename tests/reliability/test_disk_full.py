@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from reliability_helpers import DATASETS, final_files, tiny_config
 
 import duplus.atomic as atomic
-from reliability_helpers import DATASETS, final_files, tiny_config
 
 
 def disk_full(*_args: Any, **_kwargs: Any) -> None:

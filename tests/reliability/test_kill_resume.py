@@ -20,9 +20,21 @@ from typing import Callable
 
 import pandas as pd
 import pytest
-from reliability_helpers import (DATASETS, LORA_CENTER, STAGE_CALLS, ReferenceRun, StageServer, assert_same_bytes,
-                                 assert_same_json, assert_same_npz, assert_same_safetensors, check_tree_readable,
-                                 final_files, relative_set, stage_kwargs)
+from reliability_helpers import (
+    DATASETS,
+    LORA_CENTER,
+    STAGE_CALLS,
+    ReferenceRun,
+    StageServer,
+    assert_same_bytes,
+    assert_same_json,
+    assert_same_npz,
+    assert_same_safetensors,
+    check_tree_readable,
+    final_files,
+    relative_set,
+    stage_kwargs,
+)
 
 # Fields that hold wall-clock time or memory (they differ between any two runs), and the phases a
 # rerun took over from the killed attempt.

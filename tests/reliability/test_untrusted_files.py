@@ -29,9 +29,9 @@ from typing import Callable
 
 import pytest
 import torch
+from reliability_helpers import ROOT
 
 from duplus.errors import DuplusError, UnsafeArchiveError
-from reliability_helpers import ROOT
 
 
 class Payload:

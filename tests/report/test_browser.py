@@ -41,7 +41,8 @@ window.addEventListener("load", function () {
 def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
     command = [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", *args]
     try:
-        return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, check=False)
+        return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
+                              check=False)
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"chromium did not finish in 120 s: {' '.join(command)} ({error})")
 

@@ -54,5 +54,6 @@ def test_collect_provenance(tmp_path, config, results):
 def test_report_package_never_imports_torch():
     code = ("import sys, duplus.report.build, duplus.report.provenance as p; p.package_versions(); "
             "print('torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          check=True)
     assert done.stdout.strip() == "False"

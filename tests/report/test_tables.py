@@ -4,8 +4,14 @@ import csv
 import io
 
 from duplus.report.inputs import load_inputs
-from duplus.report.tables import (adaptation_per_class_tables, adaptation_table, efficiency_table,
-                                  per_class_tables, prognosis_table, segmentation_table)
+from duplus.report.tables import (
+    adaptation_per_class_tables,
+    adaptation_table,
+    efficiency_table,
+    per_class_tables,
+    prognosis_table,
+    segmentation_table,
+)
 
 
 def _rows(table) -> list[dict[str, str]]:

@@ -83,7 +83,8 @@ def _install_fallbacks() -> None:
         import types
 
         module = types.ModuleType("duplus.prompts.templates")
-        names = {"CT": "computed tomography scan", "MRI": "magnetic resonance imaging scan", "PET": "positron emission tomography scan"}
+        names = {"CT": "computed tomography scan", "MRI": "magnetic resonance imaging scan",
+                 "PET": "positron emission tomography scan"}
 
         def context_prompt(modality, region, sequence=None):
             return f"A {names[modality]} of the {region}"

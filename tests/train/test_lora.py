@@ -15,8 +15,8 @@ from duplus.errors import CheckpointError, ConfigError, ModelError
 from duplus.hashing import sha256_file
 from duplus.model import DuPLUS, ModelConfig, load_model, lora_target_names, save_model
 from duplus.train.adapters import (
-    add_adapter,
     adapter_names,
+    add_adapter,
     load_adapter,
     lora_config_from,
     merge_adapter,
@@ -328,8 +328,9 @@ def test_unknown_center_is_a_config_error(store, base_file, tmp_path):
 def test_the_run_seed_decides_the_adapter_whatever_ran_before(store, base_file, tmp_path, monkeypatch):
     """peft draws LoRA's A factors from torch's global generator: run_lora seeds it, so an adapter is
     a function of the config's seed, not of what the process happened to draw before."""
-    import duplus.train.lora as lora
     from safetensors.torch import load_file
+
+    import duplus.train.lora as lora
 
     monkeypatch.setattr(lora, "_evaluate", lambda model, rows, cache, config, manifest_dir: pd.DataFrame(
         [{"dataset": "toy_ct", "case": "c", "center": "siteB", "class": "liver", "dice": 0.5, "hd95": 1.0,
