@@ -11,8 +11,9 @@ slice of a mask into contours (highdicom has no RT Structure Set module).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def read_series(files: Sequence[Path], image: Any, where: str) -> list[tuple[Any
         if "ImagePositionPatient" not in dataset:
             raise DataError(f"{file}: no ImagePositionPatient; cannot place this slice for the DICOM output")
         index = image.TransformPhysicalPointToContinuousIndex([float(v) for v in dataset.ImagePositionPatient])
-        slice_index = int(round(index[2]))
+        slice_index = round(index[2])
         if abs(index[2] - slice_index) > 0.1 or not 0 <= slice_index < image.GetSize()[2]:
             raise DataError(f"{file}: its ImagePositionPatient lies off the scan's slices (index {index[2]:.2f})")
         series.append((dataset, slice_index))
