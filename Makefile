@@ -25,6 +25,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned, so that no dependency can pull a different (multi-GB) build.
 	$(BIN)/python -m pip install --quiet $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test,slurm]" "$(TORCH_SPEC)"
+	@# rt-utils asks for opencv-python, whose GUI build needs libGL; the headless build (declared) gives the same cv2.
+	@# Both install into cv2/, so removing one removes shared files: the headless build is put back after.
+	$(BIN)/python -m pip uninstall --quiet -y opencv-python
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps opencv-python-headless
 	touch $@
 
 run: venv

@@ -21,6 +21,7 @@ from duplus.errors import ConfigError, DataError, DuplusError, ModelError
 from duplus.segment_checks import warn_if_ct_like, warn_if_not_ct_like  # noqa: F401 - part of this module's API
 from duplus.segment_outputs import (  # noqa: F401 - part of this module's API
     FORMATS,
+    OUTPUT_TYPES,
     REPORT,
     check_outputs,
     output_names,
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default=None, choices=FORMATS,
                         help="mask file format (default: the input's: NIfTI stays .nii.gz, NRRD .nrrd, MetaImage .mha, "
                              "a DICOM folder gets .nrrd, which keeps its geometry exactly)")
+    parser.add_argument("--output-type", default="masks", choices=OUTPUT_TYPES,
+                        help="masks: mask images (see --format); dicom_seg: one DICOM Segmentation, dicom_rtstruct: one "
+                             "RT Structure Set, each referencing the input DICOM series (DICOM series input only)")
     parser.add_argument("--prompts", default=None, help='classes to segment, comma-separated: "liver, liver tumor"')
     parser.add_argument("--modality", required=True, help="CT, MRI (MR) or PET")
     parser.add_argument("--channel", type=int, default=None,
@@ -83,7 +87,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     from duplus.prompts.catalog import split_free_text
     from duplus.prompts.templates import normalize_modality
     from duplus.runtime import device_name
-    from duplus.segment_outputs import check_output_folder, output_format
+    from duplus.segment_batch import is_batch_input
+    from duplus.segment_outputs import DICOM_OUTPUTS, check_output_folder, output_format
 
     if not Path(args.input).exists():
         raise DataError(f"{args.input}: file not found (-i takes a scan, a DICOM folder, a folder of scans or a CSV "
@@ -105,7 +110,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     device_name(args.device)
     if args.threshold is not None and not 0.0 < float(args.threshold) < 1.0:
         raise ConfigError(f"--threshold {args.threshold}: a sigmoid threshold lies strictly between 0 and 1")
-    output_format(args.input, args.format)
+    output_type = getattr(args, "output_type", None)
+    if args.multilabel and output_type in DICOM_OUTPUTS:
+        raise ConfigError(f"--multilabel is for mask images; --output-type {output_type} holds every class in its "
+                          "one file already: give one of the two")
+    # Many scans: a DICOM output type is checked against each scan before the first is segmented.
+    output_format(args.input, args.format, None if is_batch_input(args.input) else output_type)
     for option, path in (("--weights", args.weights), ("--config", args.config), ("--adapter", args.adapter)):
         if path and not Path(path).exists():
             raise ConfigError(f"{option} {path}: not found")
@@ -125,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         if is_batch_input(args.input):
             return _run_batch(args, options)
         report = segment_image(args.input, args.output, args.prompts, args.modality, channel=args.channel,
-                               mask_format=args.format, **options)
+                               mask_format=args.format, output_type=args.output_type, **options)
     except DuplusError as error:
         print(f"duplus: error: {error}", file=sys.stderr)
         return 2
@@ -142,7 +152,8 @@ def _run_batch(args: argparse.Namespace, options: dict[str, Any]) -> int:
 
     scans = find_scans(args.input, args.output)
     segmenter = Segmenter(args.prompts, args.modality, **options)
-    summary = run_batch(segmenter, scans, args.output, channel=args.channel, mask_format=args.format)
+    summary = run_batch(segmenter, scans, args.output, channel=args.channel, mask_format=args.format,
+                        output_type=args.output_type)
     counts = summary["counts"]
     print(f"{len(scans)} scan(s): {counts['done']} segmented, {counts['skipped']} already done, {counts['failed']} "
           f"failed (summary: {Path(args.output) / SUMMARY_JSON})")
@@ -453,8 +464,11 @@ class Segmenter:
         return {name: restored_mask(masks, k, prepared.meta) for k, name in enumerate(self.names)}
 
     def segment(self, image: str | Path, out_dir: str | Path, *, channel: int | None = None,
-                mask_format: str | None = None, prepared: Prepared | None = None) -> dict[str, Any]:
+                mask_format: str | None = None, prepared: Prepared | None = None,
+                output_type: str | None = None) -> dict[str, Any]:
         """Segment ``image`` into ``out_dir``; returns the run report (also written as JSON, last).
+
+        ``output_type``: one of ``OUTPUT_TYPES`` (default masks); a DICOM type needs a DICOM series folder.
 
         ``prepared``: the scan already read by :meth:`prepare` (batch mode reads the next scan
         while this one is predicted).
@@ -464,7 +478,7 @@ class Segmenter:
 
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        fmt = output_format(image, mask_format)
+        fmt = output_format(image, mask_format, output_type)
         files = self.files(fmt)
         check_outputs(image, out_dir, files)  # before any work: never over the input
         read_ahead = prepared is not None
@@ -484,7 +498,7 @@ class Segmenter:
 
         mark = time.perf_counter()
         remove_stale(out, previous, files, image)
-        outputs = write_masks(out, masks, prepared.meta, self.names, self.multilabel, fmt)
+        outputs = write_masks(out, masks, prepared.meta, self.names, self.multilabel, fmt, prepared.sources, image)
         timings["restore_and_write"] = time.perf_counter() - mark
         # A scan read ahead (in a thread, while the one before it was predicted) adds its reading time.
         timings["total"] = time.perf_counter() - started + (prepared.seconds if read_ahead else 0.0)
@@ -527,17 +541,20 @@ def segment_image(
     *,
     channel: int | None = None,
     mask_format: str | None = None,
+    output_type: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Segment ``image`` for the prompted classes; returns the run report (also written as JSON, last).
 
     ``options`` are :class:`Segmenter`'s (region, sequence, weights, sha256, adapter, dataset_classes,
     multilabel, device, prompt_cache, config, threshold). Masks are written as ``mask_format`` (one of
-    ``FORMATS``; default: the input's format, see :func:`duplus.segment_outputs.output_format`). Files an
+    ``FORMATS``; default: the input's format, see :func:`duplus.segment_outputs.output_format`), or, for a
+    DICOM series, as one DICOM SEG or RTSTRUCT file (``output_type``, see :mod:`duplus.segment_dicom`). Files an
     earlier run's report in ``out_dir`` lists and this run does not write are removed, as is that
     report, before the masks are written.
     """
-    return Segmenter(prompts, modality, **options).segment(image, out_dir, channel=channel, mask_format=mask_format)
+    return Segmenter(prompts, modality, **options).segment(image, out_dir, channel=channel, mask_format=mask_format,
+                                                           output_type=output_type)
 
 
 # The Segmenter of the last `segment_images` call: the same prompts and options again reuse its prompt

@@ -192,7 +192,7 @@ def _peak_memory() -> Any:
 
 
 def run_batch(segmenter: Any, scans: list[BatchScan], out_dir: str | os.PathLike, *, channel: int | None = None,
-              mask_format: str | None = None) -> dict[str, Any]:
+              mask_format: str | None = None, output_type: str | None = None) -> dict[str, Any]:
     """Segment every scan into ``out_dir/<name>/``; write and return the summary (``summary.json``/``.csv``)."""
     from duplus.atomic import write_json
     from duplus.segment_outputs import output_format, prepare_folder
@@ -206,7 +206,7 @@ def run_batch(segmenter: Any, scans: list[BatchScan], out_dir: str | os.PathLike
                "seconds": None, "peak_memory_mb": None, "classes": list(segmenter.names), "error": None}
         rows.append(row)
         try:
-            settings = segmenter.settings(output_format(scan.image, mask_format), channel)
+            settings = segmenter.settings(output_format(scan.image, mask_format, output_type), channel)
         except DuplusError as error:  # a --format that does not fit: stop before any scan, as one call would
             raise ConfigError(str(error)) from None
         if completed(out / scan.name, settings, scan.image):
@@ -229,7 +229,7 @@ def run_batch(segmenter: Any, scans: list[BatchScan], out_dir: str | os.PathLike
                 with _peak_memory() as peak:
                     prepared = ahead.pop(position).result()
                     report = segmenter.segment(scan.image, out / scan.name, channel=channel, mask_format=mask_format,
-                                               prepared=prepared)
+                                               prepared=prepared, output_type=output_type)
                 row.update(status="done", seconds=round(report["timings_s"]["total"], 3),
                            peak_memory_mb=round(peak.mb, 1))
             except (DuplusError, OSError, RuntimeError, ValueError, MemoryError) as error:

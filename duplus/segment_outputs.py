@@ -24,20 +24,37 @@ from duplus.errors import ConfigError
 log = logging.getLogger("duplus.segment")
 
 FORMATS = ("nii.gz", "nrrd", "mha")
+# What `duplus segment` writes: mask images (in one of FORMATS), or one DICOM file referencing a DICOM series
+# input (see duplus.segment_dicom); "masks" is the default.
+OUTPUT_TYPES = ("masks", "dicom_seg", "dicom_rtstruct")
+DICOM_OUTPUTS = {"dicom_seg": "segmentation.dcm", "dicom_rtstruct": "rtstruct.dcm"}
 REPORT = "report.json"
 # File names stay well below the 255 bytes most file systems allow, leaving room for the suffix
 # and the temporary name an atomic write uses beside the target.
 MAX_STEM = 100
 
 
-def output_format(image: str | Path, chosen: str | None = None) -> str:
-    """Suffix (without dot) of the masks of ``image``: ``chosen`` if given, else the input's own format.
+def output_format(image: str | Path, chosen: str | None = None, output_type: str | None = None) -> str:
+    """Suffix (without dot) of the masks of ``image``: ``chosen`` if given, else the input's own format;
+    for a DICOM ``output_type``, that type (its one file is ``DICOM_OUTPUTS[type]``).
 
     NIfTI inputs keep NIfTI (their geometry is float32 already); NRRD and MetaImage keep theirs,
     as single files. A DICOM folder (or any other input) gets NRRD: it stores geometry as doubles,
     so the mask lies on the scan's grid to the last digit, and 3D Slicer, ITK-SNAP and
     SimpleITK all read it.
     """
+    kind = "masks" if output_type is None else str(output_type).strip().lower()
+    if kind not in OUTPUT_TYPES:
+        raise ConfigError(f"--output-type {output_type}: expected one of {', '.join(OUTPUT_TYPES)}")
+    if kind in DICOM_OUTPUTS:
+        if chosen is not None:
+            raise ConfigError(f"--format {chosen} is for mask images; --output-type {kind} writes one DICOM file "
+                              f"({DICOM_OUTPUTS[kind]}): give one of the two")
+        if not Path(image).is_dir():
+            raise ConfigError(f"--output-type {kind}: {image} is not a DICOM series folder; a DICOM output "
+                              "references the series it segments, so -i must be the folder of a DICOM series (for "
+                              "other scans use --output-type masks)")
+        return kind
     if chosen is not None:
         key = str(chosen).strip().lower().lstrip(".")
         if key not in FORMATS:
@@ -65,6 +82,8 @@ def safe_name(name: str) -> str:
 
 def output_names(names: list[str], multilabel: bool, fmt: str = "nii.gz") -> list[str]:
     """The files ``write_masks`` writes for these classes (``report.json`` comes beside them)."""
+    if fmt in DICOM_OUTPUTS:  # one file holds every class
+        return [DICOM_OUTPUTS[fmt]]
     if multilabel:
         return [f"labels.{fmt}", "labels.json"]
     files, used = [], set()
@@ -183,12 +202,17 @@ def restored_mask(masks: Any, k: int, meta: Mapping[str, Any]) -> Any:
 
 
 def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str], multilabel: bool,
-                fmt: str = "nii.gz") -> list[str]:
+                fmt: str = "nii.gz", sources: list[Path] | None = None, image: str | Path = "") -> list[str]:
     """Restore [K, Z, Y, X] preprocessed-grid masks to the input grid and write them; returns file names.
 
     ``masks[k]`` is class k (a bool array or ``PackedMasks``); one class is restored at a time, so
-    memory holds one full-resolution mask (plus the label map), not K of them.
+    memory holds one full-resolution mask (plus the label map), not K of them. A DICOM ``fmt`` writes
+    one file referencing ``sources``, the DICOM files of the input ``image``.
     """
+    if fmt in DICOM_OUTPUTS:
+        from duplus.segment_dicom import write_dicom
+
+        return write_dicom(out, fmt, lambda k: restored_mask(masks, k, meta), names, sources or [], str(image))
     import SimpleITK as sitk
 
     from duplus.atomic import write_json

@@ -218,6 +218,8 @@ def test_ecosystem_aliases_of_the_options():
         ([], "--prompts is missing"),
         (["--prompts", "liver", "--device", "tpu"], "device 'tpu': expected one of"),
         (["--prompts", "liver", "-o", "scan.nii.gz/out"], "is a file, not a folder"),
+        (["--prompts", "liver", "--output-type", "dicom_seg"], "is not a DICOM series folder"),
+        (["--prompts", "liver", "--output-type", "dicom_rtstruct", "--ml"], "--multilabel is for mask images"),
     ],
 )
 def test_argument_mistakes_are_answered_before_torch_is_imported(setup, tmp_path, argv, message):
