@@ -100,7 +100,12 @@ class ModelSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelSettings":
-        return cls(mlp=MLPSettings.from_config(config), seed=int(config.get("seed", 0)))
+        """MLP settings from ``prognosis``, the baselines' from ``prognosis.baselines`` (defaults in the schema)."""
+        baselines = (config.get("prognosis") or {}).get("baselines") or {}
+        return cls(mlp=MLPSettings.from_config(config), seed=int(config.get("seed", 0)),
+                   cox_alpha=float(baselines.get("cox_alpha", cls.cox_alpha)),
+                   rsf_trees=int(baselines.get("rsf_trees", cls.rsf_trees)),
+                   rsf_min_leaf=int(baselines.get("rsf_min_leaf", cls.rsf_min_leaf)))
 
 
 @dataclass
