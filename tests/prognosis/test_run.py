@@ -200,6 +200,19 @@ def test_leave_one_center_out_holds_out_each_center_once(tmp_path, fakes):
     assert set(pd.read_csv(out / "auc.csv")["horizon"]) == {5.0}
 
 
+def test_fewer_events_than_folds_is_a_warning_in_cohort_json_naming_the_column(tmp_path, fakes):
+    config = make_project(tmp_path)["config"]
+    table = tmp_path / "data" / "raw" / "demo_headneck_pet" / "clinical.csv"
+    clinical = pd.read_csv(table)
+    clinical["relapse"] = [1, 1] + [0] * (N - 2)
+    clinical.to_csv(table, index=False)
+    config["prognosis"].update(dataset=None, evaluation={"bootstrap": 10})
+    config["prognosis"]["ehr"] = {**config["prognosis"]["ehr"], "table": str(table)}
+    run_prognosis(config, None, None, tmp_path / "absent.safetensors", tmp_path / "out")
+    cohort = json.loads((tmp_path / "out" / "cohort.json").read_text(encoding="utf-8"))
+    assert len(cohort["warnings"]) == 1 and "column 'relapse': 2 event(s) for 3 folds" in cohort["warnings"][0]
+
+
 def test_ehr_only_without_a_table_says_which_keys(tmp_path, fakes):
     config = make_project(tmp_path)["config"]
     config["prognosis"].update(dataset=None)
