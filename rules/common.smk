@@ -121,10 +121,12 @@ def _placed_by_hand(clinical):
 
 
 def prognosis_outputs(wildcards=None):
-    """What the report reads of the prognosis stage: the summary, the folds and the KM curves."""
+    """What the report reads of the prognosis stage: the summary, the folds, the KM curves, the
+    time-dependent AUC, the calibration curves and the cohort's warnings."""
     if not config["prognosis"]["enabled"]:
         return []
-    return [results_dir() / "prognosis" / name for name in ("summary.csv", "folds.csv", "km.json")]
+    return [results_dir() / "prognosis" / name
+            for name in ("summary.csv", "folds.csv", "km.json", "auc.csv", "calibration.json", "cohort.json")]
 
 
 def report_inputs(wildcards=None):

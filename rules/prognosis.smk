@@ -7,6 +7,9 @@ rule prognosis:
         summary=results_dir() / "prognosis" / "summary.csv",
         folds=results_dir() / "prognosis" / "folds.csv",
         km=results_dir() / "prognosis" / "km.json",
+        auc=results_dir() / "prognosis" / "auc.csv",
+        calibration=results_dir() / "prognosis" / "calibration.json",
+        cohort=results_dir() / "prognosis" / "cohort.json",
     log:
         str(log_dir() / "prognosis.log"),
     conda:

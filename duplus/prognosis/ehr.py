@@ -226,10 +226,12 @@ def validate_ehr(frame: pd.DataFrame, schema: EHRSchema, source: str = "<table>"
     return EHRTable(frame=out, schema=schema, source=source, unmatched=unmatched)
 
 
-def check_cohort(table: EHRTable, n_folds: int) -> None:
+def check_cohort(table: EHRTable, n_folds: int) -> list[str]:
     """Problems that make a cross-validated survival analysis of ``table`` meaningless, all in one
     EHRError naming the columns: a covariate missing in every row, one follow-up time for every
-    patient. Fewer events than folds is a warning (folds are then dealt so that events spread)."""
+    patient. Returns the warnings (also logged), each naming its column, for cohort.json and the
+    report: no event at all (every metric is then NaN), fewer events than folds (folds are then
+    dealt so that events spread)."""
     schema, frame = table.schema, table.frame
     problems = []
     empty = [c for c in schema.covariates if len(frame) and frame[c].isna().all()]
@@ -242,9 +244,16 @@ def check_cohort(table: EHRTable, n_folds: int) -> None:
     if problems:
         raise EHRError(f"EHR table {table.source}: " + "; ".join(problems))
     events = int(frame[schema.event].sum())
-    if 0 < events < n_folds:
-        log.warning("EHR table %s, column '%s': %d event(s) for %d folds: some test folds have none and "
-                    "their C-index is undefined", table.source, schema.event, events, n_folds)
+    warnings = []
+    if events == 0:
+        warnings.append(f"EHR table {table.source} has no event (column '{schema.event}' is 0 for all {len(frame)} "
+                        f"patients): every metric is undefined (NaN) and there are no risk groups")
+    elif events < n_folds:
+        warnings.append(f"EHR table {table.source}, column '{schema.event}': {events} event(s) for {n_folds} folds: "
+                        f"some test folds have none and their C-index is undefined")
+    for warning in warnings:
+        log.warning("%s", warning)
+    return warnings
 
 
 def _column_texts(raw: Mapping[str, Any]) -> dict[str, ColumnText]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -17,6 +17,7 @@ from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, c
 from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
+from duplus.errors import ConfigError
 from duplus.prognosis.models import Cohort, ModelSettings, fit_predict
 from duplus.progress import progress
 
@@ -24,9 +25,14 @@ log = logging.getLogger(__name__)
 
 METRICS = ("harrell_c", "uno_c", "ibs", "mean_auc")
 FOLD_COLUMNS = ["model", "fold", *METRICS, "note"]
+# *_ci_low / *_ci_high: bootstrap 95 % interval of the fold mean (intervals.bootstrap_intervals).
 SUMMARY_COLUMNS = ["model", "harrell_c_mean", "harrell_c_std", "uno_c_mean", "uno_c_std", "ibs_mean", "ibs_std",
-                   "note"]
-RISK_COLUMNS = ["patient_id", "fold", "model", "risk", "time", "event"]
+                   "mean_auc_mean", "mean_auc_std", "harrell_c_ci_low", "harrell_c_ci_high", "uno_c_ci_low",
+                   "uno_c_ci_high", "note"]
+# survival_at_horizon: the model's S(h | x) at the calibration horizon h (cohort.json), NaN when
+# the model gives no survival function or h is not set.
+RISK_COLUMNS = ["patient_id", "fold", "model", "risk", "time", "event", "survival_at_horizon"]
+AUC_COLUMNS = ["model", "fold", "horizon", "auc", "note"]
 
 
 def make_folds(event: np.ndarray, center: np.ndarray | None, n_folds: int, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -63,6 +69,19 @@ def make_folds(event: np.ndarray, center: np.ndarray | None, n_folds: int, seed:
     return folds, "dealt"
 
 
+def center_folds(center: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Leave-one-center-out: fold k holds every patient of the k-th center (sorted by name), as
+    HECKTOR's test set holds out whole centers; a model is never tested on a center it saw."""
+    if center is None:
+        raise ConfigError("config prognosis.split is 'center' (leave-one-center-out) but the cohort has no center: "
+                          "name the center column in prognosis.ehr.center (or use images whose manifest has one)")
+    names, folds = np.unique(np.asarray(center).astype(str), return_inverse=True)
+    if len(names) < 2:
+        raise ConfigError(f"config prognosis.split is 'center' but every patient is in center '{names[0]}': "
+                          f"leave-one-center-out needs at least two centers")
+    return folds.astype(int), "center (leave-one-center-out: " + ", ".join(names) + ")"
+
+
 def cohort_times(time: np.ndarray, event: np.ndarray, n_times: int = 16) -> np.ndarray:
     """One grid for every fold: percentiles 10-80 of the whole cohort's event times.
 
@@ -89,6 +108,41 @@ def evaluation_times(train_time: np.ndarray, test_time: np.ndarray, test_event: 
         candidates = np.unique(np.percentile(source, np.linspace(10, 80, n_times)))
     upper = min(float(np.max(test_time)), float(np.max(train_time)))
     return candidates[(candidates >= float(np.min(source))) & (candidates < upper)]
+
+
+def default_horizons(time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    """Quartiles (25, 50, 75 %) of the cohort's event times: where a time-dependent AUC has cases
+    and controls in most folds; used when config ``prognosis.evaluation.horizons`` is not set."""
+    time = np.asarray(time, dtype=float)[np.asarray(event, dtype=bool)]
+    return np.unique(np.percentile(time, [25, 50, 75])) if time.size else np.empty(0)
+
+
+def horizon_auc(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
+                horizons: Sequence[float]) -> list[tuple[float, float, str]]:
+    """(horizon, cumulative/dynamic AUC, note) per horizon on one test fold; a horizon outside the
+    fold's evaluable range (before its first event, at or after its last follow-up or last
+    training time) is NaN with the reason, as is every horizon of a fold without events."""
+    event_field, time_field = y_test.dtype.names
+    test_event = y_test[event_field].astype(bool)
+    test_time = y_test[time_field].astype(float)
+    train_time = y_train[y_train.dtype.names[1]].astype(float)
+    risk = np.asarray(risk, dtype=float)
+    out: list[tuple[float, float, str]] = []
+    if not test_event.any() or not np.isfinite(risk).all():
+        why = "no events in test fold" if not test_event.any() else "non-finite risk predictions"
+        return [(float(h), math.nan, why) for h in horizons]
+    first, upper = float(test_time[test_event].min()), min(float(test_time.max()), float(train_time.max()))
+    y_ipcw = censor_after(y_test, float(train_time.max()))
+    for h in horizons:
+        h = float(h)
+        if not first <= h < upper:
+            out.append((h, math.nan, f"horizon {h:g} outside the fold's follow-up [{first:g}, {upper:g})"))
+            continue
+        try:
+            out.append((h, float(cumulative_dynamic_auc(y_train, y_ipcw, risk, [h])[0][0]), ""))
+        except (ValueError, ZeroDivisionError) as error:
+            out.append((h, math.nan, f"auc at {h:g}: {error}"))
+    return out
 
 
 def survival_metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
@@ -128,7 +182,7 @@ def survival_metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
     # Outcomes at or after the last training time are censored there: the censoring distribution
     # is estimated on the training fold and may drop to zero at that time (its patient censored).
     # Every evaluation time lies below it, so no metric needs those outcomes uncensored.
-    y_ipcw = _censor_after(y_test, float(np.max(train_time)))
+    y_ipcw = censor_after(y_test, float(np.max(train_time)))
     try:
         result["uno_c"] = float(concordance_index_ipcw(y_train, y_ipcw, risk, tau=float(times.max()))[0])
     except (ValueError, ZeroDivisionError) as error:
@@ -150,7 +204,7 @@ def survival_metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray,
     return result
 
 
-def _censor_after(y: np.ndarray, limit: float) -> np.ndarray:
+def censor_after(y: np.ndarray, limit: float) -> np.ndarray:
     event_field, time_field = y.dtype.names
     late = y[time_field] >= limit
     if not late.any():
@@ -167,13 +221,19 @@ class CVResult:
     folds: pd.DataFrame
     risks: pd.DataFrame
     groups: pd.DataFrame          # patient_id, model, high (bool), time, event
+    auc: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=AUC_COLUMNS))
 
 
 def cross_validate(cohort: Cohort, models: Sequence[str], folds: np.ndarray,
-                   settings: ModelSettings) -> CVResult:
-    """Fit and score every model on every fold; all models see exactly the same folds."""
+                   settings: ModelSettings, horizons: Sequence[float] = (),
+                   calibration_horizon: float | None = None) -> CVResult:
+    """Fit and score every model on every fold; all models see exactly the same folds.
+
+    horizons: times of the time-dependent AUC (``CVResult.auc``); calibration_horizon: the time
+    at which each test patient's predicted survival is kept (risks' ``survival_at_horizon``).
+    """
     folds = np.asarray(folds)
-    fold_rows, risk_rows, group_rows = [], [], []
+    fold_rows, risk_rows, group_rows, auc_rows = [], [], [], []
     grid = cohort_times(cohort.time, cohort.event)
     jobs = [(k, name) for k in np.unique(folds) for name in models]
     for k, name in progress(jobs, desc="prognosis cross-validation", total=len(jobs)):
@@ -191,19 +251,31 @@ def cross_validate(cohort: Cohort, models: Sequence[str], folds: np.ndarray,
                 fit, metrics = None, {**{m: math.nan for m in METRICS}, "note": f"fit failed: {error}"}
             else:
                 metrics = survival_metrics(y_train, y_test, fit.risk_test, fit.survival, grid)
+        if fit is None:
+            auc_rows += [{"model": name, "fold": int(k), "horizon": float(h), "auc": math.nan, "note": metrics["note"]}
+                         for h in horizons]
+        else:
+            auc_rows += [{"model": name, "fold": int(k), "horizon": h, "auc": a, "note": why}
+                         for h, a, why in horizon_auc(y_train, y_test, fit.risk_test, horizons)]
+        at_horizon = np.full(len(test), math.nan)
+        if fit is not None and fit.survival is not None and calibration_horizon is not None:
+            survival = fit.survival(np.array([float(calibration_horizon)]))
+            at_horizon = np.asarray(survival, dtype=float).reshape(len(test), -1)[:, 0]
         note = "; ".join(n for n in (metrics.pop("note"), center_note) if n)
         fold_rows.append({"model": name, "fold": int(k), **metrics, "note": note})
         risk_test = fit.risk_test if fit is not None else np.full(len(test), math.nan)
         threshold = float(np.median(fit.risk_train)) if fit is not None else math.nan
-        for i, r in zip(test, risk_test):
+        for i, r, s_h in zip(test, risk_test, at_horizon):
             risk_rows.append({"patient_id": cohort.ids[i], "fold": int(k), "model": name, "risk": float(r),
-                              "time": float(cohort.time[i]), "event": int(cohort.event[i])})
+                              "time": float(cohort.time[i]), "event": int(cohort.event[i]),
+                              "survival_at_horizon": float(s_h)})
             if fit is not None and np.isfinite(r):
                 group_rows.append({"patient_id": cohort.ids[i], "model": name, "high": bool(r > threshold),
                                    "time": float(cohort.time[i]), "event": bool(cohort.event[i])})
     return CVResult(folds=pd.DataFrame(fold_rows, columns=FOLD_COLUMNS),
                     risks=pd.DataFrame(risk_rows, columns=RISK_COLUMNS),
-                    groups=pd.DataFrame(group_rows, columns=["patient_id", "model", "high", "time", "event"]))
+                    groups=pd.DataFrame(group_rows, columns=["patient_id", "model", "high", "time", "event"]),
+                    auc=pd.DataFrame(auc_rows, columns=AUC_COLUMNS))
 
 
 def _centers_without_events(cohort: Cohort, test: np.ndarray) -> str:
@@ -252,13 +324,15 @@ def per_center_concordance(risks: pd.DataFrame, centers: pd.Series) -> pd.DataFr
     return pd.DataFrame(rows, columns=["model", "center", "n", "events", "harrell_c", "folds", "note"])
 
 
-def summarize(folds: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample standard deviation (ddof=1) over the folds where a metric is defined."""
+def summarize(folds: pd.DataFrame, intervals: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Mean and sample standard deviation (ddof=1) over the folds where a metric is defined, and
+    the bootstrap intervals (``intervals.bootstrap_intervals``, NaN where not given)."""
     rows = []
+    by_model = intervals.set_index("model") if intervals is not None else None
     for model in dict.fromkeys(folds["model"]):
         part = folds[folds["model"] == model]
         row: dict[str, Any] = {"model": model}
-        for metric in ("harrell_c", "uno_c", "ibs"):
+        for metric in ("harrell_c", "uno_c", "ibs", "mean_auc"):
             values = part[metric].to_numpy(dtype=float)
             values = values[np.isfinite(values)]
             row[f"{metric}_mean"] = float(values.mean()) if values.size else math.nan
@@ -268,6 +342,10 @@ def summarize(folds: pd.DataFrame) -> pd.DataFrame:
                      for metric in ("harrell_c", "uno_c", "ibs")}
         row["note"] = "; ".join(f"{metric} undefined in {count} of {len(part)} folds"
                                 for metric, count in undefined.items() if count)
+        for column in SUMMARY_COLUMNS:
+            if column.endswith(("_ci_low", "_ci_high")):
+                known = by_model is not None and model in by_model.index
+                row[column] = float(by_model.loc[model, column]) if known else math.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 

@@ -93,14 +93,21 @@ class ModelSettings:
     """Hyper-parameters of the compared models (the MLP ones come from config ``prognosis``)."""
 
     mlp: MLPSettings = field(default_factory=MLPSettings)
-    cox_alpha: float = 0.1          # ridge: one-hot levels are collinear under the partial likelihood
-    rsf_trees: int = 50
+    # The config's prognosis.baselines (schema defaults, chosen by bench/prognosis_baselines.py) set
+    # these; the values here serve callers without a config (tests, benchmarks).
+    cox_alpha: float = 10.0         # ridge: one-hot levels are collinear under the partial likelihood
+    rsf_trees: int = 200
     rsf_min_leaf: int = 5
     seed: int = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelSettings":
-        return cls(mlp=MLPSettings.from_config(config), seed=int(config.get("seed", 0)))
+        """MLP settings from ``prognosis``, the baselines' from ``prognosis.baselines`` (defaults in the schema)."""
+        baselines = (config.get("prognosis") or {}).get("baselines") or {}
+        return cls(mlp=MLPSettings.from_config(config), seed=int(config.get("seed", 0)),
+                   cox_alpha=float(baselines.get("cox_alpha", cls.cox_alpha)),
+                   rsf_trees=int(baselines.get("rsf_trees", cls.rsf_trees)),
+                   rsf_min_leaf=int(baselines.get("rsf_min_leaf", cls.rsf_min_leaf)))
 
 
 @dataclass

@@ -17,17 +17,23 @@ import torch
 
 from duplus.atomic import write_csv, write_json
 from duplus.errors import ConfigError, DataError, EHRError
+from duplus.prognosis.calibration import calibration, default_calibration_horizon
 from duplus.prognosis.ehr import EHRSchema, check_cohort, load_ehr
 from duplus.prognosis.evaluate import (
+    AUC_COLUMNS,
     FOLD_COLUMNS,
     RISK_COLUMNS,
     SUMMARY_COLUMNS,
+    center_folds,
+    cohort_times,
     cross_validate,
+    default_horizons,
     km_curves,
     make_folds,
     summarize,
 )
 from duplus.prognosis.features import MASK_SOURCES, CaseInput, FeatureSettings, extract_features, feature_names
+from duplus.prognosis.intervals import bootstrap_intervals
 from duplus.prognosis.models import Cohort, ModelSettings, model_names
 from duplus.prognosis.text import text_features
 from duplus.runtime import device_for, seed_everything
@@ -92,10 +98,14 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
         features = extract_features(model, inputs, out, model_key, settings, device=device)
         image = np.stack([features[c] for c in matched])
         center = cases["center"].astype(str).to_numpy() if "center" in cases else None
-    check_cohort(table, n_folds)
     if center is None and schema.center:
         # Missing centers form one stratum of their own rather than breaking the stratification.
         center = table.frame[schema.center].fillna("unknown").astype(str).to_numpy()
+    if prog.get("split", "stratified") == "center":
+        folds, stratified_by = center_folds(center)
+    else:
+        folds, stratified_by = make_folds(table.event, center, n_folds, seed)
+    warnings = check_cohort(table, int(folds.max()) + 1)
 
     text = None
     encoding = str((prog.get("text") or {}).get("encoding", "fields"))
@@ -105,26 +115,35 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     cohort = Cohort(ids=np.asarray(matched), time=table.time, event=table.event, ehr=table.frame,
                     schema=schema, image=image, text=text, center=center,
                     image_names=None if image is None else feature_names((image.shape[1] - 1) // 2))
-    if not cohort.event.any():
-        # Not an error: the stage still writes its files, with NaN metrics and a note per fold.
-        log.warning("prognosis: EHR table %s has no event (column '%s' is 0 for all %d patients): every metric "
-                    "is undefined (NaN) and km.json has no risk groups", table.source, schema.event, len(cohort))
-    folds, stratified_by = make_folds(cohort.event, cohort.center, n_folds, seed)
+    # A cohort without events is not an error (check_cohort warned): the stage still writes its
+    # files, with NaN metrics and a note per fold, and the report shows the warning.
     models = model_names(config, cohort)
-    result = cross_validate(cohort, models, folds, ModelSettings.from_config(config))
-    summary = summarize(result.folds)
+    evaluation = dict(prog.get("evaluation") or {})
+    horizons = evaluation.get("horizons")
+    horizons = [float(h) for h in horizons] if horizons else default_horizons(cohort.time, cohort.event).tolist()
+    horizon = evaluation.get("calibration_horizon")
+    horizon = float(horizon) if horizon is not None else default_calibration_horizon(cohort.time, cohort.event)
+    result = cross_validate(cohort, models, folds, ModelSettings.from_config(config), horizons=horizons,
+                            calibration_horizon=horizon)
+    intervals = bootstrap_intervals(result.risks, int(evaluation.get("bootstrap", 1000)), seed,
+                                    grid=cohort_times(cohort.time, cohort.event))
+    summary = summarize(result.folds, intervals)
 
     write_csv(out / "folds.csv", result.folds)
     write_csv(out / "risks.csv", result.risks)
     write_json(out / "km.json", km_curves(result.groups))
+    write_csv(out / "auc.csv", result.auc)
+    write_json(out / "calibration.json", calibration(result.risks, horizon))
     write_csv(out / "summary.csv", summary)
     write_json(out / "cohort.json", {
         "dataset": dataset, "ehr_only": image is None, "ehr_table": table.source, "patients": len(cohort),
-        "events": int(cohort.event.sum()), "unmatched_ehr_ids": table.unmatched, "folds": n_folds,
-        "stratified_by": stratified_by, "models": models, "model_sha256": model_key,
+        "events": int(cohort.event.sum()), "unmatched_ehr_ids": table.unmatched, "folds": int(folds.max()) + 1,
+        "stratified_by": stratified_by, "split": prog.get("split", "stratified"),
+        "auc_horizons": horizons, "calibration_horizon": horizon, "models": models, "model_sha256": model_key,
         "tumour_mask": None if settings is None else settings.mask_source,
         "feature_dim": None if image is None else int(image.shape[1]),
-        "text_encoding": None if text is None else text.encoding, "text_dim": None if text is None else text.dim})
+        "text_encoding": None if text is None else text.encoding, "text_dim": None if text is None else text.dim,
+        "warnings": warnings})
     for _, row in summary.iterrows():
         log.info("prognosis %s: Harrell C %.3f ± %.3f, Uno C %.3f ± %.3f, IBS %.3f", row["model"],
                  row["harrell_c_mean"], row["harrell_c_std"], row["uno_c_mean"], row["uno_c_std"], row["ibs_mean"])
@@ -139,6 +158,9 @@ def _write_disabled(out: Path) -> pd.DataFrame:
     write_csv(out / "folds.csv", pd.DataFrame(columns=FOLD_COLUMNS))
     write_csv(out / "risks.csv", pd.DataFrame(columns=RISK_COLUMNS))
     write_json(out / "km.json", {})
+    write_csv(out / "auc.csv", pd.DataFrame(columns=AUC_COLUMNS))
+    write_json(out / "calibration.json", {"horizon": None, "models": {}})
+    write_json(out / "cohort.json", {"disabled": True, "warnings": []})
     write_csv(out / "summary.csv", summary)
     log.info(note)
     return summary

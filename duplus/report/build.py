@@ -20,6 +20,7 @@ from duplus.report.tables import (
     DEFAULT_ENDPOINT,
     adaptation_per_class_tables,
     adaptation_table,
+    auc_table,
     efficiency_table,
     per_class_tables,
     prognosis_table,
@@ -123,12 +124,19 @@ def _prognosis(b: _Builder, inputs: ReportInputs, config: Mapping[str, Any], pub
     endpoint = (config.get("prognosis") or {}).get("endpoint") or DEFAULT_ENDPOINT
     # prognosis.dataset: null is the EHR-only run (a missing key is the schema's default dataset).
     ehr_only = "dataset" in (config.get("prognosis") or {}) and config["prognosis"]["dataset"] is None
-    section.tables = b.tables([prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published,
-                                               endpoint, ehr_only=ehr_only)])
+    time_column = ((config.get("prognosis") or {}).get("ehr") or {}).get("time")
+    time_label = f"time ({time_column})" if time_column else "time"
+    tables = [prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published, endpoint,
+                              ehr_only=ehr_only, cohort=inputs.prognosis_cohort)]
+    time_auc = auc_table(inputs.prognosis_auc, time_label)
+    section.tables = b.tables(tables + ([time_auc] if time_auc is not None else []))
+    if inputs.calibration and inputs.calibration.get("models"):
+        section.figures += b.figure(figures.calibration_plot, inputs.calibration, time_label,
+                                    caption="Calibration: predicted vs Kaplan-Meier survival at one horizon, "
+                                            "out-of-fold patients in five groups of predicted survival")
     if inputs.km:
-        time_column = ((config.get("prognosis") or {}).get("ehr") or {}).get("time")
-        section.figures = b.figure(figures.km_curves, inputs.km, f"time ({time_column})" if time_column else "time",
-                                   caption="Kaplan-Meier curves of out-of-fold low / high risk groups")
+        section.figures += b.figure(figures.km_curves, inputs.km, time_label,
+                                    caption="Kaplan-Meier curves of out-of-fold low / high risk groups")
     elif inputs.km is None:
         b.missing.append("Kaplan-Meier curves not found (prognosis/km.json): no survival curves.")
     else:

@@ -1,4 +1,4 @@
-"""Report figures: training curve, Dice boxes, overlays, Kaplan-Meier curves, LoRA bars, class scaling.
+"""Report figures: training curve, Dice boxes, overlays, Kaplan-Meier curves, calibration, LoRA bars, class scaling.
 
 Drawn on bare matplotlib Figures (Agg, no pyplot state) with pinned style and metadata: equal metrics, equal bytes.
 """
@@ -222,6 +222,38 @@ def km_curves(km: dict[str, Any], time_label: str = "time", *, folder: Path) -> 
         for ax in axes[len(panels):]:
             ax.set_visible(False)
         return save_figure(fig, folder, "km_curves")
+
+
+def calibration_plot(calibration: dict[str, Any], time_label: str = "time", *, folder: Path) -> list[Path]:
+    """Predicted survival at the horizon (x) against the Kaplan-Meier survival of the same group
+    (y), one line per model, the diagonal for perfect calibration (prognosis/calibration.json)."""
+    horizon = number(calibration.get("horizon"))
+    models = calibration.get("models") if isinstance(calibration.get("models"), dict) else {}
+    order = [m for m in PROGNOSIS_MODELS if m in models] + sorted(m for m in models if m not in PROGNOSIS_MODELS)
+    curves = []
+    for model in order:
+        entry = models[model]
+        if not isinstance(entry, dict):
+            continue
+        predicted = np.asarray([number(v) for v in entry.get("predicted") or []], dtype=float)
+        observed = np.asarray([number(v) for v in entry.get("observed") or []], dtype=float)
+        keep = np.isfinite(predicted) & np.isfinite(observed) if predicted.shape == observed.shape else None
+        if keep is not None and keep.any():
+            curves.append((model, predicted[keep], observed[keep]))
+    if not curves or math.isnan(horizon):
+        return []
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(4.2, 3.8)
+        ax = fig.add_subplot()
+        ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
+        for model, predicted, observed in curves:
+            ax.plot(predicted, observed, marker="o", markersize=3, linewidth=1, label=model)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(f"predicted survival at {time_label} = {horizon:g}")
+        ax.set_ylabel("Kaplan-Meier survival")
+        ax.legend(loc="upper left", frameon=False, fontsize=7)
+        return save_figure(fig, folder, "calibration")
 
 
 def lora_bars(lora: dict[str, dict[str, Any]], folder: Path) -> list[Path]:

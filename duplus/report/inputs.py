@@ -39,6 +39,9 @@ class ReportInputs:
     prognosis_summary: pd.DataFrame | None = None
     prognosis_folds: pd.DataFrame | None = None
     km: dict[str, Any] | None = None
+    prognosis_auc: pd.DataFrame | None = None          # time-dependent AUC per model, fold and horizon
+    calibration: dict[str, Any] | None = None           # {"horizon": h, "models": {model: curves}}
+    prognosis_cohort: dict[str, Any] | None = None      # cohort.json: split, horizons, warnings
     files: list[Path] = field(default_factory=list)
 
 
@@ -95,6 +98,7 @@ def load_inputs(results_dir: str | Path, config: Mapping[str, Any] | None = None
         dropped.append(root / BASELINE_SUMMARY)
     if (config.get("prognosis") or {}).get("enabled", True) is False:
         inputs.prognosis_summary, inputs.prognosis_folds, inputs.km = None, None, None
+        inputs.prognosis_auc, inputs.calibration, inputs.prognosis_cohort = None, None, None
         dropped += [p for p in inputs.files if p.is_relative_to(root / PROGNOSIS)]
     if "lora" in config:
         lora = config.get("lora") or {}
@@ -131,6 +135,13 @@ def _load_all(results_dir: str | Path) -> ReportInputs:
     if km is not None and not isinstance(km, dict):
         raise DataError(f"{inputs.results_dir / PROGNOSIS / 'km.json'}: expected a JSON object {{model: curves}}")
     inputs.km = km
+    # Files added after the first release of the stage: an older results folder lacks them.
+    inputs.prognosis_auc = _optional_csv(inputs, PROGNOSIS / "auc.csv", ["model", "fold", "horizon", "auc"])
+    for name in ("calibration", "cohort"):
+        value = _optional_json(inputs, PROGNOSIS / f"{name}.json")
+        if value is not None and not isinstance(value, dict):
+            raise DataError(f"{inputs.results_dir / PROGNOSIS / (name + '.json')}: expected a JSON object")
+        setattr(inputs, "calibration" if name == "calibration" else "prognosis_cohort", value)
     return inputs
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -287,11 +287,20 @@ PROGNOSIS_COLUMNS = [
 ]
 
 
+def _with_interval(text: str | None, row: pd.Series, metric: str) -> str | None:
+    """``"0.712 ± 0.031 [0.661, 0.760]"``: the bootstrap 95 % interval when summary.csv has one
+    (files written before intervals existed have no such columns)."""
+    low, high = (fmt(row.get(f"{metric}_ci_{end}"), "score") for end in ("low", "high"))
+    return text if text is None or low is None or high is None else f"{text} [{low}, {high}]"
+
+
 def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, published: bool = True,
-                    endpoint: str = DEFAULT_ENDPOINT, ehr_only: bool = False) -> Table:
-    """Table 3: cross-validated C-indices and integrated Brier score per model, then published C-indices;
-    ``endpoint`` (config ``prognosis.endpoint``) names what the survival times measure; ``ehr_only``
-    (config ``prognosis.dataset: null``) marks a run on the EHR table without images."""
+                    endpoint: str = DEFAULT_ENDPOINT, ehr_only: bool = False,
+                    cohort: Mapping[str, Any] | None = None) -> Table:
+    """Table 3: cross-validated C-indices (with bootstrap 95 % intervals) and integrated Brier score
+    per model, then published C-indices; ``endpoint`` (config ``prognosis.endpoint``) names what the
+    survival times measure; ``ehr_only`` (config ``prognosis.dataset: null``) marks a run on the EHR
+    table without images; ``cohort`` (prognosis/cohort.json) adds the split and the cohort's warnings."""
     by_model = summary.drop_duplicates("model", keep="last").set_index("model")
     order = [m for m in PROGNOSIS_MODELS if m in by_model.index]
     order += sorted(m for m in by_model.index if m not in PROGNOSIS_MODELS)
@@ -303,14 +312,22 @@ def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, pu
         note = str(r["note"]).strip() if "note" in r.index and isinstance(r["note"], str) else ""
         rows.append({
             "model": model, "inputs": PROGNOSIS_MODELS.get(model),
-            "harrell": fmt_mean_std(r["harrell_c_mean"], r["harrell_c_std"], "score"),
-            "uno": fmt_mean_std(r["uno_c_mean"], r["uno_c_std"], "score"),
+            "harrell": _with_interval(fmt_mean_std(r["harrell_c_mean"], r["harrell_c_std"], "score"), r, "harrell_c"),
+            "uno": _with_interval(fmt_mean_std(r["uno_c_mean"], r["uno_c_std"], "score"), r, "uno_c"),
             "ibs": fmt_mean_std(r["ibs_mean"], r["ibs_std"], "score"),
             # A model whose metric is undefined in some folds says so: its mean covers fewer.
             "source": f"{measured[:-1]}; {note})" if note else measured,
         })
     notes = ["Mean ± standard deviation over the cross-validation folds; C-index higher is better, "
              "integrated Brier score (IBS) lower is better; 3 decimals."]
+    if any(c in summary.columns for c in ("harrell_c_ci_low", "uno_c_ci_low")):
+        notes.append("[low, high]: bootstrap 95 % interval of the fold mean (test patients resampled within "
+                     "each fold, fitted models fixed).")
+    cohort = cohort or {}
+    if str(cohort.get("stratified_by", "")).startswith("center"):
+        notes.append(f"Folds: {cohort['stratified_by']}.")
+    for warning in cohort.get("warnings") or []:
+        notes.append(f"Cohort warning: {warning}")
     absent = [m for m in PROGNOSIS_MODELS if m not in by_model.index and not (ehr_only and m.startswith("image"))]
     if ehr_only:
         notes.insert(0, "EHR only: the cohort's clinical table without images (config prognosis.dataset: null); "
@@ -329,6 +346,30 @@ def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, pu
         notes.extend(pub.definition_notes(pub.PROGNOSIS))
     return Table("table3_prognosis", f"Table 3. Survival prognosis ({endpoint}{', EHR only' if ehr_only else ''})",
                  list(PROGNOSIS_COLUMNS), rows, notes)
+
+
+def auc_table(auc: pd.DataFrame, time_label: str = "time") -> Table | None:
+    """Table 3b: cumulative/dynamic AUC at each horizon (prognosis/auc.csv), mean ± standard
+    deviation over the folds where the horizon lies inside the fold's follow-up."""
+    if auc is None or auc.empty:
+        return None
+    horizons = sorted(auc["horizon"].astype(float).unique())
+    columns = [Column("model", "model", numeric=False)] + [Column(f"h{i}", f"AUC at {h:g}") for i, h in
+                                                           enumerate(horizons)]
+    models = list(dict.fromkeys(auc["model"]))
+    order = [m for m in PROGNOSIS_MODELS if m in models] + [m for m in models if m not in PROGNOSIS_MODELS]
+    rows = []
+    for model in order:
+        row: dict[str, str | None] = {"model": model}
+        for i, h in enumerate(horizons):
+            values = auc[(auc["model"] == model) & (auc["horizon"].astype(float) == h)]["auc"].to_numpy(float)
+            values = values[np.isfinite(values)]
+            row[f"h{i}"] = fmt_mean_std(values.mean() if values.size else math.nan,
+                                        values.std(ddof=1) if values.size > 1 else math.nan, "score")
+        rows.append(row)
+    return Table("table3b_time_auc", f"Table 3b. Time-dependent AUC ({time_label})", columns, rows,
+                 ["Cumulative/dynamic AUC (scikit-survival) at each horizon: mean ± standard deviation over the "
+                  "folds whose follow-up covers it; a dash: no fold covers it."])
 
 
 EFFICIENCY_COLUMNS = [

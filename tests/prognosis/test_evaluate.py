@@ -16,7 +16,8 @@ from duplus.prognosis.heads import MLPSettings
 from duplus.prognosis.models import Cohort, ModelSettings, fit_predict, model_names
 from duplus.prognosis.tabular import EHRPreprocessor
 from duplus.prognosis.text import TextFeatures
-from tests.prognosis.fakes import synthetic_cohort
+
+from .fakes import synthetic_cohort
 
 FAST = ModelSettings(mlp=MLPSettings(epochs=60, hidden=16, lr=0.01), rsf_trees=10)
 

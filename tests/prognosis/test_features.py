@@ -13,7 +13,8 @@ import torch
 
 from duplus.errors import DataError
 from duplus.prognosis.features import CaseInput, FeatureSettings, case_features, extract_features, padded_shape, size_divisor
-from tests.prognosis.fakes import FakeDuPLUS
+
+from .fakes import FakeDuPLUS
 
 CTX, TARGETS = torch.zeros(8), torch.zeros(2, 8)
 

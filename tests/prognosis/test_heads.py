@@ -7,7 +7,8 @@ import pytest
 from sksurv.metrics import concordance_index_censored
 
 from duplus.prognosis.heads import MLPSettings, SurvivalMLP
-from tests.prognosis.fakes import synthetic_cohort
+
+from .fakes import synthetic_cohort
 
 
 def data(n: int = 240):

@@ -12,10 +12,11 @@ import pytest
 from duplus.errors import ConfigError, EHRError
 from duplus.hashing import sha256_file
 from duplus.prognosis import run as run_module
-from duplus.prognosis.evaluate import FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS
+from duplus.prognosis.evaluate import AUC_COLUMNS, FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS
 from duplus.prognosis.run import run_prognosis
-from tests.prognosis.conftest import HEADNECK
-from tests.prognosis.fakes import FakeDuPLUS, FakePromptCache
+
+from .conftest import HEADNECK
+from .fakes import FakeDuPLUS, FakePromptCache
 
 N = 24
 
@@ -99,6 +100,16 @@ def test_stage_writes_the_documented_files(tmp_path, fakes):
     cohort = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
     assert cohort["patients"] == N and cohort["stratified_by"] == "event x center"
     assert cohort["ehr_only"] is False and cohort["text_encoding"] == "fields"
+    # Bootstrap intervals around each fold mean; AUC at the cohort's event-time quartiles;
+    # calibration at the median event time.
+    assert (summary["harrell_c_ci_low"] <= summary["harrell_c_mean"]).all()
+    assert (summary["harrell_c_mean"] <= summary["harrell_c_ci_high"]).all()
+    auc = pd.read_csv(out / "auc.csv")
+    assert list(auc.columns) == AUC_COLUMNS and len(auc) == 3 * len(models) * 3
+    assert sorted(auc["horizon"].unique()) == pytest.approx(cohort["auc_horizons"]) and auc["auc"].notna().any()
+    calibration = json.loads((out / "calibration.json").read_text(encoding="utf-8"))
+    assert calibration["horizon"] == cohort["calibration_horizon"] and "ehr_coxph" in calibration["models"]
+    assert risks["survival_at_horizon"].between(0, 1).all()
 
     # The cache is keyed by the weights file's hash (reuse itself is tested in test_features).
     encoded = model.encode_calls
@@ -148,7 +159,7 @@ def test_a_cohort_without_events_warns_naming_the_column_and_still_writes_nan(tm
     model_file = tmp_path / "model.safetensors"
     model_file.write_bytes(b"weights")
     out = tmp_path / "out"
-    with caplog.at_level("WARNING", logger="duplus.prognosis.run"):
+    with caplog.at_level("WARNING", logger="duplus.prognosis.ehr"):
         summary = run_prognosis(project["config"], project["manifest"], FakePromptCache(), model_file, out)
     assert "has no event (column 'relapse' is 0 for all 24 patients)" in caplog.text
     assert summary[["harrell_c_mean", "uno_c_mean", "ibs_mean"]].isna().all().all()
@@ -173,6 +184,34 @@ def test_ehr_only_runs_the_ehr_routes_on_a_table_without_images(tmp_path, fakes)
     assert cohort["ehr_only"] is True and cohort["patients"] == N and cohort["feature_dim"] is None
     assert cohort["stratified_by"] == "event x center"       # the table's center column
     assert model.encode_calls == 0 and not (out / "features").exists()
+
+
+def test_leave_one_center_out_holds_out_each_center_once(tmp_path, fakes):
+    config = make_project(tmp_path)["config"]
+    table = tmp_path / "data" / "raw" / "demo_headneck_pet" / "clinical.csv"
+    config["prognosis"].update(dataset=None, split="center", evaluation={"bootstrap": 20, "horizons": [5.0]})
+    config["prognosis"]["ehr"] = {**config["prognosis"]["ehr"], "table": str(table), "center": "center"}
+    out = tmp_path / "out"
+    run_prognosis(config, None, None, tmp_path / "absent.safetensors", out)
+    cohort = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
+    assert cohort["folds"] == 2 and cohort["stratified_by"].startswith("center (leave-one-center-out")
+    risks = pd.read_csv(out / "risks.csv", dtype={"patient_id": str})
+    centers = pd.read_csv(table, dtype={"patient_id": str}).set_index("patient_id")["center"]
+    assert (risks.assign(center=risks["patient_id"].map(centers)).groupby("fold")["center"].nunique() == 1).all()
+    assert set(pd.read_csv(out / "auc.csv")["horizon"]) == {5.0}
+
+
+def test_fewer_events_than_folds_is_a_warning_in_cohort_json_naming_the_column(tmp_path, fakes):
+    config = make_project(tmp_path)["config"]
+    table = tmp_path / "data" / "raw" / "demo_headneck_pet" / "clinical.csv"
+    clinical = pd.read_csv(table)
+    clinical["relapse"] = [1, 1] + [0] * (N - 2)
+    clinical.to_csv(table, index=False)
+    config["prognosis"].update(dataset=None, evaluation={"bootstrap": 10})
+    config["prognosis"]["ehr"] = {**config["prognosis"]["ehr"], "table": str(table)}
+    run_prognosis(config, None, None, tmp_path / "absent.safetensors", tmp_path / "out")
+    cohort = json.loads((tmp_path / "out" / "cohort.json").read_text(encoding="utf-8"))
+    assert len(cohort["warnings"]) == 1 and "column 'relapse': 2 event(s) for 3 folds" in cohort["warnings"][0]
 
 
 def test_ehr_only_without_a_table_says_which_keys(tmp_path, fakes):

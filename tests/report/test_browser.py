@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from duplus.report.build import run_report
-from tests.report.conftest import make_config, write_results
+
+from .conftest import make_config, write_results
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(

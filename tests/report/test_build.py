@@ -1,15 +1,18 @@
 """run_report end to end on fake metrics: files, determinism, missing stages, links that resolve."""
 
 import base64
+import json
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from duplus.errors import DataError
 from duplus.report.build import run_report
-from tests.report.conftest import PROGNOSIS_SUMMARY, SUMMARY, make_config, write_results
+
+from .conftest import PROGNOSIS_SUMMARY, SUMMARY, make_config, write_results
 
 
 class _Links(HTMLParser):
@@ -187,3 +190,23 @@ def test_table1_notes_name_the_configured_nsd_tolerance(full, tmp_path):
     for name in ("table1_segmentation.md", "table1_per_class_btcv.md"):
         text = (tmp_path / "report/tables" / name).read_text(encoding="utf-8")
         assert "at a tolerance of 1.5 mm" in text and "2 mm" not in text, name
+
+
+def test_prognosis_section_shows_auc_calibration_intervals_and_cohort_warnings(tmp_path):
+    results = write_results(tmp_path / "results")
+    prognosis = results / "prognosis"
+    summary = pd.read_csv(prognosis / "summary.csv").assign(harrell_c_ci_low=0.61, harrell_c_ci_high=0.7)
+    summary.to_csv(prognosis / "summary.csv", index=False)
+    (prognosis / "auc.csv").write_text("model,fold,horizon,auc,note\nehr_coxph,0,12,0.7,\nehr_coxph,1,12,0.8,\n")
+    (prognosis / "calibration.json").write_text(json.dumps(
+        {"horizon": 12, "models": {"ehr_coxph": {"predicted": [0.3, 0.6], "observed": [0.35, 0.55], "n": [5, 5]}}}))
+    (prognosis / "cohort.json").write_text(json.dumps(
+        {"warnings": ["EHR table t.csv has no event (column 'relapse' is 0 for all 24 patients)"]}))
+    out = tmp_path / "report"
+    names = {p.name for p in run_report(make_config(tmp_path), results, out)}
+    assert {"table3b_time_auc.md", "calibration.png", "calibration.pdf"} <= names
+    table3 = (out / "tables/table3_prognosis.md").read_text(encoding="utf-8")
+    assert "0.654 ± 0.043 [0.610, 0.700]" in table3
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "Cohort warning: EHR table t.csv has no event (column &#39;relapse&#39; is 0" in html
+    assert "Table 3b. Time-dependent AUC (time)" in html

@@ -6,7 +6,8 @@ import pytest
 
 from duplus.errors import DataError
 from duplus.report import figures
-from tests.report.conftest import EFFICIENCY, KM, LORA, write_example
+
+from .conftest import EFFICIENCY, KM, LORA, write_example
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -85,3 +86,15 @@ def test_dice_boxplots_one_figure_per_dataset(tmp_path):
                              "class": ["liver", "mean", "spleen", "spleen"], "dice": [0.9, 0.9, 0.7, np.nan]})
     paths = figures.dice_boxplots(per_case, folder=tmp_path)
     assert [p.name for p in paths] == ["dice_box_d.png", "dice_box_d.pdf", "dice_box_e.png", "dice_box_e.pdf"]
+
+
+def test_calibration_plot_draws_models_with_points_and_skips_empty(tmp_path):
+    calibration = {"horizon": 24.0, "models": {
+        "ehr_coxph": {"predicted": [0.2, 0.5, 0.8], "observed": [0.25, None, 0.7], "n": [10, 10, 10]},
+        "ehr_rsf": {"predicted": [], "observed": [], "n": []}, "broken": "not a dict"}}
+    paths = figures.calibration_plot(calibration, "time (months)", folder=tmp_path)
+    assert [p.name for p in paths] == ["calibration.png", "calibration.pdf"]
+    assert figures.calibration_plot({"horizon": None, "models": {}}, folder=tmp_path / "none") == []
+    assert figures.calibration_plot({"horizon": 5, "models": {"m": calibration["models"]["ehr_rsf"]}},
+                                    folder=tmp_path / "none") == []
+    assert not (tmp_path / "none").exists()

@@ -3,6 +3,8 @@
 import csv
 import io
 
+import pandas as pd
+
 from duplus.report.inputs import load_inputs
 from duplus.report.tables import (
     adaptation_per_class_tables,
@@ -210,3 +212,32 @@ def test_an_ehr_only_run_is_marked_and_lists_no_image_model_as_missing(results):
     assert "ehr_text" in missing and "image" not in missing
     plain = prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published=False)
     assert "EHR only" not in plain.title and not any(n.startswith("EHR only") for n in plain.notes)
+
+
+def test_prognosis_table_shows_bootstrap_intervals_split_and_cohort_warnings(results):
+    inputs = load_inputs(results)
+    summary = inputs.prognosis_summary.assign(harrell_c_ci_low=0.6012, harrell_c_ci_high=0.7049,
+                                              uno_c_ci_low=float("nan"), uno_c_ci_high=float("nan"))
+    cohort = {"stratified_by": "center (leave-one-center-out: CHUM, CHUP)",
+              "warnings": ["EHR table t.csv, column 'relapse': 2 event(s) for 5 folds: some test folds have none"]}
+    table = prognosis_table(summary, inputs.prognosis_folds, published=False, cohort=cohort)
+    row = _rows(table)[0]
+    assert row["Harrell C"] == "0.654 ± 0.043 [0.601, 0.705]"
+    assert row["Uno C"] == "0.640 ± 0.050"                  # no interval: the mean and spread alone
+    assert any("bootstrap 95 % interval" in n for n in table.notes)
+    assert "Folds: center (leave-one-center-out: CHUM, CHUP)." in table.notes
+    assert any(n.startswith("Cohort warning: EHR table t.csv, column 'relapse'") for n in table.notes)
+
+
+def test_time_dependent_auc_table_per_horizon():
+    from duplus.report.tables import auc_table
+
+    auc = pd.DataFrame({"model": ["ehr_rsf", "ehr_rsf", "ehr_coxph", "ehr_coxph", "ehr_coxph"],
+                        "fold": [0, 1, 0, 1, 0], "horizon": [12.0, 12.0, 12.0, 12.0, 36.0],
+                        "auc": [0.7, 0.8, 0.6, float("nan"), float("nan")], "note": ""})
+    table = auc_table(auc, "time (months)")
+    rows = _rows(table)
+    assert [r["model"] for r in rows] == ["ehr_coxph", "ehr_rsf"]
+    assert rows[0]["AUC at 12"] == "0.600" and rows[1]["AUC at 12"] == "0.750 ± 0.071"
+    assert not rows[0]["AUC at 36"]                      # no fold covers 36
+    assert auc_table(pd.DataFrame(columns=["model", "fold", "horizon", "auc"])) is None
