@@ -125,8 +125,10 @@ def prognosis_outputs(wildcards=None):
     time-dependent AUC, the calibration curves and the cohort's warnings."""
     if not config["prognosis"]["enabled"]:
         return []
-    return [results_dir() / "prognosis" / name
-            for name in ("summary.csv", "folds.csv", "km.json", "auc.csv", "calibration.json", "cohort.json")]
+    return [
+        results_dir() / "prognosis" / name
+        for name in ("summary.csv", "folds.csv", "km.json", "auc.csv", "calibration.json", "cohort.json")
+    ]
 
 
 def report_inputs(wildcards=None):
