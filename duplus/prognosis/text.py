@@ -4,7 +4,7 @@ Two encodings (config ``prognosis.text.encoding``):
 
 - ``fields`` (default): one short sentence per covariate ("sex: female", "tumour grade: III"),
   each embedded on its own and kept side by side, every field reduced to a few components by a PCA
-  fitted on the training fold; numeric covariates also reach the head as numbers. Why: in one
+  fitted on the training fold; numeric covariates reach the head as numbers instead. Why: in one
   sentence per patient the encoder's vector is dominated by the wording that all patients share,
   and a PCA of such vectors keeps the template's variation, not the patient's (the whole-sentence
   route scored at chance on real cohorts). Per field, the distinct sentences of a coded field
