@@ -7,7 +7,9 @@ machine gets to another CPU: `make test` runs the tests marked ``learning`` a se
 another kernel set and two threads (Makefile), so that an outcome holding on one CPU only cannot land.
 """
 
+import getpass
 import os
+import tempfile
 
 import pytest
 
@@ -16,6 +18,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TORCH_THREADS = int(os.environ.get("DUPLUS_TEST_THREADS", "1"))
+
+# torch.compile's on-disk cache (inductor's compiled kernels and precompiled headers) is not keyed
+# by ATEN_CPU_CAPABILITY: a kernel compiled under avx2 and reused under `default` fails to build
+# (a C++ error, "'at::vec' has not been declared"). One cache folder per kernel set keeps them apart.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"torchinductor-{getpass.getuser()}-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"),
+)
 
 
 @pytest.fixture(autouse=True, scope="session")
