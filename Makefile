@@ -26,9 +26,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test,slurm]" "$(TORCH_SPEC)"
 	@# rt-utils asks for opencv-python, whose GUI build needs libGL; the headless build (declared) gives the same cv2.
-	@# Both install into cv2/, so removing one removes shared files: the headless build is put back after.
+	@# Both install into cv2/, so removing one removes shared files: the headless build is put back
+	@# after, at the version pip resolved with its dependencies.
 	$(BIN)/python -m pip uninstall --quiet -y opencv-python
-	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps opencv-python-headless
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
+		"opencv-python-headless==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opencv-python-headless"))')"
 	touch $@
 
 run: venv
