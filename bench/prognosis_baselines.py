@@ -20,7 +20,7 @@ from duplus.prognosis import evaluate as ev  # noqa: E402
 from duplus.prognosis.models import ModelSettings  # noqa: E402
 
 CANDIDATES = {
-    "ehr_coxph": [{"cox_alpha": a} for a in (0.01, 0.1, 1.0, 10.0)],
+    "ehr_coxph": [{"cox_alpha": a} for a in (0.1, 1.0, 10.0, 30.0, 100.0, 300.0)],
     "ehr_rsf": [{"rsf_trees": t, "rsf_min_leaf": leaf} for t in (50, 200) for leaf in (3, 5, 15)],
 }
 
