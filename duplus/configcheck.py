@@ -156,12 +156,14 @@ def _check_prognosis_table(config: Mapping[str, Any]) -> None:
     fail only in the prognosis job, after pretraining."""
     from pathlib import Path
 
-    from duplus.data.registry import USER_KINDS, builtin_datasets, get_dataset, raw_folder
+    from duplus.data.registry import USER_KINDS, builtin_datasets, get_dataset, listed_datasets, raw_folder
 
     prognosis = config.get("prognosis") or {}
-    name = prognosis.get("dataset")
-    if not prognosis.get("enabled", True) or name is None or (prognosis.get("ehr") or {}).get("table"):
+    # The table is looked for beside the first dataset's images (HECKTOR's CT and PET share one folder).
+    names = listed_datasets(prognosis.get("dataset"))
+    if not prognosis.get("enabled", True) or not names or (prognosis.get("ehr") or {}).get("table"):
         return
+    name = names[0]
     spec = get_dataset(name, config)
     if spec.kind in USER_KINDS or spec.clinical:
         return  # a dataset of your own may hold clinical.csv: the stage says so if it does not

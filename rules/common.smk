@@ -1,7 +1,7 @@
 # Input functions and path helpers shared by the rules (functions only, no rules).
 from pathlib import Path
 
-from duplus.data.registry import USER_KINDS, get_dataset, raw_folder
+from duplus.data.registry import USER_KINDS, get_dataset, listed_datasets, raw_folder
 from duplus.jobresources import job_resources, job_threads  # noqa: F401 - the rules' threads and resources
 from duplus.tracked import stage_settings
 
@@ -91,23 +91,30 @@ def lora_metrics(wildcards=None):
     return [results_dir() / "lora" / center / "metrics.json" for center in lora_centers()]
 
 
-def prognosis_manifest(wildcards=None):
-    return manifest_path(config["prognosis"]["dataset"])
+def prognosis_datasets():
+    """The datasets whose scans give prognosis its image features (prognosis.dataset: one name, a
+    list of scans of the same patients, or null for EHR only)."""
+    return listed_datasets(config["prognosis"].get("dataset"))
+
+
+def prognosis_manifests(wildcards=None):
+    return [manifest_path(name) for name in prognosis_datasets()]
 
 
 def prognosis_inputs(wildcards=None):
-    """The image manifest, the prompt cache, the pretrained model and the EHR table, so that edits
-    to any rerun prognosis: the table the config names, else clinical.csv in the dataset's raw
-    folder (when it is there; HECKTOR's CT and PET datasets share one, duplus.data.registry.raw_folder).
-    With prognosis.dataset: null (EHR only) the named table alone."""
+    """The image manifests (one per dataset of prognosis.dataset), the prompt cache, the pretrained
+    model and the EHR table, so that edits to any rerun prognosis: the table the config names, else
+    clinical.csv in the first dataset's raw folder (when it is there; HECKTOR's CT and PET datasets
+    share one, duplus.data.registry.raw_folder). With prognosis.dataset: null (EHR only) the named
+    table alone."""
     table = (config["prognosis"].get("ehr") or {}).get("table")
-    if config["prognosis"].get("dataset") is None:
+    if not prognosis_datasets():
         # The stage itself says so in one line when the table is not named.
         return {"ehr": table} if table else {}
-    images = {"manifest": prognosis_manifest(), "prompts": prompt_cache(), "model": pretrained_model()}
+    images = {"manifests": prognosis_manifests(), "prompts": prompt_cache(), "model": pretrained_model()}
     if table:
         return {**images, "ehr": table}
-    default = raw_folder(get_dataset(config["prognosis"]["dataset"], config), raw_dir()) / "clinical.csv"
+    default = raw_folder(get_dataset(prognosis_datasets()[0], config), raw_dir()) / "clinical.csv"
     return {**images, **({"ehr": default} if _placed_by_hand(default) else {})}
 
 
@@ -116,7 +123,7 @@ def _placed_by_hand(clinical):
     download job writes (demo, url, package datasets) appears mid-run, and an input that appears
     between runs would rerun prognosis once for nothing: the download record, upstream of the
     manifest, already covers it."""
-    spec = get_dataset(config["prognosis"]["dataset"], config)
+    spec = get_dataset(prognosis_datasets()[0], config)
     return clinical.is_file() and not (spec.kind in ("demo", "url", "package") and spec.root is None)
 
 

@@ -145,3 +145,40 @@ def test_a_table_put_in_place_by_hand_or_prognosis_off_passes(config, tmp_path):
     (tmp_path / "demo_abdomen_ct").mkdir()
     (tmp_path / "demo_abdomen_ct" / "clinical.csv").write_text("patient_id\n")
     check_config(config)
+
+
+def test_stages_may_list_several_scans_of_the_same_patients(config):
+    """prognosis.dataset and a LoRA center's dataset take a list; each name must be a dataset of the run."""
+    config["datasets"].update(hecktor2022_ct={}, hecktor2022_pet={})
+    config["prognosis"]["dataset"] = ["hecktor2022_ct", "hecktor2022_pet"]
+    config["lora"]["centers"]["chup"] = {"dataset": ["hecktor2022_ct", "hecktor2022_pet"], "center": "CHUP"}
+    validate(config, str(ROOT / "schemas" / "config.schema.yaml"))
+    config["paths"]["raw"] = "/no/such/raw"
+    check_config(config)  # the table is HECKTOR's, placed with the images of both
+
+    del config["datasets"]["hecktor2022_pet"]
+    config["lora"]["centers"]["chup"]["dataset"] = ["hecktor2022_ct", "amos_ct", "hecktor2022_pet"]
+    with pytest.raises(ConfigError) as raised:
+        check_config(config)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == "3 problems in the config:"
+    assert [line.split(" is not")[0].strip() for line in lines[1:]] == [
+        "prognosis.dataset 'hecktor2022_pet'", "lora.centers.chup.dataset 'amos_ct'",
+        "lora.centers.chup.dataset 'hecktor2022_pet'"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("prognosis", [], "[] should be non-empty"),
+    ("prognosis", ["demo_headneck_pet", "demo_headneck_pet"], "has non-unique elements"),
+    ("lora", [], "[] should be non-empty"),
+    ("lora", ["demo_abdomen_ct", 3], "3 is not of type 'string'"),
+])
+def test_a_list_of_datasets_is_not_empty_and_names_each_once(config, key, value, message):
+    bad = copy.deepcopy(config)
+    if key == "prognosis":
+        bad["prognosis"]["dataset"] = value
+    else:
+        bad["lora"]["centers"]["ct_siteB"]["dataset"] = value
+    with pytest.raises(WorkflowError) as raised:
+        validate(bad, str(ROOT / "schemas" / "config.schema.yaml"))
+    assert message in str(schema_error(raised.value))

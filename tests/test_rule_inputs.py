@@ -36,8 +36,22 @@ def place_table(tmp_path: Path, dataset: str) -> Path:
 
 def test_a_named_table_is_an_input(tmp_path):
     inputs = input_functions(make_config(tmp_path, "hecktor2022_pet", table="ehr.csv"))["prognosis_inputs"]()
-    assert inputs == {"manifest": tmp_path / "pre" / "hecktor2022_pet" / "manifest.csv", "ehr": "ehr.csv",
+    assert inputs == {"manifests": [tmp_path / "pre" / "hecktor2022_pet" / "manifest.csv"], "ehr": "ehr.csv",
                       **image_inputs(tmp_path)}
+
+
+def test_prognosis_on_the_ct_and_the_pet_needs_both_manifests(tmp_path):
+    """prognosis.dataset as a list: every listed dataset's manifest is an input, and the default table
+    is the one placement's that both HECKTOR datasets read."""
+    config = make_config(tmp_path, "hecktor2022_ct")
+    config["datasets"]["hecktor2022_pet"] = {}
+    config["prognosis"]["dataset"] = ["hecktor2022_ct", "hecktor2022_pet"]
+    functions = input_functions(config)
+    assert functions["prognosis_inputs"]() == {
+        "manifests": [tmp_path / "pre" / name / "manifest.csv" for name in ("hecktor2022_ct", "hecktor2022_pet")],
+        **image_inputs(tmp_path)}
+    clinical = place_table(tmp_path, "hecktor2022")
+    assert functions["prognosis_inputs"]()["ehr"] == clinical
 
 
 def test_an_ehr_only_run_needs_the_table_alone(tmp_path):
@@ -60,7 +74,7 @@ def test_a_table_the_download_writes_is_not_an_input(tmp_path):
     # once for nothing (the download record, upstream of the manifest, covers it).
     place_table(tmp_path, dataset)
     assert input_functions(make_config(tmp_path, dataset))["prognosis_inputs"]() == {
-        "manifest": tmp_path / "pre" / dataset / "manifest.csv", **image_inputs(tmp_path)}
+        "manifests": [tmp_path / "pre" / dataset / "manifest.csv"], **image_inputs(tmp_path)}
 
 
 def user_dataset(tmp_path: Path, kind: str) -> tuple[dict, Path]:

@@ -10,8 +10,8 @@ run_stage(
     log_path=snakemake.log[0],
     torch_threads=snakemake.threads,
     config=snakemake.config,
-    # Absent for an EHR-only run (prognosis.dataset: null).
-    manifest=getattr(snakemake.input, "manifest", None),
+    # Absent for an EHR-only run (prognosis.dataset: null); one per dataset of prognosis.dataset.
+    manifest=list(getattr(snakemake.input, "manifests", [])),
     prompt_cache=getattr(snakemake.input, "prompts", None),
     model_path=getattr(snakemake.input, "model", None),
     out_dir=os.path.dirname(snakemake.output.summary),

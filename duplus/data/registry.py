@@ -217,6 +217,16 @@ def stringify_label_ids(config: MutableMapping[str, Any]) -> None:
             settings["labels"] = {str(k): v for k, v in labels.items()}
 
 
+def listed_datasets(value: Any) -> list[str]:
+    """The dataset names a stage setting gives (``prognosis.dataset``, ``lora.centers.*.dataset``):
+    one name, a list of names (scans of the same patients), or null (none), in the order given."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(name) for name in value]
+
+
 def dataset_reference_problems(config: Mapping[str, Any]) -> list[str]:
     """Every dataset a stage names (prognosis, LoRA centers, held-out centers) that is not one of the run's,
     one line each with its fix.
@@ -228,17 +238,19 @@ def dataset_reference_problems(config: Mapping[str, Any]) -> list[str]:
     known = ", ".join(names) or "none"
     problems = []
     prognosis = config.get("prognosis") or {}
-    if prognosis.get("enabled", True) and prognosis.get("dataset") is not None and prognosis["dataset"] not in names:
-        problems.append(f"prognosis.dataset '{prognosis['dataset']}' is not one of the run's datasets ({known}); "
-                        "add it under datasets:, or name a dataset of yours that has an EHR table "
-                        "(prognosis.ehr.table), or set prognosis.enabled: false")
+    for dataset in listed_datasets(prognosis.get("dataset")) if prognosis.get("enabled", True) else []:
+        if dataset not in names:
+            problems.append(f"prognosis.dataset '{dataset}' is not one of the run's datasets ({known}); "
+                            "add it under datasets:, or name a dataset of yours that has an EHR table "
+                            "(prognosis.ehr.table), or set prognosis.enabled: false")
     lora = config.get("lora") or {}
     for center, spec in ((lora.get("centers") or {}) if lora.get("enabled", True) else {}).items():
-        dataset = (spec or {}).get("dataset")
-        if dataset not in names:
-            problems.append(f"lora.centers.{center}.dataset '{dataset}' is not one of the run's datasets ({known}); "
-                            f"`lora: {{centers: {{{center}: null}}}}` in a --configfile leaves the center out "
-                            f"(or set lora.enabled: false)")
+        # A center missing its dataset is the schema's to report; null is listed as a dangling name.
+        for dataset in listed_datasets((spec or {}).get("dataset")) or [None]:
+            if dataset not in names:
+                problems.append(f"lora.centers.{center}.dataset '{dataset}' is not one of the run's datasets "
+                                f"({known}); `lora: {{centers: {{{center}: null}}}}` in a --configfile leaves the "
+                                f"center out (or set lora.enabled: false)")
     for dataset in ((config.get("pretrain") or {}).get("exclude_centers") or {}):
         if dataset not in names:
             problems.append(f"pretrain.exclude_centers: '{dataset}' is not one of the run's datasets ({known}); "

@@ -151,8 +151,12 @@ def _weighted_mean(features: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
 
 
 def extract_features(model: Any, cases: Sequence[CaseInput], out_dir: str | Path, model_key: str,
-                     settings: FeatureSettings, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+                     settings: FeatureSettings, device: str | torch.device = "cpu",
+                     subfolder: str | None = None) -> dict[str, np.ndarray]:
     """Features of every case, from ``out_dir/features/{case}.npy`` when still valid, else computed.
+
+    ``subfolder`` (the dataset's name) keeps apart cases of several datasets that share ids (one
+    patient's CT and PET): ``out_dir/features/{subfolder}/{case}.npy``.
 
     A cached file is valid when its sidecar ``{case}.json`` records the same key: the model's
     sha256 (``model_key``; pass the adapter's hash too for an adapted model), the settings and the
@@ -162,7 +166,7 @@ def extract_features(model: Any, cases: Sequence[CaseInput], out_dir: str | Path
     Args:
         model: DuPLUS-like object with ``encode`` and ``__call__`` (a LoRA-adapted model works).
     """
-    folder = Path(out_dir) / "features"
+    folder = Path(out_dir) / "features" / (subfolder or "")
     results: dict[str, np.ndarray] = {}
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):

@@ -39,7 +39,8 @@ EHR_TEXT_MODELS = ("ehr_text", "ehr_tabular_text")
 # training fold: a cohort of tens to hundreds of patients cannot support hundreds of inputs.
 MAX_BLOCK_DIM = 16
 # Image columns reduced by that PCA; any other named column (the log tumour volume, a known
-# prognostic factor) is passed through so that it cannot be lost among the components.
+# prognostic factor) is passed through so that it cannot be lost among the components. A column of
+# one of several scans is named after its dataset first (``hecktor2022_ct/gap_0``).
 REDUCED_PREFIXES = ("gap_", "tumour_")
 
 
@@ -164,7 +165,7 @@ def block_inputs(cohort: Cohort, blocks: tuple[str, ...], train: np.ndarray,
         a, b = (a - mean) / std, (b - mean) / std
         reduce = np.ones(a.shape[1], dtype=bool)
         if block == "image" and cohort.image_names is not None:
-            reduce = np.array([name.startswith(REDUCED_PREFIXES) for name in cohort.image_names])
+            reduce = np.array([name.rsplit("/", 1)[-1].startswith(REDUCED_PREFIXES) for name in cohort.image_names])
         k = min(MAX_BLOCK_DIM, len(train) - 1)
         if reduce.sum() > MAX_BLOCK_DIM and k >= 1:
             pca = PCA(n_components=k, random_state=0).fit(a[:, reduce])

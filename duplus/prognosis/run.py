@@ -1,4 +1,4 @@
-"""The prognosis stage: EHR + image features of the prognosis dataset -> cross-validated survival
+"""The prognosis stage: EHR + image features of the prognosis dataset(s) -> cross-validated survival
 models -> results/prognosis/{folds,summary,risks}.csv and km.json.
 """
 
@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 
 from duplus.atomic import write_csv, write_json
+from duplus.data.registry import listed_datasets
 from duplus.errors import ConfigError, DataError, EHRError
 from duplus.prognosis.calibration import calibration, default_calibration_horizon
 from duplus.prognosis.ehr import EHRSchema, check_cohort, load_ehr
@@ -48,12 +50,14 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
 
     Args:
         config: the full validated config; ``prognosis.dataset: null`` runs the EHR routes and
-            baselines on ``prognosis.ehr.table`` alone (manifest, prompt cache and model unused).
-        manifest: manifest.csv of the prognosis dataset (or several manifests; rows of
-            ``prognosis.dataset`` are used, all splits).
+            baselines on ``prognosis.ehr.table`` alone (manifest, prompt cache and model unused);
+            a list of datasets (scans of the same patients) gives each patient one block of
+            features per dataset, concatenated (:func:`_image_features`).
+        manifest: manifest.csv of the prognosis dataset (or several manifests; rows of the
+            ``prognosis.dataset`` datasets are used, all splits).
         prompt_cache: the prompt cache file (or a loaded cache with ``get``).
         model_path: the pretrained DuPLUS weights.
-        out_dir: results/prognosis; image features are cached in ``out_dir/features/``.
+        out_dir: results/prognosis; image features are cached in ``out_dir/features/<dataset>/``.
         model: an already loaded (e.g. LoRA-adapted) model to take features from instead of
             ``model_path``'s; pass ``model_key`` (a hash of base + adapter) so the cache tells them apart.
     """
@@ -64,12 +68,14 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     seed = int(config.get("seed", 0))
     seed_everything(seed)
     # No dataset: EHR only, the table's patients without images (the EHR routes and baselines).
-    dataset = prog.get("dataset")
+    datasets = listed_datasets(prog.get("dataset"))
     schema = EHRSchema.from_config(config)
     n_folds = int(prog.get("folds", 5))
     merge = list(prog.get("merge", ["tabular", "text"]))
-    image, settings, center = None, None, None
-    if dataset is None:
+    image, image_names, blocks, settings, center = None, None, [], None, None
+    warnings: list[str] = []
+    incomplete: dict[str, list[str]] = {}
+    if not datasets:
         if not schema.table:
             raise ConfigError("config prognosis.dataset is null (EHR-only prognosis) but prognosis.ehr.table is "
                               "null too: name the clinical CSV in prognosis.ehr.table")
@@ -79,25 +85,30 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
             raise EHRError(f"EHR table {table.source}: {len(matched)} patient(s); {n_folds}-fold cross-validation "
                            f"needs at least {n_folds}")
     else:
-        cases = _manifest_rows(manifest, dataset)
-        table = load_ehr(_ehr_path(config, schema, dataset), schema, image_ids=cases.index)
+        rows = {name: _manifest_rows(manifest, name) for name in datasets}
+        with_scan = list(dict.fromkeys(case for frame in rows.values() for case in frame.index))
+        # EHR ids with no scan at all are the table's problem (prognosis.ehr.allow_unmatched).
+        table = load_ehr(_ehr_path(config, schema, datasets[0]), schema, image_ids=with_scan)
+        table, incomplete, warning = _patients_with_every_scan(table, rows)
+        warnings += [warning] if warning else []
         matched = table.frame[schema.id].tolist()
-        cases = cases.loc[matched]
         if len(matched) < max(n_folds, 2):
-            raise EHRError(f"EHR table {table.source}: only {len(matched)} patient(s) have an image in dataset "
-                           f"'{dataset}'; {n_folds}-fold cross-validation needs at least {n_folds} (for prognosis "
-                           f"from the EHR alone, set prognosis.dataset: null and prognosis.ehr.table)")
+            scans = f"a scan in each of {datasets}" if len(datasets) > 1 else f"an image in dataset '{datasets[0]}'"
+            raise EHRError(f"EHR table {table.source}: only {len(matched)} patient(s) have {scans}; {n_folds}-fold "
+                           f"cross-validation needs at least {n_folds} (for prognosis from the EHR alone, set "
+                           f"prognosis.dataset: null and prognosis.ehr.table)")
         device = device_for(config)
         if model is None:
             model, model_key, config = _load_model(model_path, device, config)
         elif model_key is None:
             raise ConfigError("run_prognosis: an adapted model needs model_key (hash of its base and adapter)")
         cache = _load_prompt_cache(prompt_cache) if not hasattr(prompt_cache, "get") else prompt_cache
-        settings = _feature_settings(config, cases)
-        inputs = [_case_input(case, row, cache) for case, row in cases.iterrows()]
-        features = extract_features(model, inputs, out, model_key, settings, device=device)
-        image = np.stack([features[c] for c in matched])
-        center = cases["center"].astype(str).to_numpy() if "center" in cases else None
+        image, image_names, blocks, settings = _image_features(model, model_key, rows, matched, cache, config, out,
+                                                               device)
+        write_csv(out / "image_features.csv", pd.DataFrame(image, columns=image_names).assign(
+            **{schema.id: matched})[[schema.id, *image_names]])
+        first = rows[datasets[0]].loc[matched]
+        center = first["center"].astype(str).to_numpy() if "center" in first else None
     if center is None and schema.center:
         # Missing centers form one stratum of their own rather than breaking the stratification.
         center = table.frame[schema.center].fillna("unknown").astype(str).to_numpy()
@@ -105,16 +116,16 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
         folds, stratified_by = center_folds(center)
     else:
         folds, stratified_by = make_folds(table.event, center, n_folds, seed)
-    warnings = check_cohort(table, int(folds.max()) + 1)
+    warnings = check_cohort(table, int(folds.max()) + 1) + warnings
 
     text = None
     encoding = str((prog.get("text") or {}).get("encoding", "fields"))
-    if dataset is None or {"text", "text_film"} & set(merge):
+    if not datasets or {"text", "text_film"} & set(merge):
         text = text_features(table.frame, schema, _sentence_encoder(config), encoding)
 
     cohort = Cohort(ids=np.asarray(matched), time=table.time, event=table.event, ehr=table.frame,
                     schema=schema, image=image, text=text, center=center,
-                    image_names=None if image is None else feature_names((image.shape[1] - 1) // 2))
+                    image_names=image_names)
     # A cohort without events is not an error (check_cohort warned): the stage still writes its
     # files, with NaN metrics and a note per fold, and the report shows the warning.
     models = model_names(config, cohort)
@@ -136,12 +147,13 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     write_json(out / "calibration.json", calibration(result.risks, horizon))
     write_csv(out / "summary.csv", summary)
     write_json(out / "cohort.json", {
-        "dataset": dataset, "ehr_only": image is None, "ehr_table": table.source, "patients": len(cohort),
+        "datasets": datasets, "ehr_only": image is None, "ehr_table": table.source, "patients": len(cohort),
         "events": int(cohort.event.sum()), "unmatched_ehr_ids": table.unmatched, "folds": int(folds.max()) + 1,
         "stratified_by": stratified_by, "split": prog.get("split", "stratified"),
         "auc_horizons": horizons, "calibration_horizon": horizon, "models": models, "model_sha256": model_key,
         "tumour_mask": None if settings is None else settings.mask_source,
-        "feature_dim": None if image is None else int(image.shape[1]),
+        "feature_dim": None if image is None else int(image.shape[1]), "image_blocks": blocks,
+        "incomplete_patients": incomplete,
         "text_encoding": None if text is None else text.encoding, "text_dim": None if text is None else text.dim,
         "warnings": warnings})
     for _, row in summary.iterrows():
@@ -192,13 +204,61 @@ def _manifest_rows(manifest: str | os.PathLike | Sequence[str | os.PathLike], da
     return rows.set_index("case", drop=False)
 
 
+def _patients_with_every_scan(table: Any, rows: Mapping[str, pd.DataFrame]) -> tuple[Any, dict[str, list[str]], str | None]:
+    """The table restricted to the patients with a case in every dataset of ``rows``; the ids each
+    dataset lacks; and the warning that names them (None when every patient has every scan).
+
+    A patient without one of the scans is left out rather than given a stand-in block: zeros or a
+    mean in place of a scan would read, to the survival models, as a scan that looks like that.
+    """
+    ids = table.frame[table.schema.id].astype(str)
+    incomplete = {name: sorted(set(ids) - set(frame.index.astype(str))) for name, frame in rows.items()}
+    incomplete = {name: missing for name, missing in incomplete.items() if missing}
+    if not incomplete:
+        return table, {}, None
+    dropped = sorted({i for missing in incomplete.values() for i in missing})
+    listing = "; ".join(f"no {name} case for {len(missing)}: {', '.join(missing[:10])}"
+                        + (" ..." if len(missing) > 10 else "") for name, missing in incomplete.items())
+    warning = (f"{len(dropped)} patient(s) of the EHR table left out: image features need a scan in every "
+               f"dataset of prognosis.dataset ({listing})")
+    log.warning("prognosis: %s", warning)
+    kept = table.frame[~ids.isin(dropped)].reset_index(drop=True)
+    return replace(table, frame=kept), incomplete, warning
+
+
+def _image_features(model: Any, model_key: str, rows: Mapping[str, pd.DataFrame], patients: list[str], cache: Any,
+                    config: Mapping[str, Any], out: Path, device: Any
+                    ) -> tuple[np.ndarray, list[str], list[dict[str, Any]], FeatureSettings]:
+    """Each dataset's features of ``patients``, one block per dataset side by side, in ``rows``' order.
+
+    Returns the (patients, features) array, its column names (``<dataset>/gap_0``, ...), one record
+    per block (dataset, modality, first column, columns) for cohort.json, and the first block's
+    settings. Each block is the model's bottleneck on that scan with its own modality stem and
+    context prompt (``duplus.prognosis.features``), cached in ``out/features/<dataset>/``.
+    """
+    arrays, names, blocks, first = [], [], [], None
+    for dataset, frame in rows.items():
+        cases = frame.loc[patients]
+        settings = _feature_settings(config, cases)
+        first = first or settings
+        inputs = [_case_input(case, row, cache) for case, row in cases.iterrows()]
+        features = extract_features(model, inputs, out, model_key, settings, device=device, subfolder=dataset)
+        block = np.stack([features[c] for c in patients])
+        modalities = sorted(set(cases["modality"].astype(str)))
+        blocks.append({"dataset": dataset, "modality": ", ".join(modalities), "first_column": sum(map(len, names)),
+                       "columns": int(block.shape[1])})
+        names.append([f"{dataset}/{name}" for name in feature_names((block.shape[1] - 1) // 2)])
+        arrays.append(block)
+    return np.concatenate(arrays, axis=1), [n for block in names for n in block], blocks, first
+
+
 def _ehr_path(config: Mapping[str, Any], schema: EHRSchema, dataset: str) -> Path:
     if schema.table:
         return Path(schema.table)
     from duplus.data.registry import get_dataset, raw_folder
 
     raw = (config.get("paths") or {}).get("raw", "data/raw")
-    # The dataset's raw folder: HECKTOR's CT and PET datasets read one placement, which holds the table.
+    # The (first) dataset's raw folder: HECKTOR's CT and PET datasets read one placement, which holds the table.
     return raw_folder(get_dataset(dataset, config), raw) / "clinical.csv"
 
 

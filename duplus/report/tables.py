@@ -269,6 +269,14 @@ def adaptation_per_class_tables(lora: dict[str, dict[str, Any]]) -> list[Table]:
                 value = next((values[c] for c in candidates if c in values), None)
                 row[column] = fmt(value, "score")
             rows.append(row)
+        per_dataset = lora[key].get("per_dataset")
+        if rows and isinstance(per_dataset, dict) and len(per_dataset) > 1:
+            # A center adapted on several scans (CT and PET): each scan's mean over its classes.
+            for name, values in per_dataset.items():
+                if isinstance(values, dict):
+                    rows.append({"class": f"all classes, {name}",
+                                 **{column: fmt(next((values[c] for c in candidates if c in values), None), "score")
+                                    for column, candidates in _PER_CLASS_KEYS.items()}})
         if rows:
             columns = [Column("class", "class", numeric=False), Column("zero_shot", "zero-shot Dice"),
                        Column("lora", "LoRA Dice"), Column("full", "full FT Dice")]
@@ -326,6 +334,13 @@ def prognosis_table(summary: pd.DataFrame, folds: pd.DataFrame | None = None, pu
     cohort = cohort or {}
     if str(cohort.get("stratified_by", "")).startswith("center"):
         notes.append(f"Folds: {cohort['stratified_by']}.")
+    blocks = [b for b in cohort.get("image_blocks") or [] if isinstance(b, Mapping)]
+    if blocks:
+        # Which scan each image column came from (results/prognosis/image_features.csv names them so too).
+        parts = [f"{b.get('dataset')} ({b.get('modality')}, {b.get('columns')} values)" for b in blocks]
+        notes.append("Image features: the pretrained network's bottleneck (mean over the image, mean over the tumour, "
+                     "log tumour volume) of " + (" and ".join(parts) if len(parts) < 3 else ", ".join(parts))
+                     + (", one block per scan concatenated per patient." if len(parts) > 1 else "."))
     for warning in cohort.get("warnings") or []:
         notes.append(f"Cohort warning: {warning}")
     absent = [m for m in PROGNOSIS_MODELS if m not in by_model.index and not (ehr_only and m.startswith("image"))]

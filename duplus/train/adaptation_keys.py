@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -48,10 +48,14 @@ def test_data_sha256(rows: pd.DataFrame, manifest_dir: Path) -> str:
     return sha256_text(json.dumps([kept.to_csv(index=False), files]))
 
 
-def phase_identities(config: Mapping[str, Any], *, center: tuple[str, str], base_sha256: str, train_cases: list[CaseRecord],
-                     test_rows: pd.DataFrame, manifest_dir: Path, cache: Any, amp: torch.dtype | None,
-                     device: torch.device) -> dict[str, dict[str, Any]]:
-    """Identity of the ``zero_shot``, ``lora`` and ``full_ft`` phases (``config``: the job's, with the base's window)."""
+def phase_identities(config: Mapping[str, Any], *, center: tuple[str, ...], base_sha256: str,
+                     train_cases: list[CaseRecord], test_sets: Sequence[tuple[pd.DataFrame, Path]], cache: Any,
+                     amp: torch.dtype | None, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Identity of the ``zero_shot``, ``lora`` and ``full_ft`` phases (``config``: the job's, with the base's window).
+
+    ``center``: the center's datasets and its manifest center value; ``test_sets``: its test rows
+    and their manifest's folder, one pair per dataset.
+    """
     from duplus.tracked import stage_settings
 
     settings = dict(config.get("lora") or {})
@@ -60,7 +64,7 @@ def phase_identities(config: Mapping[str, Any], *, center: tuple[str, str], base
         "base_sha256": base_sha256,
         "center": list(center),
         "evaluation": stage_settings("evaluate", config),
-        "test_data": test_data_sha256(test_rows, manifest_dir),
+        "test_data": [test_data_sha256(rows, folder) for rows, folder in test_sets],
         "prompt_cache": str(getattr(cache, "encoder_identity", "")),
         "device": device.type,
         "source": package_source_sha256(),

@@ -33,15 +33,21 @@ from duplus.train.sampling import PatchSampler
 log = logging.getLogger(__name__)
 
 
-def center_spec(config: Mapping[str, Any], center: str) -> tuple[str, str]:
-    """(dataset, manifest center value) of ``config["lora"]["centers"][center]``."""
+def center_spec(config: Mapping[str, Any], center: str) -> tuple[list[str], str]:
+    """(datasets, manifest center value) of ``config["lora"]["centers"][center]``.
+
+    A center's ``dataset`` is one name or a list: the datasets holding its scans (HECKTOR's CT and
+    PET of one hospital's patients), all learnt by its one adapter.
+    """
+    from duplus.data.registry import listed_datasets
+
     centers = (config.get("lora") or {}).get("centers") or {}
     if center not in centers:
         raise ConfigError(f"lora.centers.{center} is not configured (configured: {sorted(centers)})")
     spec = centers[center] or {}
-    if "dataset" not in spec or "center" not in spec:
+    if not spec.get("dataset") or "center" not in spec:
         raise ConfigError(f"lora.centers.{center} needs 'dataset' and 'center', got {dict(spec)}")
-    return str(spec["dataset"]), str(spec["center"])
+    return listed_datasets(spec["dataset"]), str(spec["center"])
 
 
 def center_rows(manifests: Iterable[str | os.PathLike], dataset: str, center: str, split: str) -> tuple[pd.DataFrame, Path]:
@@ -119,7 +125,8 @@ def run_lora(
     from duplus.model import count_parameters, load_model, lora_target_names, modalities_of, with_trained_window
 
     settings = dict(config.get("lora") or {})
-    dataset, site = center_spec(config, center)
+    datasets, site = center_spec(config, center)
+    dataset = " + ".join(datasets)  # as the report's table names the center's data
     manifests = [str(m) for m in manifests]
     out = Path(out_dir)
     device = device_for(config)
@@ -128,18 +135,23 @@ def run_lora(
     cache = open_prompt_cache(prompt_cache)
 
     records = read_manifests(manifests)
-    train_cases = select_cases(records, split="train", datasets=[dataset], centers=[site])
-    test_rows, manifest_dir = center_rows(manifests, dataset, site, "test")
-    if not train_cases or test_rows.empty:
-        raise DataError(
-            f"lora.centers.{center}: dataset '{dataset}' center '{site}' has {len(train_cases)} train and "
-            f"{len(test_rows)} test cases; both splits need at least one"
-        )
+    train_cases = select_cases(records, split="train", datasets=datasets, centers=[site])
+    # One (rows, manifest folder) per dataset: each manifest's paths are relative to its own folder.
+    test_sets = [center_rows(manifests, name, site, "test") for name in datasets]
+    counts = {name: (sum(c.dataset == name for c in train_cases), len(rows))
+              for name, (rows, _) in zip(datasets, test_sets)}
+    short = [f"dataset '{name}' center '{site}' has {n_train} train and {n_test} test cases"
+             for name, (n_train, n_test) in counts.items() if not (n_train and n_test)]
+    if short:
+        # Every scan of the center is adapted to and scored: one missing would leave its numbers unsaid.
+        raise DataError(f"lora.centers.{center}: " + "; ".join(short) + "; both splits need at least one")
+    test_rows = pd.concat([rows for rows, _ in test_sets], ignore_index=True)
 
-    held_out = ((config.get("pretrain") or {}).get("exclude_centers") or {}).get(dataset) or []
-    if site not in held_out:
-        log.warning("lora.centers.%s: center %s of %s was not held out of pretraining "
-                    "(pretrain.exclude_centers), so its zero-shot score is not zero-shot", center, site, dataset)
+    for name in datasets:
+        held_out = ((config.get("pretrain") or {}).get("exclude_centers") or {}).get(name) or []
+        if site not in held_out:
+            log.warning("lora.centers.%s: center %s of %s was not held out of pretraining "
+                        "(pretrain.exclude_centers), so its zero-shot score is not zero-shot", center, site, name)
     base_sha = sha256_file(model_path)
     base, base_meta = load_model(model_path, expected_sha256=base_sha, device=device)
     # Train and score with the base model's window, whatever the config says now.
@@ -153,8 +165,8 @@ def run_lora(
     )
     table = TextTable(cache, sampler.all_texts(), device)
     journal = PhaseJournal(out)
-    keys = phase_identities(config, center=(dataset, site), base_sha256=base_sha, train_cases=train_cases,
-                            test_rows=test_rows, manifest_dir=manifest_dir, cache=cache, amp=amp, device=device)
+    keys = phase_identities(config, center=(*datasets, site), base_sha256=base_sha, train_cases=train_cases,
+                            test_sets=test_sets, cache=cache, amp=amp, device=device)
     training = {"steps": int(settings.get("steps", 2000)), "batch_size": int(settings.get("batch_size", 2)),
                 "seed": seed, "amp": amp, "num_workers": int((config.get("pretrain") or {}).get("num_workers", 0)),
                 "checkpoint_every": int(settings.get("checkpoint_every", 500))}
@@ -166,7 +178,8 @@ def run_lora(
 
     def evaluate(model: torch.nn.Module, what: str) -> pd.DataFrame:
         log.info("lora %s: scoring the %s model on %d test cases", center, what, len(test_rows))
-        return _evaluate(model, test_rows, cache, config, manifest_dir)
+        return pd.concat([_evaluate(model, rows, cache, config, folder) for rows, folder in test_sets],
+                         ignore_index=True)
 
     def adapt(phase: str, model: torch.nn.Module, lr: float, desc: str) -> None:
         trainable = count_parameters(model, trainable_only=True)
@@ -221,6 +234,7 @@ def run_lora(
     metrics: dict[str, Any] = {
         "center": center,
         "dataset": dataset,
+        "datasets": datasets,
         "site": site,
         "zero_shot_dice": dice["zero_shot"],
         "lora_dice": dice["lora"],
@@ -240,6 +254,9 @@ def run_lora(
         "test_cases": int(len(test_rows)),
         "device": str(device),
         "per_class": _per_class(results),
+        "per_dataset": {name: {**{run: _mean_dice(frame[frame["dataset"].astype(str) == name])
+                                  for run, frame in results.items()},
+                               "train_cases": counts[name][0], "test_cases": counts[name][1]} for name in datasets},
         # Phases an earlier, interrupted attempt finished (their seconds and peaks are that attempt's).
         "resumed_phases": list(journal.resumed),
     }
@@ -253,9 +270,10 @@ def run_lora(
         "adapter_sha256": runs["lora"]["adapter_sha256"],  # hashed when written, checked when resumed
         "center": center,
         "dataset": dataset,
+        "datasets": datasets,
         "site": site,
         "label_map": label_map,
-        "classes": train_cases[0].classes,
+        "classes": list(dict.fromkeys(name for case in train_cases for name in case.classes)),
         "target_modules": targets,
         "rank": lora_config.r,
         "alpha": lora_config.lora_alpha,

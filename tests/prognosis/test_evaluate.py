@@ -182,6 +182,24 @@ def test_wide_blocks_are_reduced_on_train_but_tumour_volume_passes_through():
     np.testing.assert_allclose(X_test[:, -1], expected)
 
 
+def test_with_a_block_per_scan_each_scans_tumour_volume_passes_through():
+    from duplus.prognosis.features import feature_names
+    from duplus.prognosis.models import MAX_BLOCK_DIM, build_inputs
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(50, 82))
+    names = [f"{scan}/{name}" for scan in ("hecktor2022_ct", "hecktor2022_pet") for name in feature_names(20)]
+    cohort = Cohort(ids=np.arange(50), time=rng.uniform(1, 9, 50), event=rng.random(50) < 0.5,
+                    image=image, image_names=names)
+    train, test = np.arange(35), np.arange(35, 50)
+    X_train, X_test = build_inputs(cohort, ("image",), train, test)
+    # One PCA over both scans' bottleneck columns; the CT's and the PET's volumes kept as they are.
+    assert X_train.shape == (35, MAX_BLOCK_DIM + 2)
+    for column, kept in ((40, -2), (81, -1)):
+        volume = image[:, column]
+        np.testing.assert_allclose(X_test[:, kept], (volume[test] - volume[train].mean()) / volume[train].std())
+
+
 def test_per_center_concordance_compares_pairs_only_within_a_fold():
     # Fold 0's model ranks perfectly on a scale around 0, fold 1's perfectly on a scale around 100:
     # pooled, every fold-1 patient would outrank every fold-0 one and C would fall to about 0.5.

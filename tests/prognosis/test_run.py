@@ -96,7 +96,7 @@ def test_stage_writes_the_documented_files(tmp_path, fakes):
     # One sentence per coded field, each distinct sentence encoded once (numbers go as numbers).
     assert "sex: male" in calls["sentences"] and "smoking: never" in calls["sentences"]
     assert len(calls["sentences"]) == len(set(calls["sentences"])) < N
-    assert len(list((out / "features").glob("*.npy"))) == N
+    assert len(list((out / "features" / "demo_headneck_pet").glob("*.npy"))) == N
     cohort = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
     assert cohort["patients"] == N and cohort["stratified_by"] == "event x center"
     assert cohort["ehr_only"] is False and cohort["text_encoding"] == "fields"
@@ -113,7 +113,8 @@ def test_stage_writes_the_documented_files(tmp_path, fakes):
 
     # The cache is keyed by the weights file's hash (reuse itself is tested in test_features).
     encoded = model.encode_calls
-    assert json.loads((out / "features" / "HN00.json").read_text(encoding="utf-8"))["model_sha256"] == cohort["model_sha256"]
+    sidecar = out / "features" / "demo_headneck_pet" / "HN00.json"
+    assert json.loads(sidecar.read_text(encoding="utf-8"))["model_sha256"] == cohort["model_sha256"]
     model_file.write_bytes(b"weights v2")
     run_prognosis(project["config"], project["manifest"], FakePromptCache(), model_file, out)
     assert model.encode_calls == encoded + N
@@ -128,8 +129,9 @@ def test_adapted_model_and_label_masks(tmp_path, fakes):
     summary = run_prognosis(config, [project["manifest"]], FakePromptCache(), tmp_path / "absent.safetensors",
                             out, model=adapted, model_key="base+adapter")
     assert "image_ehr_text" not in set(summary["model"]) and adapted.forward_calls == 0
-    assert np.load(out / "features" / "HN00.npy").shape == (5,)
-    assert json.loads((out / "features" / "HN00.json").read_text(encoding="utf-8"))["model_sha256"] == "base+adapter"
+    cached = out / "features" / "demo_headneck_pet"
+    assert np.load(cached / "HN00.npy").shape == (5,)
+    assert json.loads((cached / "HN00.json").read_text(encoding="utf-8"))["model_sha256"] == "base+adapter"
 
 
 def test_unmatched_ehr_ids_stop_the_stage(tmp_path, fakes):

@@ -241,3 +241,27 @@ def test_time_dependent_auc_table_per_horizon():
     assert rows[0]["AUC at 12"] == "0.600" and rows[1]["AUC at 12"] == "0.750 ± 0.071"
     assert not rows[0]["AUC at 36"]                      # no fold covers 36
     assert auc_table(pd.DataFrame(columns=["model", "fold", "horizon", "auc"])) is None
+
+
+def test_prognosis_notes_name_the_scan_of_each_block_of_image_features(results):
+    inputs = load_inputs(results)
+    cohort = {"image_blocks": [{"dataset": "hecktor2022_ct", "modality": "CT", "first_column": 0, "columns": 641},
+                               {"dataset": "hecktor2022_pet", "modality": "PET", "first_column": 641, "columns": 641}]}
+    notes = prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published=False, cohort=cohort).notes
+    assert ("Image features: the pretrained network's bottleneck (mean over the image, mean over the tumour, log "
+            "tumour volume) of hecktor2022_ct (CT, 641 values) and hecktor2022_pet (PET, 641 values), one block per "
+            "scan concatenated per patient.") in notes
+    plain = prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published=False).notes
+    assert not any(n.startswith("Image features") for n in plain)
+
+
+def test_a_center_adapted_on_several_scans_gets_a_row_per_scan():
+    metrics = {"center": "hecktor_chup", "site": "CHUP", "dataset": "hecktor2022_ct + hecktor2022_pet",
+               "per_class": {"primary tumor": {"zero_shot": 0.4, "lora": 0.6, "full_ft": 0.65}},
+               "per_dataset": {"hecktor2022_ct": {"zero_shot": 0.3, "lora": 0.5, "full_ft": 0.55},
+                               "hecktor2022_pet": {"zero_shot": 0.5, "lora": 0.7, "full_ft": 0.75}}}
+    (row,) = _rows(adaptation_table({"hecktor_chup": metrics}))
+    assert row["dataset"] == "hecktor2022_ct + hecktor2022_pet" and row["center"] == "CHUP"
+    (per_class,) = adaptation_per_class_tables({"hecktor_chup": metrics})
+    assert [(r["class"], r["LoRA Dice"]) for r in _rows(per_class)] == [
+        ("primary tumor", "0.600"), ("all classes, hecktor2022_ct", "0.500"), ("all classes, hecktor2022_pet", "0.700")]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from duplus.errors import CheckpointError, ConfigError, ModelError
+from duplus.errors import CheckpointError, ConfigError, DataError, ModelError
 from duplus.hashing import sha256_file
 from duplus.model import DuPLUS, ModelConfig, load_model, lora_target_names, save_model
 from duplus.train.adapters import (
@@ -229,6 +229,67 @@ def test_run_lora_writes_adapter_meta_and_metrics(store, base_file, tmp_path, mo
     save_file({k: v + 1 for k, v in load_file(weights).items()}, weights, metadata={"base_sha256": meta["base_sha256"]})
     with pytest.raises(CheckpointError, match="differs from the one recorded"):
         load_adapter(load_model(base_file)[0], out / "adapter", meta["base_sha256"])
+
+
+def _same_center_store(store, tmp_path) -> list[Path]:
+    """The toy store with toy_mr's cases moved to siteB: one center whose patients have CT and MRI scans."""
+    import shutil
+
+    folder = tmp_path / "toy_mr"
+    shutil.copytree(store["toy_mr"].parent, folder)
+    frame = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+    frame.assign(center="siteB").to_csv(folder / "manifest.csv", index=False)
+    return [store["toy_ct"], folder / "manifest.csv"]
+
+
+def test_one_adapter_learns_and_is_scored_on_every_scan_of_its_center(store, base_file, tmp_path, monkeypatch, caplog):
+    """A center listing two datasets: one adapter, trained on both, scored on each dataset's test cases."""
+    import duplus.train.lora as lora
+
+    calls = []
+    dice = {"toy_ct": iter([0.5, 0.7, 0.8]), "toy_mr": iter([0.1, 0.5, 0.6])}  # zero-shot, LoRA, full FT
+
+    def fake_evaluate(model, rows, cache, config, manifest_dir):
+        assert rows["dataset"].nunique() == 1 and set(rows["split"]) == {"test"} and set(rows["center"]) == {"siteB"}
+        assert all((manifest_dir / image).is_file() for image in rows["image"])  # each dataset's own folder
+        name = rows["dataset"].iloc[0]
+        calls.append(name)
+        value = next(dice[name])
+        return pd.DataFrame([{"dataset": name, "case": r["case"], "center": "siteB", "class": "liver", "dice": value,
+                              "hd95": 1.0, "nsd": value} for _, r in rows.iterrows()])
+
+    monkeypatch.setattr(lora, "_evaluate", fake_evaluate)
+    config = copy.deepcopy(BASE_CONFIG)
+    config["lora"].update(rank=1, steps=2, targets=["stems", "encoder"],
+                          centers={"siteB_all": {"dataset": ["toy_ct", "toy_mr"], "center": "siteB"}})
+    out = tmp_path / "siteB_all"
+    with caplog.at_level("WARNING", logger="duplus.train.lora"):
+        metrics = lora.run_lora(config, "siteB_all", _same_center_store(store, tmp_path), FakePromptCache(),
+                                base_file, out)
+    assert calls == ["toy_ct", "toy_mr"] * 3
+    # toy_ct's siteB is held out of pretraining (BASE_CONFIG), toy_mr's is not: said for that one alone.
+    assert "center siteB of toy_mr was not held out" in caplog.text and "of toy_ct was not" not in caplog.text
+    assert metrics["dataset"] == "toy_ct + toy_mr" and metrics["datasets"] == ["toy_ct", "toy_mr"]
+    assert (metrics["train_cases"], metrics["test_cases"]) == (6, 2)
+    assert metrics["per_dataset"] == {
+        "toy_ct": {"zero_shot": 0.5, "lora": 0.7, "full_ft": 0.8, "train_cases": 3, "test_cases": 1},
+        "toy_mr": {"zero_shot": 0.1, "lora": 0.5, "full_ft": 0.6, "train_cases": 3, "test_cases": 1}}
+    assert metrics["lora_dice"] == pytest.approx(0.6)  # over every test case of both
+    meta = json.loads((out / "adapter_meta.json").read_text(encoding="utf-8"))
+    # The adapter reaches the input stem of each scan the center has, and of no other.
+    assert {t for t in meta["target_modules"] if t.startswith("stems.")} == {"stems.CT.conv", "stems.MRI.conv"}
+    assert meta["datasets"] == ["toy_ct", "toy_mr"] and meta["classes"] == ["liver", "liver tumor", "spleen",
+                                                                           "right kidney"]
+
+
+def test_a_listed_dataset_without_the_centers_cases_is_named(store, base_file, tmp_path):
+    from duplus.train.lora import run_lora
+
+    config = copy.deepcopy(BASE_CONFIG)
+    config["lora"]["centers"] = {"b": {"dataset": ["toy_ct", "toy_mr"], "center": "siteB"}}
+    with pytest.raises(DataError, match=r"^lora\.centers\.b: dataset 'toy_mr' center 'siteB' has 0 train and 0 test "
+                                        r"cases; both splits need at least one$"):
+        run_lora(config, "b", list(store.values()), FakePromptCache(), base_file, tmp_path)
 
 
 SHIFTED = "toy_shift_mr"
