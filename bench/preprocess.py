@@ -71,8 +71,8 @@ def make_phantom(folder: Path, size: tuple[int, int, int], spacing: tuple[float,
     import numpy as np
     import SimpleITK as sitk
 
-    from duplus.data.demo_abdomen import CT_SCANNERS, LABEL_OF_TISSUE, abdomen_anatomy, render_ct
-    from duplus.data.phantoms import Grid
+    from duplus.demo.abdomen import CT_SCANNERS, LABEL_OF_TISSUE, abdomen_anatomy, render_ct
+    from duplus.demo.phantoms import Grid
 
     rng = np.random.default_rng(seed)
     grid = Grid(size, spacing, "RAS")

@@ -34,7 +34,7 @@ def _sections(config: Mapping[str, Any], *names: str) -> dict[str, Any]:
 
 
 def _demo_size(name: str, config: Mapping[str, Any]) -> Any:
-    """The one ``demo`` key a demo dataset's size comes from (``duplus.data.demo``)."""
+    """The one ``demo`` key a demo dataset's size comes from (``duplus.demo.generate``)."""
     key = "headneck_patients" if name == "demo_headneck_pet" else "cases_per_center"
     return (config.get("demo") or {}).get(key)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from duplus.data.cohort import draw_patient
-from duplus.data.demo_headneck import (
+from duplus.demo.cohort import draw_patient
+from duplus.demo.headneck import (
     AIR,
     AIRWAY,
     BODY,
@@ -30,7 +30,7 @@ from duplus.data.demo_headneck import (
     headneck_anatomy,
     render_pet,
 )
-from duplus.data.phantoms import Grid
+from duplus.demo.phantoms import Grid
 
 CASES = ("CHUM-001", "CHUM-002", "CHUP-001", "CHUP-002")
 # CT: 0.98 x 0.98 x 1.5 mm over the neck; PET: 4 mm over a wider field, in another orientation at CHUP.

@@ -110,7 +110,7 @@ def _tree_files(root: Path) -> list[Path]:
 
 
 def _demo(spec: DatasetSpec, config: Mapping[str, Any], dataset_dir: Path) -> Path:
-    from duplus.data.demo import generate_demo
+    from duplus.demo.generate import generate_demo
 
     _build_in_place(dataset_dir, lambda built: generate_demo(spec.name, config, built))
     return dataset_dir

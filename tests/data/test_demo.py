@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 from data_helpers import TINY
 
-from duplus.data.demo import generate_demo
 from duplus.data.geometry import orientation_code
+from duplus.demo.generate import generate_demo
 from duplus.hashing import sha256_tree
 
 EHR = ["patient_id", "rfs_months", "relapse", "age", "weight", "center", "tobacco", "alcohol", "performance_status",
@@ -113,7 +113,7 @@ def test_clinical_table_has_the_configured_columns_and_censoring(tmp_path: Path)
 
 
 def test_hazard_depends_on_tumour_burden_and_ehr() -> None:
-    from duplus.data.cohort import draw_outcomes, draw_patient
+    from duplus.demo.cohort import draw_outcomes, draw_patient
 
     rng = np.random.default_rng(0)
     patients = [draw_patient(f"p{i}", "siteA", rng) for i in range(600)]

@@ -135,7 +135,7 @@ def test_wrong_type_names_the_key(tmp_path: Path) -> None:
 
 
 def test_the_readme_own_data_example_validates_with_integer_label_ids(tmp_path: Path) -> None:
-    from duplus.data.demo import generate_demo  # any MSD-style folder will do
+    from duplus.demo.generate import generate_demo  # any MSD-style folder will do
 
     folder = tmp_path / "my_liver_ct"
     generate_demo("demo_abdomen_ct", {}, folder)

@@ -14,12 +14,12 @@ import SimpleITK as sitk
 
 from duplus.atomic import write_csv, write_json
 from duplus.data.catalog import DEMO_CENTERS
-from duplus.data.cohort import CODEBOOK, Patient, clinical_table, draw_outcomes, draw_patient
-from duplus.data.demo_abdomen import ABDOMEN_FOV, CT_SCANNERS, MRI_SCANNERS, abdomen_anatomy, render_ct, render_mri
-from duplus.data.demo_headneck import HEADNECK_FOV, PET_SCANNERS, headneck_anatomy, render_pet
 from duplus.data.io import write_image
-from duplus.data.phantoms import Grid, fov_grid
 from duplus.data.registry import DatasetSpec, builtin_datasets
+from duplus.demo.abdomen import ABDOMEN_FOV, CT_SCANNERS, MRI_SCANNERS, abdomen_anatomy, render_ct, render_mri
+from duplus.demo.cohort import CODEBOOK, Patient, clinical_table, draw_outcomes, draw_patient
+from duplus.demo.headneck import HEADNECK_FOV, PET_SCANNERS, headneck_anatomy, render_pet
+from duplus.demo.phantoms import Grid, fov_grid
 from duplus.errors import ConfigError
 from duplus.progress import progress
 

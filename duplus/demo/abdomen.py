@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from duplus.data.phantoms import Grid, bias_field, blob, blur, ellipse_cylinder, random_point_inside, smooth_field
+from duplus.demo.phantoms import Grid, bias_field, blob, blur, ellipse_cylinder, random_point_inside, smooth_field
 
 # Tissue codes of the anatomy map (not label ids).
 AIR, FAT, MUSCLE, BOWEL, BONE, CANAL, BLOOD, LIVER, RKIDNEY, LKIDNEY, SPLEEN, TUMOR = range(12)

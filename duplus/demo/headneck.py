@@ -9,8 +9,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from duplus.data.cohort import Patient
-from duplus.data.phantoms import Grid, blob, blur, ellipse_cylinder
+from duplus.demo.cohort import Patient
+from duplus.demo.phantoms import Grid, blob, blur, ellipse_cylinder
 
 AIR, BODY, BRAIN, PAROTID, TONSIL, SPINE, AIRWAY, PRIMARY, NODE = range(9)
 HEADNECK_FOV = (192.0, 192.0, 192.0)
