@@ -116,6 +116,7 @@ def run_lora(
     keyed per phase by ``duplus.train.adaptation_keys``) and trainings checkpoint every
     ``lora.checkpoint_every`` steps.
     """
+    from duplus.data.taxonomy import class_record, declared_lineage
     from duplus.model import count_parameters, load_model, lora_target_names, modalities_of, with_trained_window
 
     settings = dict(config.get("lora") or {})
@@ -256,6 +257,8 @@ def run_lora(
         "site": site,
         "label_map": label_map,
         "classes": train_cases[0].classes,
+        # Classes of the config's own among them, as the base model's sidecar records its (segment_knowledge).
+        "declared_classes": [class_record(info) for info in declared_lineage(train_cases[0].classes)],
         "target_modules": targets,
         "rank": lora_config.r,
         "alpha": lora_config.lora_alpha,
