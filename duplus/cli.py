@@ -18,13 +18,23 @@ def _list_classes(args: argparse.Namespace) -> int:
     from duplus.data.taxonomy import format_class_table
 
     if getattr(args, "weights", None):
-        from duplus.model import read_sidecar
+        from duplus.data.taxonomy import declared_classes
+        from duplus.model import read_sidecar, sidecar_path
         from duplus.segment import load_config
-        from duplus.segment_knowledge import format_trained_on, trained_on
+        from duplus.segment_knowledge import format_trained_on, trained_on, use_model_classes
 
-        print(format_trained_on(trained_on(read_sidecar(args.weights), load_config(args.config)), args.weights))
+        sidecar, config = read_sidecar(args.weights), load_config(args.config)
+        # The weights' own classes, checked against the config's as `duplus segment` does.
+        recorded = use_model_classes([(sidecar, str(sidecar_path(args.weights)))], config)
+        declared = [info for info in declared_classes() if info.name in recorded]
+        print(format_trained_on(trained_on(sidecar, config), args.weights, declared))
         return 0
 
+    if getattr(args, "config", None):
+        from duplus.data.registry import use_declared_classes
+        from duplus.segment import load_config
+
+        use_declared_classes(load_config(args.config))  # the config's own classes are listed after the built-in ones
     print(format_class_table())
     return 0
 
@@ -53,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     classes = commands.add_parser("list-classes", help="canonical classes with region, parent and synonyms")
     classes.add_argument("--weights", default=None, help="list what these model weights were trained on instead")
-    classes.add_argument("--config", default=None, help="config declaring datasets of your own (default ./config.yaml)")
+    classes.add_argument("--config", default=None,
+                         help="config declaring datasets and classes of your own (with --weights: default ./config.yaml)")
     classes.set_defaults(func=_list_classes)
 
     datasets = commands.add_parser("list-datasets", help="built-in datasets with modality, classes and source")

@@ -242,6 +242,21 @@ def _load_network(weights: str, sha256: str | None, adapter: str | None, device:
     return model, sidecar
 
 
+def _class_records(weights: str, adapter: str | None) -> list[tuple[dict[str, Any], str]]:
+    """(record, path) of the weights' sidecar and of an adapter's ``adapter_meta.json``: the classes they record."""
+    from duplus.errors import CheckpointError
+    from duplus.model import read_sidecar, sidecar_path
+    from duplus.segment_knowledge import adapter_record
+
+    records = []
+    try:
+        records.append((read_sidecar(weights), str(sidecar_path(weights))))
+    except CheckpointError:
+        pass  # a missing or broken sidecar is reported, naming the file, when the weights load
+    adapted = adapter_record(adapter)
+    return records + ([adapted] if adapted else [])
+
+
 class Prepared(NamedTuple):
     """A scan read, checked, hashed and preprocessed: all a prediction needs of it (made ahead in batch mode)."""
 
@@ -305,6 +320,7 @@ class Segmenter:
         from duplus.prompts.templates import context_prompt
         from duplus.runtime import resolve_device
         from duplus.segment_checks import check_dataset_modality, check_sequence, warn_if_unknown_region
+        from duplus.segment_knowledge import use_model_classes
 
         config = dict(config or {})
         default_weights, default_cache = default_paths(config)  # the run's own files unless given
@@ -329,12 +345,15 @@ class Segmenter:
             check_dataset_modality(dataset_classes, spec.modality, self.modality)
             classes_of_dataset = list(dict.fromkeys(spec.labels[k] for k in sorted(spec.labels)))
             spec_region, sequence = spec.region, sequence or spec.sequence
-        self.resolved = resolve_prompts(prompts, self.modality, sequence, classes_of_dataset)
         if region:
             # As the registry spells regions (lower case), so the context prompt is the one trained on.
             region = " ".join(region.split()).lower()
             warn_if_unknown_region(region, config)
-        else:
+        # Last before the prompts resolve (a registry lookup declares the config's classes alone): the
+        # classes the weights recorded, and the config's own, name a prompt with the sentence training used.
+        self.declared = use_model_classes(_class_records(self.weights, adapter), config)
+        self.resolved = resolve_prompts(prompts, self.modality, sequence, classes_of_dataset)
+        if not region:
             region = " ".join(default_region(self.resolved, spec_region).split()).lower()
         self.region, self.sequence = region, (" ".join(sequence.split()) if sequence else sequence)
         self.names = [item[1] or item[0] for item in self.resolved]
@@ -514,6 +533,7 @@ class Segmenter:
             "modality": self.modality, "region": self.region, "sequence": self.sequence,
             "context_prompt": self.context_text,
             "prompts": [{"phrase": item[0], "class": item[1], "text": item[2], "label": i + 1,
+                         "declared_class": item[1] in self.declared,
                          "output": outputs[0] if self.multilabel else outputs[i]}
                         for i, item in enumerate(self.resolved)],
             "threshold": settings["threshold"], "window": settings["window"], "device": str(self.device),

@@ -12,7 +12,7 @@ import difflib
 import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -283,6 +283,42 @@ def declared_classes() -> list[ClassInfo]:
     return list(_declared)
 
 
+def declared_lineage(names: Iterable[str]) -> list[ClassInfo]:
+    """The declared classes among ``names`` and their declared ancestors, parents first: what a model
+    trained on ``names`` must record to be prompted by them without the config (see :func:`class_record`)."""
+    by_name = {info.name: info for info in _declared}
+    wanted: set[str] = set()
+    for name in names:
+        current = canonical_name(str(name))
+        while current in by_name and current not in wanted:
+            wanted.add(current)
+            current = by_name[current].parent
+    return [info for info in _declared if info.name in wanted]
+
+
+def class_record(info: ClassInfo) -> dict[str, Any]:
+    """A declared class as a model's sidecar keeps it (plain JSON): name, region, parent, synonyms, prompt."""
+    return {"name": info.name, "region": info.region, "parent": info.parent, "synonyms": list(info.synonyms),
+            "prompt": info.prompt}
+
+
+def class_from_record(record: Any, where: str) -> ClassInfo:
+    """The ``ClassInfo`` of a :func:`class_record`; ``DataError`` naming ``where`` and the field when malformed."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"{where}: expected a mapping of name, region, parent, synonyms, prompt, got {record!r}")
+    name, region = record.get("name"), record.get("region")
+    parent, synonyms, prompt = record.get("parent"), record.get("synonyms") or [], record.get("prompt")
+    problems = [f"'{key}' must be a non-empty text, got {value!r}" for key, value in (("name", name), ("region", region))
+                if not isinstance(value, str) or not value.strip()]
+    problems += [f"'{key}' must be a text or null, got {value!r}" for key, value in (("parent", parent), ("prompt", prompt))
+                 if value is not None and not isinstance(value, str)]
+    if not isinstance(synonyms, list) or not all(isinstance(text, str) for text in synonyms):
+        problems.append(f"'synonyms' must be a list of texts, got {synonyms!r}")
+    if problems:
+        raise DataError(f"{where}: {'; '.join(problems)}")
+    return ClassInfo(name=_normalize(name), region=region, parent=parent, synonyms=tuple(synonyms), prompt=prompt)
+
+
 def all_classes() -> list[ClassInfo]:
     """Every canonical class (built-in, then declared), parents before children."""
     return list(_CLASSES + _declared)
@@ -411,11 +447,15 @@ def format_class_table() -> str:
     """A plain-text table of every class with region, parent and synonyms (for `duplus list-classes`)."""
     rows = [("class", "region", "parent", "synonyms")]
     for info in _CLASSES + _declared:
-        rows.append((info.name, info.region, info.parent or "-", ", ".join(info.synonyms) or "-"))
+        # A declared class is marked: it is known only where its config (or weights trained with it) is given.
+        name = f"{info.name} *" if info in _declared else info.name
+        rows.append((name, info.region, info.parent or "-", ", ".join(info.synonyms) or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = []
     for number, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
         if number == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 8)
+    if _declared:
+        lines.append("* declared by the config (datasets.<name>.classes), not built in")
     return "\n".join(lines)

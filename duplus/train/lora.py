@@ -122,6 +122,7 @@ def run_lora(
     keyed per phase by ``duplus.train.adaptation_keys``) and trainings checkpoint every
     ``lora.checkpoint_every`` steps.
     """
+    from duplus.data.taxonomy import class_record, declared_lineage
     from duplus.model import count_parameters, load_model, lora_target_names, modalities_of, with_trained_window
 
     settings = dict(config.get("lora") or {})
@@ -264,6 +265,7 @@ def run_lora(
         metrics["peak_cuda_mb_lora"] = runs["lora"].get("cuda_mb")
         metrics["peak_cuda_mb_full"] = runs["full_ft"].get("cuda_mb")
     label_map = {str(k): v for k, v in sorted(train_cases[0].label_map.items())}
+    center_classes = list(dict.fromkeys(name for case in train_cases for name in case.classes))
     write_json(out / "adapter_meta.json", {
         "base_sha256": base_sha,
         "base_model": Path(model_path).name,
@@ -273,7 +275,9 @@ def run_lora(
         "datasets": datasets,
         "site": site,
         "label_map": label_map,
-        "classes": list(dict.fromkeys(name for case in train_cases for name in case.classes)),
+        "classes": center_classes,
+        # Classes of the config's own among them, as the base model's sidecar records its (segment_knowledge).
+        "declared_classes": [class_record(info) for info in declared_lineage(center_classes)],
         "target_modules": targets,
         "rank": lora_config.r,
         "alpha": lora_config.lora_alpha,

@@ -135,6 +135,12 @@ def _classes_per_dataset(sampler: PatchSampler) -> dict[str, list[str]]:
     return {name: sampler.by_dataset[name][0].classes for name in sampler.datasets}
 
 
+def _declared_records(classes: Mapping[str, list[str]]) -> list[dict[str, Any]]:
+    from duplus.data.taxonomy import class_record, declared_lineage
+
+    return [class_record(info) for info in declared_lineage([name for names in classes.values() for name in names])]
+
+
 def run_pretrain(
     config: Mapping[str, Any],
     manifests: Iterable[str | os.PathLike],
@@ -346,13 +352,19 @@ def _train(
         return {}
     _write_log(out_log, rows)
     ema.copy_to(model)
+    classes = _classes_per_dataset(sampler)
     meta = {
         "averaging": "ema",
         "ema_decay": settings.ema_decay,
         "steps": settings.steps,
         "seed": seed,
         "datasets": sampler.datasets,
-        "classes": _classes_per_dataset(sampler),
+        "classes": classes,
+        # Where each dataset's classes were seen, and the classes of the config's own it trained on: the
+        # model is then prompted by them, and says what it knows, without the config (segment_knowledge).
+        "dataset_scans": {name: {"modality": sampler.by_dataset[name][0].modality,
+                                 "region": sampler.by_dataset[name][0].region} for name in sampler.datasets},
+        "declared_classes": _declared_records(classes),
         "text_encoder": str(getattr(cache, "encoder_identity", "")),
         "prompt_cache": str(getattr(cache, "encoder_identity", "")),
         "patch_size": list(settings.patch_size),

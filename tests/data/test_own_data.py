@@ -301,3 +301,15 @@ def test_a_declared_part_of_a_built_in_class_is_not_warned_about(tmp_path: Path,
     with caplog.at_level(logging.WARNING):
         check_config(config)
     assert "declared class 'left hippocampus' is close to the built-in class(es) hippocampus" in caplog.text
+
+
+def test_a_model_records_its_declared_classes_with_their_declared_parents(tmp_path: Path) -> None:
+    get_dataset("mydata", _brain_config(tmp_path, {1: "left caudate", 2: "hippocampus"}))
+    lineage = taxonomy.declared_lineage(["hippocampus", "L caudate nucleus"])
+    assert [info.name for info in lineage] == ["caudate", "left caudate"]  # the parent first, built-in classes not
+    records = [taxonomy.class_record(info) for info in lineage]
+    assert records[1] == {"name": "left caudate", "region": "brain", "parent": "caudate",
+                          "synonyms": ["caudate l", "l caudate nucleus"], "prompt": "left caudate nucleus"}
+    assert [taxonomy.class_from_record(json.loads(json.dumps(r)), "x") for r in records] == lineage
+    with pytest.raises(DataError, match=r"model.json: 'name' must be a non-empty text, got ''"):
+        taxonomy.class_from_record({**records[0], "name": ""}, "model.json")
