@@ -4,8 +4,8 @@ rule baseline_train:
         manifests=all_manifests,
         prompts=prompt_cache,
     output:
-        model=results_dir() / "baseline" / "{dataset}" / "model.safetensors",
-        log_csv=results_dir() / "baseline" / "{dataset}" / "train_log.csv",
+        model=results().baseline("{dataset}") / "model.safetensors",
+        log_csv=results().baseline("{dataset}") / "train_log.csv",
     log:
         str(log_dir() / "baseline_train/{dataset}.log"),
     wildcard_constraints:
@@ -28,8 +28,8 @@ rule baseline_evaluate:
         prompts=prompt_cache,
         models=baseline_models,
     output:
-        summary=results_dir() / "evaluate" / "baseline" / "summary.csv",
-        per_case=results_dir() / "evaluate" / "baseline" / "per_case.csv",
+        summary=results().baseline_evaluation("summary.csv"),
+        per_case=results().baseline_evaluation("per_case.csv"),
     log:
         str(log_dir() / "baseline_evaluate.log"),
     conda:

@@ -3,6 +3,7 @@ from pathlib import Path
 
 from duplus.data.registry import USER_KINDS, get_dataset, listed_datasets, raw_folder
 from duplus.jobresources import job_resources, job_threads  # noqa: F401 - the rules' threads and resources
+from duplus.results_layout import PROGNOSIS_FILES, ResultsLayout
 from duplus.tracked import stage_settings
 
 
@@ -14,8 +15,9 @@ def preprocessed_dir():
     return Path(config["paths"]["preprocessed"])
 
 
-def results_dir():
-    return Path(config["paths"]["results"])
+def results():
+    """Where each stage writes (duplus.results_layout): the rules' outputs and inputs alike."""
+    return ResultsLayout(config["paths"]["results"])
 
 
 def log_dir():
@@ -55,30 +57,26 @@ def all_manifests(wildcards=None):
 
 
 def prompt_cache(wildcards=None):
-    return results_dir() / "prompts" / f"{config['prompts']['encoder']}.safetensors"
+    return results().prompt_cache(config["prompts"]["encoder"])
 
 
 def pretrained_model(wildcards=None):
-    return results_dir() / "pretrain" / "model.safetensors"
+    return results().model
 
 
 def pretrained_sidecar(wildcards=None):
     """model.json beside the weights (config, encoder, sha256): the report's provenance reads it."""
-    return results_dir() / "pretrain" / "model.json"
-
-
-def universal_evaluation(name):
-    return results_dir() / "evaluate" / "universal" / name
+    return results().model_sidecar
 
 
 def baseline_models(wildcards=None):
-    return [results_dir() / "baseline" / name / "model.safetensors" for name in dataset_names()]
+    return [results().baseline(name) / "model.safetensors" for name in dataset_names()]
 
 
 def baseline_outputs(wildcards=None):
     if not config["baseline"]["enabled"]:
         return []
-    return [results_dir() / "evaluate" / "baseline" / "summary.csv"]
+    return [results().baseline_evaluation("summary.csv")]
 
 
 def lora_centers():
@@ -88,7 +86,7 @@ def lora_centers():
 
 
 def lora_metrics(wildcards=None):
-    return [results_dir() / "lora" / center / "metrics.json" for center in lora_centers()]
+    return [results().lora_center(center) / "metrics.json" for center in lora_centers()]
 
 
 def prognosis_datasets():
@@ -132,22 +130,19 @@ def prognosis_outputs(wildcards=None):
     time-dependent AUC, the calibration curves and the cohort's warnings."""
     if not config["prognosis"]["enabled"]:
         return []
-    return [
-        results_dir() / "prognosis" / name
-        for name in ("summary.csv", "folds.csv", "km.json", "auc.csv", "calibration.json", "cohort.json")
-    ]
+    return [results().prognosis(name) for name in PROGNOSIS_FILES]
 
 
 def report_inputs(wildcards=None):
     """Every file the report reads (duplus.report.inputs and its provenance) that a rule writes."""
     return {
-        "evaluation": universal_evaluation("summary.csv"),
-        "per_case": universal_evaluation("per_case.csv"),
-        "efficiency": universal_evaluation("efficiency.json"),
-        "examples": universal_evaluation("examples"),
-        "train_log": results_dir() / "pretrain" / "train_log.csv",
+        "evaluation": results().universal_evaluation("summary.csv"),
+        "per_case": results().universal_evaluation("per_case.csv"),
+        "efficiency": results().universal_evaluation("efficiency.json"),
+        "examples": results().universal_evaluation("examples"),
+        "train_log": results().train_log,
         "model_sidecar": pretrained_sidecar(),
-        "prompt_manifest": results_dir() / "prompts" / f"{config['prompts']['encoder']}.json",
+        "prompt_manifest": results().prompt_manifest(config["prompts"]["encoder"]),
         "lora": lora_metrics(),
         "prognosis": prognosis_outputs(),
         "baseline": baseline_outputs(),
@@ -155,7 +150,7 @@ def report_inputs(wildcards=None):
 
 
 def report_index():
-    return results_dir() / "report" / "index.html"
+    return results().report("index.html")
 
 
 def tracked(stage):

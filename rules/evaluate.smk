@@ -5,10 +5,10 @@ rule evaluate:
         prompts=prompt_cache,
         model=pretrained_model,
     output:
-        summary=results_dir() / "evaluate" / "universal" / "summary.csv",
-        per_case=results_dir() / "evaluate" / "universal" / "per_case.csv",
-        efficiency=results_dir() / "evaluate" / "universal" / "efficiency.json",
-        examples=directory(results_dir() / "evaluate" / "universal" / "examples"),  # one case per dataset, for the report
+        summary=results().universal_evaluation("summary.csv"),
+        per_case=results().universal_evaluation("per_case.csv"),
+        efficiency=results().universal_evaluation("efficiency.json"),
+        examples=directory(results().universal_evaluation("examples")),  # one case per dataset, for the report
     log:
         str(log_dir() / "evaluate.log"),
     conda:

@@ -5,10 +5,10 @@ rule lora_center:
         prompts=prompt_cache,
         model=pretrained_model,
     output:
-        metrics=results_dir() / "lora" / "{center}" / "metrics.json",
+        metrics=results().lora_center("{center}") / "metrics.json",
         # What `duplus segment --adapter results/lora/<center>` loads.
-        adapter=directory(results_dir() / "lora" / "{center}" / "adapter"),
-        adapter_meta=results_dir() / "lora" / "{center}" / "adapter_meta.json",
+        adapter=directory(results().lora_center("{center}") / "adapter"),
+        adapter_meta=results().lora_center("{center}") / "adapter_meta.json",
     log:
         str(log_dir() / "lora_center/{center}.log"),
     conda:

@@ -4,9 +4,9 @@ rule universal_pretrain:
         manifests=all_manifests,
         prompts=prompt_cache,
     output:
-        model=results_dir() / "pretrain" / "model.safetensors",
-        sidecar=results_dir() / "pretrain" / "model.json",
-        log_csv=results_dir() / "pretrain" / "train_log.csv",
+        model=results().model,
+        sidecar=results().model_sidecar,
+        log_csv=results().train_log,
     log:
         str(log_dir() / "universal_pretrain.log"),
     conda:

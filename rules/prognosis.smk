@@ -4,12 +4,12 @@ rule prognosis:
     input:
         unpack(prognosis_inputs),
     output:
-        summary=results_dir() / "prognosis" / "summary.csv",
-        folds=results_dir() / "prognosis" / "folds.csv",
-        km=results_dir() / "prognosis" / "km.json",
-        auc=results_dir() / "prognosis" / "auc.csv",
-        calibration=results_dir() / "prognosis" / "calibration.json",
-        cohort=results_dir() / "prognosis" / "cohort.json",
+        summary=results().prognosis("summary.csv"),
+        folds=results().prognosis("folds.csv"),
+        km=results().prognosis("km.json"),
+        auc=results().prognosis("auc.csv"),
+        calibration=results().prognosis("calibration.json"),
+        cohort=results().prognosis("cohort.json"),
     log:
         str(log_dir() / "prognosis.log"),
     conda:

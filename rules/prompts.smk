@@ -1,8 +1,8 @@
 rule cache_prompts:
     """Encode every context (T1) and target (T2) prompt of the run once; training only looks them up."""
     output:
-        cache=results_dir() / "prompts" / "{encoder}.safetensors",
-        manifest=results_dir() / "prompts" / "{encoder}.json",
+        cache=results().prompt_cache("{encoder}"),
+        manifest=results().prompt_manifest("{encoder}"),
     log:
         str(log_dir() / "cache_prompts/{encoder}.log"),
     conda:

@@ -4,7 +4,7 @@ rule report:
         unpack(report_inputs),
     output:
         index=report(
-            results_dir() / "report" / "index.html",
+            results().report("index.html"),
             caption="../docs/report_caption.rst",
             category="Report",
         ),

@@ -14,12 +14,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from duplus.errors import DataError
-
-TRAIN_LOG = Path("pretrain/train_log.csv")
-UNIVERSAL = Path("evaluate/universal")
-BASELINE_SUMMARY = Path("evaluate/baseline/summary.csv")
-LORA = Path("lora")
-PROGNOSIS = Path("prognosis")
+from duplus.results_layout import ResultsLayout
 
 _TEXT_COLUMNS = {"dataset": str, "case": str, "center": str, "class": str, "model": str, "note": str}
 
@@ -65,16 +60,14 @@ def read_json(path: Path) -> Any:
         raise DataError(f"{path}: not valid JSON ({error})") from error
 
 
-def _optional_csv(inputs: ReportInputs, relative: Path, required: list[str]) -> pd.DataFrame | None:
-    path = inputs.results_dir / relative
+def _optional_csv(inputs: ReportInputs, path: Path, required: list[str]) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     inputs.files.append(path)
     return read_csv(path, required)
 
 
-def _optional_json(inputs: ReportInputs, relative: Path) -> Any:
-    path = inputs.results_dir / relative
+def _optional_json(inputs: ReportInputs, path: Path) -> Any:
     if not path.is_file():
         return None
     inputs.files.append(path)
@@ -91,19 +84,19 @@ def load_inputs(results_dir: str | Path, config: Mapping[str, Any] | None = None
     inputs = _load_all(results_dir)
     if config is None:
         return inputs
-    root = inputs.results_dir
+    layout = ResultsLayout(inputs.results_dir)
     dropped: list[Path] = []  # neither shown nor listed in the provenance
     if (config.get("baseline") or {}).get("enabled", True) is False:
         inputs.baseline_summary = None
-        dropped.append(root / BASELINE_SUMMARY)
+        dropped.append(layout.baseline_evaluation("summary.csv"))
     if (config.get("prognosis") or {}).get("enabled", True) is False:
         inputs.prognosis_summary, inputs.prognosis_folds, inputs.km = None, None, None
         inputs.prognosis_auc, inputs.calibration, inputs.prognosis_cohort = None, None, None
-        dropped += [p for p in inputs.files if p.is_relative_to(root / PROGNOSIS)]
+        dropped += [p for p in inputs.files if p.is_relative_to(layout.prognosis())]
     if "lora" in config:
         lora = config.get("lora") or {}
         centers = set(lora.get("centers") or {}) if lora.get("enabled", True) else set()
-        dropped += [root / LORA / name / "metrics.json" for name in inputs.lora if name not in centers]
+        dropped += [layout.lora_center(name) / "metrics.json" for name in inputs.lora if name not in centers]
         inputs.lora = {name: metrics for name, metrics in inputs.lora.items() if name in centers}
     inputs.files = [p for p in inputs.files if p not in dropped]
     return inputs
@@ -111,42 +104,44 @@ def load_inputs(results_dir: str | Path, config: Mapping[str, Any] | None = None
 
 def _load_all(results_dir: str | Path) -> ReportInputs:
     inputs = ReportInputs(results_dir=Path(results_dir))
-    inputs.train_log = _optional_csv(inputs, TRAIN_LOG, ["step", "loss", "lr", "seconds"])
+    layout = ResultsLayout(inputs.results_dir)
+    universal, prognosis = layout.universal_evaluation, layout.prognosis
+    inputs.train_log = _optional_csv(inputs, layout.train_log, ["step", "loss", "lr", "seconds"])
     seg_columns = ["dataset", "class", "dice", "hd95", "nsd", "n"]
-    inputs.summary = _optional_csv(inputs, UNIVERSAL / "summary.csv", seg_columns)
-    inputs.baseline_summary = _optional_csv(inputs, BASELINE_SUMMARY, seg_columns)
-    inputs.per_case = _optional_csv(inputs, UNIVERSAL / "per_case.csv", ["dataset", "case", "class", "dice"])
-    efficiency = _optional_json(inputs, UNIVERSAL / "efficiency.json")
+    inputs.summary = _optional_csv(inputs, universal("summary.csv"), seg_columns)
+    inputs.baseline_summary = _optional_csv(inputs, layout.baseline_evaluation("summary.csv"), seg_columns)
+    inputs.per_case = _optional_csv(inputs, universal("per_case.csv"), ["dataset", "case", "class", "dice"])
+    efficiency = _optional_json(inputs, universal("efficiency.json"))
     if efficiency is not None and not isinstance(efficiency, dict):
-        raise DataError(f"{inputs.results_dir / UNIVERSAL / 'efficiency.json'}: expected a JSON object")
+        raise DataError(f"{universal('efficiency.json')}: expected a JSON object")
     inputs.efficiency = efficiency
-    examples = inputs.results_dir / UNIVERSAL / "examples"
+    examples = universal("examples")
     if examples.is_dir():
         inputs.examples = {p.stem: p for p in sorted(examples.glob("*.npz"))}
         inputs.files += list(inputs.examples.values())
     inputs.lora = _load_lora(inputs)
     inputs.prognosis_summary = _optional_csv(
-        inputs, PROGNOSIS / "summary.csv",
+        inputs, prognosis("summary.csv"),
         ["model", "harrell_c_mean", "harrell_c_std", "uno_c_mean", "uno_c_std", "ibs_mean", "ibs_std"])
     if inputs.prognosis_summary is not None and set(inputs.prognosis_summary["model"].astype(str)) <= {"none"}:
         inputs.prognosis_summary = None  # the stage ran switched off: no measured row to show
-    inputs.prognosis_folds = _optional_csv(inputs, PROGNOSIS / "folds.csv", ["model", "fold", "harrell_c"])
-    km = _optional_json(inputs, PROGNOSIS / "km.json")
+    inputs.prognosis_folds = _optional_csv(inputs, prognosis("folds.csv"), ["model", "fold", "harrell_c"])
+    km = _optional_json(inputs, prognosis("km.json"))
     if km is not None and not isinstance(km, dict):
-        raise DataError(f"{inputs.results_dir / PROGNOSIS / 'km.json'}: expected a JSON object {{model: curves}}")
+        raise DataError(f"{prognosis('km.json')}: expected a JSON object {{model: curves}}")
     inputs.km = km
     # Files added after the first release of the stage: an older results folder lacks them.
-    inputs.prognosis_auc = _optional_csv(inputs, PROGNOSIS / "auc.csv", ["model", "fold", "horizon", "auc"])
+    inputs.prognosis_auc = _optional_csv(inputs, prognosis("auc.csv"), ["model", "fold", "horizon", "auc"])
     for name in ("calibration", "cohort"):
-        value = _optional_json(inputs, PROGNOSIS / f"{name}.json")
+        value = _optional_json(inputs, prognosis(f"{name}.json"))
         if value is not None and not isinstance(value, dict):
-            raise DataError(f"{inputs.results_dir / PROGNOSIS / (name + '.json')}: expected a JSON object")
+            raise DataError(f"{prognosis(name + '.json')}: expected a JSON object")
         setattr(inputs, "calibration" if name == "calibration" else "prognosis_cohort", value)
     return inputs
 
 
 def _load_lora(inputs: ReportInputs) -> dict[str, dict[str, Any]]:
-    root = inputs.results_dir / LORA
+    root = ResultsLayout(inputs.results_dir).lora
     if not root.is_dir():
         return {}
     found: dict[str, dict[str, Any]] = {}

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import duplus
 from duplus.atomic import write_json
 from duplus.hashing import sha256_file, sha256_text
+from duplus.results_layout import ResultsLayout
 
 PACKAGES = ("monai", "torch", "transformers", "peft", "snakemake", "scikit-survival", "SimpleITK",
             "numpy", "pandas", "scikit-learn", "matplotlib", "safetensors")
@@ -100,7 +101,8 @@ def collect_provenance(config: Mapping[str, Any], results_dir: str | Path, input
                        device: str | None = None) -> dict[str, Any]:
     """Everything needed to tell which code, config, data and machine produced the metrics."""
     results = Path(results_dir)
-    extra = [results / "pretrain" / "model.json", *sorted((results / "prompts").glob("*.json"))]
+    layout = ResultsLayout(results)
+    extra = [layout.model_sidecar, *sorted(layout.prompts.glob("*.json"))]
     return {
         "duplus_version": duplus.__version__,
         "git": git_commit(),
