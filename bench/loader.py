@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 
 from duplus import __version__
+from duplus.data.manifest import read_manifests
 from duplus.model import DuPLUS, ModelConfig
 from duplus.prompts.cache import PromptCache
 from duplus.runtime import configure_kernels, resolve_device
 from duplus.train.batches import TextTable, batch_loss
-from duplus.train.cases import read_manifests
 from duplus.train.optim import build_optimizer, resolve_amp
 from duplus.train.sampling import PatchSampler, make_loader
 

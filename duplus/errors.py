@@ -50,3 +50,11 @@ class CheckpointError(ModelError):
 
 class EHRError(DataError):
     """A clinical (EHR) table is malformed: missing columns, duplicate ids, bad times/events."""
+
+
+class TrainingInterrupted(DuplusError):
+    """Training stopped on request (SIGTERM) after writing a checkpoint; rerunning resumes from it."""
+
+
+class TrainingDiverged(DuplusError):
+    """A gradient norm was NaN or infinite: the weights updated after it are not usable."""

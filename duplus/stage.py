@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from duplus.errors import DuplusError
+from duplus.errors import DuplusError, TrainingInterrupted
 from duplus.runtime import set_threads, setup_logging
 
 log = logging.getLogger("duplus.stage")
@@ -49,7 +49,7 @@ def run_stage(name: str, func: Callable[..., Any], *, log_path: str | None, torc
         result = func(**kwargs)
     except DuplusError as error:
         log.error("stage %s failed: %s", name, error)
-        code = EXIT_INTERRUPTED if type(error).__name__ == "TrainingInterrupted" else 1
+        code = EXIT_INTERRUPTED if isinstance(error, TrainingInterrupted) else 1
         sys.exit(code)
     except Exception:  # noqa: BLE001 - an unexpected error (CUDA out of memory, a bug) belongs in the rule's log too
         log.exception("stage %s failed with an unexpected error", name)

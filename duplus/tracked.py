@@ -4,7 +4,8 @@ The rules declare them as Snakemake ``params``, so editing one of them (a ``--co
 changes ``lora.steps``, a new dataset that needs more prompts) reruns exactly the stages it
 affects and what lies downstream of them. Settings that change only speed or bookkeeping (worker
 counts, compilation, memory layout, checkpoint spacing, batch sizes of pure inference) are left
-out: changing them must never restart a long pretraining.
+out: changing them must never restart a long pretraining. ``SPEED_ONLY`` is the one list of them;
+the fingerprints and resume keys of training, adaptation and evaluation are derived from it too.
 """
 
 from __future__ import annotations
@@ -12,21 +13,49 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
-# Keys of a section that change how fast a stage runs, not what it produces.
-SPEED_ONLY = {
-    "pretrain": ("num_workers", "compile", "channels_last", "checkpoint_every", "processes", "log_every"),
-    "inference": ("sw_batch_size", "blend_buffer_mb"),
-    "prompts": ("batch_size",),
-    "lora": ("checkpoint_every",),
+# The one statement of which settings do not change results: the rules' params, the pretraining
+# fingerprint, the LoRA phases' keys and the evaluation journal's key all leave these out. Each
+# changes speed, memory or bookkeeping; what a stage computes stays the same up to the rounding of
+# floating-point sums (which already differs between devices and kernel choices). Per key: why.
+SPEED_ONLY: dict[str, dict[str, str]] = {
+    "pretrain": {
+        "num_workers": "loader processes: every sample is a function of (seed, step, index in step), whoever cuts it",
+        "compile": "torch.compile runs the same operations, fused (rounding only)",
+        "channels_last": "the memory layout of the same convolutions (rounding only)",
+        "checkpoint_every": "when the training state is saved; a resumed run continues bit-identically",
+        "processes": "data-parallel ranks split one global batch (duplus.train.distributed; reduction order only)",
+        "log_every": "how often train_log.csv gets a row (the loss is summed on the device in between)",
+    },
+    "inference": {
+        "sw_batch_size": "windows per forward pass; each window is predicted on its own (rounding only)",
+        "blend_buffer_mb": "float32 or float16 blending buffer: probabilities round at about 1e-3, so a mask "
+                           "changes only where one lies that close to the threshold",
+    },
+    "prompts": {
+        "batch_size": "texts per encoder pass; padding is masked out of every text's embedding",
+    },
+    "lora": {
+        "checkpoint_every": "when each training's state is saved; a resumed run continues bit-identically",
+    },
+}
+
+# Settings that choose which cases a stage covers, not any case's numbers: the stage depends on
+# them (its outputs list other cases), a per-case resume journal does not.
+CASE_SELECTION: dict[str, tuple[str, ...]] = {
+    "evaluate": ("split", "max_cases_per_dataset"),
 }
 
 
+def results_only(name: str, section: Mapping[str, Any] | None, per_case: bool = False) -> dict[str, Any]:
+    """A copy of config section ``name`` (as written, or with its defaults resolved) less its ``SPEED_ONLY`` keys,
+    and with ``per_case`` its ``CASE_SELECTION`` keys too: what a stage's (or one case's) results depend on."""
+    dropped = set(SPEED_ONLY.get(name, ())) | (set(CASE_SELECTION.get(name, ())) if per_case else set())
+    return {key: copy.deepcopy(value) for key, value in (section or {}).items() if key not in dropped}
+
+
 def _section(config: Mapping[str, Any], name: str) -> Any:
-    value = copy.deepcopy(config.get(name))
-    if isinstance(value, dict):
-        for key in SPEED_ONLY.get(name, ()):
-            value.pop(key, None)
-    return value
+    value = config.get(name)
+    return results_only(name, value) if isinstance(value, dict) else copy.deepcopy(value)
 
 
 def _sections(config: Mapping[str, Any], *names: str) -> dict[str, Any]:

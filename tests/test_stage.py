@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,37 @@ def test_an_unexpected_error_reaches_the_rules_log_with_its_traceback(tmp_path):
 
 def test_a_finished_stage_returns_its_result(tmp_path):
     assert run_stage("report", lambda value: value * 2, log_path=str(tmp_path / "s.log"), value=21) == 42
+
+
+def test_an_interrupted_training_exits_143_so_snakemake_sees_a_preempted_job(tmp_path):
+    from duplus.errors import TrainingInterrupted
+
+    class StoppedAtStep(TrainingInterrupted):
+        pass
+
+    for error in (TrainingInterrupted, StoppedAtStep):
+        def stops(error=error):
+            raise error("stopped at step 2 of 6; checkpoint written")
+
+        with pytest.raises(SystemExit) as stopped:
+            run_stage("universal_pretrain", stops, log_path=str(tmp_path / "s.log"))
+        assert stopped.value.code == 143
+
+
+def test_every_error_type_of_the_package_is_declared_in_errors():
+    """One place for the error types: no module of the package defines a public exception of its own."""
+    import ast
+
+    import duplus
+
+    package = Path(duplus.__file__).parent
+    own = []
+    for path in package.rglob("*.py"):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and \
+                    any(getattr(base, "id", "").endswith(("Error", "Exception", "Interrupted", "Diverged"))
+                        for base in node.bases):
+                own.append(f"{path.relative_to(package)}:{node.name}")
+    assert own == []

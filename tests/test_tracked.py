@@ -32,6 +32,54 @@ def test_speed_only_settings_are_not_tracked(config):
     assert "num_workers" not in before["pretrain"] and before["pretrain"]["lr"] == config["pretrain"]["lr"]
 
 
+def test_every_speed_only_setting_is_a_schema_setting_with_its_reason():
+    from duplus.tracked import CASE_SELECTION, SPEED_ONLY
+
+    schema = yaml.safe_load((ROOT_CONFIG.parent / "schemas" / "config.schema.yaml").read_text(encoding="utf-8"))
+    for section, keys in [*SPEED_ONLY.items(), *CASE_SELECTION.items()]:
+        known = schema["properties"][section]["properties"]
+        assert set(keys) <= set(known), section
+    assert all(reason.strip() for keys in SPEED_ONLY.values() for reason in keys.values())
+
+
+FASTER = {"pretrain": {"num_workers": 3, "compile": True, "channels_last": True, "checkpoint_every": 7, "processes": 2,
+                       "log_every": 3},
+          "inference": {"sw_batch_size": 5, "blend_buffer_mb": 10.0}, "prompts": {"batch_size": 3},
+          "lora": {"checkpoint_every": 11}}
+
+
+def _with_every_speed_only_setting_changed(config):
+    from duplus.tracked import SPEED_ONLY
+
+    assert {name: set(keys) for name, keys in FASTER.items()} == {name: set(keys) for name, keys in SPEED_ONLY.items()}
+    faster = copy.deepcopy(config)
+    for section, values in FASTER.items():
+        faster[section].update(values)
+    return faster
+
+
+def test_fingerprints_and_resume_keys_follow_the_one_list(config):
+    """Pretraining's fingerprint, the LoRA phase's settings and the evaluation journal's settings
+    ignore every speed-only setting, and notice a setting that changes results."""
+    from duplus.evaluate.run import journal_settings
+    from duplus.train.adaptation_keys import lora_phase_settings
+    from duplus.train.pretrain import PretrainSettings
+
+    def identities(cfg):
+        return (PretrainSettings.from_config(cfg).fingerprint(), lora_phase_settings(cfg), journal_settings(cfg))
+
+    assert identities(_with_every_speed_only_setting_changed(config)) == identities(config)
+    for section, key, value in (("pretrain", "lr", 1e-2), ("lora", "rank", 3), ("inference", "overlap", 0.25),
+                                ("evaluate", "nsd_tolerance_mm", 5.0)):
+        changed = copy.deepcopy(config)
+        changed[section][key] = value
+        assert identities(changed) != identities(config), key
+    selected = copy.deepcopy(config)
+    selected["evaluate"].update(split="train", max_cases_per_dataset=3)  # other cases, the same numbers per case
+    assert journal_settings(selected) == journal_settings(config)
+    assert stage_settings("evaluate", selected) != stage_settings("evaluate", config)
+
+
 def test_restating_a_value_in_another_key_order_changes_no_params_text(config):
     """A merged --configfile puts the keys it sets first; Snakemake compares params as text."""
     reordered = copy.deepcopy(config)

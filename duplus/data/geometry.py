@@ -126,11 +126,3 @@ def resample(image: sitk.Image, geometry: dict[str, Any], interpolation: str, de
     return sitk.Resample(image, [int(s) for s in geometry["size"]], sitk.Transform(), INTERPOLATORS[interpolation],
                          [float(o) for o in geometry["origin"]], [float(s) for s in geometry["spacing"]],
                          [float(d) for d in geometry["direction"]], float(default), pixel)
-
-
-def same_grid(a: dict[str, Any], b: dict[str, Any], tolerance: float = 1e-6) -> bool:
-    """Whether two geometry records describe the same voxel centres."""
-    return (list(a["size"]) == list(b["size"])
-            and np.allclose(a["spacing"], b["spacing"], atol=tolerance)
-            and np.allclose(a["origin"], b["origin"], atol=1e-4)
-            and np.allclose(a["direction"], b["direction"], atol=tolerance))

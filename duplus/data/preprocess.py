@@ -20,13 +20,14 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from duplus.atomic import atomic_path, save_npy, write_csv, write_json
+from duplus.atomic import atomic_path, save_npy, write_json
 from duplus.data import geometry as geo
 from duplus.data.integrity import check_cases, init_worker, worker_context
 from duplus.data.intensity import apply_box, body_mask, crop_box, normalize
 from duplus.data.io import read_image, write_image
 from duplus.data.labelmap import LabelValues, label_values, summarize_undeclared
 from duplus.data.layouts import Case, list_cases, read_case
+from duplus.data.manifest import write_manifest
 from duplus.data.registry import DatasetSpec, get_dataset
 from duplus.data.staging import STAGING, case_key, clear_case, mark_done, raw_file_hashes, staged_row
 from duplus.errors import ConfigError, DataError
@@ -36,8 +37,6 @@ from duplus.progress import progress
 log = logging.getLogger(__name__)
 
 MAX_LOCATIONS = 4096
-MANIFEST_COLUMNS = ["dataset", "case", "center", "modality", "sequence", "region", "split", "image", "label", "meta",
-                    "locations", "shape", "labels", "raw_image", "raw_label"]
 
 
 def settings(config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -173,7 +172,8 @@ def _originals(case: Case, image: sitk.Image, label: sitk.Image, folder: Path,
 
 def process_case(case: Case, spec: DatasetSpec, options: Mapping[str, Any], seed: int, staging: str,
                  final_dir: str, split: str = "train") -> dict[str, Any]:
-    """Preprocess one case into ``staging/<case>/``; returns its manifest row (paths as they will be after the move)."""
+    """Preprocess one case into ``staging/<case>/``; returns its manifest row (``duplus.data.manifest``; paths as
+    they will be after the move)."""
     try:
         image, label = read_case(case)
         if label is None:
@@ -326,8 +326,7 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
         log.info("preprocess %s: %d of %d cases staged by an interrupted run were reused", dataset, reused, len(rows))
     _install(staging, out_dir, [row["case"] for row in rows])
     shutil.rmtree(staging, ignore_errors=True)
-    frame = pd.DataFrame(rows)[MANIFEST_COLUMNS]
-    write_csv(out_manifest, frame)
+    frame = write_manifest(out_manifest, rows)
     _log_background_values(dataset, rows)
     stored = label_values(spec.labels)
     unseen = unseen_labels(out_dir, rows, sorted(stored.classes))

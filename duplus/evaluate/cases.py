@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from duplus.data.manifest import CaseRecord
 from duplus.errors import DataError, PromptError
 from duplus.evaluate import label_grid
 from duplus.evaluate.definitions import DEFAULT_NSD_TOLERANCE_MM
@@ -84,68 +84,38 @@ class Evaluation:
         return frame
 
 
-def _text(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-def case_classes(row: Mapping[str, Any], where: str) -> tuple[dict[int, str], list[str]]:
-    """(label id -> canonical class, classes in label-id order) from the manifest's labels column."""
-    try:
-        label_map = {int(k): str(v) for k, v in json.loads(row["labels"]).items()}
-    except (KeyError, TypeError, ValueError) as error:
-        raise DataError(f"{where}: labels column is not a JSON object of label id -> class ({error})") from None
-    label_map = {k: v for k, v in label_map.items() if k != 0 and v != "background"}
-    classes = list(dict.fromkeys(label_map[k] for k in sorted(label_map)))
-    if not classes:
-        raise DataError(f"{where}: the manifest lists no annotated classes")
-    return label_map, classes
-
-
-def _manifest_dir(row: Mapping[str, Any], manifest_dir: str | Path | None) -> Path:
-    folder = row.get("manifest_dir") if hasattr(row, "get") else None
-    folder = _text(folder) or (str(manifest_dir) if manifest_dir is not None else None)
-    if folder is None:
-        raise DataError(f"case {row.get('case')}: no manifest folder to resolve its relative paths")
-    return Path(folder)
-
-
 def evaluate_case(
     model: torch.nn.Module,
-    row: Mapping[str, Any],
+    case: CaseRecord,
     prompt_cache: Any,
     config: Mapping[str, Any],
-    manifest_dir: str | Path | None,
     result: Evaluation,
     keep_example: bool = False,
 ) -> None:
     """Predict one case, compare in original space, append its per-class rows to ``result``."""
-    where = f"{row['dataset']}/{row['case']}"
-    folder = _manifest_dir(row, manifest_dir)
-    modality, region, sequence = str(row["modality"]), str(row["region"]), _text(row.get("sequence"))
-    label_map, classes = case_classes(row, where)
+    where = case.where
+    label_map, classes = case.label_map, case.classes
     try:
-        context = prompt_cache.get(context_text(modality, region, sequence))
-        targets = prompt_cache.get_many([target_text(modality, c, sequence) for c in classes])
+        context = prompt_cache.get(context_text(case.modality, case.region, case.sequence))
+        targets = prompt_cache.get_many([target_text(case.modality, c, case.sequence) for c in classes])
     except PromptError as error:
         raise PromptError(f"{where}: {error}") from None
-    image_path = folder / str(row["image"])
-    if not image_path.is_file():
-        raise DataError(f"{where}: preprocessed image {image_path} not found")
-    image = np.load(image_path, mmap_mode="r")
-    meta = json.loads((folder / str(row["meta"])).read_text(encoding="utf-8"))
+    if not case.image.is_file():
+        raise DataError(f"{where}: preprocessed image {case.image} not found")
+    if case.raw_label is None:
+        raise DataError(f"{where}: the manifest names no original label (raw_label) to score against")
+    image = np.load(case.image, mmap_mode="r")
+    meta = json.loads(case.meta.read_text(encoding="utf-8"))
 
     started = time.perf_counter()
-    pred_small = predict_masks(model, np.asarray(image, dtype=np.float32), modality, context, targets, config,
+    pred_small = predict_masks(model, np.asarray(image, dtype=np.float32), case.modality, context, targets, config,
                                show_progress=False)
     result.seconds.append(time.perf_counter() - started)
 
-    label, label_spacing = read_array(row["raw_label"])
+    label, label_spacing = read_array(case.raw_label)
     truth = label_masks(label, label_map, classes)
     # Scored on the label's own grid and spacing, which may not be the image's (``duplus.evaluate.label_grid``).
-    scoring = label_grid.scoring_meta(meta, label_grid.label_geometry(row["raw_label"]))
+    scoring = label_grid.scoring_meta(meta, label_grid.label_geometry(case.raw_label))
     pred = np.stack([restore_mask(pred_small, k, scoring) for k in range(len(classes))])
     if pred.shape != truth.shape:
         raise DataError(f"{where}: restored prediction {pred.shape[1:]} differs from the raw label grid {truth.shape[1:]}")
@@ -154,34 +124,35 @@ def evaluate_case(
     tolerance = float((config.get("evaluate") or {}).get("nsd_tolerance_mm", DEFAULT_NSD_TOLERANCE_MM))
     scores = case_metrics(pred, truth, label_spacing, classes, tolerance)
     for item in scores:
-        result.rows.append({"dataset": row["dataset"], "case": row["case"], "center": row.get("center", ""), **item})
-    log.info("%s (%s): dice %s", where, row.get("center", ""), ", ".join(f"{s['class']} {s['dice']:.3f}" for s in scores))
+        result.rows.append({"dataset": case.dataset, "case": case.case, "center": case.center, **item})
+    log.info("%s (%s): dice %s", where, case.center, ", ".join(f"{s['class']} {s['dice']:.3f}" for s in scores))
     result.max_classes = max(result.max_classes, len(classes))
     if keep_example:
-        raw_image, image_spacing = read_array(row["raw_image"])
+        if case.raw_image is None:
+            raise DataError(f"{where}: the manifest names no original image (raw_image) for the example")
+        raw_image, image_spacing = read_array(case.raw_image)
         if scoring is not meta:  # the picture stays on the image's grid: prediction and truth are brought onto it
             pred = np.stack([restore_mask(pred_small, k, meta) for k in range(len(classes))])
-            truth = label_masks(label_grid.label_on_image_grid(row["raw_label"], meta["original"]), label_map, classes)
-        result.examples[str(row["dataset"])] = {
+            truth = label_masks(label_grid.label_on_image_grid(case.raw_label, meta["original"]), label_map, classes)
+        result.examples[case.dataset] = {
             "image": np.asarray(raw_image, dtype=np.float32),
             "pred": pred.astype(np.uint8),
             "truth": truth.astype(np.uint8),
             "classes": np.asarray(classes, dtype=str),
             "spacing": np.asarray(image_spacing, dtype=np.float64),
-            "case": np.asarray(str(row["case"])),
+            "case": np.asarray(case.case),
         }
 
 
-def evaluate_frame(
+def evaluate_each(
     model: torch.nn.Module,
-    cases: pd.DataFrame,
+    cases: Sequence[CaseRecord],
     prompt_cache: Any,
     config: Mapping[str, Any],
-    manifest_dir: str | Path | None = None,
     keep_examples: bool = False,
     journal: "CaseJournal | None" = None,
 ) -> Evaluation:
-    """Evaluate every row of ``cases``; keeps the first case of each dataset as an example if asked.
+    """Evaluate every case in turn; keeps the first case of each dataset as an example if asked.
 
     With a ``journal`` (``duplus.evaluate.journal``), cases it holds under the same key are taken
     from it and each newly finished case is added to it: a killed run resumes.
@@ -190,24 +161,23 @@ def evaluate_frame(
 
     result = Evaluation()
     seen: set[str] = set()
-    for _, row in progress(list(cases.iterrows()), desc="evaluate", unit="case"):
-        dataset = str(row["dataset"])
-        keep_example = keep_examples and dataset not in seen
-        seen.add(dataset)
-        key = journal.key(row, _manifest_dir(row, manifest_dir)) if journal is not None else ""
-        entry = journal.load(row, key, keep_example) if journal is not None else None
+    for case in progress(list(cases), desc="evaluate", unit="case"):
+        keep_example = keep_examples and case.dataset not in seen
+        seen.add(case.dataset)
+        key = journal.key(case) if journal is not None else ""
+        entry = journal.load(case, key, keep_example) if journal is not None else None
         if entry is None:
             first_row = len(result.rows)
-            evaluate_case(model, row, prompt_cache, config, manifest_dir, result, keep_example=keep_example)
-            entry = _entry_of(result, first_row, dataset if keep_example else None)
+            evaluate_case(model, case, prompt_cache, config, result, keep_example=keep_example)
+            entry = _entry_of(result, first_row, case.dataset if keep_example else None)
             if journal is not None:
-                journal.save(row, key, entry)
+                journal.save(case, key, entry)
             continue
         result.rows.extend(entry.rows)
         result.seconds.append(entry.seconds)
         result.max_classes = max(result.max_classes, entry.n_classes)
         if entry.example is not None:
-            result.examples[dataset] = entry.example
+            result.examples[case.dataset] = entry.example
     if journal is not None and journal.reused:
         log.info("evaluate: %d of %d cases taken from %s (an interrupted run's)", journal.reused, len(cases),
                  journal.folder)
@@ -224,20 +194,19 @@ def _entry_of(result: Evaluation, first_row: int, example_of: str | None) -> "Jo
 
 def evaluate_cases(
     model: torch.nn.Module,
-    cases_df: pd.DataFrame,
+    cases: Sequence[CaseRecord],
     prompt_cache: Any,
     config: Mapping[str, Any],
-    manifest_dir: str | Path | None = None,
 ) -> pd.DataFrame:
     """Per-case, per-class metrics (columns ``dataset, case, center, class, dice, hd95, nsd``).
 
     Args:
         model: an in-memory DuPLUS (base, LoRA-adapted or fine-tuned) on its device.
-        cases_df: manifest rows; relative paths resolve against a ``manifest_dir`` column or the argument.
+        cases: manifest cases (``duplus.data.manifest``).
         prompt_cache: a ``PromptCache`` or the path of one.
     """
     if isinstance(prompt_cache, (str, Path)):
         from duplus.prompts.cache import PromptCache
 
         prompt_cache = PromptCache.load(prompt_cache)
-    return evaluate_frame(model, cases_df, prompt_cache, config, manifest_dir).frame()
+    return evaluate_each(model, cases, prompt_cache, config).frame()

@@ -4,9 +4,10 @@ Evaluating the paper's test split means hundreds of full volumes, each predicted
 in its original space (HD95 and NSD on millions of voxels): hours of work. Every finished case is
 written to ``<out>/.cases/`` (atomically); a rerun after a kill, preemption or time limit takes
 the cases whose key still matches and evaluates only the rest. The key covers everything a
-case's numbers depend on: the model weights' sha256, the inference and evaluation settings, the
-device kind, the prompt cache, the package's source code, the manifest row and the sha256 of the
-preprocessed image, its geometry record and the raw label. The stage deletes the journal once its outputs are written, so
+case's numbers depend on: the model weights' sha256, the inference and evaluation settings
+(``duplus.evaluate.run.journal_settings``), the device kind, the prompt cache, the package's
+source code, what the manifest says of the case and the sha256 of the preprocessed image, its
+geometry record and the raw label. The stage deletes the journal once its outputs are written, so
 a completed evaluation never feeds a later one.
 """
 
@@ -24,12 +25,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from duplus.atomic import atomic_path, write_json
+from duplus.data.manifest import CaseRecord
 from duplus.hashing import sha256_file, sha256_text
 
 log = logging.getLogger("duplus.evaluate")
 
 FOLDER = ".cases"
-_ROW_FIELDS = ("dataset", "case", "center", "modality", "region", "sequence", "labels", "image", "meta")
 
 
 @dataclass
@@ -62,22 +63,21 @@ class CaseJournal:
         self._base = {"model": model_key, "settings": json.loads(json.dumps(settings, sort_keys=True, default=str))}
         self.reused = 0
 
-    def _stem(self, row: Mapping[str, Any]) -> str:
-        name = f"{row['dataset']}__{row['case']}"
+    def _stem(self, case: CaseRecord) -> str:
+        name = f"{case.dataset}__{case.case}"
         return re.sub(r"[^A-Za-z0-9._-]", "_", name) + "-" + sha256_text(name)[:8]
 
-    def key(self, row: Mapping[str, Any], folder: Path) -> str:
+    def key(self, case: CaseRecord) -> str:
         """What this case's numbers depend on, hashed (files by content, not by name or time)."""
-        fields = {name: None if row.get(name) is None else str(row.get(name)) for name in _ROW_FIELDS}
-        files = {}
-        for name, path in (("image", folder / str(row["image"])), ("meta", folder / str(row["meta"])),
-                           ("raw_label", Path(str(row["raw_label"])))):
-            files[name] = sha256_file(path) if path.is_file() else None
+        fields = {"dataset": case.dataset, "case": case.case, "center": case.center, "modality": case.modality,
+                  "region": case.region, "sequence": case.sequence, "labels": sorted(case.label_map.items())}
+        files = {name: sha256_file(path) if path is not None and path.is_file() else None
+                 for name, path in (("image", case.image), ("meta", case.meta), ("raw_label", case.raw_label))}
         return sha256_text(json.dumps({**self._base, "row": fields, "files": files}, sort_keys=True))
 
-    def load(self, row: Mapping[str, Any], key: str, need_example: bool) -> JournalEntry | None:
+    def load(self, case: CaseRecord, key: str, need_example: bool) -> JournalEntry | None:
         """The case's saved results if their key matches (and the example is there when needed)."""
-        stem = self._stem(row)
+        stem = self._stem(case)
         record_path, example_path = self.folder / f"{stem}.json", self.folder / f"{stem}.npz"
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -96,16 +96,16 @@ class CaseJournal:
         self.reused += 1
         return entry
 
-    def save(self, row: Mapping[str, Any], key: str, entry: JournalEntry) -> None:
+    def save(self, case: CaseRecord, key: str, entry: JournalEntry) -> None:
         """Record a finished case: the example first, then the record that vouches for it."""
-        stem = self._stem(row)
+        stem = self._stem(case)
         example_sha256 = None
         if entry.example is not None:
             with atomic_path(self.folder / f"{stem}.npz", suffix=".npz") as tmp:
                 np.savez(tmp, **entry.example)
                 example_sha256 = sha256_file(tmp)
         write_json(self.folder / f"{stem}.json", {
-            "key": key, "dataset": str(row["dataset"]), "case": str(row["case"]),
+            "key": key, "dataset": case.dataset, "case": case.case,
             "rows": [{k: _plain(v) for k, v in r.items()} for r in entry.rows],
             "seconds": entry.seconds, "n_classes": entry.n_classes, "example_sha256": example_sha256,
         })

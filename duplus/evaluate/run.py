@@ -15,40 +15,22 @@ import pandas as pd
 import torch
 
 from duplus.atomic import atomic_path, write_csv, write_json
+from duplus.data.manifest import CaseRecord, read_manifests, select_cases
 from duplus.errors import DataError, ModelError
-from duplus.evaluate.cases import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_frame
+from duplus.evaluate.cases import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_each
 from duplus.evaluate.inference import autocast_for, inference_settings, model_device
 from duplus.evaluate.journal import CaseJournal
+from duplus.tracked import results_only
 
 log = logging.getLogger("duplus.evaluate")
 
-__all__ = ["run_evaluate", "evaluate_cases", "select_cases", "summarize", "class_scaling_ratio"]
+__all__ = ["run_evaluate", "evaluate_cases", "cases_to_evaluate", "summarize", "class_scaling_ratio"]
 
 SUMMARY_COLUMNS = ["dataset", "class", "dice", "hd95", "nsd", "n", "hd95_n"]
-MANIFEST_COLUMNS = ("dataset", "case", "center", "modality", "region", "split", "image", "meta", "labels",
-                    "raw_image", "raw_label")
 
 
-def read_manifests(manifests: Sequence[str]) -> pd.DataFrame:
-    """All manifests in one frame, each row remembering its manifest's folder."""
-    frames = []
-    for path in manifests:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: manifest not found (run the preprocess rule)")
-        frame = pd.read_csv(path, dtype={"case": str, "center": str})
-        missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
-        if missing:
-            raise DataError(f"{path}: manifest lacks column(s) {missing}")
-        frame["manifest_dir"] = str(path.parent.resolve())
-        frames.append(frame)
-    if not frames:
-        raise DataError("evaluate: no manifests given")
-    return pd.concat(frames, ignore_index=True)
-
-
-def select_cases(frame: pd.DataFrame, config: Mapping[str, Any]) -> pd.DataFrame:
-    """Cases of ``evaluate.split`` (every center, excluded ones too), capped per dataset, stably ordered.
+def cases_to_evaluate(cases: Sequence[CaseRecord], config: Mapping[str, Any]) -> list[CaseRecord]:
+    """Cases of ``evaluate.split`` (every center, excluded ones too), capped per dataset, ordered by dataset and case.
 
     A cap takes the same number of cases from every center in turn (each center's in an order
     drawn from the seed), so a cap never keeps the centers whose case ids sort first.
@@ -56,24 +38,29 @@ def select_cases(frame: pd.DataFrame, config: Mapping[str, Any]) -> pd.DataFrame
     section = config.get("evaluate") or {}
     split = section.get("split", "test")
     cap = int(section.get("max_cases_per_dataset", 0) or 0)
-    chosen = frame[frame["split"] == split].sort_values(["dataset", "case"], kind="stable")
+    chosen = sorted(select_cases(cases, split=split), key=lambda c: (c.dataset, c.case))
     if cap > 0:
         seed = int(config.get("seed", 0))
-        parts = [_spread_over_centers(chosen[chosen["dataset"] == name], cap, seed)
-                 for name in sorted(chosen["dataset"].unique())]
-        chosen = pd.concat(parts).sort_values(["dataset", "case"], kind="stable") if parts else chosen
-    if chosen.empty:
+        datasets = sorted({c.dataset for c in chosen})
+        chosen = sorted((kept for name in datasets for kept in _spread_over_centers(
+            [c for c in chosen if c.dataset == name], cap, seed)), key=lambda c: (c.dataset, c.case))
+    if not chosen:
         raise DataError(f"evaluate: no case has split '{split}' in the manifests (evaluate.split)")
-    return chosen.reset_index(drop=True)
+    return chosen
 
 
-def _spread_over_centers(part: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
+def _spread_over_centers(cases: list[CaseRecord], cap: int, seed: int) -> list[CaseRecord]:
+    """``cap`` of one dataset's cases: in rounds of one case per center, each center's in seeded random order."""
     from duplus.hashing import sha256_text
 
-    draws = [sha256_text(f"{seed}|{d}|{c}") for d, c in zip(part["dataset"], part["case"])]
-    order = part.assign(_draw=draws, _center=part["center"].fillna("").astype(str)).sort_values("_draw", kind="stable")
-    order["_turn"] = order.groupby("_center", sort=False).cumcount()  # k-th case of its center
-    return order.sort_values(["_turn", "_draw"], kind="stable").head(cap).drop(columns=["_turn", "_draw", "_center"])
+    drawn = sorted(((sha256_text(f"{seed}|{c.dataset}|{c.case}"), c) for c in cases), key=lambda item: item[0])
+    turns: dict[str, int] = {}
+    order = []
+    for draw, case in drawn:
+        turn = turns.get(case.center, 0)  # the k-th case of its center
+        turns[case.center] = turn + 1
+        order.append((turn, draw, case))
+    return [case for _, _, case in sorted(order, key=lambda item: item[:2])][:cap]
 
 
 def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
@@ -194,10 +181,10 @@ def run_evaluate(config: Mapping[str, Any], manifests: Sequence[str], prompt_cac
             f"{prompt_cache}: prompt embeddings have dim {cache.dim} but {model_path} was trained with "
             f"{model.cfg.text_dim} (encoder {sidecar.get('text_encoder')}); rebuild the cache with that encoder"
         )
-    cases = select_cases(read_manifests(manifests), config)
-    log.info("evaluating %d cases of %d datasets on %s", len(cases), cases["dataset"].nunique(), device)
+    cases = cases_to_evaluate(read_manifests(manifests), config)
+    log.info("evaluating %d cases of %d datasets on %s", len(cases), len({c.dataset for c in cases}), device)
     journal = case_journal(out, sidecar, config, device, prompt_cache)
-    result = evaluate_frame(model, cases, cache, config, keep_examples=True, journal=journal)
+    result = evaluate_each(model, cases, cache, config, keep_examples=True, journal=journal)
     per_case = result.frame()[PER_CASE_COLUMNS]
     write_csv(out / "per_case.csv", per_case)
     write_csv(out / "summary.csv", summarize(per_case))
@@ -212,13 +199,15 @@ def case_journal(out_dir: Path, sidecar: Mapping[str, Any], config: Mapping[str,
     """The resume journal of one model's evaluation in ``out_dir`` (``duplus.evaluate.journal``)."""
     from duplus.hashing import package_source_sha256, sha256_file
 
-    # What changes a case's numbers: not the window batch, nor which cases the run takes.
-    inference = {k: v for k, v in inference_settings(config).items() if k != "sw_batch_size"}
-    evaluate = {k: v for k, v in (config.get("evaluate") or {}).items() if k not in ("split", "max_cases_per_dataset")}
-    settings = {"inference": inference, "evaluate": evaluate,
-                "device": device.type, "source": package_source_sha256(),
+    settings = {**journal_settings(config), "device": device.type, "source": package_source_sha256(),
                 "prompt_cache": sha256_file(prompt_cache) if Path(prompt_cache).is_file() else str(prompt_cache)}
     return CaseJournal(out_dir, str(sidecar["sha256"]), settings)
+
+
+def journal_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The inference and evaluation settings a case's numbers depend on (``duplus.tracked`` lists the others)."""
+    return {"inference": results_only("inference", inference_settings(config)),
+            "evaluate": results_only("evaluate", config.get("evaluate"), per_case=True)}
 
 
 def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], prompt_cache: str,
@@ -235,7 +224,7 @@ def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], 
 
     device = device_for(config)
     cache = PromptCache.load(prompt_cache)
-    cases = select_cases(read_manifests(manifests), config)
+    cases = cases_to_evaluate(read_manifests(manifests), config)
     out = Path(out_dir)
     frames, journals = [], []
     for path in model_paths:
@@ -243,13 +232,13 @@ def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], 
         datasets = list(sidecar.get("datasets") or [])
         if len(datasets) != 1:
             raise ModelError(f"{path}: a baseline's sidecar names one dataset, found {datasets}")
-        mine = cases[cases["dataset"] == datasets[0]]
-        if mine.empty:
+        mine = [case for case in cases if case.dataset == datasets[0]]
+        if not mine:
             raise DataError(f"{path}: no '{config.get('evaluate', {}).get('split', 'test')}' case of {datasets[0]} to evaluate")
         log.info("baseline %s: %d cases", datasets[0], len(mine))
         trained = with_trained_window(config, sidecar)
         journals.append(case_journal(out, sidecar, trained, device, prompt_cache))
-        frames.append(evaluate_frame(model, mine, cache, trained, journal=journals[-1]).frame()[PER_CASE_COLUMNS])
+        frames.append(evaluate_each(model, mine, cache, trained, journal=journals[-1]).frame()[PER_CASE_COLUMNS])
     if not frames:
         raise ModelError("baseline_evaluate: no baseline model given")
     per_case = pd.concat(frames, ignore_index=True)

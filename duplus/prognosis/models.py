@@ -127,7 +127,7 @@ def model_names(config: Mapping[str, Any], cohort: Cohort) -> list[str]:
         names.extend(EHR_TEXT_MODELS)
     if cohort.has("image"):
         names.append("image_mlp")
-        for merge in (config.get("prognosis") or {}).get("merge", ["tabular", "text"]):
+        for merge in (config.get("prognosis") or {}).get("merge", ["tabular", "text", "text_film"]):
             name = MERGE_MODELS[merge]
             if all(cohort.has(b) for b in MODEL_INPUTS[name][1]):
                 names.append(name)

@@ -4,7 +4,6 @@ models -> results/prognosis/{folds,summary,risks}.csv and km.json.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ import pandas as pd
 import torch
 
 from duplus.atomic import write_csv, write_json
+from duplus.data.manifest import CaseRecord, read_manifests, select_cases
 from duplus.data.registry import listed_datasets
 from duplus.errors import ConfigError, DataError, EHRError
 from duplus.prognosis.calibration import calibration, default_calibration_horizon
@@ -71,7 +71,7 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     datasets = listed_datasets(prog.get("dataset"))
     schema = EHRSchema.from_config(config)
     n_folds = int(prog.get("folds", 5))
-    merge = list(prog.get("merge", ["tabular", "text"]))
+    merge = list(prog.get("merge", ["tabular", "text", "text_film"]))
     image, image_names, blocks, settings, center = None, None, [], None, None
     warnings: list[str] = []
     incomplete: dict[str, list[str]] = {}
@@ -85,11 +85,11 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
             raise EHRError(f"EHR table {table.source}: {len(matched)} patient(s); {n_folds}-fold cross-validation "
                            f"needs at least {n_folds}")
     else:
-        rows = {name: _manifest_rows(manifest, name) for name in datasets}
-        with_scan = list(dict.fromkeys(case for frame in rows.values() for case in frame.index))
+        cases = {name: _dataset_cases(manifest, name) for name in datasets}
+        with_scan = list(dict.fromkeys(case for by_id in cases.values() for case in by_id))
         # EHR ids with no scan at all are the table's problem (prognosis.ehr.allow_unmatched).
         table = load_ehr(_ehr_path(config, schema, datasets[0]), schema, image_ids=with_scan)
-        table, incomplete, warning = _patients_with_every_scan(table, rows)
+        table, incomplete, warning = _patients_with_every_scan(table, cases)
         warnings += [warning] if warning else []
         matched = table.frame[schema.id].tolist()
         if len(matched) < max(n_folds, 2):
@@ -103,12 +103,11 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
         elif model_key is None:
             raise ConfigError("run_prognosis: an adapted model needs model_key (hash of its base and adapter)")
         cache = _load_prompt_cache(prompt_cache) if not hasattr(prompt_cache, "get") else prompt_cache
-        image, image_names, blocks, settings = _image_features(model, model_key, rows, matched, cache, config, out,
+        image, image_names, blocks, settings = _image_features(model, model_key, cases, matched, cache, config, out,
                                                                device)
         write_csv(out / "image_features.csv", pd.DataFrame(image, columns=image_names).assign(
             **{schema.id: matched})[[schema.id, *image_names]])
-        first = rows[datasets[0]].loc[matched]
-        center = first["center"].astype(str).to_numpy() if "center" in first else None
+        center = np.asarray([cases[datasets[0]][patient].center for patient in matched])
     if center is None and schema.center:
         # Missing centers form one stratum of their own rather than breaking the stratification.
         center = table.frame[schema.center].fillna("unknown").astype(str).to_numpy()
@@ -178,41 +177,30 @@ def _write_disabled(out: Path) -> pd.DataFrame:
     return summary
 
 
-def _manifest_rows(manifest: str | os.PathLike | Sequence[str | os.PathLike], dataset: str) -> pd.DataFrame:
-    """Rows of ``dataset`` from the manifest(s), indexed by case id, paths made absolute."""
+def _dataset_cases(manifest: str | os.PathLike | Sequence[str | os.PathLike], dataset: str) -> dict[str, CaseRecord]:
+    """The cases of ``dataset`` in the manifest(s), every split, by case id."""
     paths = [manifest] if isinstance(manifest, (str, os.PathLike)) else list(manifest)
-    frames = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise DataError(f"prognosis: manifest {path} does not exist (run the preprocess stage)")
-        frame = pd.read_csv(path, dtype={"case": str, "sequence": str})
-        missing = {"dataset", "case", "modality", "region", "image", "label", "labels"} - set(frame.columns)
-        if missing:
-            raise DataError(f"prognosis: manifest {path} lacks column(s) {sorted(missing)}")
-        root = Path(path).parent
-        frame = frame[frame["dataset"] == dataset].copy()
-        for column in ("image", "label"):
-            frame[column] = [str(root / p) for p in frame[column]]
-        frames.append(frame)
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if rows.empty:
+    records = select_cases(read_manifests(paths), split=None, datasets=[dataset])
+    if not records:
         raise DataError(f"prognosis: no case of dataset '{dataset}' (config prognosis.dataset) in manifest(s) "
                         f"{[str(p) for p in paths]}")
-    duplicated = rows["case"][rows["case"].duplicated()].tolist()
+    ids = [record.case for record in records]
+    duplicated = sorted({case for case in ids if ids.count(case) > 1})
     if duplicated:
         raise DataError(f"prognosis: case id(s) {duplicated[:10]} appear twice in the manifest(s) of '{dataset}'")
-    return rows.set_index("case", drop=False)
+    return {record.case: record for record in records}
 
 
-def _patients_with_every_scan(table: Any, rows: Mapping[str, pd.DataFrame]) -> tuple[Any, dict[str, list[str]], str | None]:
-    """The table restricted to the patients with a case in every dataset of ``rows``; the ids each
+def _patients_with_every_scan(table: Any, cases: Mapping[str, Mapping[str, CaseRecord]]
+                              ) -> tuple[Any, dict[str, list[str]], str | None]:
+    """The table restricted to the patients with a case in every dataset of ``cases``; the ids each
     dataset lacks; and the warning that names them (None when every patient has every scan).
 
     A patient without one of the scans is left out rather than given a stand-in block: zeros or a
     mean in place of a scan would read, to the survival models, as a scan that looks like that.
     """
     ids = table.frame[table.schema.id].astype(str)
-    incomplete = {name: sorted(set(ids) - set(frame.index.astype(str))) for name, frame in rows.items()}
+    incomplete = {name: sorted(set(ids) - set(by_id)) for name, by_id in cases.items()}
     incomplete = {name: missing for name, missing in incomplete.items() if missing}
     if not incomplete:
         return table, {}, None
@@ -226,10 +214,10 @@ def _patients_with_every_scan(table: Any, rows: Mapping[str, pd.DataFrame]) -> t
     return replace(table, frame=kept), incomplete, warning
 
 
-def _image_features(model: Any, model_key: str, rows: Mapping[str, pd.DataFrame], patients: list[str], cache: Any,
-                    config: Mapping[str, Any], out: Path, device: Any
+def _image_features(model: Any, model_key: str, cases: Mapping[str, Mapping[str, CaseRecord]], patients: list[str],
+                    cache: Any, config: Mapping[str, Any], out: Path, device: Any
                     ) -> tuple[np.ndarray, list[str], list[dict[str, Any]], FeatureSettings]:
-    """Each dataset's features of ``patients``, one block per dataset side by side, in ``rows``' order.
+    """Each dataset's features of ``patients``, one block per dataset side by side, in ``cases``' order.
 
     Returns the (patients, features) array, its column names (``<dataset>/gap_0``, ...), one record
     per block (dataset, modality, first column, columns) for cohort.json, and the first block's
@@ -237,14 +225,14 @@ def _image_features(model: Any, model_key: str, rows: Mapping[str, pd.DataFrame]
     context prompt (``duplus.prognosis.features``), cached in ``out/features/<dataset>/``.
     """
     arrays, names, blocks, first = [], [], [], None
-    for dataset, frame in rows.items():
-        cases = frame.loc[patients]
-        settings = _feature_settings(config, cases)
+    for dataset, by_id in cases.items():
+        records = [by_id[patient] for patient in patients]
+        settings = _feature_settings(config, records)
         first = first or settings
-        inputs = [_case_input(case, row, cache) for case, row in cases.iterrows()]
+        inputs = [_case_input(record, cache) for record in records]
         features = extract_features(model, inputs, out, model_key, settings, device=device, subfolder=dataset)
         block = np.stack([features[c] for c in patients])
-        modalities = sorted(set(cases["modality"].astype(str)))
+        modalities = sorted({record.modality for record in records})
         blocks.append({"dataset": dataset, "modality": ", ".join(modalities), "first_column": sum(map(len, names)),
                        "columns": int(block.shape[1])})
         names.append([f"{dataset}/{name}" for name in feature_names((block.shape[1] - 1) // 2)])
@@ -262,7 +250,7 @@ def _ehr_path(config: Mapping[str, Any], schema: EHRSchema, dataset: str) -> Pat
     return raw_folder(get_dataset(dataset, config), raw) / "clinical.csv"
 
 
-def _feature_settings(config: Mapping[str, Any], cases: pd.DataFrame) -> FeatureSettings:
+def _feature_settings(config: Mapping[str, Any], cases: Sequence[CaseRecord]) -> FeatureSettings:
     prog = config.get("prognosis") or {}
     # Which mask pools the tumour features: the model's own prediction (what a new patient has)
     # or the ground-truth label (an upper bound).
@@ -271,26 +259,22 @@ def _feature_settings(config: Mapping[str, Any], cases: pd.DataFrame) -> Feature
         raise ConfigError(f"config prognosis.tumour_mask must be one of {MASK_SOURCES}, got {mask_source!r}")
     spacing = (config.get("preprocess") or {}).get("spacing", [1.5, 1.5, 1.5])
     patch = (config.get("pretrain") or {}).get("patch_size")
-    tumour_ids = sorted({int(k) for labels in cases["labels"] for k in json.loads(labels)})
+    tumour_ids = sorted({label_id for case in cases for label_id in case.label_map})
     return FeatureSettings(mask_source=mask_source,
                            threshold=float((config.get("inference") or {}).get("threshold", 0.5)),
                            tumour_labels=tuple(tumour_ids), voxel_ml=float(np.prod(spacing)) / 1000.0,
                            patch_size=tuple(int(p) for p in patch) if patch else None)
 
 
-def _case_input(case: str, row: pd.Series, cache: Any) -> CaseInput:
+def _case_input(case: CaseRecord, cache: Any) -> CaseInput:
     """Prompt embeddings of one case: T1 from its modality and region, T2 for each class the
     dataset annotates (for head and neck: primary tumour and lymph node), canonical wording."""
-    sequence = row.get("sequence")
-    sequence = None if sequence is None or (isinstance(sequence, float) and math.isnan(sequence)) or \
-        str(sequence).strip() in ("", "nan") else str(sequence)
-    labels = json.loads(row["labels"])
-    classes = [labels[k] for k in sorted(labels, key=int)]
-    context_text, target_texts = _prompt_texts(row["modality"], row["region"], sequence, classes)
+    classes = [case.label_map[label_id] for label_id in sorted(case.label_map)]
+    context_text, target_texts = _prompt_texts(case.modality, case.region, case.sequence, classes)
     context = torch.as_tensor(np.asarray(cache.get(context_text)), dtype=torch.float32)
     targets = torch.stack([torch.as_tensor(np.asarray(cache.get(t)), dtype=torch.float32) for t in target_texts])
-    return CaseInput(case=case, image_path=Path(row["image"]), label_path=Path(row["label"]),
-                     modality=str(row["modality"]), context=context, targets=targets)
+    return CaseInput(case=case.case, image_path=case.image, label_path=case.label, modality=case.modality,
+                     context=context, targets=targets)
 
 
 # Calls into the other packages, kept here so that the seams are visible in one place.

@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
-import pandas as pd
 import torch
 
+from duplus.data.manifest import CaseRecord
 from duplus.hashing import package_source_sha256, sha256_file, sha256_text
-from duplus.train.cases import CaseRecord, preprocessed_sha256
+from duplus.tracked import results_only, stage_settings
+from duplus.train.cases import preprocessed_sha256
 
-# Adaptation settings that only the LoRA phase uses; steps and batch size are shared by both trainings.
-_NOT_LORA = ("enabled", "centers", "checkpoint_every", "full_finetune_lr", "steps", "batch_size")
-# Manifest columns holding absolute paths of the original files: their content counts, not where they are.
-_PATH_COLUMNS = ("raw_image", "raw_label")
+# Adaptation settings the LoRA phase's key holds elsewhere (steps and batch size are shared by both
+# trainings) or that are not its own (which center, full fine-tuning's rate, whether the stage runs).
+_NOT_LORA_PHASE = ("enabled", "centers", "full_finetune_lr", "steps", "batch_size")
 
 
-def _file(path: Path) -> str | None:
-    return sha256_file(path) if path.is_file() else None
+def _file(path: Path | None) -> str | None:
+    return sha256_file(path) if path is not None and path.is_file() else None
 
 
 def train_data_sha256(cases: Iterable[CaseRecord]) -> str:
@@ -36,35 +36,37 @@ def train_data_sha256(cases: Iterable[CaseRecord]) -> str:
     return sha256_text(json.dumps([preprocessed_sha256(cases), arrays]))
 
 
-def test_data_sha256(rows: pd.DataFrame, manifest_dir: Path) -> str:
-    """The scored cases by content: manifest rows (minus absolute paths) and the files scoring reads."""
-    kept = rows.drop(columns=[c for c in _PATH_COLUMNS if c in rows.columns])
-    files = []
-    for _, row in rows.iterrows():
-        case = [_file(manifest_dir / str(row[c])) for c in ("image", "meta") if c in row]
-        if "raw_label" in row:
-            case.append(_file(Path(str(row["raw_label"]))))
-        files.append(case)
-    return sha256_text(json.dumps([kept.to_csv(index=False), files]))
+def test_data_sha256(cases: Iterable[CaseRecord]) -> str:
+    """The scored cases by content: what the manifest says of them (not where their files are) and the
+    files scoring reads (preprocessed image, its preprocessing record, the original label)."""
+    described, files = [], []
+    for case in cases:
+        described.append([case.dataset, case.case, case.center, case.modality, case.sequence, case.region, case.split,
+                          list(case.shape), sorted(case.label_map.items())])
+        files.append([_file(case.image), _file(case.meta), _file(case.raw_label)])
+    return sha256_text(json.dumps([described, files]))
+
+
+def lora_phase_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``lora`` settings only the LoRA phase depends on (rank, alpha, targets, rate, ...)."""
+    return {k: v for k, v in results_only("lora", config.get("lora")).items() if k not in _NOT_LORA_PHASE}
 
 
 def phase_identities(config: Mapping[str, Any], *, center: tuple[str, ...], base_sha256: str,
-                     train_cases: list[CaseRecord], test_sets: Sequence[tuple[pd.DataFrame, Path]], cache: Any,
+                     train_cases: list[CaseRecord], test_cases: list[CaseRecord], cache: Any,
                      amp: torch.dtype | None, device: torch.device) -> dict[str, dict[str, Any]]:
     """Identity of the ``zero_shot``, ``lora`` and ``full_ft`` phases (``config``: the job's, with the base's window).
 
-    ``center``: the center's datasets and its manifest center value; ``test_sets``: its test rows
-    and their manifest's folder, one pair per dataset.
+    ``center``: the center's datasets and its manifest center value; ``test_cases``: its test cases in
+    every one of those datasets.
     """
-    from duplus.tracked import stage_settings
-
     settings = dict(config.get("lora") or {})
     pretrain = config.get("pretrain") or {}
     scoring = {
         "base_sha256": base_sha256,
         "center": list(center),
         "evaluation": stage_settings("evaluate", config),
-        "test_data": [test_data_sha256(rows, folder) for rows, folder in test_sets],
+        "test_data": test_data_sha256(test_cases),
         "prompt_cache": str(getattr(cache, "encoder_identity", "")),
         "device": device.type,
         "source": package_source_sha256(),
@@ -81,6 +83,6 @@ def phase_identities(config: Mapping[str, Any], *, center: tuple[str, ...], base
     }
     return {
         "zero_shot": scoring,
-        "lora": {**training, "lora": {k: v for k, v in settings.items() if k not in _NOT_LORA}},
+        "lora": {**training, "lora": lora_phase_settings(config)},
         "full_ft": {**training, "full_finetune_lr": settings.get("full_finetune_lr")},
     }

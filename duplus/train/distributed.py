@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from duplus.errors import ConfigError, DuplusError
+from duplus.errors import ConfigError, DuplusError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def launch(entry: str, processes: int, kwargs: dict[str, Any], worker_log: str |
         raise ConfigError(f"unknown training entry point {entry!r}; choose from {sorted(ENTRY_POINTS)}")
     if processes <= 1 or from_environment().active:
         return _resolve(entry)(**kwargs)
-    from duplus.train.interrupt import StopFlag, TrainingInterrupted
+    from duplus.train.interrupt import StopFlag
 
     with tempfile.TemporaryDirectory(prefix="duplus-launch-") as folder:
         arguments = Path(folder) / "arguments.json"
@@ -214,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     payload = json.loads(Path(args[0]).read_text(encoding="utf-8"))
     setup_logging(payload.get("log_path"))
-    from duplus.train.interrupt import TrainingInterrupted
 
     try:
         from duplus.stage import declare_config_classes

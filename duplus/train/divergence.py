@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from duplus.errors import DuplusError
-
-
-class TrainingDiverged(DuplusError):
-    """A gradient norm was NaN or infinite: the weights updated after it are not usable."""
+from duplus.errors import TrainingDiverged
 
 
 class DivergenceWatch:

@@ -18,13 +18,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from duplus.errors import CheckpointError
+from duplus.errors import CheckpointError, TrainingInterrupted
 from duplus.progress import progress
 from duplus.runtime import RssPeak
 from duplus.train.batches import TextTable, batch_loss
 from duplus.train.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from duplus.train.divergence import DivergenceWatch
-from duplus.train.interrupt import StopFlag, TrainingInterrupted
+from duplus.train.interrupt import StopFlag
 from duplus.train.optim import GRAD_CLIP, build_optimizer, warmup_cosine
 from duplus.train.sampling import PatchSampler, make_loader, workers_closed
 

@@ -10,13 +10,7 @@ import signal
 import threading
 from types import FrameType, TracebackType
 
-from duplus.errors import DuplusError
-
 log = logging.getLogger(__name__)
-
-
-class TrainingInterrupted(DuplusError):
-    """Training stopped on request after writing a checkpoint; rerunning resumes from it."""
 
 
 class StopFlag:

@@ -18,13 +18,13 @@ import pandas as pd
 import torch
 
 from duplus.atomic import replace_folder, write_json
+from duplus.data.manifest import CaseRecord, read_manifests, select_cases
 from duplus.errors import ConfigError, DataError
 from duplus.hashing import sha256_file
 from duplus.runtime import device_for, seed_everything
 from duplus.train.adaptation_keys import phase_identities
 from duplus.train.adapters import WEIGHTS_NAME, add_adapter, lora_config_from, save_adapter
 from duplus.train.batches import TextTable, open_prompt_cache
-from duplus.train.cases import read_manifests, select_cases
 from duplus.train.finetune import fit
 from duplus.train.optim import resolve_amp
 from duplus.train.phase_journal import PhaseJournal
@@ -50,22 +50,11 @@ def center_spec(config: Mapping[str, Any], center: str) -> tuple[list[str], str]
     return listed_datasets(spec["dataset"]), str(spec["center"])
 
 
-def center_rows(manifests: Iterable[str | os.PathLike], dataset: str, center: str, split: str) -> tuple[pd.DataFrame, Path]:
-    """Manifest rows of one center and split, and the folder their relative paths start from."""
-    for manifest in manifests:
-        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-        if "dataset" in frame.columns and (frame["dataset"] == dataset).any():
-            rows = frame[(frame["dataset"] == dataset) & (frame["center"] == center) & (frame["split"] == split)]
-            return rows.reset_index(drop=True), Path(manifest).parent
-    raise DataError(f"dataset '{dataset}' is in none of the manifests {[str(m) for m in manifests]}")
-
-
-def _evaluate(model: torch.nn.Module, rows: pd.DataFrame, cache: Any, config: Mapping[str, Any],
-              manifest_dir: Path) -> pd.DataFrame:
+def _evaluate(model: torch.nn.Module, cases: list[CaseRecord], cache: Any, config: Mapping[str, Any]) -> pd.DataFrame:
     from duplus.evaluate.run import evaluate_cases
 
     model.eval()
-    return evaluate_cases(model, rows, cache, config, manifest_dir)
+    return evaluate_cases(model, cases, cache, config)
 
 
 def _publish(staged: Path, target: Path) -> Path:
@@ -136,17 +125,19 @@ def run_lora(
     cache = open_prompt_cache(prompt_cache)
 
     records = read_manifests(manifests)
+    known = {record.dataset for record in records}
+    missing = [name for name in datasets if name not in known]
+    if missing:
+        raise DataError(f"dataset(s) {missing} are in none of the manifests {[str(m) for m in manifests]}")
     train_cases = select_cases(records, split="train", datasets=datasets, centers=[site])
-    # One (rows, manifest folder) per dataset: each manifest's paths are relative to its own folder.
-    test_sets = [center_rows(manifests, name, site, "test") for name in datasets]
-    counts = {name: (sum(c.dataset == name for c in train_cases), len(rows))
-              for name, (rows, _) in zip(datasets, test_sets)}
+    test_cases = select_cases(records, split="test", datasets=datasets, centers=[site])
+    counts = {name: (sum(c.dataset == name for c in train_cases), sum(c.dataset == name for c in test_cases))
+              for name in datasets}
     short = [f"dataset '{name}' center '{site}' has {n_train} train and {n_test} test cases"
              for name, (n_train, n_test) in counts.items() if not (n_train and n_test)]
     if short:
         # Every scan of the center is adapted to and scored: one missing would leave its numbers unsaid.
         raise DataError(f"lora.centers.{center}: " + "; ".join(short) + "; both splits need at least one")
-    test_rows = pd.concat([rows for rows, _ in test_sets], ignore_index=True)
 
     for name in datasets:
         held_out = ((config.get("pretrain") or {}).get("exclude_centers") or {}).get(name) or []
@@ -167,9 +158,9 @@ def run_lora(
     table = TextTable(cache, sampler.all_texts(), device)
     journal = PhaseJournal(out)
     keys = phase_identities(config, center=(*datasets, site), base_sha256=base_sha, train_cases=train_cases,
-                            test_sets=test_sets, cache=cache, amp=amp, device=device)
+                            test_cases=test_cases, cache=cache, amp=amp, device=device)
     training = {"steps": int(settings.get("steps", 2000)), "batch_size": int(settings.get("batch_size", 2)),
-                "seed": seed, "amp": amp, "num_workers": int((config.get("pretrain") or {}).get("num_workers", 0)),
+                "seed": seed, "amp": amp, "num_workers": int((config.get("pretrain") or {}).get("num_workers", 4)),
                 "checkpoint_every": int(settings.get("checkpoint_every", 500))}
     results: dict[str, pd.DataFrame] = {}
     runs: dict[str, dict[str, Any]] = {}
@@ -178,9 +169,8 @@ def run_lora(
         return {"seconds", "rss_mb", "trainable"} <= set(record)
 
     def evaluate(model: torch.nn.Module, what: str) -> pd.DataFrame:
-        log.info("lora %s: scoring the %s model on %d test cases", center, what, len(test_rows))
-        return pd.concat([_evaluate(model, rows, cache, config, folder) for rows, folder in test_sets],
-                         ignore_index=True)
+        log.info("lora %s: scoring the %s model on %d test cases", center, what, len(test_cases))
+        return _evaluate(model, test_cases, cache, config)
 
     def adapt(phase: str, model: torch.nn.Module, lr: float, desc: str) -> None:
         trainable = count_parameters(model, trainable_only=True)
@@ -252,7 +242,7 @@ def run_lora(
         "peak_rss_mb_full": runs["full_ft"]["rss_mb"],
         "steps": training["steps"],
         "train_cases": len(train_cases),
-        "test_cases": int(len(test_rows)),
+        "test_cases": len(test_cases),
         "device": str(device),
         "per_class": _per_class(results),
         "per_dataset": {name: {**{run: _mean_dice(frame[frame["dataset"].astype(str) == name])

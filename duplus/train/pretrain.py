@@ -18,17 +18,18 @@ import pandas as pd
 import torch
 
 from duplus.atomic import write_csv
-from duplus.errors import CheckpointError, ConfigError
+from duplus.errors import CheckpointError, ConfigError, TrainingInterrupted
 from duplus.hashing import sha256_text
 from duplus.progress import progress
 from duplus.runtime import device_for, seed_everything
+from duplus.tracked import results_only
 from duplus.train import distributed
 from duplus.train.batches import TextTable, accumulated_loss, open_prompt_cache
 from duplus.train.cases import preprocessed_sha256, pretraining_cases
 from duplus.train.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from duplus.train.divergence import DivergenceWatch
 from duplus.train.ema import EMA
-from duplus.train.interrupt import StopFlag, TrainingInterrupted
+from duplus.train.interrupt import StopFlag
 from duplus.train.optim import GRAD_CLIP, build_optimizer, resolve_amp, warmup_cosine
 from duplus.train.sampling import PatchSampler, make_loader, workers_closed
 
@@ -79,10 +80,8 @@ class PretrainSettings:
         return settings
 
     def fingerprint(self) -> dict[str, Any]:
-        """Settings that change the numbers a run produces (bookkeeping ones left out)."""
-        data = asdict(self)
-        for key in ("checkpoint_every", "log_every", "num_workers", "compile", "channels_last", "processes"):
-            data.pop(key)
+        """Settings that change the numbers a run produces (``duplus.tracked.SPEED_ONLY`` left out)."""
+        data = results_only("pretrain", asdict(self))
         data["patch_size"] = list(self.patch_size)
         if self.lr_cycles == 1:
             data.pop("lr_cycles")  # the plain schedule: runs checkpointed before the key existed still resume

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from duplus.data.manifest import CaseRecord
 from duplus.errors import DataError
 from duplus.train.augment import augment, build_augmentation, has_lateral_classes
-from duplus.train.cases import CaseRecord, dataset_weights
+from duplus.train.cases import dataset_weights
 
 # Locations per case are tiny (<= 4096 x 3 int32 per label); keeping them saves a zip open per
 # sample. Memory maps are not cached: each holds a file descriptor.

@@ -65,6 +65,25 @@ def test_manifest_and_arrays_follow_the_contract(demo_store: Path, name: str, mo
         assert Path(row.raw_label).is_file()
 
 
+def test_every_record_read_back_resolves_to_the_files_preprocessing_wrote(demo_store: Path) -> None:
+    from duplus.data.manifest import read_manifest
+
+    for name in ("demo_abdomen_ct", "demo_abdomen_mri", "demo_headneck_pet"):
+        folder = demo_store / name
+        rows = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False).to_dict("records")
+        records = read_manifest(folder / "manifest.csv")
+        assert [(r.dataset, r.case, r.center, r.split) for r in records] == \
+            [(row["dataset"], row["case"], row["center"], row["split"]) for row in rows]
+        for record, row in zip(records, rows):
+            assert record.image.is_absolute() and record.image.samefile(folder / row["image"])
+            assert np.load(record.image, mmap_mode="r").shape == record.shape
+            assert np.load(record.label).shape == record.shape
+            assert record.meta.samefile(folder / row["meta"]) and record.locations.samefile(folder / row["locations"])
+            assert record.label_map == {int(k): v for k, v in json.loads(row["labels"]).items()}
+            assert record.sequence == (row["sequence"] or None)
+            assert record.raw_label is not None and record.raw_label.samefile(row["raw_label"])
+
+
 def test_ct_window_and_zscore(demo_store: Path) -> None:
     folder = demo_store / "demo_abdomen_ct"
     manifest = pd.read_csv(folder / "manifest.csv")

@@ -7,11 +7,11 @@ resampling, crop) were mapped back wrongly, its Dice in original space would col
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
 
+from duplus.data.manifest import case_of
 from duplus.data.preprocess import settings, transform_case
 from duplus.evaluate.run import evaluate_cases
 from duplus.prompts.templates import context_prompt, target_prompts
@@ -75,16 +75,16 @@ def _oracle_case(tmp_path):
     levels = [float(np.median(array[small_label == v])) for v in (0, 1, 2)]
     cuts = [(levels[0] + levels[1]) / 2, (levels[1] + levels[2]) / 2]
 
-    cases = pd.DataFrame([dict(dataset="demo", case="c1", center="siteB", modality="CT", sequence=None,
-                               region="abdomen", split="test", image="c1/image.npy", meta="c1/meta.json",
-                               labels=json.dumps({"1": "liver", "2": "liver tumor"}),
-                               raw_image=str(tmp_path / "image.nii.gz"), raw_label=str(tmp_path / "label.nii.gz"))])
+    cases = [case_of(dict(dataset="demo", case="c1", center="siteB", modality="CT", sequence=None, region="abdomen",
+                          split="test", image="c1/image.npy", meta="c1/meta.json", shape="x".join(map(str, array.shape)),
+                          labels=json.dumps({"1": "liver", "2": "liver tumor"}),
+                          raw_image=str(tmp_path / "image.nii.gz"), raw_label=str(tmp_path / "label.nii.gz")), tmp_path)]
     return IntensityOracle(cuts), cases, config
 
 
 def test_oracle_is_perfect_after_restoring_to_the_original_grid(tmp_path):
     oracle, cases, config = _oracle_case(tmp_path)
-    per_case = evaluate_cases(oracle, cases, TemplateCache(), config, manifest_dir=tmp_path)
+    per_case = evaluate_cases(oracle, cases, TemplateCache(), config)
     assert per_case["class"].tolist() == ["liver", "liver tumor"]
     assert per_case["dice"].min() > 0.99, per_case
     assert per_case["hd95"].max() < 1e-6 and per_case["center"].tolist() == ["siteB", "siteB"]
@@ -99,5 +99,5 @@ def test_hd95_is_measured_in_mm_of_the_original_grid_along_each_array_axis(tmp_p
     restore = cases_module.restore_mask
     monkeypatch.setattr(cases_module, "restore_mask", lambda *args: np.roll(restore(*args), 1, axis=axis))
     oracle, cases, config = _oracle_case(tmp_path)
-    per_case = evaluate_cases(oracle, cases, TemplateCache(), config, manifest_dir=tmp_path)
+    per_case = evaluate_cases(oracle, cases, TemplateCache(), config)
     assert per_case["hd95"].tolist() == pytest.approx([mm, mm])

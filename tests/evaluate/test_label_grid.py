@@ -9,16 +9,16 @@ whatever windows the sliding-window inference cuts.
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
 
 import duplus.evaluate.cases as cases_module
 from duplus.data.layouts import list_cases
+from duplus.data.manifest import case_of
 from duplus.data.preprocess import process_case, settings
 from duplus.data.registry import get_dataset
-from duplus.evaluate.cases import evaluate_cases, evaluate_frame
+from duplus.evaluate.cases import evaluate_cases, evaluate_each
 from duplus.evaluate.label_grid import image_field_of_view
 
 PET_SPACING = (4.0, 4.0, 4.0)
@@ -101,7 +101,7 @@ def hecktor_case(tmp_path, monkeypatch):
 
 
 def _scores(oracle, row):
-    frame = evaluate_cases(oracle, pd.DataFrame([row]), ClassCache(), CONFIG)
+    frame = evaluate_cases(oracle, [case_of(row, row["manifest_dir"])], ClassCache(), CONFIG)
     return frame.set_index("class")
 
 
@@ -121,7 +121,7 @@ def _tumour_probability(points, k):
 def test_a_label_on_a_finer_offset_grid_is_scored_against_the_file_as_drawn(hecktor_case):
     row, copy, oracle = hecktor_case(_tumour, _tumour_probability, PET_SPACING)
     assert row["raw_label"].endswith("labelsTr/CHUM-001.nii.gz")  # the annotators' file, not a copy on the scan
-    result = evaluate_frame(oracle, pd.DataFrame([row]), ClassCache(), CONFIG, keep_examples=True)
+    result = evaluate_each(oracle, [case_of(row, row["manifest_dir"])], ClassCache(), CONFIG, keep_examples=True)
     drawn = result.frame().set_index("class").loc["primary tumor"]
     example = result.examples["hecktor2022_pet"]  # the picture stays on the scan's grid
     assert example["image"].shape == example["pred"].shape[1:] == example["truth"].shape[1:] == PET_SIZE[::-1]
@@ -194,7 +194,7 @@ def test_both_scans_of_a_generated_hecktor_pair_are_scored_on_the_label_as_drawn
     np.save(out / row["image"], np.arange(stored.size, dtype=np.float32).reshape(stored.shape))
     oracle = Oracle(np.stack([(stored == label_id).ravel() for label_id in (1, 2)]).astype(np.float32))
     config = {**CONFIG, "pretrain": {"patch_size": [32, 32, 32]}}
-    scores = evaluate_cases(oracle, pd.DataFrame([{**row, "manifest_dir": str(out)}]), ClassCache(), config)
+    scores = evaluate_cases(oracle, [case_of(row, out)], ClassCache(), config)
     scores = scores.set_index("class")
     print(scores[["dice", "hd95", "nsd"]])
     assert row["raw_label"] == str((release / "labelsTr" / "CHUM-002.nii.gz").resolve())

@@ -4,6 +4,8 @@ The data and prompt packages are replaced by small fakes, so only this package's
 """
 
 import json
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from duplus.data.manifest import CaseRecord, read_manifest, select_cases
 from duplus.evaluate import cases as cases_module
 from duplus.evaluate.run import evaluate_cases, run_evaluate, summarize
 from duplus.model import DuPLUS, ModelConfig, save_model
@@ -101,9 +104,8 @@ CONFIG = {
 
 
 def test_oracle_scores_perfectly_in_original_space(dataset):
-    frame = pd.read_csv(dataset, dtype={"case": str})
-    frame = frame[frame["split"] == "test"]
-    per_case = evaluate_cases(OracleModel(), frame, FakeCache(), CONFIG, manifest_dir=dataset.parent)
+    cases = select_cases(read_manifest(dataset), split="test")
+    per_case = evaluate_cases(OracleModel(), cases, FakeCache(), CONFIG)
     assert list(per_case.columns) == ["dataset", "case", "center", "class", "dice", "hd95", "nsd"]
     assert sorted(per_case["class"].unique()) == ["liver", "liver tumor"]
     assert (per_case["dice"] == 1.0).all() and (per_case["hd95"] == 0.0).all()
@@ -195,8 +197,7 @@ def test_a_killed_evaluation_resumes_with_the_cases_it_finished(dataset, tmp_pat
 def test_a_journal_entry_is_reused_only_under_the_same_key(dataset, tmp_path, monkeypatch):
     from duplus.evaluate.journal import CaseJournal
 
-    frame = pd.read_csv(dataset, dtype={"case": str})
-    frame = frame[frame["split"] == "test"].assign(manifest_dir=str(dataset.parent))
+    cases = select_cases(read_manifest(dataset), split="test")
     calls = []
     real_predict = cases_module.predict_masks
     monkeypatch.setattr(cases_module, "predict_masks", lambda *a, **k: calls.append(1) or real_predict(*a, **k))
@@ -204,7 +205,7 @@ def test_a_journal_entry_is_reused_only_under_the_same_key(dataset, tmp_path, mo
     def evaluate(model_key="m1", settings=None):
         journal = CaseJournal(tmp_path / "out", model_key, settings or {"threshold": 0.5})
         calls.clear()
-        frame_out = cases_module.evaluate_frame(OracleModel(), frame, FakeCache(), CONFIG, journal=journal).frame()
+        frame_out = cases_module.evaluate_each(OracleModel(), cases, FakeCache(), CONFIG, journal=journal).frame()
         return frame_out, len(calls)
 
     first, n = evaluate()
@@ -227,8 +228,8 @@ def test_a_journal_entry_is_reused_only_under_the_same_key(dataset, tmp_path, mo
     def with_example():
         journal = CaseJournal(tmp_path / "out", "m1", {"threshold": 0.5})
         calls.clear()
-        result = cases_module.evaluate_frame(OracleModel(), frame, FakeCache(), CONFIG, keep_examples=True,
-                                             journal=journal)
+        result = cases_module.evaluate_each(OracleModel(), cases, FakeCache(), CONFIG, keep_examples=True,
+                                            journal=journal)
         return result, len(calls)
 
     assert with_example()[1] == 1  # the first case is kept as the example: its entry had none
@@ -239,16 +240,21 @@ def test_a_journal_entry_is_reused_only_under_the_same_key(dataset, tmp_path, mo
     assert with_example()[1] == 1
 
 
-def test_a_case_cap_draws_from_every_center_not_the_first_in_name_order():
-    from duplus.evaluate.run import select_cases
+def _record(case, center, split):
+    return CaseRecord(dataset="d", case=case, center=center, modality="CT", sequence=None, region="abdomen",
+                      split=split, image=Path(case), label=Path(case), meta=Path(case), locations=Path(case),
+                      shape=(1, 1, 1), label_map={1: "liver"}, raw_image=None, raw_label=None)
 
-    rows = [dict(dataset="d", case=f"{c}_{i:02d}", center=c, split="test") for c in ("siteA", "siteB", "siteC")
-            for i in range(5)] + [dict(dataset="d", case="train_01", center="siteA", split="train")]
-    frame = pd.DataFrame(rows)
-    capped = select_cases(frame, {"evaluate": {"max_cases_per_dataset": 3}, "seed": 1})
-    assert sorted(capped["center"]) == ["siteA", "siteB", "siteC"]
-    assert list(capped["case"]) == sorted(capped["case"])  # stably ordered
-    assert capped.equals(select_cases(frame, {"evaluate": {"max_cases_per_dataset": 3}, "seed": 1}))
-    six = select_cases(frame, {"evaluate": {"max_cases_per_dataset": 6}, "seed": 1})
-    assert six["center"].value_counts().to_dict() == {"siteA": 2, "siteB": 2, "siteC": 2}
-    assert len(select_cases(frame, {"evaluate": {}})) == 15
+
+def test_a_case_cap_draws_from_every_center_not_the_first_in_name_order():
+    from duplus.evaluate.run import cases_to_evaluate
+
+    records = [_record(f"{c}_{i:02d}", c, "test") for c in ("siteA", "siteB", "siteC") for i in range(5)]
+    records.append(_record("train_01", "siteA", "train"))
+    capped = cases_to_evaluate(records, {"evaluate": {"max_cases_per_dataset": 3}, "seed": 1})
+    assert sorted(c.center for c in capped) == ["siteA", "siteB", "siteC"]
+    assert [c.case for c in capped] == sorted(c.case for c in capped)  # stably ordered
+    assert capped == cases_to_evaluate(records[::-1], {"evaluate": {"max_cases_per_dataset": 3}, "seed": 1})
+    six = cases_to_evaluate(records, {"evaluate": {"max_cases_per_dataset": 6}, "seed": 1})
+    assert Counter(c.center for c in six) == {"siteA": 2, "siteB": 2, "siteC": 2}
+    assert len(cases_to_evaluate(records, {"evaluate": {}})) == 15

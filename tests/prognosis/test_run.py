@@ -37,8 +37,9 @@ def make_project(root: Path) -> dict:
         center = ["CHUM", "CHUP"][i % 2]
         rows.append({"dataset": "demo_headneck_pet", "case": case, "center": center, "modality": "PET",
                      "sequence": "", "region": "head and neck", "split": "train" if i % 4 else "test",
-                     "image": f"{case}/image.npy", "label": f"{case}/label.npy",
-                     "labels": json.dumps({"1": "primary tumor", "2": "lymph node"})})
+                     "image": f"{case}/image.npy", "label": f"{case}/label.npy", "meta": f"{case}/meta.json",
+                     "locations": f"{case}/locations.npz", "shape": "8x8x8",
+                     "labels": json.dumps({"1": "primary tumor", "2": "lymph node"}), "raw_image": "", "raw_label": ""})
         clinical.append({"patient_id": case, "rfs_months": float(rng.exponential(40 / size)),
                          "relapse": int(i % 3 != 0), "age": 50 + i, "weight": np.nan if i == 3 else 70 + i % 7,
                          "center": center, "tobacco": ["current", "never"][i % 2], "alcohol": i % 2,

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 import duplus.train.finetune as finetune
+from duplus.data.manifest import read_manifests, select_cases
+from duplus.errors import TrainingInterrupted
 from duplus.model import load_model, lora_target_names, save_model
 from duplus.train.adapters import add_adapter, lora_config_from
 from duplus.train.batches import TextTable
-from duplus.train.cases import read_manifests, select_cases
-from duplus.train.interrupt import TrainingInterrupted
 from duplus.train.phase_journal import FOLDER
 from duplus.train.sampling import PatchSampler
 
@@ -147,13 +147,13 @@ def test_checkpoint_of_another_adapter_is_refused(base_file, store, tmp_path):
 
 
 def _fake_evaluate(calls: list[str], phase_marker: list[str]):
-    def evaluate(model, rows, cache, config, manifest_dir):
+    def evaluate(model, cases, cache, config):
         calls.append(phase_marker[-1])
         # Scores that depend on the weights, so a resumed model that differed would show.
         value = float(sum(p.double().sum() for p in model.parameters()).item() % 1.0)
-        return pd.DataFrame([{"dataset": r["dataset"], "case": r["case"], "center": r["center"], "class": c,
+        return pd.DataFrame([{"dataset": r.dataset, "case": r.case, "center": r.center, "class": c,
                               "dice": value if c == "liver" else float("nan"), "hd95": 1.0, "nsd": value}
-                             for _, r in rows.iterrows() for c in ("liver", "spleen")])
+                             for r in cases for c in ("liver", "spleen")])
     return evaluate
 
 

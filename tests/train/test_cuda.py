@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from duplus.data.manifest import read_manifests, select_cases
 from duplus.hashing import sha256_file
 from duplus.model import load_model, lora_target_names, save_model
 from duplus.train.adapters import add_adapter, load_adapter, lora_config_from, save_adapter
 from duplus.train.batches import TextTable
-from duplus.train.cases import read_manifests, select_cases
 from duplus.train.checkpoint import list_checkpoints
 from duplus.train.finetune import fit
 from duplus.train.pretrain import run_pretrain
@@ -119,8 +119,8 @@ def test_adaptation_resumes_on_gpu_after_sigterm(store, tmp_path, monkeypatch, c
     import signal
 
     import duplus.train.finetune as finetune
+    from duplus.errors import TrainingInterrupted
     from duplus.model import DuPLUS, ModelConfig
-    from duplus.train.interrupt import TrainingInterrupted
 
     device = torch.device("cuda")
     torch.manual_seed(0)

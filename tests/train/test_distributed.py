@@ -122,7 +122,7 @@ def test_sigterm_to_the_launcher_reaches_the_ranks_which_checkpoint_and_stop(sto
     import threading
     import time
 
-    from duplus.train.interrupt import TrainingInterrupted
+    from duplus.errors import TrainingInterrupted
 
     from .conftest import BASE_CONFIG
 

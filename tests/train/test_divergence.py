@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from duplus.errors import TrainingDiverged
 from duplus.train import finetune
 from duplus.train import pretrain as pretrain_module
-from duplus.train.divergence import DivergenceWatch, TrainingDiverged
+from duplus.train.divergence import DivergenceWatch
 from duplus.train.pretrain import run_pretrain
 from duplus.train.sampling import PatchSampler
 

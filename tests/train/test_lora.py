@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from duplus.data.manifest import read_manifests, select_cases
 from duplus.errors import CheckpointError, ConfigError, DataError, ModelError
 from duplus.hashing import sha256_file
 from duplus.model import DuPLUS, ModelConfig, load_model, lora_target_names, save_model
@@ -24,7 +25,6 @@ from duplus.train.adapters import (
     set_adapter,
 )
 from duplus.train.batches import TextTable
-from duplus.train.cases import read_manifests, select_cases
 from duplus.train.finetune import fit
 from duplus.train.sampling import PatchSampler
 
@@ -193,13 +193,13 @@ def test_run_lora_writes_adapter_meta_and_metrics(store, base_file, tmp_path, mo
 
     scores = iter([0.5, 0.7, 0.8])  # zero-shot, LoRA, full fine-tuning
 
-    def fake_evaluate(model, rows, cache, config, manifest_dir):
-        assert set(rows["split"]) == {"test"} and set(rows["center"]) == {"siteB"}
-        assert (manifest_dir / rows["image"].iloc[0]).is_file()
+    def fake_evaluate(model, cases, cache, config):
+        assert {c.split for c in cases} == {"test"} and {c.center for c in cases} == {"siteB"}
+        assert cases[0].image.is_file()
         value = next(scores)
-        return pd.DataFrame([{"dataset": r["dataset"], "case": r["case"], "center": r["center"], "class": c,
-                              "dice": value, "hd95": 1.0, "nsd": value} for _, r in rows.iterrows()
-                             for c in ("liver", "spleen")])
+        return pd.DataFrame([{"dataset": c.dataset, "case": c.case, "center": c.center, "class": name,
+                              "dice": value, "hd95": 1.0, "nsd": value} for c in cases
+                             for name in ("liver", "spleen")])
 
     monkeypatch.setattr(lora, "_evaluate", fake_evaluate)
     config = copy.deepcopy(BASE_CONFIG)
@@ -393,7 +393,7 @@ def test_the_run_seed_decides_the_adapter_whatever_ran_before(store, base_file, 
 
     import duplus.train.lora as lora
 
-    monkeypatch.setattr(lora, "_evaluate", lambda model, rows, cache, config, manifest_dir: pd.DataFrame(
+    monkeypatch.setattr(lora, "_evaluate", lambda model, cases, cache, config: pd.DataFrame(
         [{"dataset": "toy_ct", "case": "c", "center": "siteB", "class": "liver", "dice": 0.5, "hd95": 1.0,
           "nsd": 0.5}]))
     config = copy.deepcopy(BASE_CONFIG)

@@ -11,10 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from duplus.errors import CheckpointError
+from duplus.errors import CheckpointError, TrainingInterrupted
 from duplus.model import load_model
 from duplus.train.checkpoint import list_checkpoints
-from duplus.train.interrupt import TrainingInterrupted
 from duplus.train.pretrain import run_pretrain
 from duplus.train.sampling import PatchSampler
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from duplus.data.manifest import read_manifests, select_cases
 from duplus.errors import ConfigError, DataError
-from duplus.train.cases import dataset_weights, pretraining_cases, read_manifests, select_cases
+from duplus.train.cases import dataset_weights, pretraining_cases
 from duplus.train.sampling import PatchSampler, collate_patches, extract, make_loader
 
 from .conftest import DATASETS, PATCH
