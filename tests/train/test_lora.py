@@ -249,14 +249,14 @@ def test_one_adapter_learns_and_is_scored_on_every_scan_of_its_center(store, bas
     calls = []
     dice = {"toy_ct": iter([0.5, 0.7, 0.8]), "toy_mr": iter([0.1, 0.5, 0.6])}  # zero-shot, LoRA, full FT
 
-    def fake_evaluate(model, rows, cache, config, manifest_dir):
-        assert rows["dataset"].nunique() == 1 and set(rows["split"]) == {"test"} and set(rows["center"]) == {"siteB"}
-        assert all((manifest_dir / image).is_file() for image in rows["image"])  # each dataset's own folder
-        name = rows["dataset"].iloc[0]
-        calls.append(name)
-        value = next(dice[name])
-        return pd.DataFrame([{"dataset": name, "case": r["case"], "center": "siteB", "class": "liver", "dice": value,
-                              "hd95": 1.0, "nsd": value} for _, r in rows.iterrows()])
+    def fake_evaluate(model, cases, cache, config):
+        assert {c.split for c in cases} == {"test"} and {c.center for c in cases} == {"siteB"}
+        assert all(c.image.is_file() for c in cases)  # each dataset's paths from its own manifest's folder
+        names = sorted({c.dataset for c in cases})
+        calls.append(names)
+        values = {name: next(dice[name]) for name in names}
+        return pd.DataFrame([{"dataset": c.dataset, "case": c.case, "center": "siteB", "class": "liver",
+                              "dice": values[c.dataset], "hd95": 1.0, "nsd": values[c.dataset]} for c in cases])
 
     monkeypatch.setattr(lora, "_evaluate", fake_evaluate)
     config = copy.deepcopy(BASE_CONFIG)
@@ -266,7 +266,7 @@ def test_one_adapter_learns_and_is_scored_on_every_scan_of_its_center(store, bas
     with caplog.at_level("WARNING", logger="duplus.train.lora"):
         metrics = lora.run_lora(config, "siteB_all", _same_center_store(store, tmp_path), FakePromptCache(),
                                 base_file, out)
-    assert calls == ["toy_ct", "toy_mr"] * 3
+    assert calls == [["toy_ct", "toy_mr"]] * 3  # every scan of the center scored in each phase
     # toy_ct's siteB is held out of pretraining (BASE_CONFIG), toy_mr's is not: said for that one alone.
     assert "center siteB of toy_mr was not held out" in caplog.text and "of toy_ct was not" not in caplog.text
     assert metrics["dataset"] == "toy_ct + toy_mr" and metrics["datasets"] == ["toy_ct", "toy_mr"]
