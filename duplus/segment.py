@@ -231,7 +231,7 @@ def _load_network(weights: str, sha256: str | None, adapter: str | None, device:
     if adapter:
         if not Path(adapter).exists():
             raise ModelError(f"{adapter}: adapter folder not found")
-        from duplus.train.adapters import load_adapter  # peft loads only when an adapter is asked for
+        from duplus.model.adapters import load_adapter  # peft loads only when an adapter is asked for
 
         folder = Path(adapter)
         # Accept the center's results folder (results/lora/<center>) as well as its adapter/ inside.

@@ -21,9 +21,9 @@ from duplus.atomic import replace_folder, write_json
 from duplus.data.manifest import CaseRecord, read_manifests, select_cases
 from duplus.errors import ConfigError, DataError
 from duplus.hashing import sha256_file
+from duplus.model.adapters import WEIGHTS_NAME, add_adapter, lora_config_from, save_adapter
 from duplus.runtime import device_for, seed_everything
 from duplus.train.adaptation_keys import phase_identities
-from duplus.train.adapters import WEIGHTS_NAME, add_adapter, lora_config_from, save_adapter
 from duplus.train.batches import TextTable, open_prompt_cache
 from duplus.train.finetune import fit
 from duplus.train.optim import resolve_amp

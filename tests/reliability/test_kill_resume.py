@@ -141,7 +141,7 @@ def check_library_readers(stage: str, out: Path) -> None:
             except DuplusError:
                 pass
     if stage == "lora":
-        from duplus.train.adapters import read_adapter
+        from duplus.model.adapters import read_adapter
 
         adapter = out / "results" / "lora" / LORA_CENTER / "adapter"
         if adapter.exists():

@@ -143,8 +143,8 @@ def test_checkpoint_with_foreign_tensors_file_is_refused_cleanly(torch_format: b
 
 @pytest.mark.parametrize("layout", ["pickle-as-safetensors", "pickle-bin-only"])
 def test_adapter_loading_refuses_pickles(layout: str, saved_model: Path, marker: Path, tmp_path: Path) -> None:
+    from duplus.model.adapters import load_adapter
     from duplus.model.io import load_model
-    from duplus.train.adapters import load_adapter
 
     folder = tmp_path / "adapter"
     folder.mkdir()

@@ -16,7 +16,7 @@ import duplus.train.finetune as finetune
 from duplus.data.manifest import read_manifests, select_cases
 from duplus.errors import TrainingInterrupted
 from duplus.model import load_model, lora_target_names, save_model
-from duplus.train.adapters import add_adapter, lora_config_from
+from duplus.model.adapters import add_adapter, lora_config_from
 from duplus.train.batches import TextTable
 from duplus.train.phase_journal import FOLDER
 from duplus.train.sampling import PatchSampler

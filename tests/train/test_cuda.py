@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from duplus.data.manifest import read_manifests, select_cases
 from duplus.hashing import sha256_file
 from duplus.model import load_model, lora_target_names, save_model
-from duplus.train.adapters import add_adapter, load_adapter, lora_config_from, save_adapter
+from duplus.model.adapters import add_adapter, load_adapter, lora_config_from, save_adapter
 from duplus.train.batches import TextTable
 from duplus.train.checkpoint import list_checkpoints
 from duplus.train.finetune import fit

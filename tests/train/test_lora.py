@@ -15,7 +15,7 @@ from duplus.data.manifest import read_manifests, select_cases
 from duplus.errors import CheckpointError, ConfigError, DataError, ModelError
 from duplus.hashing import sha256_file
 from duplus.model import DuPLUS, ModelConfig, load_model, lora_target_names, save_model
-from duplus.train.adapters import (
+from duplus.model.adapters import (
     adapter_names,
     add_adapter,
     load_adapter,
