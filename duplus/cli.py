@@ -19,8 +19,8 @@ def _list_classes(args: argparse.Namespace) -> int:
 
     if getattr(args, "weights", None):
         from duplus.model import read_sidecar
-        from duplus.segment import load_config
-        from duplus.segment_knowledge import format_trained_on, trained_on
+        from duplus.segment.knowledge import format_trained_on, trained_on
+        from duplus.segment.segmenter import load_config
 
         print(format_trained_on(trained_on(read_sidecar(args.weights), load_config(args.config)), args.weights))
         return 0
@@ -37,7 +37,7 @@ def _list_datasets(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from duplus import segment
+    from duplus.segment import segmenter as segment
 
     return segment.run(args)
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment a NIfTI/NRRD/MHA scan or DICOM series with free-text class prompts",
         description="Segment a scan; masks are written on exactly the input grid.",
     )
-    from duplus import segment
+    from duplus.segment import segmenter as segment
 
     segment.add_arguments(seg)
     seg.set_defaults(func=_segment)

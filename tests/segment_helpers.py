@@ -12,8 +12,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from duplus import segment
 from duplus.model import DuPLUS, ModelConfig, save_model
+from duplus.segment import segmenter as segment
 
 TEXT_DIM = 4
 DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # RAS-like: not the LPS of the preprocessed grid

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from segment_helpers import make_setup
 
-from duplus import segment
+from duplus.segment import segmenter as segment
 
 
 @pytest.fixture()

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 from segment_helpers import make_setup
 
 import duplus
-from duplus import segment, segment_batch
+from duplus.segment import batch as segment_batch
+from duplus.segment import segmenter as segment
 
 
 @pytest.fixture()

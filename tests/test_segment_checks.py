@@ -8,9 +8,9 @@ import pytest
 import SimpleITK as sitk
 from segment_helpers import make_setup
 
-from duplus import segment
 from duplus.errors import ConfigError
-from duplus.segment_checks import warn_if_ct_like, warn_if_not_ct_like
+from duplus.segment import segmenter as segment
+from duplus.segment.checks import warn_if_ct_like, warn_if_not_ct_like
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ from segment_helpers import make_setup
 
 from duplus.cli import main
 from duplus.data.io import read_image_files
-from duplus.segment_dicom import class_code, write_dicom
+from duplus.segment.dicom import class_code, write_dicom
 
 SLICES, ROWS, COLUMNS = 12, 20, 24
 PIXEL_SPACING = (0.9, 1.3)  # row spacing (y), column spacing (x): not square, so rows and columns cannot swap

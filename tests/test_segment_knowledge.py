@@ -8,10 +8,10 @@ import json
 import torch
 from segment_helpers import TEXT_DIM, make_setup
 
-from duplus import segment
 from duplus.cli import main
 from duplus.model import DuPLUS, ModelConfig, save_model
-from duplus.segment_knowledge import trained_on, zero_shot_notes
+from duplus.segment import segmenter as segment
+from duplus.segment.knowledge import trained_on, zero_shot_notes
 
 
 def _weights(tmp_path):

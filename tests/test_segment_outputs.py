@@ -9,10 +9,10 @@ import pytest
 import SimpleITK as sitk
 from segment_helpers import make_setup
 
-from duplus import segment
 from duplus.cli import main
 from duplus.errors import ConfigError
-from duplus.segment_outputs import MAX_STEM, output_format
+from duplus.segment import segmenter as segment
+from duplus.segment.outputs import MAX_STEM, output_format
 
 # Digits NIfTI-1's float32 geometry cannot hold: a NIfTI mask of this scan sits ~1e-6 mm off it.
 ORIGIN = (-123.456789, 7.123456789, 3.3333333)

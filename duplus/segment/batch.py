@@ -166,7 +166,7 @@ def _stem_suffix(path: Path) -> str:
 def completed(out: Path, settings: dict[str, Any], image: Path) -> bool:
     """Whether ``out`` holds a finished run of these settings on this very input (its files' hash unchanged)."""
     from duplus.hashing import sha256_files
-    from duplus.segment_outputs import REPORT
+    from duplus.segment.outputs import REPORT
 
     try:
         report = json.loads((out / REPORT).read_text(encoding="utf-8"))
@@ -195,7 +195,7 @@ def run_batch(segmenter: Any, scans: list[BatchScan], out_dir: str | os.PathLike
               mask_format: str | None = None, output_type: str | None = None) -> dict[str, Any]:
     """Segment every scan into ``out_dir/<name>/``; write and return the summary (``summary.json``/``.csv``)."""
     from duplus.atomic import write_json
-    from duplus.segment_outputs import output_format, prepare_folder
+    from duplus.segment.outputs import output_format, prepare_folder
 
     out = prepare_folder(out_dir)
     started = time.perf_counter()

@@ -1,8 +1,8 @@
 """`duplus segment`: segment one scan with free-text class prompts; masks land on exactly the input grid.
 
 Reads NIfTI/NRRD/MHA or a DICOM folder, preprocesses as in training, runs sliding-window inference,
-restores. The output folder (names, format, stale files, writing) is :mod:`duplus.segment_outputs`;
-checks of options and scan are :mod:`duplus.segment_checks`.
+restores. The output folder (names, format, stale files, writing) is :mod:`duplus.segment.outputs`;
+checks of options and scan are :mod:`duplus.segment.checks`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 
 from duplus import __version__
 from duplus.errors import ConfigError, DataError, DuplusError, ModelError
-from duplus.segment_checks import warn_if_ct_like, warn_if_not_ct_like  # noqa: F401 - part of this module's API
-from duplus.segment_outputs import (  # noqa: F401 - part of this module's API
+from duplus.segment.checks import warn_if_ct_like, warn_if_not_ct_like  # noqa: F401 - part of this module's API
+from duplus.segment.outputs import (  # noqa: F401 - part of this module's API
     FORMATS,
     OUTPUT_TYPES,
     REPORT,
@@ -87,8 +87,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     from duplus.prompts.catalog import split_free_text
     from duplus.prompts.templates import normalize_modality
     from duplus.runtime import device_name
-    from duplus.segment_batch import is_batch_input
-    from duplus.segment_outputs import DICOM_OUTPUTS, check_output_folder, output_format
+    from duplus.segment.batch import is_batch_input
+    from duplus.segment.outputs import DICOM_OUTPUTS, check_output_folder, output_format
 
     if not Path(args.input).exists():
         raise DataError(f"{args.input}: file not found (-i takes a scan, a DICOM folder, a folder of scans or a CSV "
@@ -124,7 +124,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """CLI entry: 0 on success; 2 with a one-line message for any ``DuplusError`` or file-system error;
     for many scans, 1 when some failed (the summary names them)."""
-    from duplus.segment_batch import is_batch_input
+    from duplus.segment.batch import is_batch_input
 
     try:
         check_arguments(args)
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_batch(args: argparse.Namespace, options: dict[str, Any]) -> int:
-    from duplus.segment_batch import SUMMARY_JSON, find_scans, run_batch
+    from duplus.segment.batch import SUMMARY_JSON, find_scans, run_batch
 
     scans = find_scans(args.input, args.output)
     segmenter = Segmenter(args.prompts, args.modality, **options)
@@ -304,7 +304,7 @@ class Segmenter:
         from duplus.model import MODALITIES, modality_index
         from duplus.prompts.templates import context_prompt
         from duplus.runtime import resolve_device
-        from duplus.segment_checks import check_dataset_modality, check_sequence, warn_if_unknown_region
+        from duplus.segment.checks import check_dataset_modality, check_sequence, warn_if_unknown_region
 
         config = dict(config or {})
         default_weights, default_cache = default_paths(config)  # the run's own files unless given
@@ -381,7 +381,7 @@ class Segmenter:
 
     def zero_shot(self) -> list[str]:
         """Prompts the model never trained on (its sidecar's classes, modalities and regions), one line each."""
-        from duplus.segment_knowledge import trained_on, zero_shot_notes
+        from duplus.segment.knowledge import trained_on, zero_shot_notes
 
         if self._zero_shot is None:
             self._zero_shot = zero_shot_notes(trained_on(self.sidecar(), self.config), self.modality, self.region,
@@ -414,7 +414,7 @@ class Segmenter:
 
     def _prepared(self, scan: Any, sources: list[Path], image: str, input_sha256: str, started: float) -> Prepared:
         from duplus.data.preprocess import prepare_image
-        from duplus.segment_checks import warn_if_wrong_modality
+        from duplus.segment.checks import warn_if_wrong_modality
 
         direction = np.asarray(scan.GetDirection(), dtype=float).reshape(3, 3)
         if not np.allclose(direction @ direction.T, np.eye(3), atol=1e-4):
@@ -458,7 +458,7 @@ class Segmenter:
 
     def masks(self, prepared: Prepared) -> dict[str, Any]:
         """Class name -> uint8 SimpleITK mask on the scan's own grid (nothing written)."""
-        from duplus.segment_outputs import restored_mask
+        from duplus.segment.outputs import restored_mask
 
         masks = self.predict(prepared)
         return {name: restored_mask(masks, k, prepared.meta) for k, name in enumerate(self.names)}
@@ -474,7 +474,7 @@ class Segmenter:
         while this one is predicted).
         """
         from duplus.atomic import write_json
-        from duplus.segment_outputs import output_format, prepare_folder, previous_outputs, remove_stale
+        from duplus.segment.outputs import output_format, prepare_folder, previous_outputs, remove_stale
 
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -548,8 +548,8 @@ def segment_image(
 
     ``options`` are :class:`Segmenter`'s (region, sequence, weights, sha256, adapter, dataset_classes,
     multilabel, device, prompt_cache, config, threshold). Masks are written as ``mask_format`` (one of
-    ``FORMATS``; default: the input's format, see :func:`duplus.segment_outputs.output_format`), or, for a
-    DICOM series, as one DICOM SEG or RTSTRUCT file (``output_type``, see :mod:`duplus.segment_dicom`). Files an
+    ``FORMATS``; default: the input's format, see :func:`duplus.segment.outputs.output_format`), or, for a
+    DICOM series, as one DICOM SEG or RTSTRUCT file (``output_type``, see :mod:`duplus.segment.dicom`). Files an
     earlier run's report in ``out_dir`` lists and this run does not write are removed, as is that
     report, before the masks are written.
     """

@@ -19,7 +19,7 @@ import numpy as np
 
 from duplus import __version__
 from duplus.errors import DataError
-from duplus.segment_outputs import DICOM_OUTPUTS
+from duplus.segment.outputs import DICOM_OUTPUTS
 
 LATERAL = ("left", "right")
 MANUFACTURER = "DuPLUS"
