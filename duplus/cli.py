@@ -20,7 +20,7 @@ def _list_classes(args: argparse.Namespace) -> int:
     if getattr(args, "weights", None):
         from duplus.model import read_sidecar
         from duplus.segment.knowledge import format_trained_on, trained_on
-        from duplus.segment.segmenter import load_config
+        from duplus.segment.request import load_config
 
         print(format_trained_on(trained_on(read_sidecar(args.weights), load_config(args.config)), args.weights))
         return 0
@@ -37,9 +37,9 @@ def _list_datasets(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from duplus.segment import segmenter as segment
+    from duplus.segment.command import run
 
-    return segment.run(args)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment a NIfTI/NRRD/MHA scan or DICOM series with free-text class prompts",
         description="Segment a scan; masks are written on exactly the input grid.",
     )
-    from duplus.segment import segmenter as segment
+    from duplus.segment.command import add_arguments
 
-    segment.add_arguments(seg)
+    add_arguments(seg)
     seg.set_defaults(func=_segment)
     return parser
 

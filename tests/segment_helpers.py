@@ -13,7 +13,8 @@ import SimpleITK as sitk
 import torch
 
 from duplus.model import DuPLUS, ModelConfig, save_model
-from duplus.segment import segmenter as segment
+from duplus.prompts.catalog import ResolvedPrompt
+from duplus.segment import network, request
 
 TEXT_DIM = 4
 DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # RAS-like: not the LPS of the preprocessed grid
@@ -48,9 +49,10 @@ def make_setup(tmp_path: Path, monkeypatch: Any) -> dict[str, Any]:
     def resolve(prompts, modality, sequence, dataset_classes=()):
         from duplus.prompts.catalog import split_free_text
 
-        return [(p, p if p in ("liver", "liver tumor") else None, f"A scan of a {p}.") for p in split_free_text(prompts or "")]
+        return [ResolvedPrompt(p, p if p in ("liver", "liver tumor") else None, f"A scan of a {p}.")
+                for p in split_free_text(prompts or "")]
 
-    monkeypatch.setattr(segment, "resolve_prompts", resolve)
-    monkeypatch.setattr(segment, "prompt_embeddings", lambda path, texts, config, device: FakeCache())
+    monkeypatch.setattr(request, "resolve_prompts", resolve)
+    monkeypatch.setattr(network, "prompt_embeddings", lambda path, texts, config, device: FakeCache())
     config = {"preprocess": {"spacing": [2.0, 2.0, 2.0]}, "inference": {"overlap": 0.25, "sw_batch_size": 1}}
     return {"scan": path, "image": sitk.ReadImage(str(path)), "weights": weights, "sha": sidecar["sha256"], "config": config}

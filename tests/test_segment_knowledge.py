@@ -10,7 +10,7 @@ from segment_helpers import TEXT_DIM, make_setup
 
 from duplus.cli import main
 from duplus.model import DuPLUS, ModelConfig, save_model
-from duplus.segment import segmenter as segment
+from duplus.segment.api import segment_image
 from duplus.segment.knowledge import trained_on, zero_shot_notes
 
 
@@ -27,8 +27,8 @@ def test_prompts_the_model_never_trained_on_are_warned_about_and_reported(tmp_pa
     setup = make_setup(tmp_path, monkeypatch)
     weights = _weights(tmp_path)
     with caplog.at_level("WARNING", logger="duplus.segment"):
-        report = segment.segment_image(str(setup["scan"]), str(tmp_path / "out"), "liver, liver tumor", "CT",
-                                       weights=str(weights), device="cpu", config=setup["config"])
+        report = segment_image(str(setup["scan"]), str(tmp_path / "out"), "liver, liver tumor", "CT",
+                               weights=str(weights), device="cpu", config=setup["config"])
     assert report["zero_shot"] == ["'liver tumor': the model was never trained on this class: zero-shot, expect a "
                                    "poor or empty mask"]
     assert "'liver tumor': the model was never trained on this class" in caplog.text

@@ -203,7 +203,7 @@ def run_batch(segmenter: Any, scans: list[BatchScan], out_dir: str | os.PathLike
     todo: list[tuple[int, BatchScan]] = []
     for index, scan in enumerate(scans):
         row = {"scan": scan.name, "input": str(scan.image), "output": str(out / scan.name), "status": "pending",
-               "seconds": None, "peak_memory_mb": None, "classes": list(segmenter.names), "error": None}
+               "seconds": None, "peak_memory_mb": None, "classes": list(segmenter.request.names), "error": None}
         rows.append(row)
         try:
             settings = segmenter.settings(output_format(scan.image, mask_format, output_type), channel)
@@ -242,7 +242,7 @@ def run_batch(segmenter: Any, scans: list[BatchScan], out_dir: str | os.PathLike
                 row.update(status="failed", seconds=round(time.perf_counter() - mark, 3), error=message)
     counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "failed")}
     summary = {"scans": rows, "counts": counts, "seconds": round(time.perf_counter() - started, 3),
-               "model_load_seconds": round(segmenter.load_seconds, 3), "device": str(segmenter.device)}
+               "model_load_seconds": round(segmenter.load_seconds, 3), "device": str(segmenter.request.device)}
     write_json(out / SUMMARY_JSON, summary)
     _write_csv(out / SUMMARY_CSV, rows)
     return summary
