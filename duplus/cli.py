@@ -100,8 +100,13 @@ def _main(argv: list[str] | None) -> int:
     if quiet:
         os.environ["DUPLUS_NO_PROGRESS"] = "1"
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
-    logging.getLogger("numexpr").setLevel(logging.WARNING)  # "NumExpr defaulting to N threads" on every run
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    if not args.verbose:
+        # Other libraries' INFO lines (highdicom's "copy attributes of module ...", numexpr's thread count) are
+        # about their own work, not the user's: only their warnings and errors are shown, or everything with -v.
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING or record.name.split(".")[0] == "duplus")
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         return int(args.func(args) or 0)
     except DuplusError as error:

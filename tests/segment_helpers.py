@@ -56,3 +56,23 @@ def make_setup(tmp_path: Path, monkeypatch: Any) -> dict[str, Any]:
     monkeypatch.setattr(network, "prompt_embeddings", lambda path, texts, config, device: FakeCache())
     config = {"preprocess": {"spacing": [2.0, 2.0, 2.0]}, "inference": {"overlap": 0.25, "sw_batch_size": 1}}
     return {"scan": path, "image": sitk.ReadImage(str(path)), "weights": weights, "sha": sidecar["sha256"], "config": config}
+
+
+class FakeEncoder:
+    """The encoder FakeCache stands for, to write a real cache file for `duplus segment` run as its own process."""
+
+    identity, dim = FakeCache.encoder_identity, TEXT_DIM
+
+    def encode(self, texts, batch_size=64):
+        return torch.stack([FakeCache().get(text) for text in texts])
+
+
+def write_prompt_cache(path: Path, prompts: str, modality: str = "CT", region: str = "abdomen") -> Path:
+    """A prompt cache holding the context prompt and the class prompts of ``prompts`` as the real resolver words them."""
+    from duplus.prompts.cache import build_prompt_cache
+    from duplus.prompts.catalog import resolve_free_text
+    from duplus.prompts.templates import context_prompt
+
+    texts = [context_prompt(modality, region)] + [item.text for item in resolve_free_text(prompts, modality)]
+    build_prompt_cache(texts, FakeEncoder(), path)
+    return path

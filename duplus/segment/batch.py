@@ -53,7 +53,8 @@ def _is_dicom_file(path: Path) -> bool:
 def holds_dicom(folder: Path) -> bool:
     """Whether ``folder`` itself (not its subfolders) holds DICOM files."""
     try:
-        return any(entry.is_file() and _is_dicom_file(Path(entry.path)) for entry in os.scandir(folder))
+        with os.scandir(folder) as entries:  # closed also when any() stops at the first DICOM file
+            return any(entry.is_file() and _is_dicom_file(Path(entry.path)) for entry in entries)
     except OSError:
         return False
 
