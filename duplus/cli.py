@@ -20,8 +20,8 @@ def _list_classes(args: argparse.Namespace) -> int:
     if getattr(args, "weights", None):
         from duplus.data.taxonomy import declared_classes
         from duplus.model import read_sidecar, sidecar_path
-        from duplus.segment import load_config
-        from duplus.segment_knowledge import format_trained_on, trained_on, use_model_classes
+        from duplus.segment.knowledge import format_trained_on, trained_on, use_model_classes
+        from duplus.segment.request import load_config
 
         sidecar, config = read_sidecar(args.weights), load_config(args.config)
         # The weights' own classes, checked against the config's as `duplus segment` does.
@@ -32,7 +32,7 @@ def _list_classes(args: argparse.Namespace) -> int:
 
     if getattr(args, "config", None):
         from duplus.data.registry import use_declared_classes
-        from duplus.segment import load_config
+        from duplus.segment.request import load_config
 
         use_declared_classes(load_config(args.config))  # the config's own classes are listed after the built-in ones
     print(format_class_table())
@@ -47,9 +47,9 @@ def _list_datasets(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from duplus import segment
+    from duplus.segment.command import run
 
-    return segment.run(args)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment a NIfTI/NRRD/MHA scan or DICOM series with free-text class prompts",
         description="Segment a scan; masks are written on exactly the input grid.",
     )
-    from duplus import segment
+    from duplus.segment.command import add_arguments
 
-    segment.add_arguments(seg)
+    add_arguments(seg)
     seg.set_defaults(func=_segment)
     return parser
 
@@ -111,8 +111,13 @@ def _main(argv: list[str] | None) -> int:
     if quiet:
         os.environ["DUPLUS_NO_PROGRESS"] = "1"
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
-    logging.getLogger("numexpr").setLevel(logging.WARNING)  # "NumExpr defaulting to N threads" on every run
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    if not args.verbose:
+        # Other libraries' INFO lines (highdicom's "copy attributes of module ...", numexpr's thread count) are
+        # about their own work, not the user's: only their warnings and errors are shown, or everything with -v.
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING or record.name.split(".")[0] == "duplus")
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         return int(args.func(args) or 0)
     except DuplusError as error:

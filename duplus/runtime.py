@@ -27,6 +27,31 @@ def setup_logging(log_path: str | None = None, level: int = logging.INFO) -> Non
     logging.captureWarnings(True)
 
 
+@contextlib.contextmanager
+def held_log_records(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Hold back what logger ``name`` (a library's) logs in this thread inside the block: the records go to
+    the caller, not to any handler, so that a library's message becomes one line of ours, or none.
+
+    A filter on the logger itself, so neither the library's own handler nor the root logger's print them;
+    records of other threads (a scan read ahead while another is written) pass as usual.
+    """
+    logger = logging.getLogger(name)
+    thread = threading.get_ident()
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.thread != thread:
+            return True
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+
+
 # The devices a run may ask for. torch.device() takes many more ("meta", "xpu"), which either fail
 # deep inside inference or silently produce no data, and refuses "gpu" with a bare RuntimeError; so
 # "gpu"/"gpu:N" (TotalSegmentator's spelling) are read as cuda/cuda:N here, and the rest refused.

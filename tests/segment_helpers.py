@@ -12,8 +12,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from duplus import segment
 from duplus.model import DuPLUS, ModelConfig, save_model
+from duplus.prompts.catalog import ResolvedPrompt
+from duplus.segment import network, request
 
 TEXT_DIM = 4
 DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # RAS-like: not the LPS of the preprocessed grid
@@ -48,9 +49,30 @@ def make_setup(tmp_path: Path, monkeypatch: Any) -> dict[str, Any]:
     def resolve(prompts, modality, sequence, dataset_classes=()):
         from duplus.prompts.catalog import split_free_text
 
-        return [(p, p if p in ("liver", "liver tumor") else None, f"A scan of a {p}.") for p in split_free_text(prompts or "")]
+        return [ResolvedPrompt(p, p if p in ("liver", "liver tumor") else None, f"A scan of a {p}.")
+                for p in split_free_text(prompts or "")]
 
-    monkeypatch.setattr(segment, "resolve_prompts", resolve)
-    monkeypatch.setattr(segment, "prompt_embeddings", lambda path, texts, config, device: FakeCache())
+    monkeypatch.setattr(request, "resolve_prompts", resolve)
+    monkeypatch.setattr(network, "prompt_embeddings", lambda path, texts, config, device: FakeCache())
     config = {"preprocess": {"spacing": [2.0, 2.0, 2.0]}, "inference": {"overlap": 0.25, "sw_batch_size": 1}}
     return {"scan": path, "image": sitk.ReadImage(str(path)), "weights": weights, "sha": sidecar["sha256"], "config": config}
+
+
+class FakeEncoder:
+    """The encoder FakeCache stands for, to write a real cache file for `duplus segment` run as its own process."""
+
+    identity, dim = FakeCache.encoder_identity, TEXT_DIM
+
+    def encode(self, texts, batch_size=64):
+        return torch.stack([FakeCache().get(text) for text in texts])
+
+
+def write_prompt_cache(path: Path, prompts: str, modality: str = "CT", region: str = "abdomen") -> Path:
+    """A prompt cache holding the context prompt and the class prompts of ``prompts`` as the real resolver words them."""
+    from duplus.prompts.cache import build_prompt_cache
+    from duplus.prompts.catalog import resolve_free_text
+    from duplus.prompts.templates import context_prompt
+
+    texts = [context_prompt(modality, region)] + [item.text for item in resolve_free_text(prompts, modality)]
+    build_prompt_cache(texts, FakeEncoder(), path)
+    return path

@@ -11,7 +11,11 @@ import pytest
 import SimpleITK as sitk
 from segment_helpers import make_setup
 
-from duplus import segment
+from duplus.errors import ConfigError, DataError
+from duplus.segment import command, request
+from duplus.segment.api import segment_image
+from duplus.segment.checks import warn_if_ct_like
+from duplus.segment.outputs import check_outputs, overlap_notes
 
 
 @pytest.fixture()
@@ -28,8 +32,8 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
 
 def test_masks_are_written_on_the_input_grid(setup, tmp_path):
     out = tmp_path / "out"
-    report = segment.segment_image(str(setup["scan"]), str(out), "liver, liver tumor", "CT", weights=str(setup["weights"]),
-                                   sha256=setup["sha"], device="cpu", config=setup["config"])
+    report = segment_image(str(setup["scan"]), str(out), "liver, liver tumor", "CT", weights=str(setup["weights"]),
+                           sha256=setup["sha"], device="cpu", config=setup["config"])
     assert report["outputs"] == ["liver.nii.gz", "liver_tumor.nii.gz"]
     for name in report["outputs"]:
         mask = sitk.ReadImage(str(out / name))
@@ -42,8 +46,8 @@ def test_masks_are_written_on_the_input_grid(setup, tmp_path):
 
 def test_multilabel_output(setup, tmp_path):
     out = tmp_path / "multi"
-    report = segment.segment_image(str(setup["scan"]), str(out), ["liver", "spleen-ish blob"], "ct", region="abdomen",
-                                   weights=str(setup["weights"]), device="cpu", config=setup["config"], multilabel=True)
+    report = segment_image(str(setup["scan"]), str(out), ["liver", "spleen-ish blob"], "ct", region="abdomen",
+                           weights=str(setup["weights"]), device="cpu", config=setup["config"], multilabel=True)
     assert report["outputs"] == ["labels.nii.gz", "labels.json"]
     _same_grid(sitk.ReadImage(str(out / "labels.nii.gz")), setup["image"])
     assert json.loads((out / "labels.json").read_text(encoding="utf-8")) == {"0": "background", "1": "liver",
@@ -52,8 +56,8 @@ def test_multilabel_output(setup, tmp_path):
 
 def _run(argv, capsys):
     parser = argparse.ArgumentParser()
-    segment.add_arguments(parser)
-    code = segment.run(parser.parse_args(argv))
+    command.add_arguments(parser)
+    code = command.run(parser.parse_args(argv))
     return code, capsys.readouterr().err
 
 
@@ -85,14 +89,14 @@ def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, capsys, change, messag
 
 
 def test_a_class_asked_for_twice_is_segmented_once():
-    resolved = segment.resolve_prompts("Liver, liver tumour, hepatic tumor", "CT", None, ["liver"])
+    resolved = request.resolve_prompts("Liver, liver tumour, hepatic tumor", "CT", None, ["liver"])
     assert [item[1] for item in resolved] == ["liver", "liver tumor"]
 
 
 def test_default_paths_follow_the_run_config():
-    weights, cache = segment.default_paths({"paths": {"results": "runs/paper"}, "prompts": {"encoder": "clipmd"}})
+    weights, cache = request.default_paths({"paths": {"results": "runs/paper"}, "prompts": {"encoder": "clipmd"}})
     assert weights == "runs/paper/pretrain/model.safetensors" and cache == "runs/paper/prompts/clipmd.safetensors"
-    assert segment.default_paths({}) == ("results/pretrain/model.safetensors", "results/prompts/minilm.safetensors")
+    assert request.default_paths({}) == ("results/pretrain/model.safetensors", "results/prompts/minilm.safetensors")
 
 
 def test_outside_a_run_the_missing_default_model_says_what_to_give(setup, tmp_path, capsys, monkeypatch):
@@ -115,8 +119,8 @@ def test_an_output_over_the_input_is_refused_before_any_work(setup, tmp_path, ca
     assert scan.read_bytes() == before and not (tmp_path / "report.json").exists()
     dicom_folder = tmp_path / "series"
     dicom_folder.mkdir()
-    with pytest.raises(segment.ConfigError, match="inside the input DICOM folder"):
-        segment.check_outputs(dicom_folder, dicom_folder / "masks", ["liver.nii.gz"])
+    with pytest.raises(ConfigError, match="inside the input DICOM folder"):
+        check_outputs(dicom_folder, dicom_folder / "masks", ["liver.nii.gz"])
 
 
 def test_one_volume_of_a_4d_scan_is_segmented_with_channel(setup, tmp_path):
@@ -124,8 +128,8 @@ def test_one_volume_of_a_4d_scan_is_segmented_with_channel(setup, tmp_path):
     path = tmp_path / "4d.nii.gz"
     sitk.WriteImage(volume, str(path))
     out = tmp_path / "out4d"
-    report = segment.segment_image(str(path), str(out), "liver", "CT", weights=str(setup["weights"]), device="cpu",
-                                   config=setup["config"], channel=0)
+    report = segment_image(str(path), str(out), "liver", "CT", weights=str(setup["weights"]), device="cpu",
+                           config=setup["config"], channel=0)
     _same_grid(sitk.ReadImage(str(out / "liver.nii.gz")), setup["image"])
     assert report["channel"] == 0
 
@@ -135,27 +139,27 @@ def test_a_sheared_scan_is_refused_rather_than_masked_on_another_grid(setup, tmp
     sheared.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.26, 0.0, 0.0, 0.97))  # gantry-tilt-like shear
     path = tmp_path / "tilted.mha"
     sitk.WriteImage(sheared, str(path))
-    with pytest.raises(segment.DataError, match="sheared"):
-        segment.segment_image(str(path), str(tmp_path / "o"), "liver", "CT", weights=str(setup["weights"]),
-                              device="cpu", config=setup["config"])
+    with pytest.raises(DataError, match="sheared"):
+        segment_image(str(path), str(tmp_path / "o"), "liver", "CT", weights=str(setup["weights"]),
+                      device="cpu", config=setup["config"])
     assert not (tmp_path / "o").exists()
 
 
 def test_overlapping_classes_in_one_label_image_are_reported():
-    notes = segment.overlap_notes(["kidney", "right kidney", "liver"], predicted=[7694, 2878, 500], kept=[4816, 2878, 500])
+    notes = overlap_notes(["kidney", "right kidney", "liver"], predicted=[7694, 2878, 500], kept=[4816, 2878, 500])
     assert notes == ["labels.nii.gz: 'kidney' keeps 4816 of its 7694 voxels; the rest is drawn as smaller classes that "
                      "overlap it (one label per voxel; without --multilabel every class gets its own mask)"]
-    assert segment.overlap_notes(["liver"], [10], [10]) == []
+    assert overlap_notes(["liver"], [10], [10]) == []
 
 
 def test_a_ct_run_as_mri_or_pet_is_warned_about(setup, caplog):
     ct = sitk.GetImageFromArray(np.full((8, 8, 8), -1000.0, np.float32))  # air, as a CT stores it
     with caplog.at_level("WARNING"):
-        assert segment.warn_if_ct_like(ct, "PET", "scan.nii.gz")
+        assert warn_if_ct_like(ct, "PET", "scan.nii.gz")
     assert "is --modality PET right?" in caplog.text
-    assert not segment.warn_if_ct_like(ct, "CT", "scan.nii.gz")
+    assert not warn_if_ct_like(ct, "CT", "scan.nii.gz")
     mri = sitk.GetImageFromArray(np.random.default_rng(0).uniform(-5, 800, (8, 8, 8)).astype(np.float32))
-    assert not segment.warn_if_ct_like(mri, "MRI", "scan.nii.gz")
+    assert not warn_if_ct_like(mri, "MRI", "scan.nii.gz")
 
 
 def test_the_report_hashes_a_metaimage_header_with_its_data(setup, tmp_path):
@@ -163,10 +167,10 @@ def test_the_report_hashes_a_metaimage_header_with_its_data(setup, tmp_path):
 
     path = tmp_path / "scan.mhd"
     sitk.WriteImage(setup["image"], str(path))  # scan.mhd names scan.raw, which holds the voxels
-    report = segment.segment_image(str(path), str(tmp_path / "out"), "liver", "CT", weights=str(setup["weights"]),
-                                   device="cpu", config=setup["config"])
+    report = segment_image(str(path), str(tmp_path / "out"), "liver", "CT", weights=str(setup["weights"]),
+                           device="cpu", config=setup["config"])
     assert report["input_sha256"] == sha256_files([path, tmp_path / "scan.raw"]) != sha256_file(path)
     assert report["input_files_hashed"] == 2 and report["outputs"] == ["liver.mha"]
-    nifti = segment.segment_image(str(setup["scan"]), str(tmp_path / "out2"), "liver", "CT", device="cpu",
-                                  weights=str(setup["weights"]), config=setup["config"])
+    nifti = segment_image(str(setup["scan"]), str(tmp_path / "out2"), "liver", "CT", device="cpu",
+                          weights=str(setup["weights"]), config=setup["config"])
     assert nifti["input_sha256"] == sha256_file(setup["scan"])  # one file: what sha256sum prints

@@ -17,22 +17,25 @@ import SimpleITK as sitk
 from segment_helpers import make_setup
 
 import duplus
-from duplus import segment, segment_batch
+from duplus.errors import ConfigError, DataError
+from duplus.segment import api, command, network
+from duplus.segment.batch import find_scans, is_batch_input
+from duplus.segment.segmenter import Segmenter
 
 
 @pytest.fixture()
 def setup(tmp_path, monkeypatch):
     found = make_setup(tmp_path, monkeypatch)
     loads = []
-    real = segment._load_network
+    real = network._load_network
 
     def counted(*args):
         loads.append(args[0])
         return real(*args)
 
-    monkeypatch.setattr(segment, "_load_network", counted)
-    monkeypatch.setattr(segment, "_NETWORKS", {})
-    monkeypatch.setattr(segment, "_LAST_SEGMENTER", {})
+    monkeypatch.setattr(network, "_load_network", counted)
+    monkeypatch.setattr(network, "_NETWORKS", {})
+    monkeypatch.setattr(api, "_LAST_SEGMENTER", {})
     found["loads"] = loads
     (tmp_path / "c.yaml").write_text(json.dumps(found["config"]))
     return found
@@ -51,10 +54,10 @@ def _scans(setup, root):
 
 def _cli(setup, tmp_path, source, out, *extra):
     parser = argparse.ArgumentParser()
-    segment.add_arguments(parser)
+    command.add_arguments(parser)
     argv = ["-i", str(source), "-o", str(out), "--prompts", "liver, liver tumor", "--modality", "CT",
             "--weights", str(setup["weights"]), "--device", "cpu", "--config", str(tmp_path / "c.yaml"), *extra]
-    return segment.run(parser.parse_args(argv))
+    return command.run(parser.parse_args(argv))
 
 
 def test_a_folder_of_scans_is_segmented_with_one_model_load_and_a_summary(setup, tmp_path, capsys):
@@ -96,14 +99,14 @@ def test_a_rerun_skips_finished_scans_and_redoes_changed_ones(setup, tmp_path, m
     def no_model(*args):
         raise AssertionError("nothing left to do: the model must not load")
 
-    monkeypatch.setattr(segment, "_load_network", no_model)
-    monkeypatch.setattr(segment, "_NETWORKS", {})
+    monkeypatch.setattr(network, "_load_network", no_model)
+    monkeypatch.setattr(network, "_NETWORKS", {})
     assert _cli(setup, tmp_path, source, out) == 0
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["counts"] == {"done": 0, "skipped": 3, "failed": 0}
     assert (out / "site_a" / "case1" / "liver.nii.gz").stat().st_mtime_ns == stamp
 
-    monkeypatch.setattr(segment, "_load_network", lambda *a: setup["loads"].append(a[0]) or _real_load(*a))
+    monkeypatch.setattr(network, "_load_network", lambda *a: setup["loads"].append(a[0]) or _real_load(*a))
     changed = sitk.Image(setup["image"]) * 2.0  # new voxels under the same name
     sitk.WriteImage(changed, str(source / "site_b" / "case2.mha"))
     (out / "site_b" / "deep" / "case3" / "liver.nrrd").unlink()  # an interrupted scan: its masks incomplete
@@ -132,11 +135,11 @@ def test_a_csv_list_names_scans_and_their_output_folders(setup, tmp_path):
     assert (tmp_path / "out" / "patient_7" / "liver.nii.gz").is_file()
     assert (tmp_path / "out" / "case2" / "liver.mha").is_file()
     table.write_text("path\nscans/site_a/case1.nii.gz\n", encoding="utf-8")
-    with pytest.raises(segment.ConfigError, match="needs a column 'image'"):
-        segment_batch.find_scans(table, tmp_path / "out")
+    with pytest.raises(ConfigError, match="needs a column 'image'"):
+        find_scans(table, tmp_path / "out")
     table.write_text("image,id\na.nii.gz,x\nb.nii.gz,X\n", encoding="utf-8")
-    with pytest.raises(segment.ConfigError, match=r"ids used twice: x \(lines 2, 3\)"):
-        segment_batch.find_scans(table, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"ids used twice: x \(lines 2, 3\)"):
+        find_scans(table, tmp_path / "out")
 
 
 def test_an_output_folder_inside_the_input_folder_is_not_searched(setup, tmp_path):
@@ -144,21 +147,21 @@ def test_an_output_folder_inside_the_input_folder_is_not_searched(setup, tmp_pat
     _scans(setup, source)
     (source / "site_b" / "broken.nii.gz").unlink()
     sitk.WriteImage(setup["image"], str(source / "site_b" / "case2.nii.gz"))  # beside case2.mha: names kept apart
-    found = segment_batch.find_scans(source, source / "masks")
+    found = find_scans(source, source / "masks")
     assert [scan.name for scan in found] == ["site_a/case1", "site_b/case2_mha", "site_b/case2_nii_gz",
                                              "site_b/deep/case3"]
     (source / "masks" / "x").mkdir(parents=True)
     sitk.WriteImage(setup["image"], str(source / "masks" / "x" / "liver.nii.gz"))
-    assert len(segment_batch.find_scans(source, source / "masks")) == 4
-    with pytest.raises(segment.ConfigError, match="is the input folder itself"):
-        segment_batch.find_scans(source, source)
+    assert len(find_scans(source, source / "masks")) == 4
+    with pytest.raises(ConfigError, match="is the input folder itself"):
+        find_scans(source, source)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(segment.ConfigError, match="no scans found"):
-        segment_batch.find_scans(tmp_path / "empty", tmp_path / "o")
+    with pytest.raises(ConfigError, match="no scans found"):
+        find_scans(tmp_path / "empty", tmp_path / "o")
     dicom = tmp_path / "series"
     dicom.mkdir()
     (dicom / "1.dcm").write_bytes(b"\0" * 128 + b"DICM")
-    assert not segment_batch.is_batch_input(dicom) and segment_batch.is_batch_input(source)  # one series: one scan
+    assert not is_batch_input(dicom) and is_batch_input(source)  # one series: one scan
 
 
 def test_the_next_scan_is_read_while_one_is_predicted(setup, tmp_path, monkeypatch):
@@ -167,7 +170,7 @@ def test_the_next_scan_is_read_while_one_is_predicted(setup, tmp_path, monkeypat
     (source / "site_b" / "broken.nii.gz").unlink()
     second_read = threading.Event()
     reads = []
-    real_prepare, real_predict = segment.Segmenter.prepare, segment.Segmenter.predict
+    real_prepare, real_predict = Segmenter.prepare, Segmenter.predict
 
     def prepare(self, image, channel=None):
         reads.append((str(image), threading.current_thread().name))
@@ -182,8 +185,8 @@ def test_the_next_scan_is_read_while_one_is_predicted(setup, tmp_path, monkeypat
             overlapped.append(second_read.wait(timeout=60))
         return real_predict(self, prepared)
 
-    monkeypatch.setattr(segment.Segmenter, "prepare", prepare)
-    monkeypatch.setattr(segment.Segmenter, "predict", predict)
+    monkeypatch.setattr(Segmenter, "prepare", prepare)
+    monkeypatch.setattr(Segmenter, "predict", predict)
     assert _cli(setup, tmp_path, source, tmp_path / "out") == 0
     assert overlapped == [True]
     assert all(name.startswith("duplus-read") for _, name in reads) and len(reads) == 3
@@ -199,13 +202,13 @@ def test_images_in_memory_give_masks_and_reuse_the_model(setup):
     both = duplus.segment_images([array, array], "liver, liver tumor", "CT", spacing=(1.5, 1.2, 3.0), **options)
     assert len(both) == 2 and both[0]["liver"].shape == array.shape and both[0]["liver"].dtype == np.uint8
     assert len(setup["loads"]) == 1  # the second call used the loaded network
-    with pytest.raises(segment.DataError, match="expected a 3-D array"):
+    with pytest.raises(DataError, match="expected a 3-D array"):
         duplus.segment_images(array[0], "liver", "CT", **options)
 
 
 def test_ecosystem_aliases_of_the_options():
     parser = argparse.ArgumentParser()
-    segment.add_arguments(parser)
+    command.add_arguments(parser)
     args = parser.parse_args(["-i", "a", "-o", "b", "--modality", "CT", "--ml", "-q", "--device", "gpu:0"])
     assert args.multilabel and args.quiet and args.device == "gpu:0"
 

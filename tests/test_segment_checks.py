@@ -8,9 +8,10 @@ import pytest
 import SimpleITK as sitk
 from segment_helpers import make_setup
 
-from duplus import segment
 from duplus.errors import ConfigError
-from duplus.segment_checks import warn_if_ct_like, warn_if_not_ct_like
+from duplus.segment import network
+from duplus.segment.api import segment_image
+from duplus.segment.checks import warn_if_ct_like, warn_if_not_ct_like
 
 
 @pytest.fixture()
@@ -19,13 +20,13 @@ def setup(tmp_path, monkeypatch):
         raise AssertionError("the model must not load for contradicting options")
 
     found = make_setup(tmp_path, monkeypatch)
-    monkeypatch.setattr(segment, "_load_network", no_model)
+    monkeypatch.setattr(network, "_load_network", no_model)
     return found
 
 
 def _segment(setup, tmp_path, modality="CT", **kwargs):
-    return segment.segment_image(str(setup["scan"]), str(tmp_path / "out"), "liver", modality, device="cpu",
-                                 weights=str(setup["weights"]), config=setup["config"], **kwargs)
+    return segment_image(str(setup["scan"]), str(tmp_path / "out"), "liver", modality, device="cpu",
+                         weights=str(setup["weights"]), config=setup["config"], **kwargs)
 
 
 def test_a_sequence_on_a_ct_or_pet_scan_is_refused(setup, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pydicom
@@ -14,11 +15,11 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from segment_helpers import make_setup
+from segment_helpers import make_setup, write_prompt_cache
 
 from duplus.cli import main
 from duplus.data.io import read_image_files
-from duplus.segment_dicom import class_code, write_dicom
+from duplus.segment.dicom import class_code, write_dicom
 
 SLICES, ROWS, COLUMNS = 12, 20, 24
 PIXEL_SPACING = (0.9, 1.3)  # row spacing (y), column spacing (x): not square, so rows and columns cannot swap
@@ -206,3 +207,57 @@ def test_segment_writes_a_dicom_output_matching_its_masks(series, tmp_path, monk
     else:
         masks = _rtstruct_masks(tmp_path / "dicom" / file, scan)[1]
     assert _dice(masks["liver"], ours) >= (0.98 if output_type == "dicom_seg" else 0.9)
+
+
+@pytest.mark.parametrize("output_type,file", [("dicom_seg", "segmentation.dcm"), ("dicom_rtstruct", "rtstruct.dcm")])
+def test_a_folder_of_series_gets_a_dicom_output_per_series_and_a_summary(tmp_path, monkeypatch, capfd, caplog, recwarn,
+                                                                         output_type, file):
+    (tmp_path / "study").mkdir()
+    folders = [write_ct_series(tmp_path / "study" / name) for name in ("series_b", "series_a")]
+    setup = make_setup(tmp_path, monkeypatch)
+    (tmp_path / "c.yaml").write_text(json.dumps(dict(setup["config"], preprocess={"spacing": [1.5, 1.5, 2.5]})))
+    capfd.readouterr()
+    assert main(["segment", "-i", str(tmp_path / "study"), "-o", str(tmp_path / "out"), "--output-type", output_type,
+                 "--prompts", "liver", "--modality", "CT", "--weights", str(setup["weights"]), "--device", "cpu",
+                 "--config", str(tmp_path / "c.yaml"), "--threshold", "0.3"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
+    assert [(row["scan"], row["status"]) for row in summary["scans"]] == [("series_a", "done"), ("series_b", "done")]
+    for folder in folders:
+        scan, sources = read_image_files(folder)
+        first, instances = _source_uids(sources)
+        path = tmp_path / "out" / folder.name / file
+        assert json.loads((path.parent / "report.json").read_text())["outputs"] == [file]
+        if output_type == "dicom_seg":
+            ds, masks = _seg_masks(path, scan, sources)
+            referenced = ds.ReferencedSeriesSequence[0]
+            assert {item.ReferencedSOPInstanceUID for item in referenced.ReferencedInstanceSequence} == instances
+        else:
+            ds, masks = _rtstruct_masks(path, scan)
+            referenced = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        assert referenced.SeriesInstanceUID == first.SeriesInstanceUID  # each output references its own series
+        assert ds.FrameOfReferenceUID == first.FrameOfReferenceUID and masks["liver"].any()
+    # Nothing of the DICOM libraries reaches the user: rt-utils' "Writing file to ..." on stdout, pydicom's
+    # deprecation notes about rt-utils' dataset (logged and warned).
+    summary_path = tmp_path / "out" / "summary.json"
+    assert capfd.readouterr().out == f"2 scan(s): 2 segmented, 0 already done, 0 failed (summary: {summary_path})\n"
+    assert not [record.getMessage() for record in caplog.records if record.name.startswith("pydicom")]
+    assert not [str(w.message) for w in recwarn if "pydicom" in w.filename or "rt_utils" in w.filename]
+
+
+@pytest.mark.parametrize("output_type", ["dicom_seg", "dicom_rtstruct"])
+def test_a_dicom_output_run_prints_only_its_answer(series, tmp_path, monkeypatch, output_type):
+    """As a user runs it, in its own process: highdicom's "copy attributes of module ..." (INFO), pydicom's
+    deprecation notes on rt-utils' dataset and rt-utils' "Writing file to ..." on stdout are not shown."""
+    folder, _, _ = series
+    setup = make_setup(tmp_path, monkeypatch)
+    cache = write_prompt_cache(tmp_path / "prompts.safetensors", "liver")
+    (tmp_path / "c.yaml").write_text(json.dumps(dict(setup["config"], preprocess={"spacing": [1.5, 1.5, 2.5]})))
+    out = tmp_path / "out"
+    child = subprocess.run(
+        [sys.executable, "-m", "duplus.cli", "segment", "-i", str(folder), "-o", str(out), "--output-type", output_type,
+         "--prompts", "liver", "--modality", "CT", "--weights", str(setup["weights"]), "--prompt-cache", str(cache),
+         "--device", "cpu", "--config", str(tmp_path / "c.yaml"), "--threshold", "0.3"],
+        capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == f"wrote 1 file(s) to {out} (report: {out / 'report.json'})\n"
+    assert child.stderr == ""

@@ -9,10 +9,10 @@ import pytest
 import torch
 from segment_helpers import TEXT_DIM, make_setup
 
-from duplus import segment
 from duplus.cli import main
 from duplus.model import DuPLUS, ModelConfig, save_model
-from duplus.segment_knowledge import trained_on, zero_shot_notes
+from duplus.segment.api import segment_image
+from duplus.segment.knowledge import trained_on, zero_shot_notes
 
 
 def _weights(tmp_path):
@@ -28,8 +28,8 @@ def test_prompts_the_model_never_trained_on_are_warned_about_and_reported(tmp_pa
     setup = make_setup(tmp_path, monkeypatch)
     weights = _weights(tmp_path)
     with caplog.at_level("WARNING", logger="duplus.segment"):
-        report = segment.segment_image(str(setup["scan"]), str(tmp_path / "out"), "liver, liver tumor", "CT",
-                                       weights=str(weights), device="cpu", config=setup["config"])
+        report = segment_image(str(setup["scan"]), str(tmp_path / "out"), "liver, liver tumor", "CT",
+                               weights=str(weights), device="cpu", config=setup["config"])
     assert report["zero_shot"] == ["'liver tumor': the model was never trained on this class: zero-shot, expect a "
                                    "poor or empty mask"]
     assert "'liver tumor': the model was never trained on this class" in caplog.text
@@ -68,7 +68,7 @@ def _declaring_config(classes):
 def test_recorded_classes_resolve_by_name_and_synonym_with_their_trained_sentence():
     from duplus.data import taxonomy
     from duplus.prompts.templates import target_prompt
-    from duplus.segment_knowledge import use_model_classes
+    from duplus.segment.knowledge import use_model_classes
 
     recorded = use_model_classes([({"declared_classes": [CAUDATES, CAUDATE]}, "w/model.json")], {})
     assert recorded == ["caudate", "left caudate"]
@@ -81,7 +81,7 @@ def test_recorded_classes_resolve_by_name_and_synonym_with_their_trained_sentenc
 def test_a_sidecar_without_recorded_classes_still_loads_and_takes_the_config_classes(tmp_path):
     from duplus.data import taxonomy
     from duplus.model import load_model
-    from duplus.segment_knowledge import recorded_classes, use_model_classes
+    from duplus.segment.knowledge import recorded_classes, use_model_classes
 
     weights = _weights(tmp_path)  # written without declared_classes, as before the field existed
     model, sidecar = load_model(weights)
@@ -94,7 +94,7 @@ def test_a_sidecar_without_recorded_classes_still_loads_and_takes_the_config_cla
 def test_a_config_agreeing_with_the_weights_adds_its_synonyms_and_a_differing_one_is_a_conflict():
     from duplus.data import taxonomy
     from duplus.errors import ConfigError
-    from duplus.segment_knowledge import use_model_classes
+    from duplus.segment.knowledge import use_model_classes
 
     records = [({"declared_classes": [CAUDATES, CAUDATE]}, "w/model.json")]
     same = _declaring_config({"left caudate": {"parent": "Caudate", "synonyms": ["lc"], "prompt": "left  caudate nucleus"},
@@ -114,7 +114,7 @@ def test_a_config_agreeing_with_the_weights_adds_its_synonyms_and_a_differing_on
 def test_an_adapter_record_adds_its_classes_and_must_agree_with_the_weights(tmp_path):
     from duplus.data import taxonomy
     from duplus.errors import ConfigError
-    from duplus.segment_knowledge import adapter_record, use_model_classes
+    from duplus.segment.knowledge import adapter_record, use_model_classes
 
     center = tmp_path / "lora" / "siteB"
     (center / "adapter").mkdir(parents=True)
@@ -133,7 +133,7 @@ def test_an_adapter_record_adds_its_classes_and_must_agree_with_the_weights(tmp_
 def test_a_recorded_class_now_built_in_is_left_out_with_a_warning_and_a_malformed_record_is_named(caplog):
     from duplus.data import taxonomy
     from duplus.errors import ModelError
-    from duplus.segment_knowledge import use_model_classes
+    from duplus.segment.knowledge import use_model_classes
 
     builtin = {**CAUDATE, "name": "hippocampus", "parent": None, "synonyms": []}
     with caplog.at_level("WARNING"):

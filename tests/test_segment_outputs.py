@@ -9,10 +9,11 @@ import pytest
 import SimpleITK as sitk
 from segment_helpers import make_setup
 
-from duplus import segment
 from duplus.cli import main
 from duplus.errors import ConfigError
-from duplus.segment_outputs import MAX_STEM, output_format
+from duplus.segment import network
+from duplus.segment.api import segment_image
+from duplus.segment.outputs import MAX_STEM, output_format
 
 # Digits NIfTI-1's float32 geometry cannot hold: a NIfTI mask of this scan sits ~1e-6 mm off it.
 ORIGIN = (-123.456789, 7.123456789, 3.3333333)
@@ -24,8 +25,8 @@ def setup(tmp_path, monkeypatch):
 
 
 def _segment(setup, image, out, prompts="liver", **kwargs):
-    return segment.segment_image(str(image), str(out), prompts, "CT", weights=str(setup["weights"]), device="cpu",
-                                 config=setup["config"], **kwargs)
+    return segment_image(str(image), str(out), prompts, "CT", weights=str(setup["weights"]), device="cpu",
+                         config=setup["config"], **kwargs)
 
 
 def _cli(setup, tmp_path, *extra):
@@ -74,7 +75,7 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(setup, tmp_p
     def no_model(*args):
         raise AssertionError("the model must not load for a bad --output")
 
-    monkeypatch.setattr(segment, "_load_network", no_model)
+    monkeypatch.setattr(network, "_load_network", no_model)
     taken = tmp_path / "masks"
     taken.write_text("not a folder")
     assert _cli(setup, tmp_path, "-o", str(taken)) == 2

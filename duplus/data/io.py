@@ -5,12 +5,14 @@ Every reader returns a 3-D ``SimpleITK.Image`` with finite values and positive s
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
+import threading
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import nibabel
 import numpy as np
@@ -19,6 +21,7 @@ import SimpleITK as sitk
 from duplus.atomic import atomic_path
 from duplus.data.image_files import image_files
 from duplus.errors import DataError
+from duplus.runtime import held_log_records
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,29 @@ def _check_stack_is_not_sheared(folder: Path, points: np.ndarray, normal: np.nda
                         "convert the series with a tool that corrects gantry tilt (e.g. dcm2niix) and give the NIfTI")
 
 
+_ITK_WARNINGS = threading.Lock()
+
+
+@contextlib.contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """Silence the warnings ITK prints on stderr itself, inside the block.
+
+    Used where our own error says the same in words that name the file (GDCM's "No Series were found"
+    on a folder without DICOM files). ITK's switch is global: the lock keeps two threads from restoring
+    each other's setting.
+    """
+    with _ITK_WARNINGS:
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            yield
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _read_dicom_series(folder: Path) -> tuple[sitk.Image, list[Path]]:
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    with _itk_warnings_off():
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise DataError(f"{folder}: folder holds no DICOM series (expected a NIfTI/NRRD/MHA file or DICOM files)")
     series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
@@ -253,7 +277,10 @@ def _check_nifti_file(path: Path) -> None:
     """Catch what the ITK NIfTI reader lets through: truncated voxel data, NaN/Inf (it reads them as 0) and
     an unusable voxel size (it reads 1 mm)."""
     try:
-        nifti = nibabel.load(str(path))
+        # nibabel logs the header fields it mends on loading, on stderr twice (its own handler, then the root
+        # logger's): held here, and said once, in our words, where they matter (_report_mended).
+        with held_log_records("nibabel.global") as mended:
+            nifti = nibabel.load(str(path))
         header = nifti.header
         # The array proxy knows the real data offset (some writers leave vox_offset at 0 in the header).
         offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))
@@ -263,6 +290,7 @@ def _check_nifti_file(path: Path) -> None:
     # The raw header, unchecked: nibabel's checks may already have mended what ITK would misread.
     with nibabel.openers.ImageOpener(str(path)) as handle:
         _check_nifti_header(path, type(header).from_fileobj(handle, check=False), len(header.get_data_shape()))
+    _report_mended(path, mended)
     if path.name.lower().endswith(".gz"):
         with open(path, "rb") as handle:
             handle.seek(-4, os.SEEK_END)
@@ -281,6 +309,18 @@ def _check_nifti_file(path: Path) -> None:
         if not np.isfinite(data).all():
             bad = int(data.size - np.count_nonzero(np.isfinite(data)))
             raise DataError(f"{path}: image holds {bad} NaN/Inf voxels; expected finite intensities")
+
+
+def _report_mended(path: Path, records: list[logging.LogRecord]) -> None:
+    """One line for the NIfTI header fields nibabel mended that may change where the scan lies (a negative
+    pixdim, its warning levels); below that (a qfac of 0, which ITK reads as 1 too), a debug line only."""
+    serious = [record.getMessage() for record in records if record.levelno >= logging.WARNING]
+    if serious:
+        log.warning("%s: the NIfTI header needed correcting (%s); check the scan's spacing and orientation", path,
+                    "; ".join(serious))
+    for record in records:
+        if record.levelno < logging.WARNING:
+            log.debug("%s: NIfTI header: %s", path, record.getMessage())
 
 
 def read_image(path: str | os.PathLike, channel: int | None = None) -> sitk.Image:

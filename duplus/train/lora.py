@@ -266,7 +266,7 @@ def run_lora(
         "site": site,
         "label_map": label_map,
         "classes": center_classes,
-        # Classes of the config's own among them, as the base model's sidecar records its (segment_knowledge).
+        # Classes of the config's own among them, as the base model's sidecar records its (duplus.segment.knowledge).
         "declared_classes": [class_record(info) for info in declared_lineage(center_classes)],
         "target_modules": targets,
         "rank": lora_config.r,

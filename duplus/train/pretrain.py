@@ -360,7 +360,7 @@ def _train(
         "datasets": sampler.datasets,
         "classes": classes,
         # Where each dataset's classes were seen, and the classes of the config's own it trained on: the
-        # model is then prompted by them, and says what it knows, without the config (segment_knowledge).
+        # model is then prompted by them, and says what it knows, without the config (duplus.segment.knowledge).
         "dataset_scans": {name: {"modality": sampler.by_dataset[name][0].modality,
                                  "region": sampler.by_dataset[name][0].region} for name in sampler.datasets},
         "declared_classes": _declared_records(classes),

@@ -53,7 +53,8 @@ def _is_dicom_file(path: Path) -> bool:
 def holds_dicom(folder: Path) -> bool:
     """Whether ``folder`` itself (not its subfolders) holds DICOM files."""
     try:
-        return any(entry.is_file() and _is_dicom_file(Path(entry.path)) for entry in os.scandir(folder))
+        with os.scandir(folder) as entries:  # closed also when any() stops at the first DICOM file
+            return any(entry.is_file() and _is_dicom_file(Path(entry.path)) for entry in entries)
     except OSError:
         return False
 
@@ -166,7 +167,7 @@ def _stem_suffix(path: Path) -> str:
 def completed(out: Path, settings: dict[str, Any], image: Path) -> bool:
     """Whether ``out`` holds a finished run of these settings on this very input (its files' hash unchanged)."""
     from duplus.hashing import sha256_files
-    from duplus.segment_outputs import REPORT
+    from duplus.segment.outputs import REPORT
 
     try:
         report = json.loads((out / REPORT).read_text(encoding="utf-8"))
@@ -195,7 +196,7 @@ def run_batch(segmenter: Any, scans: list[BatchScan], out_dir: str | os.PathLike
               mask_format: str | None = None, output_type: str | None = None) -> dict[str, Any]:
     """Segment every scan into ``out_dir/<name>/``; write and return the summary (``summary.json``/``.csv``)."""
     from duplus.atomic import write_json
-    from duplus.segment_outputs import output_format, prepare_folder
+    from duplus.segment.outputs import output_format, prepare_folder
 
     out = prepare_folder(out_dir)
     started = time.perf_counter()
@@ -203,7 +204,7 @@ def run_batch(segmenter: Any, scans: list[BatchScan], out_dir: str | os.PathLike
     todo: list[tuple[int, BatchScan]] = []
     for index, scan in enumerate(scans):
         row = {"scan": scan.name, "input": str(scan.image), "output": str(out / scan.name), "status": "pending",
-               "seconds": None, "peak_memory_mb": None, "classes": list(segmenter.names), "error": None}
+               "seconds": None, "peak_memory_mb": None, "classes": list(segmenter.request.names), "error": None}
         rows.append(row)
         try:
             settings = segmenter.settings(output_format(scan.image, mask_format, output_type), channel)
@@ -242,7 +243,7 @@ def run_batch(segmenter: Any, scans: list[BatchScan], out_dir: str | os.PathLike
                 row.update(status="failed", seconds=round(time.perf_counter() - mark, 3), error=message)
     counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "failed")}
     summary = {"scans": rows, "counts": counts, "seconds": round(time.perf_counter() - started, 3),
-               "model_load_seconds": round(segmenter.load_seconds, 3), "device": str(segmenter.device)}
+               "model_load_seconds": round(segmenter.load_seconds, 3), "device": str(segmenter.request.device)}
     write_json(out / SUMMARY_JSON, summary)
     _write_csv(out / SUMMARY_CSV, rows)
     return summary

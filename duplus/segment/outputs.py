@@ -25,7 +25,7 @@ log = logging.getLogger("duplus.segment")
 
 FORMATS = ("nii.gz", "nrrd", "mha")
 # What `duplus segment` writes: mask images (in one of FORMATS), or one DICOM file referencing a DICOM series
-# input (see duplus.segment_dicom); "masks" is the default.
+# input (see duplus.segment.dicom); "masks" is the default.
 OUTPUT_TYPES = ("masks", "dicom_seg", "dicom_rtstruct")
 DICOM_OUTPUTS = {"dicom_seg": "segmentation.dcm", "dicom_rtstruct": "rtstruct.dcm"}
 REPORT = "report.json"
@@ -210,7 +210,7 @@ def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str]
     one file referencing ``sources``, the DICOM files of the input ``image``.
     """
     if fmt in DICOM_OUTPUTS:
-        from duplus.segment_dicom import write_dicom
+        from duplus.segment.dicom import write_dicom
 
         return write_dicom(out, fmt, lambda k: restored_mask(masks, k, meta), names, sources or [], str(image))
     import SimpleITK as sitk

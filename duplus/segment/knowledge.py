@@ -216,6 +216,20 @@ def _with_synonyms(info: Any, synonyms: Sequence[str]) -> Any:
     return replace(info, synonyms=tuple(info.synonyms) + tuple(dict.fromkeys(extra))) if extra else info
 
 
+def class_records(weights: str, adapter: str | None) -> list[tuple[dict[str, Any], str]]:
+    """(record, path) of the weights' sidecar and of an adapter's ``adapter_meta.json``: the classes they record."""
+    from duplus.errors import CheckpointError
+    from duplus.model import read_sidecar, sidecar_path
+
+    records = []
+    try:
+        records.append((read_sidecar(weights), str(sidecar_path(weights))))
+    except CheckpointError:
+        pass  # a missing or broken sidecar is reported, naming the file, when the weights load
+    adapted = adapter_record(adapter)
+    return records + ([adapted] if adapted else [])
+
+
 def use_model_classes(records: Sequence[tuple[Mapping[str, Any], str]], config: Mapping[str, Any] | None) -> list[str]:
     """Make the classes of :func:`model_classes` known to the taxonomy; returns the names the weights record."""
     from duplus.data.taxonomy import declare_classes

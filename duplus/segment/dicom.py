@@ -11,6 +11,7 @@ slice of a mask into contours (highdicom has no RT Structure Set module).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,7 +20,8 @@ import numpy as np
 
 from duplus import __version__
 from duplus.errors import DataError
-from duplus.segment_outputs import DICOM_OUTPUTS
+from duplus.runtime import held_log_records
+from duplus.segment.outputs import DICOM_OUTPUTS
 
 LATERAL = ("left", "right")
 MANUFACTURER = "DuPLUS"
@@ -95,7 +97,9 @@ def write_dicom(out: Path, output_type: str, mask_of: Callable[[int], Any], name
         if output_type == "dicom_seg":
             _segmentation(datasets, masks, names).save_as(str(tmp))
         else:
-            _structure_set(datasets, masks, names).save(str(tmp))
+            # Not RTStruct.save(), which prints "Writing file to ..." on stdout (kept clean for -q and scripts)
+            # and then calls this.
+            _structure_set(datasets, masks, names).ds.save_as(str(tmp))
     return [target.name]
 
 
@@ -141,7 +145,12 @@ def _structure_set(datasets: list[Any], masks: np.ndarray, names: list[str]) -> 
     ascending = np.argsort([get_slice_position(dataset) for dataset in datasets], kind="stable")
     datasets, masks = [datasets[i] for i in ascending], masks[ascending]
     # rt-utils' own builder reads every file of a folder; the series read here is the one segmented.
-    structure_set = RTStruct(_spacing_swapped(datasets), ds_helper.create_rtstruct_dataset(datasets))
+    with warnings.catch_warnings(), held_log_records("pydicom"):
+        # rt-utils (1.2.7) sets FileDataset.is_little_endian and .is_implicit_VR, which pydicom 3 warns about twice
+        # (a log line and a DeprecationWarning); the file is written right all the same (tests/test_segment_dicom.py).
+        warnings.filterwarnings("ignore", message=".*will be removed in v4.0", category=DeprecationWarning)
+        dataset = ds_helper.create_rtstruct_dataset(datasets)
+    structure_set = RTStruct(_spacing_swapped(datasets), dataset)
     structure_set.set_series_description("DuPLUS segmentation")
     structure_set.ds.Manufacturer = MANUFACTURER
     structure_set.ds.SoftwareVersions = __version__
