@@ -17,8 +17,8 @@ import torch
 from duplus.atomic import atomic_path, write_csv, write_json
 from duplus.errors import DataError, ModelError
 from duplus.evaluate.cases import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_frame
-from duplus.evaluate.inference import autocast_for, inference_settings, model_device
 from duplus.evaluate.journal import CaseJournal
+from duplus.inference.predict import autocast_for, inference_settings, model_device
 
 log = logging.getLogger("duplus.evaluate")
 
