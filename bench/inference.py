@@ -18,7 +18,7 @@ import time
 import torch
 
 from duplus import __version__
-from duplus.evaluate.inference import count_windows, predict_masks
+from duplus.inference.predict import count_windows, predict_masks
 from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters, use_channels_last
 from duplus.runtime import configure_kernels, peak_rss_mb, resolve_device
 

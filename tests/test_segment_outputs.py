@@ -128,7 +128,7 @@ def test_a_run_that_fails_while_writing_leaves_no_report(setup, tmp_path, monkey
 
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_no_temporary_files(setup, tmp_path, capsys, monkeypatch):
-    import duplus.evaluate.inference as inference
+    import duplus.inference.predict as inference
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

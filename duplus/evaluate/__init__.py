@@ -1,4 +1,4 @@
-"""Evaluation of DuPLUS models: sliding-window inference, MONAI metrics in original space, tables.
+"""Evaluation of DuPLUS models: MONAI metrics in original space and tables (inference: ``duplus.inference``).
 
 Entry point of the evaluate rule: ``duplus.evaluate.run.run_evaluate``.
 """

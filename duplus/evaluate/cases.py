@@ -20,9 +20,9 @@ from duplus.data.manifest import CaseRecord
 from duplus.errors import DataError, PromptError
 from duplus.evaluate import label_grid
 from duplus.evaluate.definitions import DEFAULT_NSD_TOLERANCE_MM
-from duplus.evaluate.inference import predict_masks
 from duplus.evaluate.metrics import case_metrics
-from duplus.evaluate.packed import PackedMasks
+from duplus.inference.packed import PackedMasks
+from duplus.inference.predict import predict_masks
 
 if TYPE_CHECKING:
     from duplus.evaluate.journal import CaseJournal, JournalEntry

@@ -18,8 +18,8 @@ from duplus.atomic import atomic_path, write_csv, write_json
 from duplus.data.manifest import CaseRecord, read_manifests, select_cases
 from duplus.errors import DataError, ModelError
 from duplus.evaluate.cases import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_each
-from duplus.evaluate.inference import autocast_for, inference_settings, model_device
 from duplus.evaluate.journal import CaseJournal
+from duplus.inference.predict import autocast_for, inference_settings, model_device
 from duplus.tracked import results_only
 
 log = logging.getLogger("duplus.evaluate")

@@ -13,5 +13,5 @@ A run goes request -> read and check -> predict -> write, one module each step o
 - :mod:`~duplus.segment.dicom`: DICOM SEG and RT Structure Set outputs of a DICOM series;
 - :mod:`~duplus.segment.batch`: many scans (a folder or a CSV list), one model load, a summary, reruns.
 
-Sliding-window inference itself is shared with evaluation (``duplus.evaluate.inference``).
+Sliding-window inference itself is shared with evaluation (``duplus.inference.predict``).
 """

@@ -194,7 +194,7 @@ def overlap_notes(names: list[str], predicted: list[int], kept: list[int], file:
 def restored_mask(masks: Any, k: int, meta: Mapping[str, Any]) -> Any:
     """Class ``k`` of preprocessed-grid ``masks`` on the input grid, as a uint8 SimpleITK image."""
     from duplus.data.restore import restore_to_original
-    from duplus.evaluate.packed import PackedMasks
+    from duplus.inference.packed import PackedMasks
 
     if isinstance(masks, PackedMasks):  # boundary probabilities interpolated where they were kept
         return masks.restored(k, meta)

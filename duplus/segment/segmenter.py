@@ -67,7 +67,7 @@ class Segmenter:
 
     def settings(self, fmt: str, channel: int | None) -> dict[str, Any]:
         """What decides the masks, besides the scan: a rerun whose report holds the same settings may skip it."""
-        from duplus.evaluate.inference import inference_settings
+        from duplus.inference.predict import inference_settings
 
         request, sidecar = self.request, self.sidecar()
         settings = inference_settings(self.window_config())
@@ -155,7 +155,7 @@ class Segmenter:
 
     def predict(self, prepared: Prepared) -> Any:
         """Masks of the prompted classes on the preprocessed grid (``PackedMasks``)."""
-        from duplus.evaluate.inference import predict_masks
+        from duplus.inference.predict import predict_masks
 
         model, cache = self.load()
         request = self.request

@@ -150,7 +150,7 @@ class PatchSampler:
 
     def _floor(self, record: CaseRecord, volume: np.ndarray) -> float:
         """The case's lowest value, once per case and process: what inference pads a volume with
-        (``duplus.evaluate.stitching``); a crop's own minimum is tissue when the crop lies in the body."""
+        (``duplus.inference.stitching``); a crop's own minimum is tissue when the crop lies in the body."""
         key = (record.dataset, record.case)
         if key not in self._floors:
             self._floors[key] = float(np.min(volume))

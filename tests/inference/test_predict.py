@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from duplus.errors import ConfigError
-from duplus.evaluate.inference import count_windows, inference_settings, predict_probabilities
+from duplus.inference.predict import count_windows, inference_settings, predict_probabilities
 from duplus.model import DuPLUS, ModelConfig
 
 TEXT_DIM = 12
@@ -85,7 +85,7 @@ def test_a_modality_name_runs_the_stem_of_that_name_whatever_the_stem_order():
                                                    ("off", "fp16", "fp16")])
 def test_inference_runs_in_the_precision_the_model_trained_in(model, monkeypatch, setting, passed, used):
     """``pretrain.amp: off`` keeps a GPU evaluation in fp32 too; an explicit ``amp`` argument wins."""
-    import duplus.evaluate.inference as inference
+    import duplus.inference.predict as inference
 
     seen = []
     real = inference.autocast_for

@@ -6,9 +6,9 @@ import SimpleITK as sitk
 import torch
 
 from duplus.data.restore import restore_levels, restore_to_original
-from duplus.evaluate.boundary import BoundaryCollector, boundary, dilate, to_levels
-from duplus.evaluate.inference import predict_masks, predict_probabilities
-from duplus.evaluate.packed import PackedMasks
+from duplus.inference.boundary import BoundaryCollector, boundary, dilate, to_levels
+from duplus.inference.packed import PackedMasks
+from duplus.inference.predict import predict_masks, predict_probabilities
 from duplus.model import DuPLUS, ModelConfig
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from duplus.evaluate.inference import predict_masks, predict_probabilities
-from duplus.evaluate.packed import PackedMasks
-from duplus.evaluate.stitching import blend_slabs, count_windows, window_starts
+from duplus.inference.packed import PackedMasks
+from duplus.inference.predict import predict_masks, predict_probabilities
+from duplus.inference.stitching import blend_slabs, count_windows, window_starts
 from duplus.model import DuPLUS, ModelConfig
 
 CPU = torch.device("cpu")

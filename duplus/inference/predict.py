@@ -1,7 +1,7 @@
 """Sliding-window inference of a DuPLUS model on one preprocessed volume, all classes at once.
 
 Each window runs the backbone once and the dynamic head once per prompt; windows are blended
-(Gaussian) slab by slab (``duplus.evaluate.stitching``), so memory grows with the volume's
+(Gaussian) slab by slab (``duplus.inference.stitching``), so memory grows with the volume's
 cross-section, not its depth.
 """
 
@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from duplus.errors import ConfigError, ModelError
-from duplus.evaluate.boundary import BoundaryCollector
-from duplus.evaluate.packed import PackedMasks
-from duplus.evaluate.stitching import blend_slabs, count_windows
+from duplus.inference.boundary import BoundaryCollector
+from duplus.inference.packed import PackedMasks
+from duplus.inference.stitching import blend_slabs, count_windows
 from duplus.progress import progress
 
-log = logging.getLogger("duplus.evaluate")
+log = logging.getLogger("duplus.inference")
 
 # Blend on the GPU only while the [K, window depth, Y, X] slab buffer takes at most this share of the
 # free GPU memory; beyond it the windows still run on the GPU but are blended in CPU memory.

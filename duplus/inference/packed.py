@@ -2,7 +2,7 @@
 
 32 prompts on a 300 x 512 x 512 grid are 2.5 GB as bool arrays and 315 MB packed; the masks are
 restored to the original grid and written one class at a time anyway. Beside them, the probability
-levels of the voxels along each mask's boundary (``duplus.evaluate.boundary``) let that restoration
+levels of the voxels along each mask's boundary (``duplus.inference.boundary``) let that restoration
 interpolate probabilities instead of copying voxels.
 """
 

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from duplus.evaluate.packed import LEVELS, PackedMasks
+from duplus.inference.packed import LEVELS, PackedMasks
 
 
 def dilate(mask: torch.Tensor) -> torch.Tensor:
