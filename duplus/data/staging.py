@@ -2,28 +2,26 @@
 
 Preprocessing a large dataset (AMOS: 600 volumes) takes a while, and a job killed at case 590
 should not redo the first 589. Each case is written to ``<store>/.staging/<case>/`` and, once
-complete, vouched for by ``<case>.done.json`` beside it: its manifest row and a key of everything
-the case's arrays depend on (the raw files' sha256 from the download record, the case's layout,
-the preprocessing settings, seed, split, dataset description and the package's source code). A rerun
-takes every staged case whose key still matches and preprocesses the rest; the staging folder
-goes once the store has been swapped in.
+complete, vouched for by the record ``<case>.json`` beside it (``duplus.journal``: the sha256 of
+every file in the case's folder, its manifest row and a key of everything the case's arrays depend
+on: the raw files' sha256 from the download record, the case's layout, the preprocessing settings,
+seed, split, dataset description and the package's source code). A rerun takes every staged case
+whose key still matches and whose files verify, and preprocesses the rest; the staging folder goes
+once the store has been swapped in.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
-from duplus.atomic import write_json
 from duplus.data.layouts import Case
-from duplus.hashing import sha256_text
+from duplus.journal import Journal, journal_key
 
 STAGING = ".staging"
-DONE = ".done.json"
 
 
 def raw_file_hashes(record: Mapping[str, Any]) -> dict[str, str]:
@@ -56,29 +54,25 @@ def case_key(case: Case, hashes: Mapping[str, str], settings: Mapping[str, Any])
     if any(part is False for part in files):
         return None
     layout = {name: str(value) for name, value in asdict(case).items()}
-    return sha256_text(json.dumps({"case": layout, "files": files, "settings": settings}, sort_keys=True, default=str))
+    return journal_key({"case": layout, "files": files, "settings": settings})
 
 
 def staged_row(staging: Path, case_id: str, key: str | None) -> dict[str, Any] | None:
     """The manifest row of a case a previous run staged completely under the same key, else None."""
-    if key is None or not (staging / case_id).is_dir():
+    if key is None:
         return None
-    try:
-        record = json.loads((staging / f"{case_id}{DONE}").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("row"), dict):
-        return None
-    return record["row"]
+    record = Journal(staging).load(case_id, key)
+    row = record.get("row") if record is not None else None
+    return row if isinstance(row, dict) else None
 
 
 def clear_case(staging: Path, case_id: str) -> None:
     """Remove what an unfinished or outdated attempt left of one case."""
-    (staging / f"{case_id}{DONE}").unlink(missing_ok=True)
+    Journal(staging).discard(case_id)
     shutil.rmtree(staging / case_id, ignore_errors=True)
 
 
 def mark_done(staging: Path, case_id: str, key: str | None, row: Mapping[str, Any]) -> None:
-    """Vouch for a completely staged case (written after all of its files)."""
+    """Vouch for a completely staged case (after all of its files are written)."""
     if key is not None:
-        write_json(staging / f"{case_id}{DONE}", {"key": key, "row": dict(row)})
+        Journal(staging).save(case_id, key, {"row": dict(row)}, files=[case_id])

@@ -2,7 +2,8 @@
 
 Evaluating the paper's test split means hundreds of full volumes, each predicted and then scored
 in its original space (HD95 and NSD on millions of voxels): hours of work. Every finished case is
-written to ``<out>/.cases/`` (atomically); a rerun after a kill, preemption or time limit takes
+recorded in ``<out>/.cases/`` (a ``duplus.journal.Journal``: its rows, and the example arrays it
+kept with their sha256); a rerun after a kill, preemption or time limit takes
 the cases whose key still matches and evaluates only the rest. The key covers everything a
 case's numbers depend on: the model weights' sha256, the inference and evaluation settings
 (``duplus.evaluate.run.journal_settings``), the device kind, the prompt cache, the package's
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from duplus.atomic import atomic_path, write_json
+from duplus.atomic import atomic_path
 from duplus.data.manifest import CaseRecord
 from duplus.hashing import sha256_file, sha256_text
+from duplus.journal import Journal, journal_key
 
 log = logging.getLogger("duplus.evaluate")
 
@@ -60,12 +61,13 @@ class CaseJournal:
 
     def __init__(self, out_dir: str | Path, model_key: str, settings: Mapping[str, Any]) -> None:
         self.folder = Path(out_dir) / FOLDER
+        self._journal = Journal(self.folder)
         self._base = {"model": model_key, "settings": json.loads(json.dumps(settings, sort_keys=True, default=str))}
         self.reused = 0
 
     def _stem(self, case: CaseRecord) -> str:
         name = f"{case.dataset}__{case.case}"
-        return re.sub(r"[^A-Za-z0-9._-]", "_", name) + "-" + sha256_text(name)[:8]
+        return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") + "-" + sha256_text(name)[:8]
 
     def key(self, case: CaseRecord) -> str:
         """What this case's numbers depend on, hashed (files by content, not by name or time)."""
@@ -73,43 +75,42 @@ class CaseJournal:
                   "region": case.region, "sequence": case.sequence, "labels": sorted(case.label_map.items())}
         files = {name: sha256_file(path) if path is not None and path.is_file() else None
                  for name, path in (("image", case.image), ("meta", case.meta), ("raw_label", case.raw_label))}
-        return sha256_text(json.dumps({**self._base, "row": fields, "files": files}, sort_keys=True))
+        return journal_key({**self._base, "row": fields, "files": files})
 
     def load(self, case: CaseRecord, key: str, need_example: bool) -> JournalEntry | None:
         """The case's saved results if their key matches (and the example is there when needed)."""
-        stem = self._stem(case)
-        record_path, example_path = self.folder / f"{stem}.json", self.folder / f"{stem}.npz"
+        record = self._journal.load(self._stem(case), key)
+        if record is None:
+            return None  # absent, unreadable, of another key or with a changed example: evaluate it again
         try:
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-            if record.get("key") != key:
-                return None
             rows = [{k: _float(v) if k in ("dice", "hd95", "nsd") else v for k, v in r.items()} for r in record["rows"]]
             example = None
             if need_example:
-                if sha256_file(example_path) != record["example_sha256"]:
-                    return None  # not the example this record was written with
-                with np.load(example_path, allow_pickle=False) as arrays:
+                if record["example"] is None:
+                    return None  # evaluated when it was not the dataset's example
+                # The journal has checked the file's sha256 against the record's.
+                with np.load(self.folder / record["example"], allow_pickle=False) as arrays:
                     example = {name: arrays[name] for name in arrays.files}
             entry = JournalEntry(rows, float(record["seconds"]), int(record["n_classes"]), example)
-        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
-            return None  # absent, unreadable or from another layout: evaluate the case again
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile):
+            return None  # a record of another layout: evaluate the case again
         self.reused += 1
         return entry
 
     def save(self, case: CaseRecord, key: str, entry: JournalEntry) -> None:
         """Record a finished case: the example first, then the record that vouches for it."""
         stem = self._stem(case)
-        example_sha256 = None
+        example = None
         if entry.example is not None:
-            with atomic_path(self.folder / f"{stem}.npz", suffix=".npz") as tmp:
+            example = f"{stem}.npz"
+            with atomic_path(self.folder / example, suffix=".npz") as tmp:
                 np.savez(tmp, **entry.example)
-                example_sha256 = sha256_file(tmp)
-        write_json(self.folder / f"{stem}.json", {
-            "key": key, "dataset": case.dataset, "case": case.case,
+        self._journal.save(stem, key, {
+            "dataset": case.dataset, "case": case.case,
             "rows": [{k: _plain(v) for k, v in r.items()} for r in entry.rows],
-            "seconds": entry.seconds, "n_classes": entry.n_classes, "example_sha256": example_sha256,
-        })
+            "seconds": entry.seconds, "n_classes": entry.n_classes, "example": example,
+        }, files=[example] if example else [])
 
     def clear(self) -> None:
         """Delete the journal (the stage's outputs hold everything now)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._journal.clear()

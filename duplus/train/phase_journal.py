@@ -3,32 +3,30 @@
 A LoRA job runs five phases: the zero-shot evaluation, LoRA training and its evaluation, full
 fine-tuning and its evaluation. At the paper's size each takes minutes to an hour, and a SLURM
 time limit or preemption should cost the phase in progress, not the whole job. ``<out>/.resume/``
-holds one ``<phase>.json`` per finished phase (its per-case scores and bookkeeping) and
-``<phase>/`` checkpoints of a training in progress, each with the key of what the phase depends
-on (base weights, its settings, seed, precision, the data's bytes, prompts, the package's source);
-a record or checkpoint folder with another key is not used. The stage deletes the folder once its
+(a ``duplus.journal.Journal``) holds one ``<phase>.json`` record per finished phase (its per-case
+scores and bookkeeping) and ``<phase>/`` checkpoints of a training in progress (a workspace of the
+journal), each with the key of what the phase depends on (base weights, its settings, seed,
+precision, the data's bytes, prompts, the package's source); a record or checkpoint folder with
+another key is not used. The stage deletes the folder once its
 outputs are written, so a finished job never feeds a later one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
-from duplus.atomic import write_json
-from duplus.hashing import sha256_text
+from duplus.journal import ABSENT, OTHER_KEY, Journal, journal_key
 
 log = logging.getLogger(__name__)
 
 FOLDER = ".resume"
-FORMAT = "duplus-phase/1"
 
 
 def _plain(value: Any) -> Any:
@@ -49,28 +47,20 @@ class PhaseJournal:
 
     def __init__(self, out_dir: str | Path) -> None:
         self.folder = Path(out_dir) / FOLDER
+        self._journal = Journal(self.folder)
         self.resumed: list[str] = []
 
     @staticmethod
     def key(identity: Mapping[str, Any]) -> str:
         """The hash of what a phase depends on."""
-        return sha256_text(json.dumps(identity, sort_keys=True, default=str))
+        return journal_key(identity)
 
     def checkpoints(self, phase: str, identity: Mapping[str, Any]) -> Path:
         """Checkpoint folder of a training phase, emptied first if a run with another key left it."""
-        folder, key = self.folder / phase, self.key(identity)
-        record = folder / "key.json"
-        if folder.exists():
-            try:
-                saved = json.loads(record.read_text(encoding="utf-8")).get("key")
-            except (OSError, ValueError, AttributeError):
-                saved = None
-            if saved != key:
-                log.warning("%s: checkpoints of a run with other settings, base model, data or code; starting "
-                            "the %s phase over", folder, phase)
-                shutil.rmtree(folder)
-        if not record.is_file():
-            write_json(record, {"format": FORMAT, "key": key})
+        folder, emptied = self._journal.workspace(phase, self.key(identity))
+        if emptied:
+            log.warning("%s: checkpoints of a run with other settings, base model, data or code; starting "
+                        "the %s phase over", folder, phase)
         return folder
 
     def load(self, phase: str, identity: Mapping[str, Any], accept: Callable[[Mapping[str, Any]], bool] | None = None,
@@ -80,20 +70,20 @@ class PhaseJournal:
         ``accept``: a check of the bookkeeping (its fields, files the phase wrote outside the
         journal, since deleted or replaced); when it fails the phase is done again.
         """
-        path = self.folder / f"{phase}.json"
-        if not path.is_file():
+        path = self._journal.record_path(phase)
+        found = self._journal.lookup(phase, self.key(identity))
+        if found.reason == OTHER_KEY:
+            log.warning("%s: finished by a run with other settings, base model, data or code; doing the %s "
+                        "phase again", path, phase)
+            return None
+        if found.data is None:
+            if found.reason != ABSENT:
+                log.warning("%s: %s; doing the %s phase again", path, found.reason, phase)
             return None
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("format") != FORMAT:
-                raise ValueError(f"not a {FORMAT} record")
-            if saved.get("key") != self.key(identity):
-                log.warning("%s: finished by a run with other settings, base model, data or code; doing the %s "
-                            "phase again", path, phase)
-                return None
-            frame = pd.DataFrame(saved["rows"], columns=saved["columns"])
-            record = dict(saved["record"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            frame = pd.DataFrame(found.data["rows"], columns=found.data["columns"])
+            record = dict(found.data["record"])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             log.warning("%s: unreadable (%s); doing the %s phase again", path, error, phase)
             return None
         if accept is not None and not accept(record):
@@ -103,13 +93,15 @@ class PhaseJournal:
         log.info("%s: taken from an earlier attempt (%s)", phase, path)
         return record, frame
 
-    def save(self, phase: str, identity: Mapping[str, Any], record: Mapping[str, Any], frame: pd.DataFrame) -> None:
-        """Record ``phase`` as finished; its training checkpoints are no longer needed."""
+    def save(self, phase: str, identity: Mapping[str, Any], record: Mapping[str, Any], frame: pd.DataFrame,
+             files: Iterable[str | Path] = ()) -> None:
+        """Record ``phase`` as finished (``files``: what it wrote into the journal's folder, checked when
+        resumed); its training checkpoints are no longer needed."""
         rows = [[_plain(value) for value in row] for row in frame.itertuples(index=False, name=None)]
-        write_json(self.folder / f"{phase}.json", {"format": FORMAT, "key": self.key(identity), "record": dict(record),
-                                                   "columns": [str(c) for c in frame.columns], "rows": rows})
+        self._journal.save(phase, self.key(identity), {"record": dict(record), "columns": [str(c) for c in frame.columns],
+                                                       "rows": rows}, files=files)
         shutil.rmtree(self.folder / phase, ignore_errors=True)
 
     def clear(self) -> None:
         """Delete the journal (after the job's outputs are written)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._journal.clear()

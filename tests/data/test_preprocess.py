@@ -215,6 +215,7 @@ def test_a_staged_case_is_reused_only_under_the_same_key(msd_folder, tmp_path: P
     from duplus.data.layouts import list_cases
     from duplus.data.registry import get_dataset
     from duplus.data.staging import case_key, mark_done, raw_file_hashes, staged_row
+    from duplus.journal import Journal
 
     root = msd_folder(n=2)
     config = user_config(root)
@@ -234,7 +235,13 @@ def test_a_staged_case_is_reused_only_under_the_same_key(msd_folder, tmp_path: P
     mark_done(staging, case.case_id, key, {"case": case.case_id})
     assert staged_row(staging, case.case_id, key) == {"case": case.case_id}
     assert staged_row(staging, case.case_id, "other") is None
-    (staging / f"{case.case_id}.done.json").write_text("{trunc")
+    (staging / case.case_id / "image.npy").write_bytes(b"written by a later, killed attempt")
+    assert staged_row(staging, case.case_id, key) is None  # a file the record does not vouch for
+    mark_done(staging, case.case_id, key, {"case": case.case_id})
+    assert staged_row(staging, case.case_id, key) == {"case": case.case_id}
+    (staging / case.case_id / "image.npy").write_bytes(b"replaced")
+    assert staged_row(staging, case.case_id, key) is None  # a file changed since it was vouched for
+    Journal(staging).record_path(case.case_id).write_text("{trunc")
     assert staged_row(staging, case.case_id, key) is None
 
 

@@ -312,7 +312,7 @@ def test_data_count_by_content_not_by_place(store, base_file, tmp_path, monkeypa
 def _drop_a_field_of_the_lora_record(out):
     record_path = out / FOLDER / "lora.json"
     record = json.loads(record_path.read_text())
-    del record["record"]["trainable"]
+    del record["data"]["record"]["trainable"]
     record_path.write_text(json.dumps(record))
 
 
