@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from duplus.atomic import save_npy, write_json
+from duplus.atomic import save_npy
 from duplus.errors import DataError
 from duplus.hashing import sha256_file, sha256_text
+from duplus.journal import Journal, journal_key
 from duplus.progress import progress
 
 log = logging.getLogger(__name__)
@@ -158,15 +159,17 @@ def extract_features(model: Any, cases: Sequence[CaseInput], out_dir: str | Path
     ``subfolder`` (the dataset's name) keeps apart cases of several datasets that share ids (one
     patient's CT and PET): ``out_dir/features/{subfolder}/{case}.npy``.
 
-    A cached file is valid when its sidecar ``{case}.json`` records the same key: the model's
-    sha256 (``model_key``; pass the adapter's hash too for an adapted model), the settings and the
-    image (and label) file hashes. The array is written before its sidecar, both atomically, so an
-    interrupted run leaves either a valid pair or one that is recomputed.
+    A cached file is valid when its record ``{case}.json`` (``duplus.journal``) holds the same key,
+    of the model's sha256 (``model_key``; pass the adapter's hash too for an adapted model), the
+    settings and the image (and label) file hashes, and the array's sha256 as it was written. The
+    array is written before its record, both atomically, so an interrupted run leaves either a valid
+    pair or one that is recomputed, never an earlier run's record vouching for a later run's array.
 
     Args:
         model: DuPLUS-like object with ``encode`` and ``__call__`` (a LoRA-adapted model works).
     """
     folder = Path(out_dir) / "features" / (subfolder or "")
+    cache = Journal(folder)  # a cache that stays: never cleared, each record replaced when stale
     results: dict[str, np.ndarray] = {}
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
@@ -178,8 +181,8 @@ def extract_features(model: Any, cases: Sequence[CaseInput], out_dir: str | Path
             if settings.mask_source == "label":
                 _require(case.label_path, case.case, "label")
             key = _case_key(case, model_key, settings)
-            array_path, sidecar = folder / f"{case.case}.npy", folder / f"{case.case}.json"
-            cached = _read_cached(array_path, sidecar, key)
+            array_path = folder / f"{case.case}.npy"
+            cached = _read_cached(cache, case.case, array_path, key)
             if cached is not None:
                 results[case.case] = cached
                 continue
@@ -188,8 +191,8 @@ def extract_features(model: Any, cases: Sequence[CaseInput], out_dir: str | Path
             vector, volume_ml = case_features(model, image, case.modality, case.context, case.targets,
                                               settings, label=label, device=device)
             save_npy(array_path, vector)
-            write_json(sidecar, {"key": key, "model_sha256": model_key, "tumour_ml": volume_ml,
-                                 "mask_source": settings.mask_source})
+            cache.save(case.case, key, {"model_sha256": model_key, "tumour_ml": volume_ml,
+                                        "mask_source": settings.mask_source}, files=[array_path])
             results[case.case] = vector
             computed += 1
     finally:
@@ -205,15 +208,13 @@ def _case_key(case: CaseInput, model_key: str, settings: FeatureSettings) -> str
              "prompts": sha256_text(json.dumps([case.context.tolist(), case.targets.tolist()]))}
     if settings.mask_source == "label":
         parts["label"] = sha256_file(case.label_path)
-    return sha256_text(json.dumps(parts, sort_keys=True))
+    return journal_key(parts)
 
 
-def _read_cached(array_path: Path, sidecar: Path, key: str) -> np.ndarray | None:
-    if not (array_path.is_file() and sidecar.is_file()):
-        return None
+def _read_cached(cache: Journal, case: str, array_path: Path, key: str) -> np.ndarray | None:
+    if cache.load(case, key) is None:
+        return None  # absent, stale, or the array is not the one its record was written with
     try:
-        if json.loads(sidecar.read_text(encoding="utf-8")).get("key") != key:
-            return None
         return np.load(array_path, allow_pickle=False)
     except (OSError, ValueError):
         return None     # unreadable cache entry: recompute rather than fail

@@ -86,7 +86,7 @@ def test_cache_is_keyed_by_model_and_recomputed_when_stale(tmp_path):
     first = extract_features(model, cases, out, "sha-A", settings)
     assert model.encode_calls == 3 and sorted(first) == ["case0", "case1", "case2"]
     sidecar = json.loads((out / "features" / "case1.json").read_text(encoding="utf-8"))
-    assert sidecar["model_sha256"] == "sha-A"
+    assert sidecar["data"]["model_sha256"] == "sha-A"
     np.testing.assert_array_equal(np.load(out / "features" / "case1.npy"), first["case1"])
 
     again = extract_features(model, cases, out, "sha-A", settings)
@@ -99,6 +99,19 @@ def test_cache_is_keyed_by_model_and_recomputed_when_stale(tmp_path):
     np.save(cases[2].image_path, block_image() * 7)                  # changed image: recompute it
     extract_features(model, cases, out, "sha-B", settings)
     assert model.encode_calls == 8
+
+
+def test_an_array_a_killed_run_replaced_is_not_taken_for_its_old_record(tmp_path):
+    """Run A caches case0; run B (another model) is killed between writing case0's array and its
+    record; a rerun of A must not take B's array under A's record."""
+    cases = make_cases(tmp_path / "store", 1)
+    model, settings, out = FakeDuPLUS(), FeatureSettings(), tmp_path / "out"
+    first = extract_features(model, cases, out, "sha-A", settings)["case0"]
+    np.save(out / "features" / "case0.npy", first + 1.0)  # what run B wrote before it was killed
+    again = extract_features(model, cases, out, "sha-A", settings)["case0"]
+    assert model.encode_calls == 2
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(np.load(out / "features" / "case0.npy"), first)
 
 
 def test_missing_image_names_the_case(tmp_path):

@@ -115,7 +115,7 @@ def test_stage_writes_the_documented_files(tmp_path, fakes):
     # The cache is keyed by the weights file's hash (reuse itself is tested in test_features).
     encoded = model.encode_calls
     sidecar = out / "features" / "demo_headneck_pet" / "HN00.json"
-    assert json.loads(sidecar.read_text(encoding="utf-8"))["model_sha256"] == cohort["model_sha256"]
+    assert json.loads(sidecar.read_text(encoding="utf-8"))["data"]["model_sha256"] == cohort["model_sha256"]
     model_file.write_bytes(b"weights v2")
     run_prognosis(project["config"], project["manifest"], FakePromptCache(), model_file, out)
     assert model.encode_calls == encoded + N
@@ -132,7 +132,7 @@ def test_adapted_model_and_label_masks(tmp_path, fakes):
     assert "image_ehr_text" not in set(summary["model"]) and adapted.forward_calls == 0
     cached = out / "features" / "demo_headneck_pet"
     assert np.load(cached / "HN00.npy").shape == (5,)
-    assert json.loads((cached / "HN00.json").read_text(encoding="utf-8"))["model_sha256"] == "base+adapter"
+    assert json.loads((cached / "HN00.json").read_text(encoding="utf-8"))["data"]["model_sha256"] == "base+adapter"
 
 
 def test_unmatched_ehr_ids_stop_the_stage(tmp_path, fakes):
