@@ -18,7 +18,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from segment_helpers import make_setup, write_prompt_cache
 
 from duplus.cli import main
-from duplus.data.io import read_image_files
+from duplus.data.image_io import read_image_files
 from duplus.segment.dicom import class_code, write_dicom
 
 SLICES, ROWS, COLUMNS = 12, 20, 24

@@ -116,7 +116,7 @@ def test_a_reused_folder_keeps_only_this_runs_files(setup, tmp_path):
 def test_a_run_that_fails_while_writing_leaves_no_report(setup, tmp_path, monkeypatch):
     out = tmp_path / "out"
     _segment(setup, setup["scan"], out, "liver")
-    import duplus.data.io as io
+    import duplus.data.image_io as io
 
     def full_disk(image, path, compress=True):
         raise OSError(28, "No space left on device", str(path))

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 from segment_helpers import FakeCache, make_setup, write_prompt_cache
 
-from duplus.data.io import read_image
+from duplus.data.image_io import read_image
 from duplus.segment import network
 from duplus.segment.api import segment_image
 
@@ -75,7 +75,7 @@ def test_a_header_nibabel_corrects_is_one_line_of_ours_and_none_of_nibabel(tmp_p
         nibabel_logger.removeHandler(listener)
     assert heard == []
     ours = [record for record in caplog.records if record.levelno >= logging.WARNING]
-    assert [record.name for record in ours] == ["duplus.data.io"]
+    assert [record.name for record in ours] == ["duplus.data.image_io"]
     assert ours[0].getMessage() == (f"{path}: the NIfTI header needed correcting (pixdim[1,2,3] should be positive; "
                                     "setting to abs of pixdim values); check the scan's spacing and orientation")
     assert any("qfac" in record.getMessage() for record in caplog.records if record.levelno == logging.DEBUG)

@@ -61,7 +61,7 @@ def _with_every_speed_only_setting_changed(config):
 def test_fingerprints_and_resume_keys_follow_the_one_list(config):
     """Pretraining's fingerprint, the LoRA phase's settings and the evaluation journal's settings
     ignore every speed-only setting, and notice a setting that changes results."""
-    from duplus.evaluate.run import journal_settings
+    from duplus.evaluate.evaluate_stage import journal_settings
     from duplus.train.adaptation_keys import lora_phase_settings
     from duplus.train.pretrain import PretrainSettings
 

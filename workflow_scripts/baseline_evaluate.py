@@ -1,7 +1,7 @@
 """Snakemake script for rule baseline_evaluate: each task-specific baseline on its own dataset."""
 import os
 
-from duplus.evaluate.run import run_evaluate_baselines
+from duplus.evaluate.evaluate_stage import run_evaluate_baselines
 from duplus.stage import run_stage
 
 run_stage(

@@ -1,7 +1,7 @@
 """Snakemake script for rule evaluate: test-split metrics of the universal model."""
 import os
 
-from duplus.evaluate.run import run_evaluate
+from duplus.evaluate.evaluate_stage import run_evaluate
 from duplus.stage import run_stage
 
 run_stage(

@@ -1,7 +1,7 @@
 """Snakemake script for rule prognosis: survival from image features and EHR, cross-validated."""
 import os
 
-from duplus.prognosis.run import run_prognosis
+from duplus.prognosis.prognosis_stage import run_prognosis
 from duplus.stage import run_stage
 
 run_stage(

@@ -310,7 +310,7 @@ def list_cases(spec: DatasetSpec, root: str | Path) -> list[Case]:
 def _chaos_label(case: Case, image: "sitk.Image") -> "sitk.Image":
     import SimpleITK as sitk
 
-    from duplus.data.io import read_png_label_stack
+    from duplus.data.image_io import read_png_label_stack
 
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(case.image))
     dicoms = [Path(f) for f in max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(case.image), s)
@@ -347,7 +347,7 @@ def read_case(case: Case) -> tuple["sitk.Image", "sitk.Image | None"]:
     later step resamples it from there (preprocessing onto the training grid), never by way of the
     image's grid, where a nearest-neighbour copy would lose or grow structures smaller than its voxels.
     """
-    from duplus.data.io import read_image
+    from duplus.data.image_io import read_image
 
     image = read_image(case.image, channel=case.channel)
     if case.label is None:

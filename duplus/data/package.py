@@ -18,8 +18,8 @@ import SimpleITK as sitk
 
 from duplus.atomic import write_json
 from duplus.data.archive import read_tar_member
+from duplus.data.image_io import check_image, write_image
 from duplus.data.integrity import geometry_mismatch
-from duplus.data.io import check_image, write_image
 from duplus.data.registry import DatasetSpec
 from duplus.data.transfer import verify_checksum, verify_existing_download
 from duplus.errors import DataError, DownloadError

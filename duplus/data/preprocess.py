@@ -22,9 +22,9 @@ import SimpleITK as sitk
 
 from duplus.atomic import atomic_path, save_npy, write_json
 from duplus.data import geometry as geo
+from duplus.data.image_io import read_image, write_image
 from duplus.data.integrity import check_cases, init_worker, worker_context
 from duplus.data.intensity import apply_box, body_mask, crop_box, normalize
-from duplus.data.io import read_image, write_image
 from duplus.data.labelmap import LabelValues, label_values, summarize_undeclared
 from duplus.data.layouts import Case, list_cases, read_case
 from duplus.data.manifest import write_manifest

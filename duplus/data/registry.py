@@ -92,7 +92,7 @@ class DatasetSpec:
 
 def builtin_datasets() -> dict[str, DatasetSpec]:
     """Every built-in dataset by name (demo, paper datasets, MSD tasks, packaged real images)."""
-    from duplus.data.catalog import BUILTIN
+    from duplus.data.builtin_datasets import BUILTIN
 
     return dict(BUILTIN)
 

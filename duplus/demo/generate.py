@@ -13,8 +13,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from duplus.atomic import write_csv, write_json
-from duplus.data.catalog import DEMO_CENTERS
-from duplus.data.io import write_image
+from duplus.data.builtin_datasets import DEMO_CENTERS
+from duplus.data.image_io import write_image
 from duplus.data.registry import DatasetSpec, builtin_datasets
 from duplus.demo.abdomen import ABDOMEN_FOV, CT_SCANNERS, MRI_SCANNERS, abdomen_anatomy, render_ct, render_mri
 from duplus.demo.cohort import CODEBOOK, Patient, clinical_table, draw_outcomes, draw_patient

@@ -19,7 +19,7 @@ import numpy as np
 
 def label_geometry(path: str | Path) -> dict[str, Any]:
     """Size, spacing, origin and direction of a label file, read from its header alone."""
-    from duplus.data.io import read_header
+    from duplus.data.image_io import read_header
 
     header = read_header(path)
     return {key: list(header[key]) for key in ("size", "spacing", "origin", "direction")}
@@ -63,7 +63,7 @@ def label_on_image_grid(path: str | Path, image_grid: Mapping[str, Any]) -> np.n
     import SimpleITK as sitk
 
     from duplus.data import geometry as geo
-    from duplus.data.io import read_image
+    from duplus.data.image_io import read_image
 
     label = read_image(path)
     return sitk.GetArrayFromImage(geo.resample(label, dict(image_grid), "nearest", 0.0, label.GetPixelID()))

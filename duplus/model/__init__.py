@@ -7,7 +7,7 @@ from duplus.model.backbone import use_channels_last
 from duplus.model.config import MODALITIES, PRESETS, ModelConfig
 from duplus.model.duplus import LORA_GROUPS, DuPLUS, count_parameters, lora_target_names, modalities_of, modality_index
 from duplus.model.flops import count_macs, efficiency
-from duplus.model.io import load_model, read_sidecar, save_model, sidecar_path, with_trained_window
+from duplus.model.model_files import load_model, read_sidecar, save_model, sidecar_path, with_trained_window
 from duplus.model.task_specific import TaskSpecificNet
 
 __all__ = [

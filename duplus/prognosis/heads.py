@@ -12,7 +12,13 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from duplus.prognosis.losses import cox_ph_loss, discretize, logistic_hazard_loss, make_time_bins, survival_from_hazard_logits
+from duplus.prognosis.survival_losses import (
+    cox_ph_loss,
+    discretize,
+    logistic_hazard_loss,
+    make_time_bins,
+    survival_from_hazard_logits,
+)
 
 
 @dataclass(frozen=True)

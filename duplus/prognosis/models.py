@@ -15,8 +15,8 @@ from sklearn.decomposition import PCA
 from sksurv.util import Surv
 
 from duplus.prognosis.ehr import EHRSchema
+from duplus.prognosis.ehr_preprocessor import EHRPreprocessor
 from duplus.prognosis.heads import MLPSettings, SurvivalMLP
-from duplus.prognosis.tabular import EHRPreprocessor
 from duplus.prognosis.text import TextFeatures
 
 # model name -> (learner, input blocks)

@@ -27,8 +27,8 @@ import pandas as pd
 from sklearn.decomposition import PCA
 
 from duplus.prognosis.ehr import EHRSchema
+from duplus.prognosis.ehr_preprocessor import EHRPreprocessor
 from duplus.prognosis.sentence import ehr_to_sentence, field_sentences
-from duplus.prognosis.tabular import EHRPreprocessor
 
 ENCODINGS = ("fields", "sentence")
 # Components kept per field: a coded field with L levels needs L - 1; 8 covers most codings

@@ -20,7 +20,7 @@ def load_network_and_prompts(request: Any) -> tuple[Any, dict[str, Any], Any]:
     with warnings.catch_warnings():
         # torch 2.4 and 2.5 warn (FutureWarning) at every torch.load that does not name weights_only, as text
         # encoders' .bin weights are loaded; nothing a user of `duplus segment` can act on. (Our own weights
-        # are read with weights_only=True, see duplus.model.io.)
+        # are read with weights_only=True, see duplus.model.model_files.)
         warnings.filterwarnings("ignore", message=r".*weights_only.*", category=FutureWarning)
         model, sidecar = _cached_network(request.weights, request.sha256, request.adapter, request.device)
         cache = prompt_embeddings(request.prompt_cache, [request.context_text] + request.texts, request.config,

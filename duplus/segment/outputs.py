@@ -216,7 +216,7 @@ def write_masks(out: Path, masks: Any, meta: Mapping[str, Any], names: list[str]
     import SimpleITK as sitk
 
     from duplus.atomic import write_json
-    from duplus.data.io import write_image
+    from duplus.data.image_io import write_image
 
     out.mkdir(parents=True, exist_ok=True)
 

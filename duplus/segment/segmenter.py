@@ -106,7 +106,7 @@ class Segmenter:
 
     def prepare(self, image: str | Path, channel: int | None = None) -> Prepared:
         """Read, check, hash and preprocess ``image`` (safe to run in a thread beside :meth:`predict`)."""
-        from duplus.data.io import read_image_files
+        from duplus.data.image_io import read_image_files
         from duplus.hashing import sha256_files
 
         started = time.perf_counter()
@@ -115,7 +115,7 @@ class Segmenter:
 
     def prepare_image(self, scan: Any, name: str = "image") -> Prepared:
         """:meth:`prepare` for a SimpleITK image in memory (``name`` is what messages call it)."""
-        from duplus.data.io import check_image
+        from duplus.data.image_io import check_image
 
         started = time.perf_counter()
         return self._prepared(check_image(scan, name), [], name, "", started)

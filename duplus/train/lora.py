@@ -51,7 +51,7 @@ def center_spec(config: Mapping[str, Any], center: str) -> tuple[list[str], str]
 
 
 def _evaluate(model: torch.nn.Module, cases: list[CaseRecord], cache: Any, config: Mapping[str, Any]) -> pd.DataFrame:
-    from duplus.evaluate.run import evaluate_cases
+    from duplus.evaluate.case_scores import evaluate_cases
 
     model.eval()
     return evaluate_cases(model, cases, cache, config)

@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 from data_helpers import TINY, user_config
 
-from duplus.data import catalog, download
+from duplus.data import builtin_datasets, download
 from duplus.data.registry import DatasetSpec, Source
 from duplus.data.transfer import download_file
 from duplus.errors import ChecksumError, DownloadError
@@ -189,7 +189,7 @@ def _serve_toy_msd(server: _Server, monkeypatch) -> tuple[bytes, DatasetSpec]:
     spec = DatasetSpec("toy_msd", "CT", None, "abdomen", {1: "spleen"}, "url",
                        Source(url=f"{server.url}/Task99_Toy.tar", filename="Task99_Toy.tar",
                               md5=hashlib.md5(archive).hexdigest(), subdir="Task99_Toy"))
-    monkeypatch.setitem(catalog.BUILTIN, "toy_msd", spec)
+    monkeypatch.setitem(builtin_datasets.BUILTIN, "toy_msd", spec)
     monkeypatch.setattr(download, "BACKOFF_S", 0.0)
     return archive, spec
 
@@ -205,7 +205,7 @@ def test_url_dataset_downloads_extracts_and_records(server: _Server, tmp_path: P
     assert record["files"]["imagesTr/a.nii.gz"] == hashlib.sha256(b"a").hexdigest()
     assert not (root / "imagesTr" / "a.nii.gz").stat().st_mode & 0o222  # raw data is read-only
     # A wrong checksum fails the stage and leaves no record.
-    monkeypatch.setitem(catalog.BUILTIN, "toy_msd", replace(spec, source=replace(spec.source, md5="1" * 32)))
+    monkeypatch.setitem(builtin_datasets.BUILTIN, "toy_msd", replace(spec, source=replace(spec.source, md5="1" * 32)))
     with pytest.raises(ChecksumError, match="Task99_Toy.tar.*expected 1{32}"):
         download.run_download("toy_msd", {}, tmp_path / "raw2" / "toy_msd" / "download.json")
     assert not (tmp_path / "raw2" / "toy_msd" / "download.json").exists()
@@ -268,7 +268,8 @@ def test_datasets_cut_from_one_archive_download_and_extract_it_once(server: _Ser
     source = Source(url=f"{server.url}/Shared.tar", filename="Shared.tar", md5=hashlib.md5(archive).hexdigest(),
                     subdir="Task99_Toy")
     for name in ("toy_ct", "toy_mr"):
-        monkeypatch.setitem(catalog.BUILTIN, name, DatasetSpec(name, "CT", None, "abdomen", {1: "spleen"}, "url", source))
+        monkeypatch.setitem(builtin_datasets.BUILTIN, name,
+                            DatasetSpec(name, "CT", None, "abdomen", {1: "spleen"}, "url", source))
     monkeypatch.setattr(download, "BACKOFF_S", 0.0)
     raw = tmp_path / "raw"
     extracted = (raw / download.SHARED / "Shared" / "Task99_Toy").resolve()
@@ -307,8 +308,10 @@ def test_datasets_cut_from_one_archive_download_and_extract_it_once(server: _Ser
     server.files.update(saved)
     newer = replace(source, url=f"{server.url}/Shared.tar?v=2")
     server.files["/Shared.tar?v=2"] = archive
-    monkeypatch.setitem(catalog.BUILTIN, "toy_mr", DatasetSpec("toy_mr", "CT", None, "abdomen", {1: "spleen"}, "url", newer))
-    monkeypatch.setitem(catalog.BUILTIN, "toy_ct", DatasetSpec("toy_ct", "CT", None, "abdomen", {1: "spleen"}, "url", newer))
+    monkeypatch.setitem(builtin_datasets.BUILTIN, "toy_mr",
+                        DatasetSpec("toy_mr", "CT", None, "abdomen", {1: "spleen"}, "url", newer))
+    monkeypatch.setitem(builtin_datasets.BUILTIN, "toy_ct",
+                        DatasetSpec("toy_ct", "CT", None, "abdomen", {1: "spleen"}, "url", newer))
     before = len(server.ranges)
     download.run_download("toy_mr", {"datasets": {"toy_mr": {}}}, raw / "toy_mr" / "download.json")
     assert len(server.ranges) == before + 1
@@ -352,7 +355,7 @@ def test_rerun_of_a_url_dataset_reuses_its_extraction(server: _Server, tmp_path:
     newer = archive
     server.files.update(saved)
     server.files["/Task99_Toy.tar?v=2"] = newer
-    monkeypatch.setitem(catalog.BUILTIN, "toy_msd", replace(spec, source=replace(
+    monkeypatch.setitem(builtin_datasets.BUILTIN, "toy_msd", replace(spec, source=replace(
         spec.source, url=f"{server.url}/Task99_Toy.tar?v=2", md5=hashlib.md5(newer).hexdigest())))
     download.run_download("toy_msd", {"datasets": {"toy_msd": {}}}, record_path)
     assert server.ranges == [None]

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from data_helpers import make_volume, write_dicom_series
 
 from duplus.data.image_files import image_files
-from duplus.data.io import read_image, read_image_files, write_image
+from duplus.data.image_io import read_image, read_image_files, write_image
 from duplus.errors import DataError
 from duplus.hashing import sha256_files
 
@@ -111,7 +111,7 @@ def test_bad_inputs_raise_data_error_naming_the_file(tmp_path: Path, case: str) 
 def test_a_channel_asked_of_a_single_volume_is_an_error(tmp_path):
     import SimpleITK as sitk
 
-    from duplus.data.io import read_image
+    from duplus.data.image_io import read_image
 
     path = tmp_path / "flair.nii.gz"
     sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkFloat32), str(path))

@@ -8,7 +8,7 @@ import pytest
 from data_helpers import user_config
 
 from duplus.data import registry
-from duplus.data.catalog import BUILTIN, MSD_TASKS
+from duplus.data.builtin_datasets import BUILTIN, MSD_TASKS
 from duplus.data.layouts import list_cases
 from duplus.errors import ConfigError
 

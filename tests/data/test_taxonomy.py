@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from duplus.data import taxonomy
-from duplus.data.catalog import BUILTIN
+from duplus.data.builtin_datasets import BUILTIN
 from duplus.errors import DataError
 
 

@@ -13,7 +13,7 @@ import torch
 
 from duplus.data.manifest import case_of
 from duplus.data.preprocess import settings, transform_case
-from duplus.evaluate.run import evaluate_cases
+from duplus.evaluate.evaluate_stage import evaluate_cases
 from duplus.prompts.templates import context_prompt, target_prompts
 
 TEXT_DIM = 4
@@ -94,7 +94,7 @@ def test_oracle_is_perfect_after_restoring_to_the_original_grid(tmp_path):
 def test_hd95_is_measured_in_mm_of_the_original_grid_along_each_array_axis(tmp_path, monkeypatch, axis, mm):
     """A prediction one original voxel off along array axis Z, Y or X scores that voxel's size in mm
     (spacing 1.6 x 1.2 x 3.0 mm as x, y, z): the spacing reaches the metric in array order."""
-    import duplus.evaluate.cases as cases_module
+    import duplus.evaluate.case_scores as cases_module
 
     restore = cases_module.restore_mask
     monkeypatch.setattr(cases_module, "restore_mask", lambda *args: np.roll(restore(*args), 1, axis=axis))

@@ -13,12 +13,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import duplus.evaluate.cases as cases_module
+import duplus.evaluate.case_scores as cases_module
 from duplus.data.layouts import list_cases
 from duplus.data.manifest import case_of
 from duplus.data.preprocess import process_case, settings
 from duplus.data.registry import get_dataset
-from duplus.evaluate.cases import evaluate_cases, evaluate_each
+from duplus.evaluate.case_scores import evaluate_cases, evaluate_each
 from duplus.evaluate.label_grid import image_field_of_view
 
 PET_SPACING = (4.0, 4.0, 4.0)

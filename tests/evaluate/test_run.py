@@ -14,8 +14,8 @@ import SimpleITK as sitk
 import torch
 
 from duplus.data.manifest import CaseRecord, read_manifest, select_cases
-from duplus.evaluate import cases as cases_module
-from duplus.evaluate.run import evaluate_cases, run_evaluate, summarize
+from duplus.evaluate import case_scores as cases_module
+from duplus.evaluate.evaluate_stage import evaluate_cases, run_evaluate, summarize
 from duplus.model import DuPLUS, ModelConfig, save_model
 
 TEXT_DIM = 4
@@ -155,7 +155,7 @@ def test_summary_means_ignore_nan_distances():
 
 def test_a_killed_evaluation_resumes_with_the_cases_it_finished(dataset, tmp_path, monkeypatch):
     import duplus.prompts.cache as cache_module
-    from duplus.evaluate.journal import FOLDER
+    from duplus.evaluate.case_journal import FOLDER
 
     monkeypatch.setattr(cache_module.PromptCache, "load", classmethod(lambda cls, path: FakeCache()))
     torch.manual_seed(0)
@@ -195,7 +195,7 @@ def test_a_killed_evaluation_resumes_with_the_cases_it_finished(dataset, tmp_pat
 
 
 def test_a_journal_entry_is_reused_only_under_the_same_key(dataset, tmp_path, monkeypatch):
-    from duplus.evaluate.journal import CaseJournal
+    from duplus.evaluate.case_journal import CaseJournal
 
     cases = select_cases(read_manifest(dataset), split="test")
     calls = []
@@ -247,7 +247,7 @@ def _record(case, center, split):
 
 
 def test_a_case_cap_draws_from_every_center_not_the_first_in_name_order():
-    from duplus.evaluate.run import cases_to_evaluate
+    from duplus.evaluate.evaluate_stage import cases_to_evaluate
 
     records = [_record(f"{c}_{i:02d}", c, "test") for c in ("siteA", "siteB", "siteC") for i in range(5)]
     records.append(_record("train_01", "siteA", "train"))

@@ -22,7 +22,7 @@ from duplus.cli import main
 from duplus.data import taxonomy
 from duplus.data.download import run_download
 from duplus.data.preprocess import run_preprocess
-from duplus.evaluate.run import run_evaluate
+from duplus.evaluate.evaluate_stage import run_evaluate
 from duplus.model import read_sidecar
 from duplus.prompts.cache import PromptCache, run_cache_prompts
 from duplus.report.build import run_report

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from duplus.prognosis.ehr import EHRSchema
-from duplus.prognosis.run import _ehr_path
+from duplus.prognosis.prognosis_stage import _ehr_path
 
 
 def test_hecktors_table_lies_in_the_one_placement_its_ct_and_pet_datasets_read(tmp_path):

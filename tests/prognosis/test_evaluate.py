@@ -12,9 +12,9 @@ from sklearn.model_selection import StratifiedKFold
 
 from duplus.prognosis import evaluate as ev
 from duplus.prognosis.ehr import EHRSchema, validate_ehr
+from duplus.prognosis.ehr_preprocessor import EHRPreprocessor
 from duplus.prognosis.heads import MLPSettings
 from duplus.prognosis.models import Cohort, ModelSettings, fit_predict, model_names
-from duplus.prognosis.tabular import EHRPreprocessor
 from duplus.prognosis.text import TextFeatures
 
 from .fakes import synthetic_cohort

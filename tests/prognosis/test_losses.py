@@ -11,7 +11,13 @@ import torch
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.util import Surv
 
-from duplus.prognosis.losses import cox_ph_loss, discretize, logistic_hazard_loss, make_time_bins, survival_from_hazard_logits
+from duplus.prognosis.survival_losses import (
+    cox_ph_loss,
+    discretize,
+    logistic_hazard_loss,
+    make_time_bins,
+    survival_from_hazard_logits,
+)
 
 
 def reference_loss(risk, time, event, ties):

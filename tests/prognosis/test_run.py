@@ -11,9 +11,9 @@ import pytest
 
 from duplus.errors import ConfigError, EHRError
 from duplus.hashing import sha256_file
-from duplus.prognosis import run as run_module
+from duplus.prognosis import prognosis_stage as run_module
 from duplus.prognosis.evaluate import AUC_COLUMNS, FOLD_COLUMNS, RISK_COLUMNS, SUMMARY_COLUMNS
-from duplus.prognosis.run import run_prognosis
+from duplus.prognosis.prognosis_stage import run_prognosis
 
 from .conftest import HEADNECK
 from .fakes import FakeDuPLUS, FakePromptCache

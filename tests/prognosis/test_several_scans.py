@@ -22,7 +22,7 @@ from hecktor_fixture import write_hecktor
 from duplus.data.download import run_download
 from duplus.data.preprocess import run_preprocess
 from duplus.prognosis.features import FeatureSettings, case_features
-from duplus.prognosis.run import run_prognosis
+from duplus.prognosis.prognosis_stage import run_prognosis
 
 from .conftest import HEADNECK
 from .fakes import FakePromptCache

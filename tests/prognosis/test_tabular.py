@@ -8,7 +8,7 @@ import pytest
 
 from duplus.errors import EHRError
 from duplus.prognosis.ehr import EHRSchema
-from duplus.prognosis.tabular import EHRPreprocessor
+from duplus.prognosis.ehr_preprocessor import EHRPreprocessor
 
 SCHEMA = EHRSchema(id="pid", time="t", event="e", numeric=("age",), categorical=("site",), binary=("hpv",))
 

@@ -192,7 +192,7 @@ def check_readable(path: Path) -> None:
             text = path.read_bytes()
             assert text.endswith(b"\n"), "does not end with a newline (cut mid-line)"
         elif name.endswith((".nii.gz", ".nii")):
-            from duplus.data.io import read_image
+            from duplus.data.image_io import read_image
 
             read_image(path)
     except AssertionError as error:
@@ -252,9 +252,9 @@ STAGE_CALLS = {
     "preprocess": "duplus.data.preprocess:run_preprocess",
     "cache_prompts": "duplus.prompts.cache:run_cache_prompts",
     "pretrain": "duplus.train.pretrain:run_pretrain",
-    "evaluate": "duplus.evaluate.run:run_evaluate",
+    "evaluate": "duplus.evaluate.evaluate_stage:run_evaluate",
     "lora": "duplus.train.lora:run_lora",
-    "prognosis": "duplus.prognosis.run:run_prognosis",
+    "prognosis": "duplus.prognosis.prognosis_stage:run_prognosis",
 }
 LORA_CENTER = "ct_siteB"
 

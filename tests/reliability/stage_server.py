@@ -35,7 +35,7 @@ PRELOAD = (
     "numpy", "pandas", "SimpleITK", "torch", "safetensors.torch", "transformers",
     "transformers.models.bert.modeling_bert", "duplus.data.download", "duplus.data.preprocess",
     "duplus.prompts.cache", "duplus.prompts.encoder", "duplus.model", "duplus.train.pretrain",
-    "duplus.train.lora", "duplus.prognosis.run", "sksurv.linear_model", "sksurv.ensemble",
+    "duplus.train.lora", "duplus.prognosis.prognosis_stage", "sksurv.linear_model", "sksurv.ensemble",
 )
 
 EXIT_OK, EXIT_DUPLUS_ERROR, EXIT_CRASH = 0, 3, 4

@@ -188,7 +188,7 @@ def test_model_replaced_while_being_loaded_is_never_mixed_with_its_sidecar(tmp_p
     """A writer replaces the weights right after the loader read them (the worst instant, made
     deterministic here): the loader must not return the new weights with the old sidecar, nor
     weights it did not verify."""
-    import duplus.model.io as model_io
+    import duplus.model.model_files as model_io
     from duplus.errors import DuplusError
 
     path = tmp_path / "model.safetensors"
@@ -219,7 +219,7 @@ def test_model_replaced_while_being_loaded_is_never_mixed_with_its_sidecar(tmp_p
 def test_model_reader_during_rewrites(tmp_path: Path) -> None:
     """The same as a free-running race: a reader thread while a writer alternates two models."""
     from duplus.errors import DuplusError
-    from duplus.model.io import load_model, save_model
+    from duplus.model.model_files import load_model, save_model
 
     path = tmp_path / "model.safetensors"
     models = {1.0: _tiny_model(1.0), 2.0: _tiny_model(2.0)}

@@ -2,7 +2,7 @@
 
 Expectation "image-input-validated": a NIfTI file with zero, negative, NaN or infinite spacing, a
 non-orthogonal or degenerate direction, 2-D or 4-D shape, an unusual voxel type (int64, uint32, ...)
-or NaN voxels is either read by ``duplus.data.io.read_image`` into a checked 3-D image that
+or NaN voxels is either read by ``duplus.data.image_io.read_image`` into a checked 3-D image that
 ``duplus.data.preprocess.prepare_image`` turns into a finite float32 volume, or refused with a
 ``DuplusError`` naming the file. No other exception (RuntimeError from ITK, ZeroDivisionError,
 MemoryError, ...) and no NaN reaches the network.
@@ -121,7 +121,7 @@ def _check_prepared(array: np.ndarray, meta: dict[str, Any]) -> None:
 @example(header={"shape": (1, 1, 1), "dtype": "uint8", "spacing": [0.0, 1e-06, 1e-06], "direction": "identity",
                  "sform_code": 0, "qform_code": 0, "nan_voxels": False, "seed": 0}, modality="CT", gz=False)
 def test_fuzzed_nifti_is_read_and_prepared_or_refused(header: dict[str, Any], modality: str, gz: bool) -> None:
-    from duplus.data.io import read_image
+    from duplus.data.image_io import read_image
     from duplus.data.preprocess import prepare_image
 
     with tempfile.TemporaryDirectory() as folder:
@@ -147,7 +147,7 @@ def test_fuzzed_nifti_is_read_and_prepared_or_refused(header: dict[str, Any], mo
 @pytest.mark.parametrize("spacing", [[0.0, 1.0, 1.0], [math.nan, 1.0, 1.0], [math.inf, 1.0, 1.0]])
 def test_unusable_voxel_size_is_refused_naming_the_file(spacing: list[float], tmp_path: Path) -> None:
     # ITK would read these as 1 mm voxels (the sform's 2 mm notwithstanding) with only a stderr warning.
-    from duplus.data.io import read_image
+    from duplus.data.image_io import read_image
 
     path = write_nifti({"shape": (5, 6, 7), "dtype": "int16", "spacing": [2.0, 1.0, 1.0], "direction": "identity",
                         "sform_code": 1, "qform_code": 1, "nan_voxels": False, "seed": 0}, tmp_path / "s.nii")
@@ -161,7 +161,7 @@ def test_unusable_voxel_size_is_refused_naming_the_file(spacing: list[float], tm
 
 def test_negative_voxel_size_is_read_as_its_magnitude(tmp_path: Path) -> None:
     # The NIfTI reference library's convention (and ITK's): a sign in pixdim is a writer's slip.
-    from duplus.data.io import read_image
+    from duplus.data.image_io import read_image
     from duplus.data.preprocess import prepare_image
 
     path = write_nifti({"shape": (5, 6, 7), "dtype": "int16", "spacing": [-2.0, 1.0, 1.0], "direction": "identity",
@@ -174,7 +174,7 @@ def test_negative_voxel_size_is_read_as_its_magnitude(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("shape", [(6, 7), (5, 6, 7, 2)])
 def test_wrong_dimension_is_refused_naming_the_file(shape: tuple[int, ...], tmp_path: Path) -> None:
-    from duplus.data.io import read_image
+    from duplus.data.image_io import read_image
 
     path = write_nifti({"shape": shape, "dtype": "float32", "spacing": [1.0, 1.0, 1.0], "direction": "identity",
                         "sform_code": 1, "qform_code": 1, "nan_voxels": False, "seed": 0}, tmp_path / "s.nii.gz")
@@ -298,7 +298,7 @@ def _read_in_child(path: Path) -> str:
     import subprocess
     import sys
 
-    code = ("import sys\nfrom duplus.data.io import read_image\nfrom duplus.errors import DuplusError\n"
+    code = ("import sys\nfrom duplus.data.image_io import read_image\nfrom duplus.errors import DuplusError\n"
             "try:\n    read_image(sys.argv[1])\nexcept DuplusError as e:\n    print('refused:', e)\n")
     done = subprocess.run([sys.executable, "-c", code, str(path)], check=False, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
@@ -322,7 +322,7 @@ def test_scaled_integer_vector_nifti_is_refused_not_a_crash(tmp_path: Path) -> N
 @pytest.mark.parametrize("dtype", ["int16", "int8"])  # int8's vector pixel id lies below uint8's
 def test_vector_nifti_of_one_component_is_read_as_a_scalar_volume(dtype: str, tmp_path: Path) -> None:
     # Intent "vector" without a fifth dimension: ITK gives a one-component vector image no resampler took.
-    from duplus.data.io import read_image
+    from duplus.data.image_io import read_image
     from duplus.data.preprocess import prepare_image
 
     path = _raw_nifti(tmp_path / "s.nii.gz", (5, 6, 7), dtype, intent=1007)
@@ -343,7 +343,7 @@ def _scalar_with_values(image: Any) -> Any:
 
 
 def test_four_d_vector_image_is_refused_naming_the_file(tmp_path: Path) -> None:
-    from duplus.data.io import read_image
+    from duplus.data.image_io import read_image
 
     path = _raw_nifti(tmp_path / "s.nii", (1, 13, 1, 2), "float32", intent=1007)
     with pytest.raises(DuplusError, match=r"s\.nii: cannot take one 3-D volume"):

@@ -130,7 +130,7 @@ def check_library_readers(stage: str, out: Path) -> None:
         except DuplusError:
             pass
     if stage == "pretrain":
-        from duplus.model.io import load_model
+        from duplus.model.model_files import load_model
         from duplus.train.checkpoint import load_latest_checkpoint
 
         folder = out / "results" / "pretrain"
@@ -210,7 +210,7 @@ def test_pretrain_killed_while_writing(file_name: str, reference: ReferenceRun, 
     run must resume from the previous checkpoint), and between the final weights and their sidecar
     (the weights must not load without their sidecar). Both end bit-identical after a rerun."""
     from duplus.errors import DuplusError
-    from duplus.model.io import load_model
+    from duplus.model.model_files import load_model
 
     kwargs = stage_kwargs("pretrain", reference.root, tmp_path, reference.config)
     reply = stage_server.run(STAGE_CALLS["pretrain"], tmp_path, fault={"name": file_name, "atomic": True}, **kwargs)

@@ -85,7 +85,7 @@ def _with_sidecar(saved: Path, weights: Path, payload: bytes) -> None:
 def test_load_model_refuses_code_running_pickles(suffix: str, torch_format: bool, saved_model: Path,
                                                  marker: Path, tmp_path: Path) -> None:
     from duplus.errors import CheckpointError
-    from duplus.model.io import load_model
+    from duplus.model.model_files import load_model
 
     weights = tmp_path / f"model{suffix}"
     _with_sidecar(saved_model, weights, evil_bytes(marker, torch_format))
@@ -94,7 +94,7 @@ def test_load_model_refuses_code_running_pickles(suffix: str, torch_format: bool
 
 
 def test_load_model_accepts_the_genuine_file(saved_model: Path) -> None:
-    from duplus.model.io import load_model
+    from duplus.model.model_files import load_model
 
     model, sidecar = load_model(saved_model)
     assert sidecar["steps"] == 1 and sum(p.numel() for p in model.parameters()) > 0
@@ -144,7 +144,7 @@ def test_checkpoint_with_foreign_tensors_file_is_refused_cleanly(torch_format: b
 @pytest.mark.parametrize("layout", ["pickle-as-safetensors", "pickle-bin-only"])
 def test_adapter_loading_refuses_pickles(layout: str, saved_model: Path, marker: Path, tmp_path: Path) -> None:
     from duplus.model.adapters import load_adapter
-    from duplus.model.io import load_model
+    from duplus.model.model_files import load_model
 
     folder = tmp_path / "adapter"
     folder.mkdir()

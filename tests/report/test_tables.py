@@ -124,7 +124,7 @@ def test_efficiency_table_units_and_published_rows(results):
 
 
 def test_a_switched_off_prognosis_stage_shows_no_measured_row(results):
-    from duplus.prognosis.run import _write_disabled
+    from duplus.prognosis.prognosis_stage import _write_disabled
 
     _write_disabled(results / "prognosis")
     assert load_inputs(results).prognosis_summary is None  # the section says "not found", no row of dashes

@@ -17,8 +17,8 @@ import torch
 from duplus.atomic import atomic_path, write_csv, write_json
 from duplus.data.manifest import CaseRecord, read_manifests, select_cases
 from duplus.errors import DataError, ModelError
-from duplus.evaluate.cases import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_each
-from duplus.evaluate.journal import CaseJournal
+from duplus.evaluate.case_journal import CaseJournal
+from duplus.evaluate.case_scores import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_each
 from duplus.inference.predict import autocast_for, inference_settings, model_device
 from duplus.tracked import results_only
 
@@ -196,7 +196,7 @@ def run_evaluate(config: Mapping[str, Any], manifests: Sequence[str], prompt_cac
 
 def case_journal(out_dir: Path, sidecar: Mapping[str, Any], config: Mapping[str, Any],
                  device: torch.device, prompt_cache: str) -> CaseJournal:
-    """The resume journal of one model's evaluation in ``out_dir`` (``duplus.evaluate.journal``)."""
+    """The resume journal of one model's evaluation in ``out_dir`` (``duplus.evaluate.case_journal``)."""
     from duplus.hashing import package_source_sha256, sha256_file
 
     settings = {**journal_settings(config), "device": device.type, "source": package_source_sha256(),

@@ -6,7 +6,7 @@ recorded in ``<out>/.cases/`` (a ``duplus.journal.Journal``: its rows, and the e
 kept with their sha256); a rerun after a kill, preemption or time limit takes
 the cases whose key still matches and evaluates only the rest. The key covers everything a
 case's numbers depend on: the model weights' sha256, the inference and evaluation settings
-(``duplus.evaluate.run.journal_settings``), the device kind, the prompt cache, the package's
+(``duplus.evaluate.evaluate_stage.journal_settings``), the device kind, the prompt cache, the package's
 source code, what the manifest says of the case and the sha256 of the preprocessed image, its
 geometry record and the raw label. The stage deletes the journal once its outputs are written, so
 a completed evaluation never feeds a later one.

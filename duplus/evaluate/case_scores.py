@@ -25,7 +25,7 @@ from duplus.inference.packed import PackedMasks
 from duplus.inference.predict import predict_masks
 
 if TYPE_CHECKING:
-    from duplus.evaluate.journal import CaseJournal, JournalEntry
+    from duplus.evaluate.case_journal import CaseJournal, JournalEntry
 
 log = logging.getLogger("duplus.evaluate")
 
@@ -56,7 +56,7 @@ def read_array(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """Voxels (array order) and spacing per array axis of an original image or label."""
     import SimpleITK as sitk
 
-    from duplus.data.io import read_image
+    from duplus.data.image_io import read_image
 
     image = read_image(path)
     return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing()))
@@ -154,7 +154,7 @@ def evaluate_each(
 ) -> Evaluation:
     """Evaluate every case in turn; keeps the first case of each dataset as an example if asked.
 
-    With a ``journal`` (``duplus.evaluate.journal``), cases it holds under the same key are taken
+    With a ``journal`` (``duplus.evaluate.case_journal``), cases it holds under the same key are taken
     from it and each newly finished case is added to it: a killed run resumes.
     """
     from duplus.progress import progress
@@ -185,7 +185,7 @@ def evaluate_each(
 
 
 def _entry_of(result: Evaluation, first_row: int, example_of: str | None) -> "JournalEntry":
-    from duplus.evaluate.journal import JournalEntry
+    from duplus.evaluate.case_journal import JournalEntry
 
     rows = result.rows[first_row:]
     return JournalEntry(rows=rows, seconds=result.seconds[-1], n_classes=len(rows),
