@@ -104,7 +104,7 @@ def run_lora(
     """Adapt the pretrained model to ``center``; write ``adapter/``, ``adapter_meta.json``, ``metrics.json``.
 
     Zero-shot, LoRA and full fine-tuning are scored on the center's test split with
-    ``duplus.evaluate.run.evaluate_cases``; LoRA and full fine-tuning train on its train split with
+    ``duplus.evaluate.case_scores.evaluate_cases``; LoRA and full fine-tuning train on its train split with
     the same batches and step budget. Peak memory (RSS, and CUDA memory on a GPU) is measured for
     each training on its own (``duplus.train.finetune.FitStats``). A killed or SIGTERMed job
     resumes: finished phases are kept in ``<out_dir>/.resume/`` (``duplus.train.phase_journal``,
