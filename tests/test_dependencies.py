@@ -27,7 +27,7 @@ def test_conda_environment_states_the_versions_of_pyproject() -> None:
 
 
 def test_the_lowest_torch_declared_has_what_training_uses() -> None:
-    # torch.amp.GradScaler (duplus/train/pretrain.py) appeared in torch 2.3.
+    # torch.amp.GradScaler (duplus/train/step.py) appeared in torch 2.3.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     torch = next(Requirement(line) for line in project if Requirement(line).name == "torch")
     assert not torch.specifier.contains("2.2.2") and torch.specifier.contains("2.3.0")

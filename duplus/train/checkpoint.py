@@ -1,4 +1,4 @@
-"""Resumable training checkpoints: tensors in safetensors, the rest in JSON (written last, with their sha256).
+"""Resumable training checkpoints: what a loop saves (``TrainState``), and how (safetensors + JSON with their sha256).
 
 A checkpoint whose JSON is missing or unreadable, or whose tensors do not match the hash, is never read.
 """
@@ -10,8 +10,9 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -186,3 +187,71 @@ def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
             cuda = cuda[0] if len(cuda) else None
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
+
+
+class Stateful(Protocol):
+    """What a checkpoint part offers: torch's ``state_dict`` / ``load_state_dict`` pair."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class Value:
+    """A plain value of a training loop (a counter, the log rows) as a checkpoint part.
+
+    ``get`` reads it when a checkpoint is written; ``put`` takes the saved value back on resume
+    (the default ignores it: a value saved to be compared, such as the run's identity).
+    """
+
+    get: Callable[[], Any]
+    put: Callable[[Any], None] = lambda saved: None
+
+    def state_dict(self) -> Any:
+        return self.get()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.put(state)
+
+
+class RandomState:
+    """The random generators a training step draws from (dropout), as a checkpoint part."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        set_rng_state(state, self.device)
+
+
+class TrainState:
+    """What a training checkpoint holds: named parts, each saved and restored under its one name.
+
+    A loop declares its parts once; ``state_dict`` saves every part and ``load_state_dict`` restores
+    every part, in the declared order, so nothing can be saved and then forgotten on resume (or
+    restored without having been saved). The names are the checkpoint's top-level keys.
+    """
+
+    def __init__(self, parts: Mapping[str, Stateful]) -> None:
+        self.parts = dict(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every part's state, by name (references to the live tensors: save it before the next step)."""
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any], where: str | os.PathLike) -> None:
+        """Restore every part from ``state`` (a checkpoint of ``where``, named in errors).
+
+        Raises:
+            CheckpointError: when the checkpoint lacks parts this loop saves (written by another loop).
+        """
+        missing = [name for name in self.parts if name not in state]
+        if missing:
+            raise CheckpointError(f"{where}: the checkpoint lacks {missing} (it holds {sorted(state)}); "
+                                  "it was written by another kind of training: delete the folder to start over")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])

@@ -7,13 +7,14 @@ bit-identical on CPU to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -21,12 +22,11 @@ from torch import nn
 from duplus.errors import CheckpointError, TrainingInterrupted
 from duplus.progress import progress
 from duplus.runtime import RssPeak
-from duplus.train.batches import TextTable, batch_loss
-from duplus.train.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-from duplus.train.divergence import DivergenceWatch
+from duplus.train.batches import TextTable
+from duplus.train.checkpoint import RandomState, TrainState, load_latest_checkpoint, save_checkpoint
 from duplus.train.interrupt import StopFlag
-from duplus.train.optim import GRAD_CLIP, build_optimizer, warmup_cosine
 from duplus.train.sampling import PatchSampler, make_loader, workers_closed
+from duplus.train.step import TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,21 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value for name, value in model.state_dict().items() if name in kept}
 
 
-def _restore_trained_state(model: nn.Module, saved: dict[str, torch.Tensor], folder: Path) -> None:
-    expected = trained_state(model)
-    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in expected):
-        raise CheckpointError(f"{folder}: the checkpoint holds other trainable tensors than this model has "
-                              "(a run with other adapter settings?); delete the folder to start over")
-    model.load_state_dict(saved, strict=False)
+class _TrainedTensors:
+    """``trained_state`` as a checkpoint part; restoring refuses another model's (other adapter settings)."""
+
+    def __init__(self, model: nn.Module, folder: Path | None) -> None:
+        self.model, self.folder = model, folder
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return trained_state(self.model)
+
+    def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
+        expected = trained_state(self.model)
+        if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in expected):
+            raise CheckpointError(f"{self.folder}: the checkpoint holds other trainable tensors than this model has "
+                                  "(a run with other adapter settings?); delete the folder to start over")
+        self.model.load_state_dict(saved, strict=False)
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,37 @@ class FitStats:
     seconds: float
     rss_mb: float
     cuda_mb: float | None = None
+
+
+class _Cost:
+    """The running ``FitStats`` of this attempt added to those an interrupted one saved (a checkpoint part)."""
+
+    def __init__(self, rss: RssPeak, device: torch.device) -> None:
+        self.rss, self.device = rss, device
+        self.before = FitStats(0.0, 0.0, None)
+        self.started, self.bookkeeping = time.perf_counter(), 0.0
+
+    def stats(self) -> FitStats:
+        device, before = self.device, self.before
+        cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        return FitStats(before.seconds + time.perf_counter() - self.started - self.bookkeeping,
+                        max(before.rss_mb, self.rss.mb), None if cuda is None else max(before.cuda_mb or 0.0, cuda))
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.stats())
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.before = FitStats(**saved)
+
+    @contextlib.contextmanager
+    def left_out(self) -> Iterator[None]:
+        """A block (a checkpoint write) counted in neither the seconds nor the peak memory."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the recorded seconds include the queued GPU work
+        at = time.perf_counter()
+        with self.rss.paused():
+            yield
+        self.bookkeeping += time.perf_counter() - at
 
 
 def fit(
@@ -96,45 +136,26 @@ def fit(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with RssPeak() as rss:
-        optimizer = build_optimizer(model.parameters(), lr, weight_decay, device)
-        scheduler = warmup_cosine(optimizer, max(1, steps // 10), steps)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        step = TrainingStep(model, table, amp, lr=lr, weight_decay=weight_decay, warmup_steps=max(1, steps // 10),
+                            steps=steps)
         folder = Path(checkpoints) if checkpoints is not None else None
-        before = FitStats(0.0, 0.0, None)
         resumed = load_latest_checkpoint(folder) if folder is not None else None
-        if resumed is not None:
-            state = resumed[1]
-            _restore_trained_state(model, state["trained"], folder)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            before = FitStats(**state["stats"])
-            log.info("%s: resuming at step %d of %d from %s", desc, resumed[0], steps, folder)
-        started, bookkeeping = time.perf_counter(), 0.0
-
-        def stats() -> FitStats:
-            cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-            return FitStats(before.seconds + time.perf_counter() - started - bookkeeping, max(before.rss_mb, rss.mb),
-                            None if cuda is None else max(before.cuda_mb or 0.0, cuda))
-
-        def checkpoint(done: int) -> None:
-            nonlocal bookkeeping
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the recorded seconds include the queued GPU work
-            at = time.perf_counter()
-            with rss.paused():
-                save_checkpoint(folder, done, {
-                    "trained": trained_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(device),
-                    "stats": asdict(stats()),
-                })
-            bookkeeping += time.perf_counter() - at
-
-        _train(model, sampler, table, optimizer, scheduler, scaler, amp, steps, batch_size, seed, num_workers, desc,
-               resumed, folder, checkpoint_every, checkpoint)
+        cost = _Cost(rss, device)
+        # What an adaptation checkpoint holds, saved and restored from this one list (names as ever written).
+        state = TrainState({
+            "trained": _TrainedTensors(model, folder),
+            "optimizer": step.optimizer,
+            "scheduler": step.scheduler,
+            "scaler": step.scaler,
+            "rng": RandomState(device),
+            "stats": cost,
+        })
+        loader = make_loader(sampler, seed, batch_size, 1, resumed[0] if resumed else 0, steps,
+                             num_workers=num_workers, pin_memory=device.type == "cuda")
+        _train(model, step, loader, steps, desc, resumed, state, cost, folder, checkpoint_every)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the wall time must include the queued GPU work
-    return stats()
+    return cost.stats()
 
 
 def keep_frozen_statistics(model: nn.Module) -> None:
@@ -150,17 +171,11 @@ def keep_frozen_statistics(model: nn.Module) -> None:
             module.eval()
 
 
-def _train(model: nn.Module, sampler: PatchSampler, table: TextTable, optimizer: torch.optim.Optimizer,
-           scheduler: Any, scaler: torch.amp.GradScaler, amp: torch.dtype | None, steps: int, batch_size: int,
-           seed: int, num_workers: int, desc: str, resumed: tuple[int, dict[str, Any]] | None, folder: Path | None,
-           checkpoint_every: int, checkpoint: Callable[[int], None]) -> None:
+def _train(model: nn.Module, step: TrainingStep, loader: Any, steps: int, desc: str,
+           resumed: tuple[int, dict[str, Any]] | None, state: TrainState, cost: _Cost, folder: Path | None,
+           checkpoint_every: int) -> None:
     """The steps of ``fit`` from where a checkpoint left off (or the start) to ``steps``."""
-    device = table.device
     start = resumed[0] if resumed is not None else 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    loader = make_loader(sampler, seed, batch_size, 1, start, steps, num_workers=num_workers,
-                         pin_memory=device.type == "cuda")
-    watch = DivergenceWatch(device, enabled=not scaler.is_enabled())
     model.train()
     keep_frozen_statistics(model)
     # Without a checkpoint folder SIGTERM keeps its default: there is nothing to stop cleanly into.
@@ -169,25 +184,20 @@ def _train(model: nn.Module, sampler: PatchSampler, table: TextTable, optimizer:
         if resumed is not None:
             # After the loader's iterator, which draws from the torch RNG when created: the state
             # is then the one the uninterrupted run had at this step (dropout on the LoRA path).
-            set_rng_state(resumed[1]["rng"], device)
+            state.load_state_dict(resumed[1], folder)
+            log.info("%s: resuming at step %d of %d from %s", desc, start, steps, folder)
         for done in range(start + 1, steps + 1):
-            loss = batch_loss(model, next(batches), table, amp)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            watch.record(done, torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP, foreach=True))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            step(done, [next(batches)])
             bar.update(1)
             if folder is None:
                 continue
             if (checkpoint_every > 0 and done % checkpoint_every == 0) or done == steps or stop.requested:
-                watch.check(desc, folder)
-                checkpoint(done)
+                step.watch.check(desc, folder)
+                with cost.left_out():
+                    save_checkpoint(folder, done, state.state_dict())
             if stop.requested:
                 # Also after the last step: the job's next phase (an evaluation) would not stop.
                 raise TrainingInterrupted(f"{desc} stopped at step {done} of {steps}; checkpoint in {folder}, "
                                           "rerun to resume")
-    watch.check(desc, folder)
+    step.watch.check(desc, folder)
     model.eval()

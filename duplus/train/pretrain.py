@@ -24,14 +24,13 @@ from duplus.progress import progress
 from duplus.runtime import device_for, seed_everything
 from duplus.tracked import results_only
 from duplus.train import distributed
-from duplus.train.batches import TextTable, accumulated_loss, open_prompt_cache
+from duplus.train.batches import TextTable, open_prompt_cache
 from duplus.train.cases import preprocessed_sha256, pretraining_cases
-from duplus.train.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-from duplus.train.divergence import DivergenceWatch
-from duplus.train.ema import EMA
+from duplus.train.checkpoint import RandomState, TrainState, Value, load_latest_checkpoint, save_checkpoint
 from duplus.train.interrupt import StopFlag
-from duplus.train.optim import GRAD_CLIP, build_optimizer, resolve_amp, warmup_cosine
+from duplus.train.optim import resolve_amp
 from duplus.train.sampling import PatchSampler, make_loader, workers_closed
+from duplus.train.step import TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +185,33 @@ def train_network(
     ranks = distributed.from_environment()
     device = distributed.start(ranks, device_for(config))
     try:
-        return _train(config, settings, cases, prompt_cache, out_model, out_log, task_specific, ranks, device)
+        run = _set_up(config, settings, cases, prompt_cache, out_model, out_log, task_specific, ranks, device)
+        losses = _train(run, _resume_point(run))
+        return _save_model(run, losses) if ranks.main else {}
     finally:
         distributed.stop(ranks)
 
 
-def _train(
+@dataclass
+class _Run:
+    """What the set-up of a training run builds: its data, network, step and identity."""
+
+    config: Mapping[str, Any]
+    settings: PretrainSettings
+    ranks: distributed.Ranks
+    device: torch.device
+    cache: Any
+    sampler: PatchSampler
+    model: torch.nn.Module
+    step: TrainingStep
+    identity: dict[str, Any]
+    folder: Path  # the checkpoints
+    out_model: Path
+    out_log: Path
+    desc: str
+
+
+def _set_up(
     config: Mapping[str, Any],
     settings: PretrainSettings,
     cases: list[Any],
@@ -201,10 +221,10 @@ def _train(
     task_specific: bool,
     ranks: distributed.Ranks,
     device: torch.device,
-) -> dict[str, Any]:
-    from duplus.model import DuPLUS, ModelConfig, TaskSpecificNet, save_model, use_channels_last
+) -> _Run:
+    """Sampler, prompt table, seeded network and its training step; nothing read from checkpoints yet."""
+    from duplus.model import ModelConfig, use_channels_last
 
-    seed = int(config.get("seed", 0))
     amp = resolve_amp(settings.amp, device)
     cache = open_prompt_cache(prompt_cache)
     model_config = ModelConfig.from_config(config, text_dim=cache.dim)
@@ -223,140 +243,184 @@ def _train(
     # gradient scaler has no state) or silently change precision on another machine.
     identity["precision"] = str(amp)
 
-    seed_everything(seed)
-    if task_specific:
-        if len(sampler.datasets) != 1:
-            raise ConfigError(f"a task-specific network trains on one dataset, got {sampler.datasets}")
-        model = TaskSpecificNet(model_config, _classes_per_dataset(sampler)[sampler.datasets[0]]).to(device)
-    else:
-        model = DuPLUS(model_config).to(device)
-        contexts, targets = sampler.text_groups()
-        model.set_text_centers(table.mean(contexts), table.mean(targets))
+    seed_everything(int(config.get("seed", 0)))
+    model = _network(model_config, sampler, table, task_specific).to(device)
     if settings.channels_last:
         use_channels_last(model)
-    optimizer = build_optimizer(model.parameters(), settings.lr, settings.weight_decay, device)
-    scheduler = warmup_cosine(optimizer, settings.warmup_steps, settings.steps, settings.lr_cycles)
-    ema = EMA(model, settings.ema_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    watch = DivergenceWatch(device, enabled=not scaler.is_enabled())
-    running = torch.zeros((), device=device)
-    rows: list[dict[str, Any]] = []
-    start, seconds_before, micro_batches = 0, 0.0, 0
-
-    folder = Path(out_model).parent / "checkpoints"
-    resumed = load_latest_checkpoint(folder)
-    if resumed is not None and not _check_resumable(folder, resumed[1]["run"], identity, resumed[0]):
-        resumed = None
-        distributed.barrier(ranks)  # every rank has read the folder before rank 0 empties it
-        if ranks.main:
-            shutil.rmtree(folder)
-        distributed.barrier(ranks)  # no rank reads the folder while rank 0 empties it
-    if resumed is not None:
-        start, state = resumed
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        running = state["running_loss"].to(device)
-        micro_batches = int(state["micro_batches"])
-        rows = list(state["log"])
-        seconds_before = float(state["seconds"])
-        log.info("resuming pretraining at step %d of %d from %s", start, settings.steps, folder)
-
-    forward_model = distributed.wrap(model, ranks)
-    forward_model = torch.compile(forward_model) if settings.compile else forward_model
-    started = time.perf_counter()
+    forward = distributed.wrap(model, ranks)
 
     def step_total(weight: torch.Tensor) -> torch.Tensor:
         # Global sum of the step's class weights over ranks, divided by the number of ranks: DDP's
         # gradient average then equals the gradient of one process holding the whole batch.
         return distributed.all_reduce_sum(weight, ranks) / ranks.world
 
-    def checkpoint(step: int) -> None:
-        # Every rank's partial loss sum since the last log step, averaged over ranks: each rank
-        # restores this mean, so the first log row after a resume is the global mean again.
-        running_mean = distributed.all_reduce_sum(running.clone(), ranks) / ranks.world
-        if not ranks.main:
-            distributed.barrier(ranks)  # wait until rank 0 has written it
-            return
-        save_checkpoint(folder, step, {
-            "run": identity,
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "running_loss": running_mean,
-            "micro_batches": micro_batches,
-            "log": rows,
-            "seconds": seconds_before + time.perf_counter() - started,
-            "rng": rng_state(device),
-        })
-        distributed.barrier(ranks)
+    step = TrainingStep(model, table, amp, lr=settings.lr, weight_decay=settings.weight_decay,
+                        warmup_steps=settings.warmup_steps, steps=settings.steps, lr_cycles=settings.lr_cycles,
+                        ema_decay=settings.ema_decay, forward=torch.compile(forward) if settings.compile else forward,
+                        weight_total=step_total)
+    return _Run(config, settings, ranks, device, cache, sampler, model, step, identity,
+                folder=Path(out_model).parent / "checkpoints", out_model=Path(out_model), out_log=Path(out_log),
+                desc=f"baseline {sampler.datasets[0]}" if task_specific else "pretrain")
 
+
+def _network(model_config: Any, sampler: PatchSampler, table: TextTable, task_specific: bool) -> torch.nn.Module:
+    """The freshly initialised network: the universal one, or one dataset's prompt-free baseline."""
+    from duplus.model import DuPLUS, TaskSpecificNet
+
+    if task_specific:
+        if len(sampler.datasets) != 1:
+            raise ConfigError(f"a task-specific network trains on one dataset, got {sampler.datasets}")
+        return TaskSpecificNet(model_config, _classes_per_dataset(sampler)[sampler.datasets[0]])
+    model = DuPLUS(model_config)
+    contexts, targets = sampler.text_groups()
+    model.set_text_centers(table.mean(contexts), table.mean(targets))
+    return model
+
+
+def _resume_point(run: _Run) -> tuple[int, dict[str, Any]] | None:
+    """(step, state) of the newest checkpoint of this run, or None to start from step 0.
+
+    A finished other run's checkpoints are deleted; an unfinished other run's are refused (``_check_resumable``).
+    """
+    resumed = load_latest_checkpoint(run.folder)
+    if resumed is None or _check_resumable(run.folder, resumed[1]["run"], run.identity, resumed[0]):
+        return resumed
+    distributed.barrier(run.ranks)  # every rank has read the folder before rank 0 empties it
+    if run.ranks.main:
+        shutil.rmtree(run.folder)
+    distributed.barrier(run.ranks)  # no rank reads the folder while rank 0 empties it
+    return None
+
+
+class _LossLog:
+    """The training log: the loss summed on the device since the last row, the rows so far, the seconds trained.
+
+    All three go into every checkpoint (``parts``), so the first row after a resume is the one
+    the uninterrupted run wrote.
+    """
+
+    def __init__(self, path: Path, device: torch.device, ranks: distributed.Ranks) -> None:
+        self.path, self.ranks = path, ranks
+        self.running = torch.zeros((), device=device)
+        self.micro_batches = 0
+        self.rows: list[dict[str, Any]] = []
+        self.seconds_before = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, micro_batches: int) -> None:
+        self.running += loss * micro_batches  # stays on the device: no per-step host sync
+        self.micro_batches += micro_batches
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def running_mean(self) -> torch.Tensor:
+        """Every rank's partial loss sum since the last row, averaged over ranks (a collective)."""
+        return distributed.all_reduce_sum(self.running.clone(), self.ranks) / self.ranks.world
+
+    def row(self, step: int, lr: float) -> None:
+        """Log the mean loss since the last row (the only host sync, every ``log_every`` steps)."""
+        mean = (self.running_mean() / max(self.micro_batches, 1)).item()
+        self.rows.append({"step": step, "loss": mean, "lr": lr, "seconds": round(self.seconds(), 3)})
+        if self.ranks.main:
+            self.write()
+        self.running.zero_()
+        self.micro_batches = 0
+
+    def write(self) -> None:
+        _write_log(self.path, self.rows)
+
+    def parts(self) -> dict[str, Value]:
+        """The log's checkpoint parts. Each rank restores the mean over ranks, whose sum is the global one."""
+        return {
+            "running_loss": Value(self.running_mean, lambda saved: self.running.copy_(saved)),
+            "micro_batches": Value(lambda: self.micro_batches, lambda saved: setattr(self, "micro_batches", int(saved))),
+            "log": Value(lambda: self.rows, lambda saved: setattr(self, "rows", list(saved))),
+            "seconds": Value(self.seconds, lambda saved: setattr(self, "seconds_before", float(saved))),
+        }
+
+
+def _train_state(run: _Run, losses: _LossLog) -> TrainState:
+    """What a pretraining checkpoint holds, saved and restored from this one list (names as ever written)."""
+    step = run.step
+    return TrainState({
+        "run": Value(lambda: run.identity),  # compared before anything is restored (``_resume_point``)
+        "model": run.model,
+        "ema": step.ema,
+        "optimizer": step.optimizer,
+        "scheduler": step.scheduler,
+        "scaler": step.scaler,
+        **losses.parts(),
+        "rng": RandomState(run.device),
+    })
+
+
+def _checkpoint(run: _Run, state: TrainState, step: int) -> None:
+    """Write the checkpoint of ``step`` (rank 0); every rank takes part, as the running loss is averaged over them."""
+    run.step.watch.check(run.desc, run.folder)
+    saved = state.state_dict()
+    if run.ranks.main:
+        save_checkpoint(run.folder, step, saved)
+    distributed.barrier(run.ranks)  # no rank goes on before rank 0 has written it
+
+
+def _train(run: _Run, resumed: tuple[int, dict[str, Any]] | None) -> _LossLog:
+    """The optimizer steps from ``resumed`` (or step 0) to the last, with log rows and checkpoints.
+
+    Raises:
+        TrainingInterrupted: after SIGTERM, once the current step is done and checkpointed.
+    """
+    settings, ranks, step = run.settings, run.ranks, run.step
+    start = resumed[0] if resumed is not None else 0
+    losses = _LossLog(run.out_log, run.device, ranks)
+    state = _train_state(run, losses)
+    seed = int(run.config.get("seed", 0))
     distributed.per_rank_batch(settings.batch_size, ranks)
     loader = make_loader(
-        sampler, seed, settings.batch_size, settings.grad_accum, start, settings.steps,
-        num_workers=settings.num_workers, pin_memory=device.type == "cuda", rank=ranks.rank, world=ranks.world,
+        run.sampler, seed, settings.batch_size, settings.grad_accum, start, settings.steps,
+        num_workers=settings.num_workers, pin_memory=run.device.type == "cuda", rank=ranks.rank, world=ranks.world,
     )
-    model.train()
-    desc = f"baseline {sampler.datasets[0]}" if task_specific else "pretrain"
+    run.model.train()
     with StopFlag() as stop, workers_closed(iter(loader)) as batches, \
-            progress(total=settings.steps, initial=start, desc=desc) as bar:
+            progress(total=settings.steps, initial=start, desc=run.desc) as bar:
         if resumed is not None:
             # After the loader's iterator, which draws from the torch RNG when created: the restored
             # state is then exactly the one the uninterrupted run had at this step (dropout).
-            set_rng_state(resumed[1]["rng"], device)
-        for step in range(start, settings.steps):
-            lr = scheduler.get_last_lr()[0]
-            micro = [next(batches) for _ in range(settings.grad_accum)]
-            loss = accumulated_loss(forward_model, micro, table, amp, lambda part: scaler.scale(part).backward(),
-                                    step_total)
-            running += loss * settings.grad_accum  # stays on the device: no per-step host sync
-            micro_batches += settings.grad_accum
-            scaler.unscale_(optimizer)
-            watch.record(step + 1, torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            ema.update(model)
-            done = step + 1
+            state.load_state_dict(resumed[1], run.folder)
+            log.info("resuming %s at step %d of %d from %s", run.desc, start, settings.steps, run.folder)
+        for done in range(start + 1, settings.steps + 1):
+            lr = step.lr
+            losses.add(step(done, [next(batches) for _ in range(settings.grad_accum)]), settings.grad_accum)
             bar.update(1)
-            at_log = done % settings.log_every == 0 or done == settings.steps
-            if at_log:
-                watch.check(desc, folder)
-                total = distributed.all_reduce_sum(running.clone(), ranks) / ranks.world
-                mean = (total / max(micro_batches, 1)).item()  # the only sync, every log_every steps
-                rows.append({"step": done, "loss": mean, "lr": lr,
-                             "seconds": round(seconds_before + time.perf_counter() - started, 3)})
-                if ranks.main:
-                    _write_log(out_log, rows)
-                running.zero_()
-                micro_batches = 0
+            if done % settings.log_every == 0 or done == settings.steps:
+                step.watch.check(run.desc, run.folder)
+                losses.row(done, lr)
             # Ranks agree on a stop request every step (a host-side collective, no GPU sync), so
             # all of them checkpoint and leave at the same step, well inside the 30 s torchrun
             # gives its workers between forwarding SIGTERM and killing them.
             stopping = distributed.any_rank(stop.requested, ranks)
             if done % settings.checkpoint_every == 0 or done == settings.steps or stopping:
-                watch.check(desc, folder)
-                checkpoint(done)
+                _checkpoint(run, state, done)
             if stopping and done < settings.steps:
-                raise TrainingInterrupted(
-                    f"{desc} stopped at step {done} of {settings.steps}; checkpoint in {folder}, rerun to resume"
-                )
+                raise TrainingInterrupted(f"{run.desc} stopped at step {done} of {settings.steps}; checkpoint in "
+                                          f"{run.folder}, rerun to resume")
+    return losses
 
-    if not ranks.main:
-        return {}
-    _write_log(out_log, rows)
-    ema.copy_to(model)
+
+def _save_model(run: _Run, losses: _LossLog) -> dict[str, Any]:
+    """Write the log and the EMA weights with their sidecar; returns the sidecar."""
+    from duplus.model import save_model
+
+    settings, sampler, cache = run.settings, run.sampler, run.cache
+    losses.write()
+    assert run.step.ema is not None
+    run.step.ema.copy_to(run.model)
     classes = _classes_per_dataset(sampler)
     meta = {
         "averaging": "ema",
         "ema_decay": settings.ema_decay,
         "steps": settings.steps,
-        "seed": seed,
+        "seed": int(run.config.get("seed", 0)),
         "datasets": sampler.datasets,
         "classes": classes,
         # Where each dataset's classes were seen, and the classes of the config's own it trained on: the
@@ -368,8 +432,8 @@ def _train(
         "prompt_cache": str(getattr(cache, "encoder_identity", "")),
         "patch_size": list(settings.patch_size),
         # The model describes itself: a new scan must be preprocessed exactly as its training data.
-        "preprocess": dict(config.get("preprocess") or {}),
+        "preprocess": dict(run.config.get("preprocess") or {}),
     }
-    sidecar = save_model(model.to("cpu"), out_model, meta=meta)
-    log.info("%s done: %d steps, model %s", desc, settings.steps, out_model)
+    sidecar = save_model(run.model.to("cpu"), run.out_model, meta=meta)
+    log.info("%s done: %d steps, model %s", run.desc, settings.steps, run.out_model)
     return sidecar

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import duplus.train.finetune as finetune
+import duplus.train.step as step_module
 from duplus.data.manifest import read_manifests, select_cases
 from duplus.errors import TrainingInterrupted
 from duplus.model import load_model, lora_target_names, save_model
@@ -37,7 +38,7 @@ def base_file(tmp_path_factory):
 
 def _sigterm_after(monkeypatch, steps: int, phase_marker: list[str] | None = None, phase: str | None = None) -> None:
     """SIGTERM to this process during the ``steps``-th training step (of ``phase``, if given)."""
-    real = finetune.batch_loss
+    real = step_module.accumulated_loss
     count = [0]
 
     def loss(*args, **kwargs):
@@ -47,7 +48,7 @@ def _sigterm_after(monkeypatch, steps: int, phase_marker: list[str] | None = Non
                 os.kill(os.getpid(), signal.SIGTERM)  # the StopFlag handler only sets a flag
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "batch_loss", loss)
+    monkeypatch.setattr(step_module, "accumulated_loss", loss)
 
 
 def _adapter_and_data(base_file, store):
@@ -107,7 +108,7 @@ def test_sigterm_in_the_last_step_still_stops(base_file, store, tmp_path, monkey
     expected = _trained(model)
     model, sampler, table = _adapter_and_data(base_file, store)
     with monkeypatch.context() as patch:
-        patch.setattr(finetune, "batch_loss", lambda *a, **k: pytest.fail("a finished training trained again"))
+        patch.setattr(step_module, "accumulated_loss", lambda *a, **k: pytest.fail("a finished training trained again"))
         finetune.fit(model, sampler, table, **kwargs)
     assert all(torch.equal(v, expected[k]) for k, v in _trained(model).items())
 

@@ -9,6 +9,9 @@ import torch
 
 from duplus.errors import CheckpointError
 from duplus.train.checkpoint import (
+    RandomState,
+    TrainState,
+    Value,
     checkpoint_paths,
     list_checkpoints,
     load_checkpoint,
@@ -116,3 +119,46 @@ def test_empty_or_missing_folder_has_no_checkpoint(tmp_path):
 def test_rejects_values_that_would_need_pickle(tmp_path):
     with pytest.raises(CheckpointError, match="object"):
         save_checkpoint(tmp_path, 1, {"bad": object()})
+
+
+def _trainer(seed: int, steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+    """A small network and optimizer after ``steps`` steps on inputs drawn from torch's generator (with dropout)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    counters = {"steps": 0}
+    for _ in range(steps):
+        model(torch.randn(5, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        counters["steps"] += 1
+    return model, optimizer, counters
+
+
+def _parts(model, optimizer, counters) -> TrainState:
+    return TrainState({"model": model, "optimizer": optimizer,
+                       "steps": Value(lambda: counters["steps"], lambda saved: counters.update(steps=saved)),
+                       "rng": RandomState(torch.device("cpu"))})
+
+
+def test_train_state_restores_what_it_saved_and_the_run_goes_on_identically(tmp_path):
+    """Three steps, a checkpoint, two more, against a fresh trainer restored from that checkpoint."""
+    model, optimizer, counters = _trainer(0, 3)
+    save_checkpoint(tmp_path, 3, _parts(model, optimizer, counters).state_dict())
+    straight = [model(torch.randn(5, 4)).sum().item() for _ in range(2)]
+
+    other, other_optimizer, other_counters = _trainer(1, 0)  # other weights, other generator state
+    _, saved = load_latest_checkpoint(tmp_path)
+    _parts(other, other_optimizer, other_counters).load_state_dict(saved, tmp_path)
+    assert other_counters["steps"] == 3
+    assert set(other_optimizer.state_dict()["state"]) == set(optimizer.state_dict()["state"])
+    assert [other(torch.randn(5, 4)).sum().item() for _ in range(2)] == straight  # weights and dropout stream
+
+
+def test_train_state_names_every_part_a_checkpoint_lacks(tmp_path):
+    model, optimizer, counters = _trainer(0, 1)
+    saved = _parts(model, optimizer, counters).state_dict()
+    del saved["optimizer"], saved["rng"]
+    with pytest.raises(CheckpointError, match=r"lacks \['optimizer', 'rng'\]") as error:
+        _parts(model, optimizer, counters).load_state_dict(saved, tmp_path / "checkpoints")
+    assert str(tmp_path / "checkpoints") in str(error.value)

@@ -119,6 +119,7 @@ def test_adaptation_resumes_on_gpu_after_sigterm(store, tmp_path, monkeypatch, c
     import signal
 
     import duplus.train.finetune as finetune
+    import duplus.train.step as step_module
     from duplus.errors import TrainingInterrupted
     from duplus.model import DuPLUS, ModelConfig
 
@@ -132,7 +133,7 @@ def test_adaptation_resumes_on_gpu_after_sigterm(store, tmp_path, monkeypatch, c
     table = TextTable(FakePromptCache(), sampler.all_texts(), device)
     kwargs = {"steps": 4, "batch_size": 2, "lr": 0.01, "seed": 0, "amp": torch.bfloat16, "num_workers": 2,
               "checkpoints": tmp_path / "checkpoints"}
-    real, calls = finetune.batch_loss, [0]
+    real, calls = step_module.accumulated_loss, [0]
 
     def loss(*args, **kw):
         calls[0] += 1
@@ -143,7 +144,7 @@ def test_adaptation_resumes_on_gpu_after_sigterm(store, tmp_path, monkeypatch, c
     model = copy.deepcopy(base)
     add_adapter(model, config, "gpu")
     with monkeypatch.context() as patch:
-        patch.setattr(finetune, "batch_loss", loss)
+        patch.setattr(step_module, "accumulated_loss", loss)
         with pytest.raises(TrainingInterrupted):
             fit(model, sampler, table, **kwargs)
     assert list_checkpoints(tmp_path / "checkpoints") == [2]

@@ -86,6 +86,25 @@ def test_two_gloo_ranks_match_one_process_with_the_whole_batch(store, prompt_fil
         "step_00000002.json", "step_00000004.json"]
 
 
+def test_a_data_parallel_run_resumes_as_the_uninterrupted_one(store, prompt_file, tmp_path, monkeypatch):
+    """Every rank restores the checkpoint rank 0 wrote (weights, optimizer, EMA, running loss) into
+    its wrapped network and goes on exactly as the uninterrupted run."""
+    import shutil
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _train(store, prompt_file, tmp_path / "straight", processes=2)
+    shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    for path in (tmp_path / "resumed" / "checkpoints").glob("step_00000004.*"):
+        path.unlink()  # as if killed after the checkpoint of step 2
+    _train(store, prompt_file, tmp_path / "resumed", processes=2)
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight = pd.read_csv(tmp_path / "straight" / "train_log.csv")
+    resumed = pd.read_csv(tmp_path / "resumed" / "train_log.csv")
+    assert resumed["step"].tolist() == [1, 2, 3, 4] and resumed["loss"].tolist() == straight["loss"].tolist()
+
+
 def test_failed_rank_is_a_clear_error(store, tmp_path, monkeypatch):
     from duplus.errors import DuplusError
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from duplus.errors import TrainingDiverged
 from duplus.train import finetune
-from duplus.train import pretrain as pretrain_module
+from duplus.train import step as step_module
 from duplus.train.divergence import DivergenceWatch
 from duplus.train.pretrain import run_pretrain
 from duplus.train.sampling import PatchSampler
@@ -53,7 +53,7 @@ def test_pretraining_stops_before_writing_nan_weights(store, tmp_path, monkeypat
     saved = sorted((tmp_path / "checkpoints").glob("step_*.safetensors"))
     assert [p.name for p in saved] == ["step_00000003.safetensors"]  # written before step 4 only
     assert all(torch.isfinite(t).all() for t in load_file(saved[0]).values() if t.is_floating_point())
-    assert pretrain_module.DivergenceWatch is DivergenceWatch
+    assert step_module.DivergenceWatch is DivergenceWatch  # the one watch every training step reports to
 
 
 def test_lora_fit_stops_before_its_checkpoint_holds_nan(base_file, store, tmp_path, monkeypatch):  # noqa: F811

@@ -173,6 +173,25 @@ def test_changed_settings_refuse_to_resume(store, config, tmp_path, monkeypatch)
         _run(config, store, FakePromptCache(), tmp_path)
 
 
+def test_a_checkpoint_lacking_a_part_is_refused_by_name(straight, store, tmp_path):
+    """Every part a pretraining checkpoint saves is restored: one missing is named, never silently skipped."""
+    import shutil
+
+    from duplus.train.checkpoint import load_checkpoint, save_checkpoint
+
+    from .conftest import FakePromptCache
+
+    folder, _, config = straight
+    shutil.copytree(folder / "checkpoints", tmp_path / "checkpoints")
+    state = load_checkpoint(tmp_path / "checkpoints", 7)
+    assert set(state) == {"run", "model", "ema", "optimizer", "scheduler", "scaler", "running_loss",
+                          "micro_batches", "log", "seconds", "rng"}  # the names of every checkpoint written so far
+    del state["ema"]
+    save_checkpoint(tmp_path / "checkpoints", 7, state)  # replaces the newest, the one a rerun reads
+    with pytest.raises(CheckpointError, match=r"lacks \['ema'\]"):
+        _run(config, store, FakePromptCache(), tmp_path)
+
+
 def test_re_preprocessed_data_never_resume_an_old_run(store, config, tmp_path, monkeypatch):
     """New preprocessing settings rewrite the store under the same case names: the old run's
     checkpoints must not pass for a model of the new data. An unfinished old run is refused (a long
