@@ -192,7 +192,7 @@ def extract_features(model: Any, cases: Sequence[CaseInput], out_dir: str | Path
                                               settings, label=label, device=device)
             save_npy(array_path, vector)
             cache.save(case.case, key, {"model_sha256": model_key, "tumour_ml": volume_ml,
-                                        "mask_source": settings.mask_source}, files=[array_path])
+                                        "mask_source": settings.mask_source}, files=[array_path.name])
             results[case.case] = vector
             computed += 1
     finally:

@@ -114,6 +114,18 @@ def test_an_array_a_killed_run_replaced_is_not_taken_for_its_old_record(tmp_path
     np.testing.assert_array_equal(np.load(out / "features" / "case0.npy"), first)
 
 
+def test_a_results_folder_given_relative_to_the_working_directory_is_cached(tmp_path, monkeypatch):
+    """The pipeline passes ``results/prognosis`` (relative, as Snakemake runs in the project): the cache's
+    record must name its array relative to the cache folder, not the working directory."""
+    cases = make_cases(tmp_path / "store", 2)
+    monkeypatch.chdir(tmp_path)
+    model, settings = FakeDuPLUS(), FeatureSettings()
+    first = extract_features(model, cases, Path("results/prognosis"), "sha-A", settings, subfolder="ds")
+    again = extract_features(model, cases, Path("results/prognosis"), "sha-A", settings, subfolder="ds")
+    assert model.encode_calls == 2  # the second run read both from the cache
+    np.testing.assert_array_equal(again["case1"], first["case1"])
+
+
 def test_missing_image_names_the_case(tmp_path):
     cases = make_cases(tmp_path / "store", 1)
     cases[0].image_path.unlink()
