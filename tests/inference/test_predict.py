@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from duplus.errors import ConfigError
-from duplus.inference.predict import count_windows, inference_settings, predict_probabilities
+from duplus.inference.predict import (
+    count_windows,
+    fast_config,
+    inference_settings,
+    predict_masks,
+    predict_probabilities,
+    window_batch,
+)
 from duplus.model import DuPLUS, ModelConfig
 
 TEXT_DIM = 12
@@ -96,3 +103,30 @@ def test_inference_runs_in_the_precision_the_model_trained_in(model, monkeypatch
     predict_probabilities(model, torch.randn(16, 16, 16), "CT", torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), config,
                           amp=passed, show_progress=False)
     assert seen and set(seen) == {used}
+
+
+@pytest.mark.parametrize("configured, expected", [(None, [1] * 12), (2, [2] * 6), (5, [5, 1, 5, 1])])
+def test_window_batch_is_one_on_a_cpu_unless_configured(model, configured, expected):
+    """A null ``inference.sw_batch_size`` runs one window per pass on a CPU; a configured one is kept
+    (batches never span two z-rows: 2 rows of 3 x 2 windows here)."""
+    calls = []
+    handle = model.encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    config = _config()
+    config["inference"]["sw_batch_size"] = configured
+    try:
+        predict_masks(model, torch.randn(20, 30, 18), "CT", torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), config,
+                      show_progress=False)
+    finally:
+        handle.remove()
+    assert calls == expected
+    assert window_batch(config, torch.device("cuda")) == (configured or 2)
+    assert inference_settings(config)["sw_batch_size"] == (configured or 2)  # what a config without a device says
+
+
+def test_fast_settings_run_fewer_windows_and_keep_the_rest(model):
+    config = {**_config(), "inference": {"overlap": 0.5, "threshold": 0.3}}
+    fast = fast_config(config)
+    assert config["inference"]["overlap"] == 0.5, "the caller's config is not changed"
+    assert inference_settings(fast)["threshold"] == 0.3
+    assert count_windows((64, 96, 96), (16, 16, 16), inference_settings(fast)["overlap"]) < \
+        count_windows((64, 96, 96), (16, 16, 16), 0.5)
