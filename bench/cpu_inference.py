@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from duplus import __version__
-from duplus.inference.predict import predict_masks
+from duplus.inference.predict import predict_masks, window_batch
 from duplus.inference.stitching import count_windows
 from duplus.model import DuPLUS, ModelConfig, count_macs, count_parameters, use_channels_last
 from duplus.runtime import peak_rss_mb
@@ -53,12 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--prompts", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core this process may use)")
-    parser.add_argument("--sw-batch-size", type=int, default=1, help="window batch of the whole-volume runs")
+    parser.add_argument("--sw-batch-size", type=int, default=None,
+                        help="window batch of the whole-volume runs (default: what `duplus segment` picks on a CPU)")
     parser.add_argument("--settings", nargs="*", default=None,
                         help="window-part settings to time (default: all): threads-N, batch-N, channels-last, compile, bf16")
     parser.add_argument("--repeats", type=int, default=2, help="timings per convolution shape and setting (best kept)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--nnunet-python", default=str(ROOT / ".venv-nnunet" / "bin" / "python"))
+    parser.add_argument("--nnunet-mirroring", nargs="+", default=["off", "on"], choices=["off", "on"],
+                        help="nnU-Net runs to make (mirroring: 8 forward passes per window)")
     parser.add_argument("--in-process", action="store_true", help="run every part here (peak RSS: the high-water mark)")
     parser.add_argument("--note", default="", help="free text stored in the JSON (machine load, what was left out)")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # a child process runs one part
@@ -66,7 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.patch = args.patch or ([128, 128, 128] if args.preset == "paper" else [64, 64, 64])
     args.threads = args.threads or len(os.sched_getaffinity(0))
+    width = ModelConfig.preset(args.preset).channels[0]
+    args.sw_batch_size = args.sw_batch_size or window_batch(_config(args, None), torch.device("cpu"), width)
     return args
+
+
+def _config(args: argparse.Namespace, batch: int | None) -> dict:
+    return {"pretrain": {"patch_size": list(args.patch)},
+            "inference": {"overlap": args.overlap, "sw_batch_size": batch, "blend": "gaussian"}}
 
 
 def own_peak_rss_mb() -> float:
@@ -190,8 +200,7 @@ def part_window(args: argparse.Namespace) -> dict:
 def part_duplus(args: argparse.Namespace, prompts: int) -> dict:
     """``predict_masks`` on one synthetic volume with ``prompts`` prompts: seconds and peak RSS."""
     model = _model(args)
-    config = {"pretrain": {"patch_size": list(args.patch)},
-              "inference": {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "blend": "gaussian"}}
+    config = _config(args, args.sw_batch_size)
     generator = torch.Generator().manual_seed(1)
     volume = torch.randn(args.size, generator=generator)
     context, targets = torch.randn(512, generator=generator), torch.randn((prompts, 512), generator=generator)
@@ -309,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["duplus"].append(run)
             print(f"duplus, {prompts} prompts: {run.get('seconds_per_volume', float('nan')):.1f} s", file=sys.stderr)
     if "nnunet" in args.parts:
-        result["nnunet"] = [{"mirroring": mirror, **part_nnunet(args, mirror)} for mirror in (False, True)]
+        result["nnunet"] = [{"mirroring": mirror == "on", **part_nnunet(args, mirror == "on")}
+                            for mirror in args.nnunet_mirroring]
     result["summary"] = summary(result)
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     print(json.dumps(result, indent=2), flush=True)
@@ -327,7 +337,7 @@ def summary(result: dict) -> dict:
         "roofline_gflops": result.get("roofline", {}).get("gflops"),
         "fastest_window_setting": fastest and fastest["setting"],
         "backbone_share_of_roofline": fastest and fastest.get("share_of_roofline"),
-        "volume_share_of_roofline": {k: run.get("share_of_roofline") for k, run in runs.items()},
+        "volume_share_of_roofline": {str(k): run.get("share_of_roofline") for k, run in runs.items()},
         "most_vs_fewest_prompts_time": most["seconds_per_volume"] / fewest["seconds_per_volume"] if runs else None,
         "peak_rss_mb_most_prompts": most and most["peak_rss_mb"],
         "nnunet_vs_duplus_one_prompt": {("mirroring" if mirror else "no_mirroring"): run["seconds_per_volume"] /

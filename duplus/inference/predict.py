@@ -26,10 +26,15 @@ log = logging.getLogger("duplus.inference")
 # free GPU memory; beyond it the windows still run on the GPU but are blended in CPU memory.
 GPU_STITCH_FRACTION = 0.5
 
-# Windows per forward pass when inference.sw_batch_size is null. On a CPU a second window in the batch
-# does not raise the convolutions' rate (bench/cpu_inference.py, bench/README.md) but doubles the
-# network's activations, the largest part of the peak memory after the blending buffer.
-SW_BATCH_SIZE = {"cpu": 1, "other": 2}
+# Windows per forward pass when inference.sw_batch_size is null: 2, except on a CPU for windows whose
+# full-resolution layer exceeds ONEDNN_MIN_ELEMENTS. torch runs a 3-D convolution of batch 1 on oneDNN
+# only when batch x channels x depth x height exceeds 20,480 (ConvParams::use_mkldnn, torch 2.13); below
+# that it takes its im2col path (aten::slow_conv3d), 3-5x slower per window (tiny preset, 32^3 window:
+# 0.65 s against 0.16 s per window in pairs). Above it, one window at a time is as fast (paper preset,
+# 64^3: 6.11 s against 6.15 s per window, 2 cores) and holds half the network's activations, the
+# largest part of the peak memory after the blending buffer (2.2 GB per 128^3 window at 32 prompts).
+SW_BATCH_SIZE = 2
+ONEDNN_MIN_ELEMENTS = 20480
 
 
 def inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,8 +60,8 @@ def inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         "blend_buffer_mb": buffer_mb,
         "boundary_budget_mb": boundary_mb,
         "overlap": overlap,
-        # null: the device's default (window_batch); a number here is the GPU's, as on a GPU it is.
-        "sw_batch_size": int(section.get("sw_batch_size") or SW_BATCH_SIZE["other"]),
+        # null: chosen per device and window by window_batch; without them, the GPU's 2.
+        "sw_batch_size": int(section.get("sw_batch_size") or SW_BATCH_SIZE),
         "mode": blend,
         "threshold": float(section.get("threshold", 0.5)),
         # The precision the model trained in (pretrain.amp); autocast_for keeps CPU inference in fp32.
@@ -64,8 +69,8 @@ def inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-# `duplus segment --fast`: windows that overlap less, so fewer of them (measured speed and Dice cost:
-# README, "Segmenting on a CPU"); everything else as configured.
+# `duplus segment --fast`: windows that overlap less, so fewer of them (2.6x fewer of 128^3 on a 300 x 512
+# x 512 grid; Dice -0.0008 on the demo, bench/fast_settings.py; README "On a CPU"); the rest as configured.
 FAST = {"overlap": 0.25}
 
 
@@ -74,13 +79,22 @@ def fast_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {**config, "inference": {**(config.get("inference") or {}), **FAST}}
 
 
-def window_batch(config: Mapping[str, Any], device: torch.device) -> int:
-    """Windows per forward pass on ``device``: ``inference.sw_batch_size``, or when it is null (the default)
-    the measured best for the device type (``SW_BATCH_SIZE``)."""
+def window_batch(config: Mapping[str, Any], device: torch.device, width: int) -> int:
+    """Windows per forward pass: ``inference.sw_batch_size``, or when it is null (the default) 2, and 1
+    on a CPU when ``width`` (the network's full-resolution channels) x window depth x height exceeds
+    ``ONEDNN_MIN_ELEMENTS`` (see there)."""
     configured = (config.get("inference") or {}).get("sw_batch_size")
     if configured is not None:
         return int(configured)
-    return SW_BATCH_SIZE["cpu" if device.type == "cpu" else "other"]
+    roi = inference_settings(config)["roi"]
+    if device.type == "cpu" and width * roi[0] * roi[1] > ONEDNN_MIN_ELEMENTS:
+        return 1
+    return SW_BATCH_SIZE
+
+
+def first_width(model: torch.nn.Module) -> int:
+    """Output channels of the network's first 3-D convolution: its full-resolution width."""
+    return next((m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv3d)), 1)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -233,7 +247,7 @@ def _slabs(
 
     total = count_windows(volume.shape, roi, settings["overlap"])
     bar = progress(total=total, desc=desc, unit="win") if show_progress else _NoBar()
-    batch = window_batch(config, device)
+    batch = window_batch(config, device, first_width(model))
     modality_ids = torch.full((batch,), index, dtype=torch.long)  # host-side routing index
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:

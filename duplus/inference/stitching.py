@@ -90,7 +90,8 @@ def blend_slabs(
     tensor: it is weighted in place). Volumes smaller than the window are padded at the far end with
     their minimum and cropped back. ``buffer_dtype``: float32 gives MONAI's numbers; float16 halves the
     buffer and errs by up to ~2e-3 (weights stay float32); ``FIXED`` halves it too, for values in
-    [0, 1] (probabilities; clamped), and errs by at most ``max_cover / 2`` units of ``1 / fixed_scale``.
+    [0, 1] only (probabilities: beyond 1 the sum may overflow), and errs by at most ``max_cover / 2``
+    units of ``1 / fixed_scale``.
     """
     shape = tuple(volume.shape)
     padded = [max(s, r) for s, r in zip(shape, roi)]
@@ -147,18 +148,20 @@ def blend_slabs(
             windows = torch.stack([volume[z : z + rz, y : y + ry, x : x + rx] for y, x in corners])
             out = predictor(windows[:, None].to(device, non_blocking=True))
             del windows
-            if fixed:
-                out.clamp_(0.0, 1.0)
-            out = out.mul_(weight).to(stitch_device)  # blocking: a non-blocking copy to host memory may be read too early
+            if not fixed:
+                out.mul_(weight)
+            out = out.to(stitch_device)  # blocking: a non-blocking copy to host memory may be read too early
             for (y, x), values in zip(corners, out):
                 for ring, offset in _ring(z, rz, rz):
+                    box = (ring, slice(y, y + ry), slice(x, x + rx))
                     if fixed:
-                        share = values[:, offset].div_(weight_sum[ring, y : y + ry, x : x + rx]).mul_(scale).round_()
-                        acc[:, ring, y : y + ry, x : x + rx] += share.to(FIXED)
-                        del share
+                        # The window's share of each voxel in units: one multiplication of the K values by a
+                        # window-sized factor (weight x scale / total weight), then rounded.
+                        factor = stitch_weight[offset].mul(scale).div_(weight_sum[box])
+                        acc[(slice(None), *box)] += values[:, offset].mul_(factor).round_().to(FIXED)
                     else:
-                        acc[:, ring, y : y + ry, x : x + rx] += values[:, offset]
-                        weight_sum[ring, y : y + ry, x : x + rx] += stitch_weight[offset]
+                        acc[(slice(None), *box)] += values[:, offset]
+                        weight_sum[box] += stitch_weight[offset]
             # Dropped before the next window batch runs: K x window values the network's peak need not meet.
             del out, values
     yield from finish(padded[0])

@@ -105,21 +105,25 @@ def test_inference_runs_in_the_precision_the_model_trained_in(model, monkeypatch
     assert seen and set(seen) == {used}
 
 
-@pytest.mark.parametrize("configured, expected", [(None, [1] * 12), (2, [2] * 6), (5, [5, 1, 5, 1])])
-def test_window_batch_is_one_on_a_cpu_unless_configured(model, configured, expected):
-    """A null ``inference.sw_batch_size`` runs one window per pass on a CPU; a configured one is kept
-    (batches never span two z-rows: 2 rows of 3 x 2 windows here)."""
+@pytest.mark.parametrize("width, window, configured, expected", [
+    (8, (16, 16, 16), None, [2] * 8),  # 8 x 16 x 16 elements: torch's slow path at batch 1, so pairs
+    (32, (24, 32, 32), None, [1] * 4),  # 32 x 24 x 32 > 20,480: oneDNN at batch 1, one at a time
+    (32, (24, 32, 32), 3, [3, 1]),  # configured: kept
+])
+def test_window_batch_on_a_cpu_follows_the_window_size_unless_configured(width, window, configured, expected):
+    torch.manual_seed(0)
+    net = DuPLUS(ModelConfig(channels=(width, 16), blocks_per_stage=1, text_dim=TEXT_DIM, embed_dim=8))
     calls = []
-    handle = model.encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
-    config = _config()
+    handle = net.encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    config = _config(patch=window)
     config["inference"]["sw_batch_size"] = configured
     try:
-        predict_masks(model, torch.randn(20, 30, 18), "CT", torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), config,
+        predict_masks(net, torch.randn(window[0], 40, 40), "CT", torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), config,
                       show_progress=False)
     finally:
         handle.remove()
     assert calls == expected
-    assert window_batch(config, torch.device("cuda")) == (configured or 2)
+    assert window_batch(config, torch.device("cuda"), width) == (configured or 2)
     assert inference_settings(config)["sw_batch_size"] == (configured or 2)  # what a config without a device says
 
 
