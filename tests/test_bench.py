@@ -324,3 +324,12 @@ def test_nnunet_predict_describes_a_network_of_the_asked_widths():
     arch = bench.plans(args)["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     assert arch["features_per_stage"] == [8, 16, 32] and arch["n_blocks_per_stage"] == [2, 2, 2]
     assert arch["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2]] and arch["n_conv_per_stage_decoder"] == [4, 4]
+
+
+def test_blend_memory_measures_each_prompt_count_in_its_own_process(capsys):
+    bench = _script("blend_memory")
+    result = bench.main(["--size", "20", "40", "40", "--window", "16", "16", "16", "--prompts", "1", "3", "--threads", "1"])
+    assert [run["prompts"] for run in result["runs"]] == [1, 3]
+    for run in result["runs"]:
+        assert run["peak_rss_mb"] >= run["before_blending_mb"] > 0 and run["masks_mb"] > 0
+    assert json.loads(capsys.readouterr().out)["runs"] == result["runs"]
