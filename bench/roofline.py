@@ -82,12 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class TrafficRecorder(TorchDispatchMode):
-    """Per ATen operation: calls, FLOPs and bytes touched, split by the resolution it works at."""
+    """Per ATen operation: calls, FLOPs and bytes touched, split by the resolution it works at; and each
+    distinct convolution (its ``aten.convolution`` arguments, shapes for tensors) with its calls and FLOPs,
+    so that a CPU can time the network's own convolution shapes (bench/cpu_inference.py)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "flops": 0, "bytes": 0})
         self.levels: dict[int, dict[str, float]] = defaultdict(lambda: {"matmul_flops": 0, "other_bytes": 0})
+        self.convolutions: dict[tuple, dict[str, float]] = defaultdict(lambda: {"calls": 0, "flops": 0})
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -103,6 +106,12 @@ class TrafficRecorder(TorchDispatchMode):
         record["calls"] += 1
         record["flops"] += flops
         record["bytes"] += nbytes
+        if name == "convolution":
+            x, w, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+            key = (tuple(x.shape), tuple(w.shape), bias is not None, tuple(stride), tuple(padding), tuple(dilation),
+                   bool(transposed), tuple(output_padding), int(groups))
+            self.convolutions[key]["calls"] += 1
+            self.convolutions[key]["flops"] += flops
         level = max((math.prod(t.shape[2:]) for t in tensors if t.dim() == 5), default=0)
         if name in MATMUL_OPS:
             self.levels[level]["matmul_flops"] += flops

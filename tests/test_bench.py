@@ -293,3 +293,43 @@ def test_metrics_bench_times_both_definitions_of_each_class(capsys):
         assert new["dice"] == pytest.approx(old["dice"])  # same masks, same Dice: only the surface metrics differ
         assert 0 < new["nsd"] <= 1 and new["hd95"] > 0
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+
+
+def test_cpu_inference_sets_each_part_against_the_convolution_rate(tmp_path, capsys):
+    """Roofline, window settings and volumes in one run; nnU-Net, absent here, is skipped with a note."""
+    bench = _script("cpu_inference")
+    result = bench.main(["--preset", "tiny", "--size", "20", "24", "24", "--patch", "16", "16", "16", "--prompts", "2", "1",
+                         "--repeats", "1", "--settings", "batch-2", "bf16", "--threads", "1", "--in-process",
+                         "--nnunet-python", str(tmp_path / "missing" / "python")])
+    roofline = result["roofline"]
+    # Every convolution of the window was traced and timed: they carry (almost) all the network's FLOPs.
+    assert roofline["distinct_convolutions"] >= 5 and roofline["gflops"] > 0
+    assert 0.9 < roofline["conv_share_of_network_flops"] <= 1.0
+    assert abs(sum(shape["share_of_time"] for shape in roofline["shapes"]) - 1.0) < 1e-9
+    batch, bf16 = result["window"]["runs"]
+    assert batch["sw_batch_size"] == 2 and batch["seconds_per_window"] > 0 and "share_of_roofline" in batch
+    assert ("skipped" in bf16) != bench._bf16_supported()
+    assert [run["prompts"] for run in result["duplus"]] == [1, 2]  # fewest first
+    assert all(run["peak_rss_mb"] > 0 and run["share_of_roofline"] > 0 for run in result["duplus"])
+    assert all("install_nnunet.sh" in run["skipped"] for run in result["nnunet"])
+    assert result["summary"]["nnunet_vs_duplus_one_prompt"] == {}
+    assert json.loads(capsys.readouterr().out)["summary"] == result["summary"]
+
+
+def test_nnunet_predict_describes_a_network_of_the_asked_widths():
+    """The plans dict nnU-Net's own network builder reads (checked without nnU-Net installed)."""
+    bench = _script("nnunet_predict")
+    args = bench.parse_args(["--size", "40", "48", "48", "--patch", "32", "32", "32", "--features", "8", "16", "32",
+                             "--blocks", "2", "--decoder-convs", "4", "--classes", "3"])
+    arch = bench.plans(args)["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert arch["features_per_stage"] == [8, 16, 32] and arch["n_blocks_per_stage"] == [2, 2, 2]
+    assert arch["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2]] and arch["n_conv_per_stage_decoder"] == [4, 4]
+
+
+def test_blend_memory_measures_each_prompt_count_in_its_own_process(capsys):
+    bench = _script("blend_memory")
+    result = bench.main(["--size", "20", "40", "40", "--window", "16", "16", "16", "--prompts", "1", "3", "--threads", "1"])
+    assert [run["prompts"] for run in result["runs"]] == [1, 3]
+    for run in result["runs"]:
+        assert run["peak_rss_mb"] >= run["before_blending_mb"] > 0 and run["masks_mb"] > 0
+    assert json.loads(capsys.readouterr().out)["runs"] == result["runs"]

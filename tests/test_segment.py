@@ -174,3 +174,16 @@ def test_the_report_hashes_a_metaimage_header_with_its_data(setup, tmp_path):
     nifti = segment_image(str(setup["scan"]), str(tmp_path / "out2"), "liver", "CT", device="cpu",
                           weights=str(setup["weights"]), config=setup["config"])
     assert nifti["input_sha256"] == sha256_file(setup["scan"])  # one file: what sha256sum prints
+
+
+def test_fast_runs_the_windows_with_less_overlap_and_records_it(setup, tmp_path, capsys):
+    config = {**setup["config"], "inference": {**setup["config"]["inference"], "overlap": 0.5}}
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    common = ["-i", str(setup["scan"]), "--prompts", "liver", "--modality", "CT", "--weights", str(setup["weights"]),
+              "--device", "cpu", "--config", str(tmp_path / "c.yaml")]
+    overlaps = {}
+    for name, extra in (("plain", []), ("fast", ["--fast"])):
+        code, err = _run([*common, "-o", str(tmp_path / name), *extra], capsys)
+        assert code == 0, err
+        overlaps[name] = json.loads((tmp_path / name / "report.json").read_text(encoding="utf-8"))["settings"]["overlap"]
+    assert overlaps == {"plain": 0.5, "fast": 0.25}

@@ -17,7 +17,7 @@ import torch
 from duplus.errors import ConfigError, ModelError
 from duplus.inference.boundary import BoundaryCollector
 from duplus.inference.packed import PackedMasks
-from duplus.inference.stitching import blend_slabs, count_windows
+from duplus.inference.stitching import FIXED, blend_slabs, count_windows
 from duplus.progress import progress
 
 log = logging.getLogger("duplus.inference")
@@ -25,6 +25,16 @@ log = logging.getLogger("duplus.inference")
 # Blend on the GPU only while the [K, window depth, Y, X] slab buffer takes at most this share of the
 # free GPU memory; beyond it the windows still run on the GPU but are blended in CPU memory.
 GPU_STITCH_FRACTION = 0.5
+
+# Windows per forward pass when inference.sw_batch_size is null: 2, except on a CPU for windows whose
+# full-resolution layer exceeds ONEDNN_MIN_ELEMENTS. torch runs a 3-D convolution of batch 1 on oneDNN
+# only when batch x channels x depth x height exceeds 20,480 (ConvParams::use_mkldnn, torch 2.13); below
+# that it takes its im2col path (aten::slow_conv3d), 3-5x slower per window (tiny preset, 32^3 window:
+# 0.65 s against 0.16 s per window in pairs). Above it, one window at a time is as fast (paper preset,
+# 64^3: 6.11 s against 6.15 s per window, 2 cores) and holds half the network's activations, the
+# largest part of the peak memory after the blending buffer (2.2 GB per 128^3 window at 32 prompts).
+SW_BATCH_SIZE = 2
+ONEDNN_MIN_ELEMENTS = 20480
 
 
 def inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,12 +60,41 @@ def inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         "blend_buffer_mb": buffer_mb,
         "boundary_budget_mb": boundary_mb,
         "overlap": overlap,
-        "sw_batch_size": int(section.get("sw_batch_size", 2)),
+        # null: chosen per device and window by window_batch; without them, the GPU's 2.
+        "sw_batch_size": int(section.get("sw_batch_size") or SW_BATCH_SIZE),
         "mode": blend,
         "threshold": float(section.get("threshold", 0.5)),
         # The precision the model trained in (pretrain.amp); autocast_for keeps CPU inference in fp32.
         "amp": str((config.get("pretrain") or {}).get("amp", "auto")),
     }
+
+
+# `duplus segment --fast`: windows that overlap less, so fewer of them (2.6x fewer of 128^3 on a 300 x 512
+# x 512 grid; Dice -0.0008 on the demo, bench/fast_settings.py; README "On a CPU"); the rest as configured.
+FAST = {"overlap": 0.25}
+
+
+def fast_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the ``FAST`` inference settings (a copy)."""
+    return {**config, "inference": {**(config.get("inference") or {}), **FAST}}
+
+
+def window_batch(config: Mapping[str, Any], device: torch.device, width: int) -> int:
+    """Windows per forward pass: ``inference.sw_batch_size``, or when it is null (the default) 2, and 1
+    on a CPU when ``width`` (the network's full-resolution channels) x window depth x height exceeds
+    ``ONEDNN_MIN_ELEMENTS`` (see there)."""
+    configured = (config.get("inference") or {}).get("sw_batch_size")
+    if configured is not None:
+        return int(configured)
+    roi = inference_settings(config)["roi"]
+    if device.type == "cpu" and width * roi[0] * roi[1] > ONEDNN_MIN_ELEMENTS:
+        return 1
+    return SW_BATCH_SIZE
+
+
+def first_width(model: torch.nn.Module) -> int:
+    """Output channels of the network's first 3-D convolution: its full-resolution width."""
+    return next((m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv3d)), 1)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -130,8 +169,9 @@ def predict_probabilities(
     """
     volume = _as_volume(image)
     out = torch.empty((len(targets), *volume.shape), dtype=torch.float32)
-    for z0, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc):
+    for z0, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc, False):
         out[:, z0 : z0 + slab.shape[1]] = slab.clamp_(0.0, 1.0)
+        del slab
     return out
 
 
@@ -150,7 +190,9 @@ def predict_masks(
 ) -> PackedMasks:
     """Masks [K, Z, Y, X] (bit-packed; ``masks[k]`` is class k as bool): probabilities above ``threshold``.
 
-    Each finished slab is thresholded at once, so no [K, Z, Y, X] float array ever exists; the
+    Windows blend in 16-bit fixed point (``stitching.FIXED``: probabilities within 1.3e-4 of the float32
+    blend at overlap 0.5, so only voxels that close to the threshold can change side), half the memory
+    of float32. Each finished slab is thresholded at once, so no [K, Z, Y, X] float array ever exists; the
     probabilities along each mask's boundary are kept too (``inference.boundary_budget_mb``), so
     ``masks.restored(k, meta)`` interpolates them onto the original grid. ``threshold`` defaults to
     ``inference.threshold``.
@@ -161,10 +203,11 @@ def predict_masks(
     masks = PackedMasks(len(targets), tuple(volume.shape), cut=cut,
                         level_budget_bytes=int(settings["boundary_budget_mb"] * 2**20))
     collector = BoundaryCollector(masks) if masks.level_budget_bytes else None
-    for z0, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc):
+    for z0, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc, True):
         masks.write(z0, (slab > cut).cpu().numpy())
         if collector is not None:
             collector.add(z0, slab)
+        del slab  # not kept while the next windows run
     if masks.mask_only and collector is not None:
         log.warning("%d of %d classes outgrew inference.boundary_budget_mb (%g MB) of boundary probabilities: "
                     "they are copied to the original grid voxel by voxel, not interpolated",
@@ -182,6 +225,7 @@ def _slabs(
     amp: str | None,
     show_progress: bool,
     desc: str,
+    masks_only: bool,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     from duplus.model import modalities_of, modality_index
 
@@ -197,26 +241,29 @@ def _slabs(
     roi = settings["roi"]
     slab_elements = k * roi[0] * max(volume.shape[1], roi[1]) * max(volume.shape[2], roi[2])
     stitch_device = stitch_device_for(device, slab_elements)
-    # Many prompts on a wide volume: a float16 buffer rather than one that outgrows the machine.
-    buffer_dtype = torch.float32 if 4 * slab_elements <= settings["blend_buffer_mb"] * 2**20 else torch.float16
+    # Masks need the 16-bit buffer only; probabilities are float32 unless that outgrows blend_buffer_mb.
+    small = 4 * slab_elements <= settings["blend_buffer_mb"] * 2**20
+    buffer_dtype = torch.float32 if small and not masks_only else FIXED
 
     total = count_windows(volume.shape, roi, settings["overlap"])
     bar = progress(total=total, desc=desc, unit="win") if show_progress else _NoBar()
-    modality_ids = torch.full((settings["sw_batch_size"],), index, dtype=torch.long)  # host-side routing index
+    batch = window_batch(config, device, first_width(model))
+    modality_ids = torch.full((batch,), index, dtype=torch.long)  # host-side routing index
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         n = windows.shape[0]
         with torch.no_grad(), autocast_for(device, amp):
             logits = model(windows, modality_ids[:n], context.expand(n, -1), targets)
         bar.update(n)
-        # Blend probabilities in fp32: bf16 loses the small weights at window borders.
-        return torch.sigmoid(logits.float())
+        # Blend probabilities in fp32: bf16 loses the small weights at window borders. In place: the
+        # logits are this call's own, and a second K x window copy would add to the peak.
+        return logits.float().sigmoid_()
 
     was_training = model.training
     model.eval()
     try:
         yield from blend_slabs(volume, predictor, k, roi=roi, overlap=settings["overlap"],
-                               sw_batch_size=settings["sw_batch_size"], mode=settings["mode"],
+                               sw_batch_size=batch, mode=settings["mode"],
                                device=device, stitch_device=stitch_device, buffer_dtype=buffer_dtype)
     finally:
         bar.close()

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from duplus.errors import ConfigError
-from duplus.inference.predict import count_windows, inference_settings, predict_probabilities
+from duplus.inference.predict import (
+    count_windows,
+    fast_config,
+    inference_settings,
+    predict_masks,
+    predict_probabilities,
+    window_batch,
+)
 from duplus.model import DuPLUS, ModelConfig
 
 TEXT_DIM = 12
@@ -96,3 +103,34 @@ def test_inference_runs_in_the_precision_the_model_trained_in(model, monkeypatch
     predict_probabilities(model, torch.randn(16, 16, 16), "CT", torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), config,
                           amp=passed, show_progress=False)
     assert seen and set(seen) == {used}
+
+
+@pytest.mark.parametrize("width, window, configured, expected", [
+    (8, (16, 16, 16), None, [2] * 8),  # 8 x 16 x 16 elements: torch's slow path at batch 1, so pairs
+    (32, (24, 32, 32), None, [1] * 4),  # 32 x 24 x 32 > 20,480: oneDNN at batch 1, one at a time
+    (32, (24, 32, 32), 3, [3, 1]),  # configured: kept
+])
+def test_window_batch_on_a_cpu_follows_the_window_size_unless_configured(width, window, configured, expected):
+    torch.manual_seed(0)
+    net = DuPLUS(ModelConfig(channels=(width, 16), blocks_per_stage=1, text_dim=TEXT_DIM, embed_dim=8))
+    calls = []
+    handle = net.encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    config = _config(patch=window)
+    config["inference"]["sw_batch_size"] = configured
+    try:
+        predict_masks(net, torch.randn(window[0], 40, 40), "CT", torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), config,
+                      show_progress=False)
+    finally:
+        handle.remove()
+    assert calls == expected
+    assert window_batch(config, torch.device("cuda"), width) == (configured or 2)
+    assert inference_settings(config)["sw_batch_size"] == (configured or 2)  # what a config without a device says
+
+
+def test_fast_settings_run_fewer_windows_and_keep_the_rest(model):
+    config = {**_config(), "inference": {"overlap": 0.5, "threshold": 0.3}}
+    fast = fast_config(config)
+    assert config["inference"]["overlap"] == 0.5, "the caller's config is not changed"
+    assert inference_settings(fast)["threshold"] == 0.3
+    assert count_windows((64, 96, 96), (16, 16, 16), inference_settings(fast)["overlap"]) < \
+        count_windows((64, 96, 96), (16, 16, 16), 0.5)

@@ -7,7 +7,7 @@ from monai.inferers import sliding_window_inference
 
 from duplus.inference.packed import PackedMasks
 from duplus.inference.predict import predict_masks, predict_probabilities
-from duplus.inference.stitching import blend_slabs, count_windows, window_starts
+from duplus.inference.stitching import FIXED, blend_slabs, count_windows, fixed_scale, max_cover, window_starts
 from duplus.model import DuPLUS, ModelConfig
 
 CPU = torch.device("cpu")
@@ -90,13 +90,20 @@ def test_masks_equal_thresholded_probabilities():
     config = {"pretrain": {"patch_size": [16, 16, 16]},
               "inference": {"overlap": 0.5, "sw_batch_size": 2, "blend": "gaussian", "threshold": 0.5}}
     image, ctx, targets = torch.randn(30, 20, 17), torch.randn(12), torch.randn(3, 12)
-    probs = predict_probabilities(model, image, "CT", ctx, targets, config, show_progress=False)
+    # The masks blend in 16-bit fixed point; probabilities do too once a float32 buffer is over budget.
+    fixed = {**config, "inference": {**config["inference"], "blend_buffer_mb": 1e-6}}
+    probs = predict_probabilities(model, image, "CT", ctx, targets, fixed, show_progress=False)
     cut = float(probs.median())  # a threshold that splits the (untrained) output in half
     masks = predict_masks(model, image, "CT", ctx, targets, config, threshold=cut, show_progress=False)
     assert isinstance(masks, PackedMasks) and masks.shape == (3, 30, 20, 17)
     full = np.asarray(masks)
     np.testing.assert_array_equal(full, (probs > cut).numpy())
     assert 0 < full.sum() < full.size
+    # Against the float32 blend (MONAI's numbers): only voxels within the fixed point's error of the cut differ.
+    exact = predict_probabilities(model, image, "CT", ctx, targets, config, show_progress=False)
+    assert float((probs - exact).abs().max()) <= max_cover(image.shape, (16, 16, 16), 0.5) / 2 / fixed_scale(8) + 1e-6
+    changed = full != (exact > cut).numpy()
+    assert not changed[(exact - cut).abs().numpy() > 2e-4].any()
 
 
 def test_packed_masks_round_trip_any_width():
@@ -111,6 +118,29 @@ def test_packed_masks_round_trip_any_width():
     np.testing.assert_array_equal(np.asarray(masks), full)
     with pytest.raises(ValueError, match="does not fit"):
         masks.write(0, full[:2])
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 0.75])
+def test_fixed_point_buffer_stays_within_half_a_unit_per_window(overlap):
+    """The 16-bit buffer against MONAI's float32 blend: within its stated bound, whatever the overlap."""
+    volume = torch.randn(40, 37, 21)
+    roi = (16, 16, 16)
+    predictor = _predictor(3)
+    out = torch.full((3, *volume.shape), float("nan"))
+    for z0, slab in blend_slabs(volume, predictor, 3, roi=roi, overlap=overlap, sw_batch_size=2, mode="gaussian",
+                                device=CPU, stitch_device=CPU, buffer_dtype=FIXED):
+        out[:, z0 : z0 + slab.shape[1]] = slab
+    theirs = sliding_window_inference(volume[None, None], roi, 3, predictor, overlap=overlap, mode="gaussian")[0]
+    cover = max_cover(volume.shape, roi, overlap)
+    error = float((out - theirs).abs().max())
+    assert error <= (cover / 2) / fixed_scale(cover) + 1e-6, (error, cover)
+    assert error > 0  # it is the fixed-point path, not a float32 one
+
+
+def test_max_cover_counts_the_windows_over_the_most_covered_voxel():
+    assert max_cover((37, 16, 16), (16, 16, 16), 0.5) == 3  # z starts 0, 8, 16, 21: slices 21-23 lie in three
+    assert max_cover((32, 32, 32), (16, 16, 16), 0.5) == 8
+    assert max_cover((10, 10, 10), (16, 16, 16), 0.5) == 1
 
 
 def test_float16_buffer_changes_probabilities_by_at_most_3e_3():
