@@ -1,6 +1,7 @@
 """Resume journals: a folder of keyed records, each vouching for the files a finished piece of work left.
 
-The one mechanism behind every resume of a killed stage (preprocessed cases, evaluated cases, LoRA phases).
+The one mechanism behind every resume of a killed stage (preprocessed cases, evaluated cases, LoRA phases,
+training checkpoints).
 
 A long stage records each finished piece of its work (a case, a phase) as ``<folder>/<name>.json``:
 the piece's key (``journal_key`` of everything its result depends on), a little JSON data, and the
@@ -12,6 +13,10 @@ bytes: a record of an earlier attempt can never vouch for files a later, killed 
 Anything else reads as "not done" and the work is done again. The stage ``clear``s the journal
 once its outputs are written, so a finished stage never feeds a later one.
 
+Training checkpoints (``duplus.train.checkpoint``) are records of this journal too: their tensors
+are a file the record vouches for, given as bytes to ``save`` and read back through ``lookup``, so
+that the bytes checked are the bytes parsed.
+
 Written by hand: checkpoint libraries (torch.save, safetensors, orbax) keep tensors, not keyed,
 verified records of arbitrary work, and joblib.Memory keys by a function's arguments, which here
 are not what the results depend on (file contents, the package's source).
@@ -19,14 +24,15 @@ are not what the results depend on (file contents, the package's source).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
-from duplus.atomic import write_json
+from duplus.atomic import write_bytes, write_json
 from duplus.hashing import sha256_file, sha256_text
 
 FORMAT = "duplus-journal/1"
@@ -50,6 +56,7 @@ class Lookup:
 
     data: dict[str, Any] | None
     reason: str = ""  # ABSENT, OTHER_KEY, or what is wrong with the record or its files
+    contents: dict[str, bytes] = field(default_factory=dict)  # the files asked for by ``read``, as verified
 
 
 class Journal:
@@ -64,8 +71,13 @@ class Journal:
             raise ValueError(f"{self.folder}: journal entry name '{name}' is not a plain file name")
         return self.folder / f"{name}.json"
 
-    def lookup(self, name: str, key: str) -> Lookup:
-        """The data recorded for ``name`` if it was recorded under ``key`` and its files verify."""
+    def lookup(self, name: str, key: str, read: Iterable[str] = ()) -> Lookup:
+        """The data recorded for ``name`` if it was recorded under ``key`` and its files verify.
+
+        ``read``: recorded files (relative to the folder) whose bytes come back in ``contents``: each
+        is read once, and the bytes hashed are the bytes returned, so a file replaced between the
+        check and its use cannot pass.
+        """
         path = self.record_path(name)
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
@@ -79,14 +91,20 @@ class Journal:
             return Lookup(None, f"not a {FORMAT} record of '{name}'")
         if record.get("key") != key:
             return Lookup(None, OTHER_KEY)
-        problem = self._verify(record["files"], record["folders"])
-        return Lookup(None, problem) if problem else Lookup(record["data"])
+        wanted = set(read)
+        unlisted = sorted(wanted - set(record["files"]))
+        if unlisted:
+            return Lookup(None, f"does not list {', '.join(unlisted)}")
+        contents: dict[str, bytes] = {}
+        problem = self._verify(record["files"], record["folders"], wanted, contents)
+        return Lookup(None, problem) if problem else Lookup(record["data"], contents=contents)
 
     def load(self, name: str, key: str) -> dict[str, Any] | None:
         """The data of ``lookup``, or None whatever the reason."""
         return self.lookup(name, key).data
 
-    def save(self, name: str, key: str, data: Mapping[str, Any], files: Iterable[str | Path] = ()) -> None:
+    def save(self, name: str, key: str, data: Mapping[str, Any], files: Iterable[str | Path] = (),
+             write: Mapping[str, bytes] | None = None) -> None:
         """Record ``name`` as finished under ``key``: call it after the files it vouches for are written.
 
         Args:
@@ -96,8 +114,16 @@ class Journal:
             files: files or folders in the journal's folder (relative to it, or absolute) that the
                 piece wrote; each file's sha256 is recorded, and a folder stands for exactly the
                 files it holds now.
+            write: files (relative to the folder) to write first, each atomically, from these bytes;
+                their sha256 is taken of the bytes, without reading them back.
         """
         hashes: dict[str, str] = {}
+        for relative, payload in (write or {}).items():
+            parts = PurePosixPath(relative)
+            if parts.is_absolute() or ".." in parts.parts:
+                raise ValueError(f"{self.folder}: {relative} is outside the journal")
+            write_bytes(self.folder / parts, payload)
+            hashes[parts.as_posix()] = hashlib.sha256(payload).hexdigest()
         folders: list[str] = []
         for item in files:
             path = Path(item) if Path(item).is_absolute() else self.folder / item
@@ -136,8 +162,12 @@ class Journal:
         """Delete the journal and everything in its folder (the stage's outputs hold the results now)."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _verify(self, hashes: Mapping[str, Any], folders: list[Any]) -> str:
-        """'' if every recorded file has its recorded bytes and each folder holds just its files."""
+    def _verify(self, hashes: Mapping[str, Any], folders: list[Any], read: Collection[str] = frozenset(),
+                contents: dict[str, bytes] | None = None) -> str:
+        """'' if every recorded file has its recorded bytes and each folder holds just its files.
+
+        The bytes of the files in ``read`` go into ``contents``, hashed from what was read.
+        """
         for relative in [*hashes, *folders]:
             parts = PurePosixPath(str(relative))
             if parts.is_absolute() or ".." in parts.parts:
@@ -150,7 +180,13 @@ class Journal:
                 return f"{relative}/ holds other files than were recorded"
         for relative, digest in hashes.items():
             try:
-                actual = sha256_file(self.folder / relative)
+                if relative in read:
+                    payload = (self.folder / relative).read_bytes()
+                    actual = hashlib.sha256(payload).hexdigest()
+                    if contents is not None:
+                        contents[relative] = payload
+                else:
+                    actual = sha256_file(self.folder / relative)
             except OSError:
                 return f"{relative} is missing"
             if actual != digest:

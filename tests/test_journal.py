@@ -113,3 +113,24 @@ def test_a_workspace_is_kept_under_its_key_and_emptied_under_another(tmp_path):
     (folder / "key.json").write_text("{trunc")  # its key record damaged: the folder is not trusted
     assert journal.workspace("lora", "k2") == (folder, True)
     assert sorted(p.name for p in folder.iterdir()) == ["key.json"]
+
+
+def test_files_given_as_bytes_are_written_first_and_read_back_as_the_bytes_that_verified(tmp_path):
+    """How training checkpoints use the journal: the tensors are written from the bytes in memory and
+    hashed from them, and a lookup hands back the very bytes it hashed."""
+    journal = Journal(tmp_path / "j")
+    journal.save("step_00000003", "k1", {"step": 3}, write={"step_00000003.safetensors": b"tensor bytes"})
+    assert (journal.folder / "step_00000003.safetensors").read_bytes() == b"tensor bytes"
+    record = json.loads(journal.record_path("step_00000003").read_text(encoding="utf-8"))
+    assert record["files"] == {"step_00000003.safetensors": hashlib.sha256(b"tensor bytes").hexdigest()}
+    found = journal.lookup("step_00000003", "k1", read=["step_00000003.safetensors"])
+    assert found.data == {"step": 3} and found.contents == {"step_00000003.safetensors": b"tensor bytes"}
+    assert journal.lookup("step_00000003", "k1").contents == {}  # nothing asked for, nothing kept
+    assert "does not list other.bin" in journal.lookup("step_00000003", "k1", read=["other.bin"]).reason
+
+    (journal.folder / "step_00000003.safetensors").write_bytes(b"tensor bytez")  # same size, other bytes
+    found = journal.lookup("step_00000003", "k1", read=["step_00000003.safetensors"])
+    assert found.data is None and found.contents == {} and "has changed" in found.reason
+    with pytest.raises(ValueError, match="outside the journal"):
+        journal.save("step_00000004", "k1", {}, write={"../escape.bin": b"x"})
+    assert not (tmp_path / "escape.bin").exists() and not journal.record_path("step_00000004").exists()

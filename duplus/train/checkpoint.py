@@ -1,6 +1,12 @@
 """Resumable training checkpoints: what a loop saves (``TrainState``), and how (safetensors + JSON with their sha256).
 
 A checkpoint whose JSON is missing or unreadable, or whose tensors do not match the hash, is never read.
+
+The record keeping is ``duplus.journal``'s: ``step_<step>.json`` is a journal record, written after
+the tensors it vouches for (``step_<step>.safetensors``, by sha256), and a checkpoint is complete when
+the journal verifies it. What stays here is what a journal does not do: turning a training state
+into tensors and JSON without pickle, choosing the newest complete step, pruning the older ones,
+and the ``TrainState`` a loop declares its parts in.
 """
 
 from __future__ import annotations
@@ -18,13 +24,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
-from duplus.atomic import write_bytes, write_json
 from duplus.errors import CheckpointError
+from duplus.journal import Journal, journal_key
 from duplus.tensorfile import tensor_bytes
 
 log = logging.getLogger(__name__)
 
-FORMAT = "duplus-train-checkpoint/1"
+FORMAT = "duplus-train-checkpoint/2"
+# The key of every checkpoint record: what makes a record a training checkpoint of this layout. Whose
+# run it continues is the caller's check (the run's identity saved in the state, or a folder that is a
+# journal workspace under the run's key), not the record's.
+_KEY = journal_key({"format": FORMAT})
+_LEGACY = "duplus-train-checkpoint/1"  # the record format before checkpoints were journal records
 _NAME = re.compile(r"^step_(\d{8,})\.json$")
 
 
@@ -97,11 +108,10 @@ def save_checkpoint(folder: str | os.PathLike, step: int, state: dict[str, Any],
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, tensors)
     payload = tensor_bytes(tensors, metadata={"format": FORMAT, "step": str(int(step))})
-    digest = hashlib.sha256(payload).hexdigest()
     tensor_path, json_path = checkpoint_paths(folder, step)
-    write_bytes(tensor_path, payload)
-    # The JSON goes last: its presence with a matching hash is what makes a checkpoint complete.
-    write_json(json_path, {"format": FORMAT, "step": int(step), "tensors": tensor_path.name, "sha256": digest, "state": skeleton})
+    # The journal writes the tensors, then the record: its presence with a matching hash is what
+    # makes a checkpoint complete.
+    Journal(folder).save(json_path.stem, _KEY, {"step": int(step), "state": skeleton}, write={tensor_path.name: payload})
     _prune(Path(folder), keep)
     return json_path
 
@@ -130,24 +140,45 @@ def _prune(folder: Path, keep: int) -> None:
 
 def _read(folder: Path, step: int) -> dict[str, Any]:
     tensor_path, json_path = checkpoint_paths(folder, step)
+    # The journal hands back the very bytes it hashed: the file cannot change between the check and the load.
+    found = Journal(folder).lookup(json_path.stem, _KEY, read=[tensor_path.name])
+    if found.data is None:
+        legacy = _read_legacy(tensor_path, json_path, step)
+        if legacy is None:
+            raise CheckpointError(f"{json_path}: not a complete checkpoint of step {step} ({found.reason})")
+        skeleton, payload = legacy
+    elif found.data.get("step") != step or "state" not in found.data:
+        raise CheckpointError(f"{json_path}: not a {FORMAT} record of step {step}")
+    else:
+        skeleton, payload = found.data["state"], found.contents[tensor_path.name]
+    try:
+        tensors = load_safetensors_bytes(payload)
+        return _join(skeleton, tensors)
+    except (SafetensorError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{tensor_path}: not a safetensors checkpoint of this project ({error})") from error
+
+
+def _read_legacy(tensor_path: Path, json_path: Path, step: int) -> tuple[Any, bytes] | None:
+    """(state skeleton, tensor bytes) of a checkpoint written before checkpoints were journal records,
+    or None when ``json_path`` is not one: a long run killed before an upgrade resumes after it.
+
+    Raises:
+        CheckpointError: when it is one, but its tensors are missing or not the ones it records.
+    """
     try:
         record = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{json_path}: unreadable checkpoint record ({error})") from error
-    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("step") != step:
-        raise CheckpointError(f"{json_path}: not a {FORMAT} record of step {step}")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != _LEGACY or record.get("step") != step \
+            or "state" not in record:
+        return None
     try:
         payload = tensor_path.read_bytes()
     except OSError as error:
         raise CheckpointError(f"{tensor_path}: missing checkpoint tensors ({error})") from error
     if hashlib.sha256(payload).hexdigest() != record.get("sha256"):
         raise CheckpointError(f"{tensor_path}: sha256 differs from the one recorded in {json_path.name} (truncated or replaced)")
-    # Hash and parse the same bytes: the file cannot change between the check and the load.
-    try:
-        tensors = load_safetensors_bytes(payload)
-        return _join(record["state"], tensors)
-    except (SafetensorError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{tensor_path}: not a safetensors checkpoint of this project ({error})") from error
+    return record["state"], payload
 
 
 def load_checkpoint(folder: str | os.PathLike, step: int) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def _tampered_checkpoint(folder: Path, payload: bytes) -> None:
     tensors, record = checkpoint_paths(folder, 2)
     tensors.write_bytes(payload)
     data = json.loads(record.read_text(encoding="utf-8"))
-    data["sha256"] = hashlib.sha256(payload).hexdigest()
+    data["files"][tensors.name] = hashlib.sha256(payload).hexdigest()  # a duplus.journal record
     record.write_text(json.dumps(data))
 
 

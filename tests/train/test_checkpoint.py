@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -59,7 +60,7 @@ def test_round_trip_is_exact_and_keeps_key_types(tmp_path):
     optimizer.load_state_dict(loaded["optimizer"])
     # No pickle anywhere: the record is plain JSON.
     _, json_path = checkpoint_paths(tmp_path, 5)
-    assert json.loads(json_path.read_text(encoding="utf-8"))["step"] == 5
+    assert json.loads(json_path.read_text(encoding="utf-8"))["data"]["step"] == 5  # a duplus.journal record
 
 
 def test_keeps_newest_two(tmp_path):
@@ -99,7 +100,7 @@ def test_same_size_tampering_is_detected(tmp_path):
 
 def test_killed_write_leaves_previous_checkpoint_readable(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 2, _state(2))
-    import duplus.train.checkpoint as module
+    import duplus.journal as module  # checkpoints are journal records: the journal writes the record
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt  # as if killed between the tensors and the record
@@ -107,8 +108,28 @@ def test_killed_write_leaves_previous_checkpoint_readable(tmp_path, monkeypatch)
     monkeypatch.setattr(module, "write_json", die)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, 4, _state(4))
+    assert checkpoint_paths(tmp_path, 4)[0].is_file()  # the tensors were written, their record was not
     step, _ = load_latest_checkpoint(tmp_path)
     assert step == 2
+
+
+def test_a_checkpoint_written_before_checkpoints_were_journal_records_still_resumes(tmp_path):
+    """A long run killed before an upgrade resumes after it: the earlier record (its own format, the
+    tensors' sha256 beside the state) is read, and its tensors are still checked against it."""
+    from safetensors.torch import save as safetensors_bytes
+
+    weights = torch.arange(6, dtype=torch.float32)
+    payload = safetensors_bytes({"t0": weights})
+    tensors, record = checkpoint_paths(tmp_path, 7)
+    tensors.write_bytes(payload)
+    record.write_text(json.dumps({"format": "duplus-train-checkpoint/1", "step": 7, "tensors": tensors.name,
+                                  "sha256": hashlib.sha256(payload).hexdigest(),
+                                  "state": {"model": {"w": {"__tensor__": "t0"}}, "step": 7}}))
+    step, state = load_latest_checkpoint(tmp_path)
+    assert step == 7 and state["step"] == 7 and torch.equal(state["model"]["w"], weights)
+    tensors.write_bytes(payload[:-4] + b"\0\0\0\0")
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_checkpoint(tmp_path, 7)
 
 
 def test_empty_or_missing_folder_has_no_checkpoint(tmp_path):
