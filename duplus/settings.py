@@ -34,6 +34,15 @@ def schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
+def schema_default(*key: str) -> Any:
+    """The schema's default of the setting at dotted ``key`` (``schema_default("evaluate", "nsd_tolerance_mm")``),
+    for a function's default argument; code that has the config reads ``Settings.of(config)`` instead."""
+    node = schema()
+    for name in key:
+        node = node["properties"][name]
+    return copy.deepcopy(node["default"])
+
+
 @functools.cache
 def _validator_class() -> Any:
     """Draft 2020-12 with ``properties`` that fill in each absent property's default first, as Snakemake's
