@@ -288,14 +288,21 @@ class Settings:
         """
         if isinstance(config, Settings):
             return config
-        from duplus.data.registry import drop_removed_entries
+        return _build(cls, filled_config(config), "")
 
-        filled = copy.deepcopy(dict(config or {}))
-        drop_removed_entries(filled)
-        problems = _problems(filled, _sections_schema())
-        if problems:
-            raise ConfigError("config: " + "; ".join(problems))
-        return _build(cls, filled, "")
+
+def filled_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``config`` with the schema's defaults, its values as written (lists, an int for a number):
+    for records whose text is hashed or compared, which must read as the pipeline's validated config did.
+    ``Settings.of`` types this; raises as it does."""
+    from duplus.data.registry import drop_removed_entries
+
+    filled = copy.deepcopy(dict(config or {}))
+    drop_removed_entries(filled)
+    problems = _problems(filled, _sections_schema())
+    if problems:
+        raise ConfigError("config: " + "; ".join(problems))
+    return filled
 
 
 def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:

@@ -22,6 +22,7 @@ from duplus.demo.headneck import HEADNECK_FOV, PET_SCANNERS, headneck_anatomy, r
 from duplus.demo.phantoms import Grid, fov_grid
 from duplus.errors import ConfigError
 from duplus.progress import progress
+from duplus.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,11 @@ MSD_MODALITY = {"CT": "CT", "MRI": "MRI", "PET": "PET"}
 
 def demo_sizes(config: Mapping[str, Any] | None) -> tuple[int, int, int]:
     """(seed, cases per center, head-and-neck patients) from ``config`` with the schema's defaults."""
-    config = config or {}
-    demo = config.get("demo") or {}
-    per_center = int(demo.get("cases_per_center", 8))
-    patients = int(demo.get("headneck_patients", 200))
-    if per_center < 1:
-        raise ConfigError(f"demo.cases_per_center: expected a positive number of cases, got {per_center}")
+    settings = Settings.of(config)  # the schema bounds both sizes (>= 2 cases, >= 10 patients)
+    per_center, patients = settings.demo.cases_per_center, settings.demo.headneck_patients
     if patients < len(DEMO_CENTERS):
         raise ConfigError(f"demo.headneck_patients: expected at least {len(DEMO_CENTERS)}, got {patients}")
-    return int(config.get("seed", 0)), per_center, patients
+    return settings.seed, per_center, patients
 
 
 def _rng(seed: int, name: str, *parts: int) -> np.random.Generator:
