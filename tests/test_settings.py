@@ -122,3 +122,18 @@ def test_a_partial_segment_config_gets_the_schema_inference_defaults(tmp_path):
     assert Settings.of(config).inference == Settings.of({}).inference
     weights, cache = default_paths(config)
     assert Path(weights).parts[0] == "elsewhere" and Path(cache).name == "minilm.safetensors"
+
+
+@pytest.mark.parametrize("given", ["demo", {}, {"pretrain": {"lr": 1e-3}, "inference": {"overlap": 0.25}}])
+def test_fingerprints_do_not_depend_on_who_filled_the_defaults(given):
+    """A config as written and as the Snakefile's validate fills it: the same pretraining fingerprint and
+    evaluation journal key, whether the library or Snakemake filled in the schema's defaults."""
+    from duplus.evaluate.evaluate_stage import journal_settings
+    from duplus.inference.predict import inference_settings
+    from duplus.train.pretrain import PretrainSettings
+
+    config = _demo_config() if given == "demo" else given
+    filled = _snakemake_filled(config)
+    assert PretrainSettings.from_config(config).fingerprint() == PretrainSettings.from_config(filled).fingerprint()
+    assert inference_settings(config) == inference_settings(filled)
+    assert journal_settings(filled)["inference"] == journal_settings(config)["inference"]
