@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 from duplus.errors import ConfigError
 
@@ -84,6 +84,28 @@ def _sections_schema() -> dict[str, Any]:
     whole = schema()
     datasets = {"type": "object", "default": whole["properties"]["datasets"]["default"]}
     return {**whole, "properties": {**whole["properties"], "datasets": datasets}}
+
+
+REMOVABLE = (("datasets",), ("lora", "centers"), ("pretrain", "exclude_centers"))
+
+
+def drop_removed_entries(config: MutableMapping[str, Any]) -> list[str]:
+    """Delete, in place, the entries of ``REMOVABLE`` mappings set to null; returns their dotted keys.
+
+    A ``--configfile`` is merged into ``config.yaml`` and cannot delete keys; ``datasets:
+    {demo_abdomen_mri: null}`` is how it takes a dataset (or a LoRA center, a held-out center list)
+    out of the run.
+    """
+    removed = []
+    for path in REMOVABLE:
+        section: Any = config
+        for key in path:
+            section = section.get(key) if isinstance(section, MutableMapping) else None
+        if isinstance(section, MutableMapping):
+            for name in [k for k, v in section.items() if v is None]:
+                del section[name]
+                removed.append(".".join((*path, str(name))))
+    return removed
 
 
 # Field names are listed here, their defaults only in the schema (tests/test_settings.py checks both).
@@ -283,7 +305,7 @@ class Settings:
 
         ``config`` may be partial or empty (``duplus segment`` without a config.yaml, a test's few keys);
         the pipeline's is already filled. Entries set to null in the mappings a ``--configfile`` removes
-        from (``duplus.data.registry.REMOVABLE``) are left out, as the Snakefile does. Raises one
+        from (``REMOVABLE``) are left out, as the Snakefile does. Raises one
         ``ConfigError`` naming every key whose value the schema refuses (a wrong type, an unknown key).
         """
         if isinstance(config, Settings):
@@ -295,8 +317,6 @@ def filled_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """A copy of ``config`` with the schema's defaults, its values as written (lists, an int for a number):
     for records whose text is hashed or compared, which must read as the pipeline's validated config did.
     ``Settings.of`` types this; raises as it does."""
-    from duplus.data.registry import drop_removed_entries
-
     filled = copy.deepcopy(dict(config or {}))
     drop_removed_entries(filled)
     problems = _problems(filled, _sections_schema())

@@ -128,12 +128,17 @@ def test_a_partial_segment_config_gets_the_schema_inference_defaults(tmp_path):
 def test_fingerprints_do_not_depend_on_who_filled_the_defaults(given):
     """A config as written and as the Snakefile's validate fills it: the same pretraining fingerprint and
     evaluation journal key, whether the library or Snakemake filled in the schema's defaults."""
+    import json
+
+    from duplus.data.preprocess import settings as preprocess_options
     from duplus.evaluate.evaluate_stage import journal_settings
     from duplus.inference.predict import inference_settings
     from duplus.train.pretrain import PretrainSettings
 
     config = _demo_config() if given == "demo" else given
     filled = _snakemake_filled(config)
+    # The staged cases' resume key hashes the preprocessing options as text.
+    assert json.dumps(preprocess_options(config)) == json.dumps(preprocess_options(filled))
     assert PretrainSettings.from_config(config).fingerprint() == PretrainSettings.from_config(filled).fingerprint()
     assert inference_settings(config) == inference_settings(filled)
     assert journal_settings(filled)["inference"] == journal_settings(config)["inference"]

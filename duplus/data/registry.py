@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
 
 from duplus.errors import ConfigError
+from duplus.settings import REMOVABLE, drop_removed_entries  # noqa: F401 - the Snakefile reads them here
 
 if TYPE_CHECKING:
     from duplus.data.taxonomy import ClassInfo
@@ -183,28 +184,6 @@ def _replace(spec: DatasetSpec, **changes: Any) -> DatasetSpec:
 
 
 # Mappings of the config whose entries a merged --configfile may remove by setting them to null.
-REMOVABLE = (("datasets",), ("lora", "centers"), ("pretrain", "exclude_centers"))
-
-
-def drop_removed_entries(config: MutableMapping[str, Any]) -> list[str]:
-    """Delete, in place, the entries of ``REMOVABLE`` mappings set to null; returns their dotted keys.
-
-    A ``--configfile`` is merged into ``config.yaml`` and cannot delete keys; ``datasets:
-    {demo_abdomen_mri: null}`` is how it takes a dataset (or a LoRA center, a held-out center list)
-    out of the run.
-    """
-    removed = []
-    for path in REMOVABLE:
-        section: Any = config
-        for key in path:
-            section = section.get(key) if isinstance(section, MutableMapping) else None
-        if isinstance(section, MutableMapping):
-            for name in [k for k, v in section.items() if v is None]:
-                del section[name]
-                removed.append(".".join((*path, str(name))))
-    return removed
-
-
 def stringify_label_ids(config: MutableMapping[str, Any]) -> None:
     """Turn the label ids of every dataset's ``labels`` into strings, in place.
 

@@ -22,7 +22,7 @@ from duplus.demo.headneck import HEADNECK_FOV, PET_SCANNERS, headneck_anatomy, r
 from duplus.demo.phantoms import Grid, fov_grid
 from duplus.errors import ConfigError
 from duplus.progress import progress
-from duplus.settings import Settings
+from duplus.settings import schema_default
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,17 @@ MSD_MODALITY = {"CT": "CT", "MRI": "MRI", "PET": "PET"}
 
 def demo_sizes(config: Mapping[str, Any] | None) -> tuple[int, int, int]:
     """(seed, cases per center, head-and-neck patients) from ``config`` with the schema's defaults."""
-    settings = Settings.of(config)  # the schema bounds both sizes (>= 2 cases, >= 10 patients)
-    per_center, patients = settings.demo.cases_per_center, settings.demo.headneck_patients
+    # Read as written, not through Settings.of: the schema's minimums (2 cases per center, 10 patients) are
+    # the pipeline's, for usable results; the library generates smaller demos too (its tests do, in seconds).
+    config = config or {}
+    demo = config.get("demo") or {}
+    per_center = int(demo.get("cases_per_center", schema_default("demo", "cases_per_center")))
+    patients = int(demo.get("headneck_patients", schema_default("demo", "headneck_patients")))
+    if per_center < 1:
+        raise ConfigError(f"demo.cases_per_center: expected a positive number of cases, got {per_center}")
     if patients < len(DEMO_CENTERS):
         raise ConfigError(f"demo.headneck_patients: expected at least {len(DEMO_CENTERS)}, got {patients}")
-    return settings.seed, per_center, patients
+    return int(config.get("seed", schema_default("seed"))), per_center, patients
 
 
 def _rng(seed: int, name: str, *parts: int) -> np.random.Generator:

@@ -371,7 +371,7 @@ def run_cache_prompts(config: dict[str, Any], out_cache: str | os.PathLike, thre
     started = time.perf_counter()
     settings = Settings.of(config)
     texts = prompts_for_config(config)  # before loading the model: a config mistake fails fast
-    encoder = encoder_from_config(settings, device=resolve_device(settings.device))
+    encoder = encoder_from_config(config, device=resolve_device(settings.device))
     cache = build_prompt_cache(texts, encoder, out_cache, batch_size=settings.prompts.batch_size)
     log.info("cache_prompts: %d texts, encoder %s (dim %d), %.1f s", len(cache), encoder.identity, encoder.dim,
              time.perf_counter() - started)
