@@ -157,17 +157,19 @@ def _check_prognosis_table(config: Mapping[str, Any]) -> None:
     from pathlib import Path
 
     from duplus.data.registry import USER_KINDS, builtin_datasets, get_dataset, listed_datasets, raw_folder
+    from duplus.settings import Settings
 
-    prognosis = config.get("prognosis") or {}
+    settings = Settings.of(config)
+    prognosis = settings.prognosis
     # The table is looked for beside the first dataset's images (HECKTOR's CT and PET share one folder).
-    names = listed_datasets(prognosis.get("dataset"))
-    if not prognosis.get("enabled", True) or not names or (prognosis.get("ehr") or {}).get("table"):
+    names = listed_datasets(prognosis.dataset)
+    if not prognosis.enabled or not names or prognosis.ehr.table:
         return
     name = names[0]
     spec = get_dataset(name, config)
     if spec.kind in USER_KINDS or spec.clinical:
         return  # a dataset of your own may hold clinical.csv: the stage says so if it does not
-    raw = Path((config.get("paths") or {}).get("raw", "data/raw"))
+    raw = Path(settings.paths.raw)
     if (raw_folder(spec, raw) / "clinical.csv").is_file():
         return  # put in place by hand
     with_table = ", ".join(sorted(n for n, s in builtin_datasets().items() if s.clinical))

@@ -120,8 +120,11 @@ def configure_kernels(device: "torch.device", deterministic: bool = False) -> No
 
 def device_for(config: Mapping[str, Any]) -> "torch.device":  # noqa: F821
     """The run's device (``config["device"]``) with its kernels configured (``config["deterministic"]``)."""
-    device = resolve_device(str(config.get("device", "auto")))
-    configure_kernels(device, bool(config.get("deterministic", False)))
+    from duplus.settings import Settings
+
+    settings = Settings.of(config)
+    device = resolve_device(settings.device)
+    configure_kernels(device, settings.deterministic)
     return device
 
 

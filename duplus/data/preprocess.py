@@ -30,9 +30,10 @@ from duplus.data.layouts import Case, list_cases, read_case
 from duplus.data.manifest import write_manifest
 from duplus.data.registry import DatasetSpec, get_dataset
 from duplus.data.staging import STAGING, case_key, clear_case, mark_done, raw_file_hashes, staged_row
-from duplus.errors import ConfigError, DataError
+from duplus.errors import DataError
 from duplus.hashing import package_source_sha256
 from duplus.progress import progress
+from duplus.settings import Settings, filled_config, schema
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,13 @@ MAX_LOCATIONS = 4096
 
 
 def settings(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``preprocess`` section with the schema's defaults filled in."""
-    section = dict((config or {}).get("preprocess") or {})
-    result = {"spacing": [1.5, 1.5, 1.5], "ct_window": [-991.0, 500.0], "percentiles": [2.0, 98.0],
-              "crop_foreground": True, "test_fraction": 0.25, "interpolation": "linear"}
-    result.update({k: v for k, v in section.items() if v is not None})
-    if len(result["spacing"]) != 3:
-        raise ConfigError(f"preprocess.spacing: expected [x, y, z] in mm, got {result['spacing']}")
-    return result
+    """The ``preprocess`` section with the schema's defaults filled in (which bounds every value), and the
+    image interpolation (linear; labels are resampled nearest-neighbour)."""
+    section = filled_config(config)["preprocess"]
+    # Values as written, in the schema's key order: the preprocessing record holds them as the pipeline's
+    # validated config gave them.
+    return {**{key: section[key] for key in schema()["properties"]["preprocess"]["properties"]},
+            "interpolation": "linear"}
 
 
 def _stable_int(*parts: Any) -> int:
@@ -289,7 +289,7 @@ def run_preprocess(dataset: str, config: Mapping[str, Any], download_record: str
         raise DataError(f"{record_path}: records dataset '{record.get('dataset')}', expected '{dataset}'")
     spec = get_dataset(dataset, config)
     options = settings(config)
-    seed = int(config.get("seed", 0))
+    seed = Settings.of(config).seed
     cases = list_cases(spec, record["root"])
     for case in cases:
         if os.sep in case.case_id or case.case_id.startswith("."):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
 
 from duplus.errors import ConfigError
+from duplus.settings import REMOVABLE, drop_removed_entries  # noqa: F401 - the Snakefile reads them here
 
 if TYPE_CHECKING:
     from duplus.data.taxonomy import ClassInfo
@@ -183,28 +184,6 @@ def _replace(spec: DatasetSpec, **changes: Any) -> DatasetSpec:
 
 
 # Mappings of the config whose entries a merged --configfile may remove by setting them to null.
-REMOVABLE = (("datasets",), ("lora", "centers"), ("pretrain", "exclude_centers"))
-
-
-def drop_removed_entries(config: MutableMapping[str, Any]) -> list[str]:
-    """Delete, in place, the entries of ``REMOVABLE`` mappings set to null; returns their dotted keys.
-
-    A ``--configfile`` is merged into ``config.yaml`` and cannot delete keys; ``datasets:
-    {demo_abdomen_mri: null}`` is how it takes a dataset (or a LoRA center, a held-out center list)
-    out of the run.
-    """
-    removed = []
-    for path in REMOVABLE:
-        section: Any = config
-        for key in path:
-            section = section.get(key) if isinstance(section, MutableMapping) else None
-        if isinstance(section, MutableMapping):
-            for name in [k for k, v in section.items() if v is None]:
-                del section[name]
-                removed.append(".".join((*path, str(name))))
-    return removed
-
-
 def stringify_label_ids(config: MutableMapping[str, Any]) -> None:
     """Turn the label ids of every dataset's ``labels`` into strings, in place.
 
@@ -234,24 +213,25 @@ def dataset_reference_problems(config: Mapping[str, Any]) -> list[str]:
     Caught before any job runs: otherwise a dataset outside ``datasets`` would be downloaded and
     preprocessed, but have no prompts in the cache, and fail only after pretraining.
     """
+    from duplus.settings import Settings
+
+    settings = Settings.of(config)
     names = sorted(config.get("datasets") or {})
     known = ", ".join(names) or "none"
     problems = []
-    prognosis = config.get("prognosis") or {}
-    for dataset in listed_datasets(prognosis.get("dataset")) if prognosis.get("enabled", True) else []:
+    prognosis = settings.prognosis
+    for dataset in listed_datasets(prognosis.dataset) if prognosis.enabled else []:
         if dataset not in names:
             problems.append(f"prognosis.dataset '{dataset}' is not one of the run's datasets ({known}); "
                             "add it under datasets:, or name a dataset of yours that has an EHR table "
                             "(prognosis.ehr.table), or set prognosis.enabled: false")
-    lora = config.get("lora") or {}
-    for center, spec in ((lora.get("centers") or {}) if lora.get("enabled", True) else {}).items():
-        # A center missing its dataset is the schema's to report; null is listed as a dangling name.
-        for dataset in listed_datasets((spec or {}).get("dataset")) or [None]:
+    for center, spec in (settings.lora.centers if settings.lora.enabled else {}).items():
+        for dataset in listed_datasets(spec["dataset"]):  # the schema asks every center for its dataset
             if dataset not in names:
                 problems.append(f"lora.centers.{center}.dataset '{dataset}' is not one of the run's datasets "
                                 f"({known}); `lora: {{centers: {{{center}: null}}}}` in a --configfile leaves the "
                                 f"center out (or set lora.enabled: false)")
-    for dataset in ((config.get("pretrain") or {}).get("exclude_centers") or {}):
+    for dataset in settings.pretrain.exclude_centers:
         if dataset not in names:
             problems.append(f"pretrain.exclude_centers: '{dataset}' is not one of the run's datasets ({known}); "
                             f"`pretrain: {{exclude_centers: {{{dataset}: null}}}}` in a --configfile drops the entry")

@@ -22,6 +22,7 @@ from duplus.demo.headneck import HEADNECK_FOV, PET_SCANNERS, headneck_anatomy, r
 from duplus.demo.phantoms import Grid, fov_grid
 from duplus.errors import ConfigError
 from duplus.progress import progress
+from duplus.settings import schema_default
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,17 @@ MSD_MODALITY = {"CT": "CT", "MRI": "MRI", "PET": "PET"}
 
 def demo_sizes(config: Mapping[str, Any] | None) -> tuple[int, int, int]:
     """(seed, cases per center, head-and-neck patients) from ``config`` with the schema's defaults."""
+    # Read as written, not through Settings.of: the schema's minimums (2 cases per center, 10 patients) are
+    # the pipeline's, for usable results; the library generates smaller demos too (its tests do, in seconds).
     config = config or {}
     demo = config.get("demo") or {}
-    per_center = int(demo.get("cases_per_center", 8))
-    patients = int(demo.get("headneck_patients", 200))
+    per_center = int(demo.get("cases_per_center", schema_default("demo", "cases_per_center")))
+    patients = int(demo.get("headneck_patients", schema_default("demo", "headneck_patients")))
     if per_center < 1:
         raise ConfigError(f"demo.cases_per_center: expected a positive number of cases, got {per_center}")
     if patients < len(DEMO_CENTERS):
         raise ConfigError(f"demo.headneck_patients: expected at least {len(DEMO_CENTERS)}, got {patients}")
-    return int(config.get("seed", 0)), per_center, patients
+    return int(config.get("seed", schema_default("seed"))), per_center, patients
 
 
 def _rng(seed: int, name: str, *parts: int) -> np.random.Generator:

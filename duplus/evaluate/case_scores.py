@@ -19,10 +19,10 @@ import torch
 from duplus.data.manifest import CaseRecord
 from duplus.errors import DataError, PromptError
 from duplus.evaluate import label_grid
-from duplus.evaluate.definitions import DEFAULT_NSD_TOLERANCE_MM
 from duplus.evaluate.metrics import case_metrics
 from duplus.inference.packed import PackedMasks
 from duplus.inference.predict import predict_masks
+from duplus.settings import Settings
 
 if TYPE_CHECKING:
     from duplus.evaluate.case_journal import CaseJournal, JournalEntry
@@ -121,7 +121,7 @@ def evaluate_case(
         raise DataError(f"{where}: restored prediction {pred.shape[1:]} differs from the raw label grid {truth.shape[1:]}")
     if scoring is not meta:
         pred &= label_grid.image_field_of_view(meta["original"], scoring["original"])
-    tolerance = float((config.get("evaluate") or {}).get("nsd_tolerance_mm", DEFAULT_NSD_TOLERANCE_MM))
+    tolerance = Settings.of(config).evaluate.nsd_tolerance_mm
     scores = case_metrics(pred, truth, label_spacing, classes, tolerance)
     for item in scores:
         result.rows.append({"dataset": case.dataset, "case": case.case, "center": case.center, **item})

@@ -3,9 +3,10 @@ the report reads this). ``duplus.evaluate.metrics`` computes what this says."""
 
 from __future__ import annotations
 
-# The schema's default for evaluate.nsd_tolerance_mm (schemas/config.schema.yaml), for callers
-# without a validated config.
-DEFAULT_NSD_TOLERANCE_MM = 2.0
+from duplus.settings import schema_default
+
+# evaluate.nsd_tolerance_mm's default, for the functions that take a tolerance and callers without a config.
+DEFAULT_NSD_TOLERANCE_MM = float(schema_default("evaluate", "nsd_tolerance_mm"))
 
 
 def definitions_note(nsd_tolerance_mm: float) -> str:

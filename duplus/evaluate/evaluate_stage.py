@@ -20,6 +20,7 @@ from duplus.errors import DataError, ModelError
 from duplus.evaluate.case_journal import CaseJournal
 from duplus.evaluate.case_scores import PER_CASE_COLUMNS, Evaluation, evaluate_cases, evaluate_each
 from duplus.inference.predict import autocast_for, inference_settings, model_device
+from duplus.settings import Settings
 from duplus.tracked import results_only
 
 log = logging.getLogger("duplus.evaluate")
@@ -35,12 +36,11 @@ def cases_to_evaluate(cases: Sequence[CaseRecord], config: Mapping[str, Any]) ->
     A cap takes the same number of cases from every center in turn (each center's in an order
     drawn from the seed), so a cap never keeps the centers whose case ids sort first.
     """
-    section = config.get("evaluate") or {}
-    split = section.get("split", "test")
-    cap = int(section.get("max_cases_per_dataset", 0) or 0)
+    settings = Settings.of(config)
+    split, cap = settings.evaluate.split, settings.evaluate.max_cases_per_dataset
     chosen = sorted(select_cases(cases, split=split), key=lambda c: (c.dataset, c.case))
     if cap > 0:
-        seed = int(config.get("seed", 0))
+        seed = settings.seed
         datasets = sorted({c.dataset for c in chosen})
         chosen = sorted((kept for name in datasets for kept in _spread_over_centers(
             [c for c in chosen if c.dataset == name], cap, seed)), key=lambda c: (c.dataset, c.case))
@@ -234,7 +234,7 @@ def run_evaluate_baselines(config: Mapping[str, Any], manifests: Sequence[str], 
             raise ModelError(f"{path}: a baseline's sidecar names one dataset, found {datasets}")
         mine = [case for case in cases if case.dataset == datasets[0]]
         if not mine:
-            raise DataError(f"{path}: no '{config.get('evaluate', {}).get('split', 'test')}' case of {datasets[0]} to evaluate")
+            raise DataError(f"{path}: no '{Settings.of(config).evaluate.split}' case of {datasets[0]} to evaluate")
         log.info("baseline %s: %d cases", datasets[0], len(mine))
         trained = with_trained_window(config, sidecar)
         journals.append(case_journal(out, sidecar, trained, device, prompt_cache))

@@ -14,11 +14,12 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from duplus.errors import ConfigError, ModelError
+from duplus.errors import ModelError
 from duplus.inference.boundary import BoundaryCollector
 from duplus.inference.packed import PackedMasks
 from duplus.inference.stitching import FIXED, blend_slabs, count_windows
 from duplus.progress import progress
+from duplus.settings import Settings
 
 log = logging.getLogger("duplus.inference")
 
@@ -39,33 +40,19 @@ ONEDNN_MIN_ELEMENTS = 20480
 
 def inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """Window, overlap, batch, blend mode and threshold from ``pretrain.patch_size`` and ``inference``."""
-    section = dict(config.get("inference") or {})
-    patch = (config.get("pretrain") or {}).get("patch_size", [128, 128, 128])
-    if len(patch) != 3 or any(int(p) < 1 for p in patch):
-        raise ConfigError(f"pretrain.patch_size must be three positive integers, got {patch!r}")
-    blend = section.get("blend", "gaussian")
-    if blend not in ("gaussian", "constant"):
-        raise ConfigError(f"inference.blend must be 'gaussian' or 'constant', got {blend!r}")
-    overlap = float(section.get("overlap", 0.5))
-    if not 0.0 <= overlap < 1.0:
-        raise ConfigError(f"inference.overlap must be in [0, 1), got {overlap!r}")
-    buffer_mb = float(section.get("blend_buffer_mb", 2048))
-    if buffer_mb <= 0:
-        raise ConfigError(f"inference.blend_buffer_mb must be positive, got {buffer_mb!r}")
-    boundary_mb = float(section.get("boundary_budget_mb", 512))
-    if boundary_mb < 0:
-        raise ConfigError(f"inference.boundary_budget_mb must be >= 0, got {boundary_mb!r}")
+    settings = Settings.of(config)  # the schema bounds every value (ConfigError naming the key)
+    inference = settings.inference
     return {
-        "roi": tuple(int(p) for p in patch),
-        "blend_buffer_mb": buffer_mb,
-        "boundary_budget_mb": boundary_mb,
-        "overlap": overlap,
+        "roi": tuple(int(p) for p in settings.pretrain.patch_size),
+        "blend_buffer_mb": inference.blend_buffer_mb,
+        "boundary_budget_mb": inference.boundary_budget_mb,
+        "overlap": inference.overlap,
         # null: chosen per device and window by window_batch; without them, the GPU's 2.
-        "sw_batch_size": int(section.get("sw_batch_size") or SW_BATCH_SIZE),
-        "mode": blend,
-        "threshold": float(section.get("threshold", 0.5)),
+        "sw_batch_size": int(inference.sw_batch_size or SW_BATCH_SIZE),
+        "mode": inference.blend,
+        "threshold": inference.threshold,
         # The precision the model trained in (pretrain.amp); autocast_for keeps CPU inference in fp32.
-        "amp": str((config.get("pretrain") or {}).get("amp", "auto")),
+        "amp": settings.pretrain.amp,
     }
 
 
@@ -83,7 +70,7 @@ def window_batch(config: Mapping[str, Any], device: torch.device, width: int) ->
     """Windows per forward pass: ``inference.sw_batch_size``, or when it is null (the default) 2, and 1
     on a CPU when ``width`` (the network's full-resolution channels) x window depth x height exceeds
     ``ONEDNN_MIN_ELEMENTS`` (see there)."""
-    configured = (config.get("inference") or {}).get("sw_batch_size")
+    configured = Settings.of(config).inference.sw_batch_size
     if configured is not None:
         return int(configured)
     roi = inference_settings(config)["roi"]

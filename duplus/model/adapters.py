@@ -22,22 +22,24 @@ from torch import nn
 from duplus.atomic import replace_folder, save_safetensors, write_json
 from duplus.errors import CheckpointError, ConfigError, ModelError
 from duplus.hashing import sha256_file
+from duplus.settings import Lora, Settings
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "duplus-lora/1"
 
 
-def lora_config_from(settings: Mapping[str, Any], target_modules: Sequence[str]) -> LoraConfig:
-    """peft ``LoraConfig`` from ``config["lora"]`` (rank, alpha, dropout, modules_to_save)."""
+def lora_config_from(settings: Mapping[str, Any] | Lora, target_modules: Sequence[str]) -> LoraConfig:
+    """peft ``LoraConfig`` from ``config["lora"]`` (rank, alpha, dropout, modules_to_save; typed, or as written)."""
+    lora = settings if isinstance(settings, Lora) else Settings.of({"lora": dict(settings)}).lora
     if not target_modules:
-        raise ConfigError(f"lora.targets {settings.get('targets')} select no Conv3d/Linear module of the model")
+        raise ConfigError(f"lora.targets {list(lora.targets)} select no Conv3d/Linear module of the model")
     return LoraConfig(
-        r=int(settings.get("rank", 8)),
-        lora_alpha=float(settings.get("alpha", 16)),
-        lora_dropout=float(settings.get("dropout", 0.0)),
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         target_modules=list(target_modules),
-        modules_to_save=list(settings.get("modules_to_save") or []) or None,
+        modules_to_save=list(lora.modules_to_save) or None,
     )
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from duplus.errors import ConfigError
+from duplus.settings import Settings
 
 MODALITIES: tuple[str, ...] = ("CT", "MRI", "PET")
 CONTROLLER_NORMS = ("group", "instance")
@@ -106,11 +107,11 @@ class ModelConfig:
     @classmethod
     def from_config(cls, config: Mapping[str, Any], text_dim: int) -> "ModelConfig":
         """Read ``config["model"]["preset"]`` and apply ``config["model"]["overrides"]``."""
-        section = dict(config.get("model") or {})
-        name = section.get("preset", "paper")
+        section = Settings.of(config).model
+        name = section.preset
         if name not in PRESETS:
             raise ConfigError(f"model.preset must be one of {sorted(PRESETS)}, got {name!r}")
-        overrides = dict(section.get("overrides") or {})
+        overrides = dict(section.overrides)
         known = {f.name for f in dataclasses.fields(cls)}
         for key in overrides:
             if key == "text_dim":

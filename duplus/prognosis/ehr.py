@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from duplus.errors import EHRError
+from duplus.settings import Settings, schema_default
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ class EHRSchema:
         "name: value".
     """
 
-    id: str = "patient_id"
-    time: str = "rfs_months"
-    event: str = "relapse"
+    id: str = schema_default("prognosis", "ehr", "id")
+    time: str = schema_default("prognosis", "ehr", "time")
+    event: str = schema_default("prognosis", "ehr", "event")
     numeric: tuple[str, ...] = ()
     categorical: tuple[str, ...] = ()
     binary: tuple[str, ...] = ()
@@ -67,20 +68,10 @@ class EHRSchema:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "EHRSchema":
         """Build from the full config dict (reads ``prognosis.ehr``)."""
-        ehr = dict((config.get("prognosis") or {}).get("ehr") or {})
-        schema = cls(
-            id=ehr.get("id", cls.id),
-            time=ehr.get("time", cls.time),
-            event=ehr.get("event", cls.event),
-            numeric=tuple(ehr.get("numeric", ("age", "weight"))),
-            categorical=tuple(ehr.get("categorical", ("center", "tobacco", "alcohol", "performance_status"))),
-            binary=tuple(ehr.get("binary", ("gender", "hpv", "surgery", "chemotherapy"))),
-            table=ehr.get("table"),
-            allow_unmatched=bool(ehr.get("allow_unmatched", False)),
-            center=ehr.get("center"),
-            treatments=tuple(ehr.get("treatments") or ()),
-            columns=_column_texts(ehr.get("columns") or {}),
-        )
+        ehr = Settings.of(config).prognosis.ehr
+        schema = cls(id=ehr.id, time=ehr.time, event=ehr.event, numeric=ehr.numeric, categorical=ehr.categorical,
+                     binary=ehr.binary, table=ehr.table, allow_unmatched=ehr.allow_unmatched, center=ehr.center,
+                     treatments=ehr.treatments, columns=_column_texts(ehr.columns))
         schema.check()
         return schema
 

@@ -19,18 +19,20 @@ from duplus.prognosis.survival_losses import (
     make_time_bins,
     survival_from_hazard_logits,
 )
+from duplus.settings import Settings, schema_default
 
 
 @dataclass(frozen=True)
 class MLPSettings:
     """Training settings of MLP_Prog (config ``prognosis``: epochs, lr, hidden, time_bins)."""
 
-    hidden: int = 64                 # the defaults are the config schema's (prognosis.hidden, epochs, lr, time_bins)
-    epochs: int = 300
-    lr: float = 3e-3
+    # The config schema's defaults (prognosis.hidden, epochs, lr, time_bins), for callers without a config.
+    hidden: int = schema_default("prognosis", "hidden")
+    epochs: int = schema_default("prognosis", "epochs")
+    lr: float = float(schema_default("prognosis", "lr"))
     weight_decay: float = 1e-3
     dropout: float = 0.1
-    time_bins: int = 10
+    time_bins: int = schema_default("prognosis", "time_bins")
     val_fraction: float = 0.2
     patience: int | None = None      # epochs without validation improvement; None = max(10, epochs // 5)
     ties: str = "efron"
@@ -40,10 +42,9 @@ class MLPSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> "MLPSettings":
-        prog = config.get("prognosis") or {}
-        values = dict(hidden=int(prog.get("hidden", cls.hidden)), epochs=int(prog.get("epochs", cls.epochs)),
-                      lr=float(prog.get("lr", cls.lr)), time_bins=int(prog.get("time_bins", cls.time_bins)),
-                      seed=int(config.get("seed", 0)))
+        settings = Settings.of(config)
+        prog = settings.prognosis
+        values = dict(hidden=prog.hidden, epochs=prog.epochs, lr=prog.lr, time_bins=prog.time_bins, seed=settings.seed)
         values.update(overrides)
         return cls(**values)
 

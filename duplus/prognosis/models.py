@@ -18,6 +18,7 @@ from duplus.prognosis.ehr import EHRSchema
 from duplus.prognosis.ehr_preprocessor import EHRPreprocessor
 from duplus.prognosis.heads import MLPSettings, SurvivalMLP
 from duplus.prognosis.text import TextFeatures
+from duplus.settings import Settings, schema_default
 
 # model name -> (learner, input blocks)
 MODEL_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -94,21 +95,21 @@ class ModelSettings:
     """Hyper-parameters of the compared models (the MLP ones come from config ``prognosis``)."""
 
     mlp: MLPSettings = field(default_factory=MLPSettings)
-    # The config's prognosis.baselines (schema defaults, chosen by bench/prognosis_baselines.py) set
-    # these; the values here serve callers without a config (tests, benchmarks).
-    cox_alpha: float = 10.0         # ridge: one-hot levels are collinear under the partial likelihood
-    rsf_trees: int = 200
-    rsf_min_leaf: int = 5
+    # The config's prognosis.baselines set these (defaults chosen by bench/prognosis_baselines.py); the
+    # schema's defaults serve callers without a config (tests, benchmarks).
+    # Cox: a ridge, as one-hot levels are collinear under the partial likelihood.
+    cox_alpha: float = float(schema_default("prognosis", "baselines", "cox_alpha"))
+    rsf_trees: int = schema_default("prognosis", "baselines", "rsf_trees")
+    rsf_min_leaf: int = schema_default("prognosis", "baselines", "rsf_min_leaf")
     seed: int = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelSettings":
         """MLP settings from ``prognosis``, the baselines' from ``prognosis.baselines`` (defaults in the schema)."""
-        baselines = (config.get("prognosis") or {}).get("baselines") or {}
-        return cls(mlp=MLPSettings.from_config(config), seed=int(config.get("seed", 0)),
-                   cox_alpha=float(baselines.get("cox_alpha", cls.cox_alpha)),
-                   rsf_trees=int(baselines.get("rsf_trees", cls.rsf_trees)),
-                   rsf_min_leaf=int(baselines.get("rsf_min_leaf", cls.rsf_min_leaf)))
+        settings = Settings.of(config)
+        baselines = settings.prognosis.baselines
+        return cls(mlp=MLPSettings.from_config(settings), seed=settings.seed, cox_alpha=baselines.cox_alpha,
+                   rsf_trees=baselines.rsf_trees, rsf_min_leaf=baselines.rsf_min_leaf)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def model_names(config: Mapping[str, Any], cohort: Cohort) -> list[str]:
         names.extend(EHR_TEXT_MODELS)
     if cohort.has("image"):
         names.append("image_mlp")
-        for merge in (config.get("prognosis") or {}).get("merge", ["tabular", "text", "text_film"]):
+        for merge in Settings.of(config).prognosis.merge:
             name = MERGE_MODELS[merge]
             if all(cohort.has(b) for b in MODEL_INPUTS[name][1]):
                 names.append(name)

@@ -39,6 +39,7 @@ from duplus.prognosis.intervals import bootstrap_intervals
 from duplus.prognosis.models import Cohort, ModelSettings, model_names
 from duplus.prognosis.text import text_features
 from duplus.runtime import device_for, seed_everything
+from duplus.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,17 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
             ``model_path``'s; pass ``model_key`` (a hash of base + adapter) so the cache tells them apart.
     """
     out = Path(out_dir)
-    prog = dict(config.get("prognosis") or {})
-    if not prog.get("enabled", True):
+    configured = Settings.of(config)
+    prog = configured.prognosis
+    if not prog.enabled:
         return _write_disabled(out)
-    seed = int(config.get("seed", 0))
+    seed = configured.seed
     seed_everything(seed)
     # No dataset: EHR only, the table's patients without images (the EHR routes and baselines).
-    datasets = listed_datasets(prog.get("dataset"))
-    schema = EHRSchema.from_config(config)
-    n_folds = int(prog.get("folds", 5))
-    merge = list(prog.get("merge", ["tabular", "text", "text_film"]))
+    datasets = listed_datasets(prog.dataset)
+    schema = EHRSchema.from_config(configured)
+    n_folds = prog.folds
+    merge = list(prog.merge)
     image, image_names, blocks, settings, center = None, None, [], None, None
     warnings: list[str] = []
     incomplete: dict[str, list[str]] = {}
@@ -111,14 +113,14 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     if center is None and schema.center:
         # Missing centers form one stratum of their own rather than breaking the stratification.
         center = table.frame[schema.center].fillna("unknown").astype(str).to_numpy()
-    if prog.get("split", "stratified") == "center":
+    if prog.split == "center":
         folds, stratified_by = center_folds(center)
     else:
         folds, stratified_by = make_folds(table.event, center, n_folds, seed)
     warnings = check_cohort(table, int(folds.max()) + 1) + warnings
 
     text = None
-    encoding = str((prog.get("text") or {}).get("encoding", "fields"))
+    encoding = prog.text.encoding
     if not datasets or {"text", "text_film"} & set(merge):
         text = text_features(table.frame, schema, _sentence_encoder(config), encoding)
 
@@ -128,14 +130,13 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     # A cohort without events is not an error (check_cohort warned): the stage still writes its
     # files, with NaN metrics and a note per fold, and the report shows the warning.
     models = model_names(config, cohort)
-    evaluation = dict(prog.get("evaluation") or {})
-    horizons = evaluation.get("horizons")
-    horizons = [float(h) for h in horizons] if horizons else default_horizons(cohort.time, cohort.event).tolist()
-    horizon = evaluation.get("calibration_horizon")
-    horizon = float(horizon) if horizon is not None else default_calibration_horizon(cohort.time, cohort.event)
-    result = cross_validate(cohort, models, folds, ModelSettings.from_config(config), horizons=horizons,
+    evaluation = prog.evaluation
+    horizons = list(evaluation.horizons) if evaluation.horizons else default_horizons(cohort.time, cohort.event).tolist()
+    horizon = evaluation.calibration_horizon
+    horizon = horizon if horizon is not None else default_calibration_horizon(cohort.time, cohort.event)
+    result = cross_validate(cohort, models, folds, ModelSettings.from_config(configured), horizons=horizons,
                             calibration_horizon=horizon)
-    intervals = bootstrap_intervals(result.risks, int(evaluation.get("bootstrap", 1000)), seed,
+    intervals = bootstrap_intervals(result.risks, evaluation.bootstrap, seed,
                                     grid=cohort_times(cohort.time, cohort.event))
     summary = summarize(result.folds, intervals)
 
@@ -148,7 +149,7 @@ def run_prognosis(config: Mapping[str, Any], manifest: str | os.PathLike | Seque
     write_json(out / "cohort.json", {
         "datasets": datasets, "ehr_only": image is None, "ehr_table": table.source, "patients": len(cohort),
         "events": int(cohort.event.sum()), "unmatched_ehr_ids": table.unmatched, "folds": int(folds.max()) + 1,
-        "stratified_by": stratified_by, "split": prog.get("split", "stratified"),
+        "stratified_by": stratified_by, "split": prog.split,
         "auc_horizons": horizons, "calibration_horizon": horizon, "models": models, "model_sha256": model_key,
         "tumour_mask": None if settings is None else settings.mask_source,
         "feature_dim": None if image is None else int(image.shape[1]), "image_blocks": blocks,
@@ -245,25 +246,22 @@ def _ehr_path(config: Mapping[str, Any], schema: EHRSchema, dataset: str) -> Pat
         return Path(schema.table)
     from duplus.data.registry import get_dataset, raw_folder
 
-    raw = (config.get("paths") or {}).get("raw", "data/raw")
+    raw = Settings.of(config).paths.raw
     # The (first) dataset's raw folder: HECKTOR's CT and PET datasets read one placement, which holds the table.
     return raw_folder(get_dataset(dataset, config), raw) / "clinical.csv"
 
 
 def _feature_settings(config: Mapping[str, Any], cases: Sequence[CaseRecord]) -> FeatureSettings:
-    prog = config.get("prognosis") or {}
+    settings = Settings.of(config)
     # Which mask pools the tumour features: the model's own prediction (what a new patient has)
     # or the ground-truth label (an upper bound).
-    mask_source = prog.get("tumour_mask", "predicted")
+    mask_source = settings.prognosis.tumour_mask
     if mask_source not in MASK_SOURCES:
         raise ConfigError(f"config prognosis.tumour_mask must be one of {MASK_SOURCES}, got {mask_source!r}")
-    spacing = (config.get("preprocess") or {}).get("spacing", [1.5, 1.5, 1.5])
-    patch = (config.get("pretrain") or {}).get("patch_size")
     tumour_ids = sorted({label_id for case in cases for label_id in case.label_map})
-    return FeatureSettings(mask_source=mask_source,
-                           threshold=float((config.get("inference") or {}).get("threshold", 0.5)),
-                           tumour_labels=tuple(tumour_ids), voxel_ml=float(np.prod(spacing)) / 1000.0,
-                           patch_size=tuple(int(p) for p in patch) if patch else None)
+    return FeatureSettings(mask_source=mask_source, threshold=settings.inference.threshold,
+                           tumour_labels=tuple(tumour_ids), voxel_ml=float(np.prod(settings.preprocess.spacing)) / 1000.0,
+                           patch_size=settings.pretrain.patch_size)
 
 
 def _case_input(case: CaseRecord, cache: Any) -> CaseInput:
@@ -306,11 +304,11 @@ def _sentence_encoder(config: Mapping[str, Any]) -> Callable[[list[str]], np.nda
     function of a list of sentences."""
     from duplus.prompts.encoder import TextEncoder
 
-    prompts = config.get("prompts") or {}
+    prompts = Settings.of(config).prompts
     # The constructor loads the model; a ``load`` factory is preferred where the class offers one.
     loader = getattr(TextEncoder, "load", TextEncoder)
-    encoder = loader(str(prompts.get("source", "minilm")), str(prompts.get("pooling", "auto")))
-    batch_size = int(prompts.get("batch_size", 64))
+    encoder = loader(prompts.source, prompts.pooling)
+    batch_size = prompts.batch_size
 
     def encode(sentences: list[str]) -> np.ndarray:
         embeddings = encoder.encode(sentences, batch_size=batch_size)

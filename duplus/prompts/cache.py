@@ -20,6 +20,7 @@ import torch
 from duplus.atomic import locked_beside, write_bytes, write_json
 from duplus.errors import PromptError
 from duplus.hashing import sha256_text
+from duplus.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -368,10 +369,10 @@ def run_cache_prompts(config: dict[str, Any], out_cache: str | os.PathLike, thre
 
     set_threads(threads)
     started = time.perf_counter()
-    prompts_cfg = (config or {}).get("prompts") or {}
+    settings = Settings.of(config)
     texts = prompts_for_config(config)  # before loading the model: a config mistake fails fast
-    encoder = encoder_from_config(config, device=resolve_device(str((config or {}).get("device", "auto"))))
-    cache = build_prompt_cache(texts, encoder, out_cache, batch_size=int(prompts_cfg.get("batch_size", 64)))
+    encoder = encoder_from_config(config, device=resolve_device(settings.device))
+    cache = build_prompt_cache(texts, encoder, out_cache, batch_size=settings.prompts.batch_size)
     log.info("cache_prompts: %d texts, encoder %s (dim %d), %.1f s", len(cache), encoder.identity, encoder.dim,
              time.perf_counter() - started)
     return cache

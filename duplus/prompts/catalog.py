@@ -11,6 +11,7 @@ from typing import Any, Iterable, NamedTuple, Protocol, Sequence
 
 from duplus.errors import PromptError
 from duplus.prompts.templates import MODALITY_PHRASES, context_prompt, normalize_modality, target_prompts
+from duplus.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def prompts_for_config(config: dict[str, Any], datasets: Sequence[DatasetLike] |
         from duplus.data.registry import enabled_datasets
 
         datasets = enabled_datasets(config)
-    paraphrases = bool(((config or {}).get("prompts") or {}).get("paraphrases", True))
+    paraphrases = Settings.of(config).prompts.paraphrases
     return prompts_for_datasets(list(datasets), paraphrases=paraphrases)
 
 

@@ -14,13 +14,14 @@ import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from duplus.errors import PromptError
 from duplus.hashing import sha256_file
 from duplus.progress import progress
+from duplus.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -461,8 +462,8 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0].rstrip(".") if text else type(error).__name__
 
 
-def encoder_from_config(config: dict, device: str | torch.device = "cpu") -> TextEncoder:
+def encoder_from_config(config: Mapping[str, Any] | Settings, device: str | torch.device = "cpu") -> TextEncoder:
     """The encoder a run's config names (``prompts.source`` and ``prompts.pooling``)."""
-    prompts = (config or {}).get("prompts") or {}
-    return TextEncoder(str(prompts.get("source", MINILM)), str(prompts.get("pooling", "auto")), device=device)
+    prompts = Settings.of(config).prompts
+    return TextEncoder(prompts.source, prompts.pooling, device=device)
 

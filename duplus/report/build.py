@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from duplus.errors import DataError
-from duplus.evaluate.definitions import DEFAULT_NSD_TOLERANCE_MM
 from duplus.report import figures
 from duplus.report.html import FigureRef, Section, png_data_uri, write_index
 from duplus.report.inputs import ReportInputs, load_inputs
 from duplus.report.provenance import collect_provenance, write_provenance
 from duplus.report.tables import (
-    DEFAULT_ENDPOINT,
     adaptation_per_class_tables,
     adaptation_table,
     auc_table,
@@ -27,6 +25,7 @@ from duplus.report.tables import (
     segmentation_table,
 )
 from duplus.report.tabular import Table
+from duplus.settings import Settings
 
 log = logging.getLogger("duplus.report")
 
@@ -85,11 +84,11 @@ def _segmentation(b: _Builder, inputs: ReportInputs, config: Mapping[str, Any], 
     if inputs.summary is None:
         return b.note(section, "Segmentation metrics not found (evaluate/universal/summary.csv): "
                                "stage not run.")
-    tolerance = float((config.get("evaluate") or {}).get("nsd_tolerance_mm", DEFAULT_NSD_TOLERANCE_MM))
+    settings = Settings.of(config)
+    tolerance = settings.evaluate.nsd_tolerance_mm
     section.tables = b.tables([segmentation_table(inputs.summary, inputs.baseline_summary, published, tolerance)])
     if inputs.baseline_summary is None:
-        enabled = (config.get("baseline") or {}).get("enabled", True)
-        why = "stage disabled in the config" if enabled is False else "stage disabled or not run"
+        why = "stage disabled in the config" if not settings.baseline.enabled else "stage disabled or not run"
         b.missing.append(f"Baseline metrics not found (evaluate/baseline/summary.csv): {why}; "
                          f"Table 1 has no baseline columns.")
     section.detail_tables = b.tables(per_class_tables(inputs.summary, inputs.baseline_summary, tolerance))
@@ -117,15 +116,13 @@ def _adaptation(b: _Builder, inputs: ReportInputs) -> Section:
 
 def _prognosis(b: _Builder, inputs: ReportInputs, config: Mapping[str, Any], published: bool) -> Section:
     section = Section("prognosis", "Prognosis (Table 3)")
+    settings = Settings.of(config)
     if inputs.prognosis_summary is None:
-        enabled = (config.get("prognosis") or {}).get("enabled", True)
-        why = "stage disabled in the config" if enabled is False else "stage disabled or not run"
+        why = "stage disabled in the config" if not settings.prognosis.enabled else "stage disabled or not run"
         return b.note(section, f"Prognosis metrics not found (prognosis/summary.csv): {why}.")
-    endpoint = (config.get("prognosis") or {}).get("endpoint") or DEFAULT_ENDPOINT
-    # prognosis.dataset: null is the EHR-only run (a missing key is the schema's default dataset).
-    ehr_only = "dataset" in (config.get("prognosis") or {}) and config["prognosis"]["dataset"] is None
-    time_column = ((config.get("prognosis") or {}).get("ehr") or {}).get("time")
-    time_label = f"time ({time_column})" if time_column else "time"
+    endpoint = settings.prognosis.endpoint
+    ehr_only = settings.prognosis.dataset is None  # prognosis.dataset: null is the EHR-only run
+    time_label = f"time ({settings.prognosis.ehr.time})"
     tables = [prognosis_table(inputs.prognosis_summary, inputs.prognosis_folds, published, endpoint,
                               ehr_only=ehr_only, cohort=inputs.prognosis_cohort)]
     time_auc = auc_table(inputs.prognosis_auc, time_label)
@@ -185,7 +182,7 @@ def run_report(config: Mapping[str, Any], results_dir: str | Path, out_dir: str 
     """
     out = Path(out_dir)
     inputs = load_inputs(results_dir, config)
-    published = bool((config.get("report") or {}).get("published", True))
+    published = Settings.of(config).report.published
     builder = _Builder(out)
     sections = [
         _training(builder, inputs),

@@ -15,6 +15,7 @@ import pandas as pd
 
 from duplus.errors import DataError
 from duplus.results_layout import ResultsLayout
+from duplus.settings import Settings
 
 _TEXT_COLUMNS = {"dataset": str, "case": str, "center": str, "class": str, "model": str, "note": str}
 
@@ -86,16 +87,16 @@ def load_inputs(results_dir: str | Path, config: Mapping[str, Any] | None = None
         return inputs
     layout = ResultsLayout(inputs.results_dir)
     dropped: list[Path] = []  # neither shown nor listed in the provenance
-    if (config.get("baseline") or {}).get("enabled", True) is False:
+    settings = Settings.of(config)
+    if not settings.baseline.enabled:
         inputs.baseline_summary = None
         dropped.append(layout.baseline_evaluation("summary.csv"))
-    if (config.get("prognosis") or {}).get("enabled", True) is False:
+    if not settings.prognosis.enabled:
         inputs.prognosis_summary, inputs.prognosis_folds, inputs.km = None, None, None
         inputs.prognosis_auc, inputs.calibration, inputs.prognosis_cohort = None, None, None
         dropped += [p for p in inputs.files if p.is_relative_to(layout.prognosis())]
     if "lora" in config:
-        lora = config.get("lora") or {}
-        centers = set(lora.get("centers") or {}) if lora.get("enabled", True) else set()
+        centers = set(settings.lora.centers) if settings.lora.enabled else set()
         dropped += [layout.lora_center(name) / "metrics.json" for name in inputs.lora if name not in centers]
         inputs.lora = {name: metrics for name, metrics in inputs.lora.items() if name in centers}
     inputs.files = [p for p in inputs.files if p not in dropped]

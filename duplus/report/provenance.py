@@ -17,6 +17,7 @@ import duplus
 from duplus.atomic import write_json
 from duplus.hashing import sha256_file, sha256_text
 from duplus.results_layout import ResultsLayout
+from duplus.settings import Settings
 
 PACKAGES = ("monai", "torch", "transformers", "peft", "snakemake", "scikit-survival", "SimpleITK",
             "numpy", "pandas", "scikit-learn", "matplotlib", "safetensors")
@@ -49,7 +50,7 @@ def git_commit(folder: str | Path | None = None) -> dict[str, Any]:
 
 def manifest_hashes(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     """sha256 of each configured dataset's preprocessed manifest.csv that exists."""
-    root = Path(config.get("paths", {}).get("preprocessed", "data/preprocessed"))
+    root = Path(Settings.of(config).paths.preprocessed)
     found = {}
     for dataset in sorted(config.get("datasets", {}) or {}):
         path = root / dataset / "manifest.csv"
@@ -107,7 +108,7 @@ def collect_provenance(config: Mapping[str, Any], results_dir: str | Path, input
         "duplus_version": duplus.__version__,
         "git": git_commit(),
         "config_sha256": config_hash(config),
-        "seed": config.get("seed"),
+        "seed": Settings.of(config).seed,
         "data_manifests": manifest_hashes(config),
         "metrics_files": file_hashes([*inputs, *extra], results),
         "evaluation_device": device,

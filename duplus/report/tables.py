@@ -16,6 +16,7 @@ from duplus.evaluate.definitions import DEFAULT_NSD_TOLERANCE_MM, definitions_no
 from duplus.report import published as pub
 from duplus.report.inputs import number
 from duplus.report.tabular import Column, Table, fmt, fmt_mean_std
+from duplus.settings import schema_default
 
 MIB = float(2**20)
 
@@ -32,8 +33,8 @@ PROGNOSIS_MODELS: dict[str, str] = {
     "image_ehr_text_film": "Image features conditioned on EHR text (FiLM)",
 }
 
-# Config prognosis.endpoint when it is not set: what the demo cohort and HECKTOR measure.
-DEFAULT_ENDPOINT = "recurrence-free survival"
+# prognosis.endpoint's default (what the demo cohort and HECKTOR measure), for callers without a config.
+DEFAULT_ENDPOINT = schema_default("prognosis", "endpoint")
 
 # Legend of the per-class tables, as Table 1 has in its rounding note.
 DASH_NOTE = "A dash is a value that could not be computed."

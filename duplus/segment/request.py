@@ -114,10 +114,11 @@ def resolve_request(
 def default_paths(config: Mapping[str, Any]) -> tuple[str, str]:
     """(weights, prompt cache) of the pipeline run that ``config`` describes."""
     from duplus.results_layout import ResultsLayout
+    from duplus.settings import Settings
 
-    results = ResultsLayout(str((config.get("paths") or {}).get("results", "results")))
-    encoder = str((config.get("prompts") or {}).get("encoder", "minilm"))
-    return str(results.model), str(results.prompt_cache(encoder))
+    settings = Settings.of(config)
+    results = ResultsLayout(settings.paths.results)
+    return str(results.model), str(results.prompt_cache(settings.prompts.encoder))
 
 
 def load_config(path: str | None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from duplus import __version__
 from duplus.errors import DataError
 from duplus.segment.outputs import REPORT, check_outputs, output_names, write_masks
 from duplus.segment.request import resolve_request
+from duplus.settings import Settings
 
 log = logging.getLogger("duplus.segment")
 
@@ -145,7 +146,7 @@ class Segmenter:
             from duplus.segment.network import load_network_and_prompts
 
             started = time.perf_counter()
-            configure_kernels(self.request.device, bool(self.request.config.get("deterministic", False)))
+            configure_kernels(self.request.device, Settings.of(self.request.config).deterministic)
             model, self._sidecar, cache = load_network_and_prompts(self.request)
             self._loaded = (model, cache)
             for note in self.zero_shot():

@@ -17,6 +17,7 @@ import torch
 
 from duplus.data.manifest import CaseRecord
 from duplus.hashing import package_source_sha256, sha256_file, sha256_text
+from duplus.settings import Settings
 from duplus.tracked import results_only, stage_settings
 from duplus.train.cases import preprocessed_sha256
 
@@ -73,10 +74,10 @@ def phase_identities(config: Mapping[str, Any], *, center: tuple[str, ...], base
     }
     training = {
         **scoring,
-        "seed": int(config.get("seed", 0)),
+        "seed": Settings.of(config).seed,
         "precision": str(amp),
         "sampling": [pretrain.get("patch_size"), pretrain.get("foreground_ratio"),
-                     (config.get("prompts") or {}).get("paraphrases", True)],
+                     Settings.of(config).prompts.paraphrases],
         "train_data": train_data_sha256(train_cases),
         "steps": settings.get("steps"),
         "batch_size": settings.get("batch_size"),

@@ -11,21 +11,18 @@ import dataclasses
 import os
 from typing import Any, Iterable, Mapping
 
-from duplus.errors import ConfigError, DataError
+from duplus.errors import DataError
+from duplus.settings import Settings
 from duplus.train.cases import pretraining_cases
 from duplus.train.pretrain import PretrainSettings, train_network
 
 
 def baseline_steps(config: Mapping[str, Any], n_datasets: int) -> int:
     """``baseline.steps``, or the universal run's steps shared equally among its datasets."""
-    section = config.get("baseline") or {}
-    if section.get("steps") is not None:
-        steps = int(section["steps"])
-        if steps < 1:
-            raise ConfigError(f"baseline.steps must be >= 1, got {steps}")
-        return steps
-    universal = PretrainSettings.from_config(config).steps
-    return max(1, universal // max(1, int(n_datasets)))
+    settings = Settings.of(config)  # the schema bounds baseline.steps (>= 1) and baseline.lr (> 0)
+    if settings.baseline.steps is not None:
+        return settings.baseline.steps
+    return max(1, settings.pretrain.steps // max(1, int(n_datasets)))
 
 
 def baseline_settings(config: Mapping[str, Any], n_datasets: int) -> PretrainSettings:
@@ -34,12 +31,10 @@ def baseline_settings(config: Mapping[str, Any], n_datasets: int) -> PretrainSet
     universal = PretrainSettings.from_config(config)
     steps = baseline_steps(config, n_datasets)
     warmup = min(steps - 1, round(universal.warmup_steps * steps / universal.steps)) if steps > 1 else 0
-    lr = (config.get("baseline") or {}).get("lr")
-    if lr is not None and not float(lr) > 0:
-        raise ConfigError(f"baseline.lr must be positive, got {lr}")
+    lr = Settings.of(config).baseline.lr
     # One dataset: dataset weights of the universal run do not apply.
     return dataclasses.replace(universal, steps=steps, warmup_steps=max(0, warmup), dataset_weights=None,
-                               lr=universal.lr if lr is None else float(lr))
+                               lr=universal.lr if lr is None else lr)
 
 
 def run_baseline(

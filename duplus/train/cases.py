@@ -12,12 +12,12 @@ from typing import Any, Iterable, Mapping, Sequence
 from duplus.data.manifest import CaseRecord, read_manifests, select_cases
 from duplus.errors import ConfigError, DataError
 from duplus.hashing import sha256_text
+from duplus.settings import Settings
 
 
 def pretraining_cases(config: Mapping[str, Any], manifests: Iterable[str | os.PathLike]) -> list[CaseRecord]:
     """Train-split cases of every manifest, without the centers in ``pretrain.exclude_centers``."""
-    pretrain = config.get("pretrain", {}) or {}
-    exclude = pretrain.get("exclude_centers", {}) or {}
+    exclude = Settings.of(config).pretrain.exclude_centers
     records = read_manifests(manifests)
     known = {r.dataset for r in records}
     for name, centers in exclude.items():
@@ -37,7 +37,7 @@ def pretraining_cases(config: Mapping[str, Any], manifests: Iterable[str | os.Pa
 
 def dataset_weights(config: Mapping[str, Any], datasets: Sequence[str]) -> list[float]:
     """Normalised sampling weight per dataset (``pretrain.dataset_weights``, missing = 1)."""
-    given = (config.get("pretrain", {}) or {}).get("dataset_weights", {}) or {}
+    given = Settings.of(config).pretrain.dataset_weights
     unknown = sorted(set(given) - set(datasets))
     if unknown:
         raise ConfigError(f"pretrain.dataset_weights: {unknown} are not datasets being trained ({list(datasets)})")

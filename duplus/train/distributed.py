@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from duplus.errors import ConfigError, DuplusError, TrainingInterrupted
+from duplus.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +150,11 @@ def training_processes(config: Mapping[str, Any], gpus_given: int | None = None)
     ``gpus_given``: the rule's ``gpu`` resource as the scheduler granted it (a profile's
     ``set-resources`` may raise it above the config's ``resources.gpus``).
     """
-    given = (config.get("pretrain") or {}).get("processes")
-    if given is not None:
-        if int(given) < 1:
-            raise ConfigError(f"pretrain.processes must be >= 1, got {given}")
-        return int(given)
+    settings = Settings.of(config)  # the schema bounds pretrain.processes (>= 1 or null)
+    if settings.pretrain.processes is not None:
+        return settings.pretrain.processes
     if gpus_given is None:
-        gpus_given = int((config.get("resources") or {}).get("gpus", 0) or 0)
+        gpus_given = settings.resources.gpus
     return max(1, int(gpus_given))
 
 

@@ -23,6 +23,7 @@ from duplus.errors import ConfigError, DataError
 from duplus.hashing import sha256_file
 from duplus.model.adapters import WEIGHTS_NAME, add_adapter, lora_config_from, save_adapter
 from duplus.runtime import device_for, seed_everything
+from duplus.settings import Lora, Settings
 from duplus.train.adaptation_keys import phase_identities
 from duplus.train.batches import TextTable, open_prompt_cache
 from duplus.train.finetune import fit
@@ -41,7 +42,7 @@ def center_spec(config: Mapping[str, Any], center: str) -> tuple[list[str], str]
     """
     from duplus.data.registry import listed_datasets
 
-    centers = (config.get("lora") or {}).get("centers") or {}
+    centers = Settings.of(config).lora.centers
     if center not in centers:
         raise ConfigError(f"lora.centers.{center} is not configured (configured: {sorted(centers)})")
     spec = centers[center] or {}
@@ -152,8 +153,8 @@ class _Job:
     out: Path
 
     @property
-    def settings(self) -> dict[str, Any]:
-        return dict(self.config.get("lora") or {})
+    def settings(self) -> Lora:
+        return Settings.of(self.config).lora
 
     def count(self, name: str) -> tuple[int, int]:
         """(train, test) cases of dataset ``name``."""
@@ -183,7 +184,7 @@ def _center_cases(config: Mapping[str, Any], center: str, manifests: list[str],
         # Every scan of the center is adapted to and scored: one missing would leave its numbers unsaid.
         raise DataError(f"lora.centers.{center}: " + "; ".join(short) + "; both splits need at least one")
     for name in datasets:
-        held_out = ((config.get("pretrain") or {}).get("exclude_centers") or {}).get(name) or []
+        held_out = Settings.of(config).pretrain.exclude_centers.get(name) or []
         if site not in held_out:
             log.warning("lora.centers.%s: center %s of %s was not held out of pretraining "
                         "(pretrain.exclude_centers), so its zero-shot score is not zero-shot", center, site, name)
@@ -197,27 +198,27 @@ def _prepare(config: Mapping[str, Any], center: str, manifests: list[str], promp
 
     datasets, site, train_cases, test_cases = _center_cases(config, center, manifests)
     device = device_for(config)
-    amp = resolve_amp((config.get("pretrain") or {}).get("amp", "auto"), device)
+    amp = resolve_amp(Settings.of(config).pretrain.amp, device)
     cache = open_prompt_cache(prompt_cache)
     base_sha = sha256_file(model_path)
     base, base_meta = load_model(model_path, expected_sha256=base_sha, device=device)
     # Train and score with the base model's window, whatever the config says now.
     config = with_trained_window(config, base_meta)
-    pretrain = config.get("pretrain") or {}
+    settings = Settings.of(config)
+    pretrain = settings.pretrain
     sampler = PatchSampler(
-        train_cases, pretrain.get("patch_size", [128, 128, 128]),
-        foreground_ratio=float(pretrain.get("foreground_ratio", 0.67)),
-        paraphrases=bool((config.get("prompts") or {}).get("paraphrases", True)),
+        train_cases, pretrain.patch_size,
+        foreground_ratio=pretrain.foreground_ratio,
+        paraphrases=settings.prompts.paraphrases,
         modalities=modalities_of(base),
     )
     table = TextTable(cache, sampler.all_texts(), device)
     journal = PhaseJournal(out)
     keys = phase_identities(config, center=(*datasets, site), base_sha256=base_sha, train_cases=train_cases,
                             test_cases=test_cases, cache=cache, amp=amp, device=device)
-    settings = config.get("lora") or {}
-    training = {"steps": int(settings.get("steps", 2000)), "batch_size": int(settings.get("batch_size", 2)),
-                "seed": int(config.get("seed", 0)), "amp": amp, "num_workers": int(pretrain.get("num_workers", 4)),
-                "checkpoint_every": int(settings.get("checkpoint_every", 500))}
+    lora = settings.lora
+    training = {"steps": lora.steps, "batch_size": lora.batch_size, "seed": settings.seed, "amp": amp,
+                "num_workers": pretrain.num_workers, "checkpoint_every": lora.checkpoint_every}
     return _Job(config, center, datasets, site, train_cases, test_cases, Path(model_path), base, base_sha, cache,
                 sampler, table, journal, keys, training, device, out)
 
@@ -236,8 +237,7 @@ def _targets(job: _Job) -> list[str]:
     from duplus.model import lora_target_names
 
     settings = job.settings
-    return lora_target_names(job.base, list(settings.get("targets") or ["encoder", "decoder", "film", "controller"]),
-                             bool(settings.get("text_projection", False)),
+    return lora_target_names(job.base, list(settings.targets), settings.text_projection,
                              modalities=sorted({case.modality for case in job.train_cases}))
 
 
@@ -276,7 +276,7 @@ def _lora_phase(job: _Job, lora_config: Any) -> tuple[dict[str, Any], pd.DataFra
     adapted = copy.deepcopy(job.base)
     seed_everything(job.training["seed"])  # peft draws the LoRA A factors at random: the run's seed decides them
     add_adapter(adapted, lora_config, job.center)
-    run, frame = _adapt(job, "lora", adapted, float(job.settings.get("lr", 1e-3)), f"lora {job.center}")
+    run, frame = _adapt(job, "lora", adapted, job.settings.lr, f"lora {job.center}")
     save_adapter(adapted, job.center, lora_config, staged, job.base_sha)
     run["adapter_sha256"] = sha256_file(adapter_file)
     job.journal.save("lora", job.keys["lora"], run, frame)
@@ -291,7 +291,7 @@ def _full_fine_tuning(job: _Job) -> tuple[dict[str, Any], pd.DataFrame]:
     for param in tuned.parameters():
         param.requires_grad_(True)
     seed_everything(job.training["seed"])  # the same random stream (dropout) as the LoRA run
-    run, frame = _adapt(job, "full_ft", tuned, float(job.settings.get("full_finetune_lr", 1e-4)),
+    run, frame = _adapt(job, "full_ft", tuned, job.settings.full_finetune_lr,
                         f"full fine-tuning {job.center}")
     job.journal.save("full_ft", job.keys["full_ft"], run, frame)
     return run, frame

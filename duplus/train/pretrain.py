@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -22,6 +22,7 @@ from duplus.errors import CheckpointError, ConfigError, TrainingInterrupted
 from duplus.hashing import sha256_text
 from duplus.progress import progress
 from duplus.runtime import device_for, seed_everything
+from duplus.settings import Pretrain, Settings
 from duplus.tracked import results_only
 from duplus.train import distributed
 from duplus.train.batches import TextTable, open_prompt_cache
@@ -37,46 +38,14 @@ log = logging.getLogger(__name__)
 LOG_COLUMNS = ["step", "loss", "lr", "seconds"]
 
 
-@dataclass(frozen=True)
-class PretrainSettings:
-    """``config["pretrain"]`` with the schema's defaults for absent keys."""
-
-    steps: int = 160000
-    batch_size: int = 8
-    patch_size: tuple[int, int, int] = (128, 128, 128)
-    lr: float = 3e-4
-    weight_decay: float = 3e-5
-    warmup_steps: int = 1000
-    lr_cycles: int = 1
-    ema_decay: float = 0.99
-    grad_accum: int = 1
-    amp: str = "auto"
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    num_workers: int = 4
-    foreground_ratio: float = 0.67
-    dataset_weights: Mapping[str, float] | None = None
-    exclude_centers: Mapping[str, list[str]] | None = None
-    compile: bool = False
-    channels_last: bool = False
-    processes: int | None = None
+class PretrainSettings(Pretrain):
+    """``config["pretrain"]`` with the schema's defaults for absent keys (``duplus.settings.Pretrain``)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "PretrainSettings":
-        section = dict(config.get("pretrain") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(f"pretrain: unknown key(s) {unknown}")
-        if "patch_size" in section:
-            section["patch_size"] = tuple(int(v) for v in section["patch_size"])
-            if len(section["patch_size"]) != 3:
-                raise ConfigError(f"pretrain.patch_size must be 3 integers (Z, Y, X), got {section['patch_size']}")
-        settings = cls(**section)
-        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "lr_cycles"):
-            if int(getattr(settings, key)) < 1:
-                raise ConfigError(f"pretrain.{key} must be >= 1, got {getattr(settings, key)}")
-        return settings
+        """The section's settings; the schema bounds them (ConfigError naming the key)."""
+        section = Settings.of(config).pretrain
+        return cls(**{f.name: getattr(section, f.name) for f in fields(section)})
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change the numbers a run produces (``duplus.tracked.SPEED_ONLY`` left out)."""
@@ -90,7 +59,7 @@ class PretrainSettings:
 def _run_identity(config: Mapping[str, Any], settings: PretrainSettings, sampler: PatchSampler, cache: Any) -> dict[str, Any]:
     cases = [c for cs in sampler.by_dataset.values() for c in cs]
     return {
-        "seed": int(config.get("seed", 0)),
+        "seed": Settings.of(config).seed,
         "pretrain": settings.fingerprint(),
         "model": json.loads(json.dumps(config.get("model") or {}, sort_keys=True)),
         "paraphrases": sampler.paraphrases,
@@ -233,7 +202,7 @@ def _set_up(
         settings.patch_size,
         weights=settings.dataset_weights,
         foreground_ratio=settings.foreground_ratio,
-        paraphrases=bool((config.get("prompts") or {}).get("paraphrases", True)),
+        paraphrases=Settings.of(config).prompts.paraphrases,
         modalities=model_config.modalities,
     )
     table = TextTable(cache, sampler.all_texts(), device)
@@ -243,7 +212,7 @@ def _set_up(
     # gradient scaler has no state) or silently change precision on another machine.
     identity["precision"] = str(amp)
 
-    seed_everything(int(config.get("seed", 0)))
+    seed_everything(Settings.of(config).seed)
     model = _network(model_config, sampler, table, task_specific).to(device)
     if settings.channels_last:
         use_channels_last(model)
@@ -374,7 +343,7 @@ def _train(run: _Run, resumed: tuple[int, dict[str, Any]] | None) -> _LossLog:
     start = resumed[0] if resumed is not None else 0
     losses = _LossLog(run.out_log, run.device, ranks)
     state = _train_state(run, losses)
-    seed = int(run.config.get("seed", 0))
+    seed = Settings.of(run.config).seed
     distributed.per_rank_batch(settings.batch_size, ranks)
     loader = make_loader(
         run.sampler, seed, settings.batch_size, settings.grad_accum, start, settings.steps,
@@ -420,7 +389,7 @@ def _save_model(run: _Run, losses: _LossLog) -> dict[str, Any]:
         "averaging": "ema",
         "ema_decay": settings.ema_decay,
         "steps": settings.steps,
-        "seed": int(run.config.get("seed", 0)),
+        "seed": Settings.of(run.config).seed,
         "datasets": sampler.datasets,
         "classes": classes,
         # Where each dataset's classes were seen, and the classes of the config's own it trained on: the

@@ -209,4 +209,4 @@ def test_prognosis_section_shows_auc_calibration_intervals_and_cohort_warnings(t
     assert "0.654 ± 0.043 [0.610, 0.700]" in table3
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "Cohort warning: EHR table t.csv has no event (column &#39;relapse&#39; is 0" in html
-    assert "Table 3b. Time-dependent AUC (time)" in html
+    assert "Table 3b. Time-dependent AUC (time (rfs_months))" in html  # the schema's prognosis.ehr.time

@@ -153,7 +153,8 @@ def test_results_an_earlier_run_left_behind_are_not_this_runs(results):
     (stale / "metrics.json").write_text(json.dumps({"zero_shot_dice": 0.1}))
     everything = load_inputs(results)
     assert "old_center" in everything.lora and everything.prognosis_summary is not None
-    config = {"lora": {"centers": {name: {} for name in everything.lora if name != "old_center"}},
+    center = {"dataset": "demo_abdomen_ct", "center": "siteB"}  # what the schema asks of a center
+    config = {"lora": {"centers": {name: center for name in everything.lora if name != "old_center"}},
               "prognosis": {"enabled": False}, "baseline": {"enabled": False}}
     this_run = load_inputs(results, config)
     assert "old_center" not in this_run.lora and set(this_run.lora) == set(everything.lora) - {"old_center"}
@@ -165,7 +166,8 @@ def test_results_an_earlier_run_left_behind_are_not_this_runs(results):
 
 def test_switched_off_lora_shows_no_adaptation(results):
     assert load_inputs(results).lora
-    assert load_inputs(results, {"lora": {"enabled": False, "centers": {"ct_siteB": {}}}}).lora == {}
+    assert load_inputs(results, {"lora": {"enabled": False, "centers": {"ct_siteB": {"dataset": "demo_abdomen_ct",
+                                                                                         "center": "siteB"}}}}).lora == {}
 
 
 def test_per_class_tables_explain_the_dash(results):
