@@ -1,7 +1,9 @@
 """What each rule of the pipeline reads and where it writes, from the run's config: the input functions
 and path helpers of the Snakefile, as plain functions that take the config (rules/common.smk binds them).
 
-Built on ``duplus.results_layout`` (the one map of the results folder). Snakemake reruns a job when one
+``config`` is the run's config as the Snakefile validated it, so every key the schema defaults is there
+(``duplus.settings.filled_config`` gives the same outside Snakemake). Built on ``duplus.results_layout``
+(the one map of the results folder). Snakemake reruns a job when one
 of its inputs or tracked settings changes, so what these functions return decides what a run redoes.
 """
 
@@ -31,7 +33,7 @@ def results(config: Config) -> ResultsLayout:
 
 
 def log_dir(config: Config) -> Path:
-    return Path(config["paths"].get("logs", "logs"))
+    return Path(config["paths"]["logs"])
 
 
 def dataset_names(config: Config) -> list[str]:
@@ -86,7 +88,7 @@ def baseline_outputs(config: Config) -> list[Path]:
 
 
 def lora_centers(config: Config) -> list[str]:
-    if not config["lora"].get("enabled", True):
+    if not config["lora"]["enabled"]:
         return []
     return sorted(config["lora"]["centers"])
 
@@ -98,7 +100,7 @@ def lora_metrics(config: Config) -> list[Path]:
 def prognosis_datasets(config: Config) -> list[str]:
     """The datasets whose scans give prognosis its image features (prognosis.dataset: one name, a
     list of scans of the same patients, or null for EHR only)."""
-    return listed_datasets(config["prognosis"].get("dataset"))
+    return listed_datasets(config["prognosis"]["dataset"])
 
 
 def prognosis_manifests(config: Config) -> list[Path]:
@@ -111,7 +113,7 @@ def prognosis_inputs(config: Config) -> dict[str, Any]:
     clinical.csv in the first dataset's raw folder (when it is there; HECKTOR's CT and PET datasets
     share one, duplus.data.registry.raw_folder). With prognosis.dataset: null (EHR only) the named
     table alone."""
-    table = (config["prognosis"].get("ehr") or {}).get("table")
+    table = config["prognosis"]["ehr"]["table"]
     if not prognosis_datasets(config):
         # The stage itself says so in one line when the table is not named.
         return {"ehr": table} if table else {}
