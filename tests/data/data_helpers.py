@@ -51,6 +51,8 @@ def user_config(root: Path, kind: str = "msd", name: str = "mydata") -> dict[str
     config = json.loads(json.dumps(TINY))
     config["datasets"] = {name: {"kind": kind, "root": str(root), "modality": "CT", "region": "abdomen",
                                  "labels": {1: "liver", 2: "hepatic tumour"}}}
+    # Without it the schema's default (prognosis of the demo's head-and-neck PET) asks for a dataset this run lacks.
+    config["prognosis"] = {"enabled": False}
     return config
 
 
