@@ -204,10 +204,11 @@ def predict_masks(
                         level_budget_bytes=int(settings["boundary_budget_mb"] * 2**20))
     collector = BoundaryCollector(masks) if masks.level_budget_bytes else None
     for z0, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc, True):
-        masks.write(z0, (slab > cut).cpu().numpy())
+        inside = slab > cut
+        masks.write(z0, inside.cpu().numpy())
         if collector is not None:
-            collector.add(z0, slab)
-        del slab  # not kept while the next windows run
+            collector.add(z0, slab, inside)
+        del slab, inside  # not kept while the next windows run
     if masks.mask_only and collector is not None:
         log.warning("%d of %d classes outgrew inference.boundary_budget_mb (%g MB) of boundary probabilities: "
                     "they are copied to the original grid voxel by voxel, not interpolated",

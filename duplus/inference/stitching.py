@@ -2,10 +2,13 @@
 
 MONAI's ``sliding_window_inference`` keeps a float32 [K, Z, Y, X] output plus a weight map for the
 whole volume: 20 GB for 32 prompts on a 300 x 512 x 512 CT. Here windows run one z-row at a time
-(every y, x start of one z start) and blend into a ring buffer one window deep; when the next z-row
-begins, the slices before it are final, are handed to the caller and the buffer slots are reused.
-Peak memory: K x window-depth x Y x X values (float32, or 16-bit fixed point, ``FIXED``), whatever
-the volume's depth. Window positions and the Gaussian weights are MONAI's (``compute_importance_map``).
+(every y, x start of one z start); when the next z-row begins, the slices before it are final, are
+handed to the caller and their memory is freed. Float buffers are a ring one window deep (K x window
+depth x Y x X values). The 16-bit fixed-point sums (``FIXED``, what masks use) are kept per class in
+blocks of ``BLOCK`` voxels, only where a class's window shares round to at least one unit, and in 8 bits
+while a block's sums stay below 256 units: a class absent from a region (most of 32 prompts almost
+everywhere) holds no memory there, and the sums are the same as a dense buffer's, bit for bit. Window
+positions and the Gaussian weights are MONAI's (``compute_importance_map``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,87 @@ EMIT_SLICES = 4
 # Integer sums are exact and independent of the order windows arrive in; float16 sums of weighted
 # probabilities lose up to ~2e-3 (11-bit mantissa), these at most half a unit per covering window.
 FIXED = torch.int16
+
+
+# Blocks of the fixed-point sums (z, y, x): small enough that an organ's blocks are mostly its own,
+# large enough that a 128^3 window meets 16-45 of them (one Python step each, vectorised over classes).
+BLOCK = (32, 64, 64)
+# A block's sums stay 8-bit while below this many units (probabilities below 0.0078: an absent class's
+# background), 16-bit once any exceeds it.
+SMALL_UNITS = 256
+
+
+class UnitBlocks:
+    """Fixed-point sums [K, Z, Y, X] kept per class in blocks, only where a class has any units.
+
+    Written by hand: no library keeps a block-sparse integer array that grows by in-place adds (torch's
+    sparse tensors coalesce whole index lists; scipy's are 2-D). Blocks are dropped once their slices
+    are taken, so memory follows the slices still open and where each class is present there.
+    """
+
+    def __init__(self, classes: int, device: torch.device, block: Sequence[int] = BLOCK) -> None:
+        self.classes = classes
+        self.device = device
+        self.block = tuple(int(b) for b in block)
+        # z-block -> (y-block, x-block) -> class -> uint8 or int16 tile of ``block`` voxels
+        self._rows: dict[int, dict[tuple[int, int], dict[int, torch.Tensor]]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for row in self._rows.values() for tiles in row.values() for t in tiles.values())
+
+    def _spans(self, axis: int, start: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(block index, first, end) of the blocks along ``axis`` that [start, start + length) meets."""
+        size = self.block[axis]
+        for index in range(start // size, (start + length - 1) // size + 1):
+            yield index, max(start, index * size), min(start + length, (index + 1) * size)
+
+    def add(self, units: torch.Tensor, corner: Sequence[int]) -> None:
+        """Add ``units`` [K, dz, dy, dx] (float, whole numbers >= 0, each sum below int16's limit) at ``corner``."""
+        z, y, x = corner
+        bz, by, bx = self.block
+        for zb, z0, z1 in self._spans(0, z, units.shape[1]):
+            row = self._rows.setdefault(zb, {})
+            for yb, y0, y1 in self._spans(1, y, units.shape[2]):
+                for xb, x0, x1 in self._spans(2, x, units.shape[3]):
+                    part = units[:, z0 - z : z1 - z, y0 - y : y1 - y, x0 - x : x1 - x]
+                    present = torch.nonzero(part.amax(dim=(1, 2, 3)) > 0).flatten().tolist()
+                    if not present:
+                        continue
+                    tiles = row.setdefault((yb, xb), {})
+                    inner = (slice(z0 - zb * bz, z1 - zb * bz), slice(y0 - yb * by, y1 - yb * by),
+                             slice(x0 - xb * bx, x1 - xb * bx))
+                    for k in present:
+                        add = part[k].to(FIXED)
+                        tile = tiles.get(k)
+                        if tile is None:
+                            tile = tiles[k] = torch.zeros(self.block, dtype=torch.uint8, device=self.device)
+                        if tile.dtype == torch.uint8:
+                            total = tile[inner].to(FIXED).add_(add)
+                            if int(total.max()) < SMALL_UNITS:
+                                tile[inner] = total.to(torch.uint8)
+                                continue
+                            tile = tiles[k] = tile.to(FIXED)
+                        tile[inner] += add
+
+    def take(self, lo: int, hi: int, ny: int, nx: int) -> torch.Tensor:
+        """The sums of slices [lo, hi), cropped to ``ny`` x ``nx``, as float32 [K, hi - lo, ny, nx]."""
+        bz, by, bx = self.block
+        out = torch.zeros((self.classes, hi - lo, ny, nx), dtype=torch.float32, device=self.device)
+        for zb, z0, z1 in self._spans(0, lo, hi - lo):
+            for (yb, xb), tiles in self._rows.get(zb, {}).items():
+                y0, x0 = yb * by, xb * bx
+                if y0 >= ny or x0 >= nx:  # padding beyond the volume
+                    continue
+                y1, x1 = min(y0 + by, ny), min(x0 + bx, nx)
+                for k, tile in tiles.items():
+                    out[k, z0 - lo : z1 - lo, y0:y1, x0:x1] = tile[z0 - zb * bz : z1 - zb * bz, : y1 - y0, : x1 - x0]
+        return out
+
+    def drop(self, upto: int) -> None:
+        """Free the blocks that lie wholly below slice ``upto``."""
+        for zb in [zb for zb in self._rows if (zb + 1) * self.block[0] <= upto]:
+            del self._rows[zb]
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -106,7 +190,8 @@ def blend_slabs(
     stitch_weight = weight.to(stitch_device)
     fixed = buffer_dtype == FIXED
     scale = fixed_scale(max_cover(padded, roi, overlap)) if fixed else 1
-    acc = torch.zeros((classes, rz, padded[1], padded[2]), dtype=buffer_dtype, device=stitch_device)
+    acc = None if fixed else torch.zeros((classes, rz, padded[1], padded[2]), dtype=buffer_dtype, device=stitch_device)
+    blocks = UnitBlocks(classes, stitch_device) if fixed else None
     # Float buffers: the weights added so far, divided out as slices leave. FIXED: every window's
     # weight on the ring's slices, added before those windows run, so each share is final when added.
     weight_sum = torch.zeros((rz, padded[1], padded[2]), device=stitch_device)
@@ -131,11 +216,19 @@ def blend_slabs(
             dz = min(offset.stop, shape[0] - done) - offset.start
             for first in range(0, max(dz, 0), EMIT_SLICES):
                 rows = slice(ring.start + first, ring.start + min(dz, first + EMIT_SLICES))
-                part = acc[:, rows, : shape[1], : shape[2]].to(torch.float32, copy=True)
-                yield z0 + first, part.div_(scale if fixed else weight_sum[rows, : shape[1], : shape[2]])
-            acc[:, ring].zero_()
+                if blocks is not None:
+                    part = blocks.take(z0 + first, z0 + first + rows.stop - rows.start, shape[1], shape[2])
+                    yield z0 + first, part.div_(scale)
+                else:
+                    part = acc[:, rows, : shape[1], : shape[2]].to(torch.float32, copy=True)
+                    yield z0 + first, part.div_(weight_sum[rows, : shape[1], : shape[2]])
+                del part
+            if acc is not None:
+                acc[:, ring].zero_()
             weight_sum[ring].zero_()
         done = upto
+        if blocks is not None:
+            blocks.drop(upto)
 
     for z in z_starts:
         yield from finish(z)
@@ -152,16 +245,18 @@ def blend_slabs(
                 out.mul_(weight)
             out = out.to(stitch_device)  # blocking: a non-blocking copy to host memory may be read too early
             for (y, x), values in zip(corners, out):
+                if fixed:
+                    # The window's share of each voxel in units: one multiplication of the K values by a
+                    # window-sized factor (weight x scale / total weight), rounded, added where not zero.
+                    factor = torch.empty(tuple(roi), device=stitch_device)
+                    for ring, offset in _ring(z, rz, rz):
+                        factor[offset] = stitch_weight[offset].mul(scale).div_(weight_sum[ring, y : y + ry, x : x + rx])
+                    blocks.add(values.mul_(factor).round_(), (z, y, x))
+                    continue
                 for ring, offset in _ring(z, rz, rz):
                     box = (ring, slice(y, y + ry), slice(x, x + rx))
-                    if fixed:
-                        # The window's share of each voxel in units: one multiplication of the K values by a
-                        # window-sized factor (weight x scale / total weight), then rounded.
-                        factor = stitch_weight[offset].mul(scale).div_(weight_sum[box])
-                        acc[(slice(None), *box)] += values[:, offset].mul_(factor).round_().to(FIXED)
-                    else:
-                        acc[(slice(None), *box)] += values[:, offset]
-                        weight_sum[box] += stitch_weight[offset]
+                    acc[(slice(None), *box)] += values[:, offset]
+                    weight_sum[box] += stitch_weight[offset]
             # Dropped before the next window batch runs: K x window values the network's peak need not meet.
             del out, values
     yield from finish(padded[0])
