@@ -62,16 +62,21 @@ def to_levels(probabilities: torch.Tensor, cut: float) -> torch.Tensor:
 
 
 class BoundaryCollector:
-    """Feeds ``masks`` the boundary levels of consecutive slabs [K, dz, Y, X] (as ``_slabs`` yields them).
+    """Feeds ``masks`` the boundary levels of consecutive slabs [K, dz, Y, X] (as ``_slabs`` yields them;
+    ``axis`` 1: slabs [K, dy, Z, X] along y).
 
     The last plane of each slab is kept until the next slab arrives, since its neighbourhood reaches
     into it; a voxel already kept is not kept twice.
     """
 
-    def __init__(self, masks: PackedMasks) -> None:
+    def __init__(self, masks: PackedMasks, axis: int = 0) -> None:
         self.masks = masks
         self.cut = masks.cut
-        self._plane_size = masks.shape[2] * masks.shape[3]
+        self.axis = axis
+        grid = list(masks.shape[1:])
+        grid[0], grid[axis] = grid[axis], grid[0]
+        self._frame = tuple(grid)  # the grid as slabs come: their axis first, the other two in order
+        self._plane_size = grid[1] * grid[2]
         self._index_dtype = np.int32 if int(np.prod(masks.shape[1:])) < 2**31 else np.int64
         self._next_z = 0
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # probabilities, kept flags [K, Y, X]
@@ -104,6 +109,10 @@ class BoundaryCollector:
             if flat.numel():
                 levels = to_levels(values.reshape(-1)[flat], self.cut)
                 index = flat.cpu().numpy().astype(self._index_dtype) + self._index_dtype(start * plane)
+                if self.axis:  # frame indices to the grid's: swap the first coordinate with the axis's
+                    coords = list(np.unravel_index(index, self._frame))
+                    coords[0], coords[self.axis] = coords[self.axis], coords[0]
+                    index = np.ravel_multi_index(coords, self.masks.shape[1:]).astype(self._index_dtype)
                 self.masks.add_levels(k, index, levels.cpu().numpy())
                 tail = flat[flat >= (values.shape[0] - 1) * plane] - (values.shape[0] - 1) * plane
                 last_kept[k].reshape(-1)[tail] = True

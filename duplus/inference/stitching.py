@@ -13,6 +13,7 @@ positions and the Gaussian weights are MONAI's (``compute_importance_map``).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Iterator, Sequence
 
@@ -192,20 +193,22 @@ def blend_slabs(
     scale = fixed_scale(max_cover(padded, roi, overlap)) if fixed else 1
     acc = None if fixed else torch.zeros((classes, rz, padded[1], padded[2]), dtype=buffer_dtype, device=stitch_device)
     blocks = UnitBlocks(classes, stitch_device) if fixed else None
-    # Float buffers: the weights added so far, divided out as slices leave. FIXED: every window's
-    # weight on the ring's slices, added before those windows run, so each share is final when added.
-    weight_sum = torch.zeros((rz, padded[1], padded[2]), device=stitch_device)
+    # Float buffers: the weights added so far, divided out as slices leave.
+    weight_sum = None if fixed else torch.zeros((rz, padded[1], padded[2]), device=stitch_device)
     plane = [(y, x) for y in y_starts for x in x_starts]
     done = 0  # slices below this are emitted
-    totalled = 0  # FIXED: slices below this hold their total weight in weight_sum
+    near = [{s: [t for t in starts if abs(t - s) < r] for s in starts} for starts, r in zip((z_starts, y_starts, x_starts), roi)]
 
-    def add_weights(z: int, lo: int, hi: int) -> None:
-        """Add the weights of z-row ``z``'s windows that fall on slices [lo, hi)."""
-        first, last = max(lo, z), min(hi, z + rz)
-        for ring, offset in _ring(first, last - first, rz) if first < last else ():
-            part = stitch_weight[first - z + offset.start : first - z + offset.stop]
-            for y, x in plane:
-                weight_sum[ring, y : y + ry, x : x + rx] += part
+    def total_weight(corner: tuple[int, int, int]) -> torch.Tensor:
+        """FIXED: the weight all windows put on the window at ``corner`` [rz, ry, rx], known before they run.
+        Added window by window in z-row, y, x order: each voxel's float sum is the same, bit for bit, as
+        a whole buffer of every window's weight would hold, for the window-sized memory."""
+        total = torch.zeros(tuple(roi), device=stitch_device)
+        for other in itertools.product(*(near[axis][corner[axis]] for axis in range(3))):
+            box = tuple(slice(max(o, c) - c, min(o, c) + r - c) for o, c, r in zip(other, corner, roi))
+            part = tuple(slice(max(o, c) - o, min(o, c) + r - o) for o, c, r in zip(other, corner, roi))
+            total[box] += stitch_weight[part]
+        return total
 
     def finish(upto: int) -> Iterator[tuple[int, torch.Tensor]]:
         nonlocal done
@@ -225,17 +228,13 @@ def blend_slabs(
                 del part
             if acc is not None:
                 acc[:, ring].zero_()
-            weight_sum[ring].zero_()
+                weight_sum[ring].zero_()
         done = upto
         if blocks is not None:
             blocks.drop(upto)
 
     for z in z_starts:
         yield from finish(z)
-        if fixed and totalled < z + rz:
-            for row in z_starts:
-                add_weights(row, max(totalled, z), z + rz)
-            totalled = z + rz
         for first in range(0, len(plane), sw_batch_size):
             corners = plane[first : first + sw_batch_size]
             windows = torch.stack([volume[z : z + rz, y : y + ry, x : x + rx] for y, x in corners])
@@ -248,9 +247,7 @@ def blend_slabs(
                 if fixed:
                     # The window's share of each voxel in units: one multiplication of the K values by a
                     # window-sized factor (weight x scale / total weight), rounded, added where not zero.
-                    factor = torch.empty(tuple(roi), device=stitch_device)
-                    for ring, offset in _ring(z, rz, rz):
-                        factor[offset] = stitch_weight[offset].mul(scale).div_(weight_sum[ring, y : y + ry, x : x + rx])
+                    factor = stitch_weight.mul(scale).div_(total_weight((z, y, x)))
                     blocks.add(values.mul_(factor).round_(), (z, y, x))
                     continue
                 for ring, offset in _ring(z, rz, rz):
