@@ -70,12 +70,12 @@ def run_one(args: argparse.Namespace, prompts: int) -> dict:
 
     network.forward = timed
     config = {"pretrain": {"patch_size": list(args.window)}, "inference": {"overlap": args.overlap, "sw_batch_size": 1}}
-    run = lambda: predict_masks(network, volume, 0, torch.zeros(8), torch.zeros(prompts, 8), config,  # noqa: E731
-                                show_progress=False)
-    run()  # untimed: allocator and thread-pool warm-up
+    run = lambda image: predict_masks(network, image, 0, torch.zeros(8), torch.zeros(prompts, 8),  # noqa: E731
+                                      config, show_progress=False)
+    run(volume[tuple(slice(0, w) for w in args.window)].contiguous())  # untimed, one window: warm-up
     spent[0] = 0.0
     start = time.perf_counter()
-    run()
+    run(volume)
     seconds = time.perf_counter() - start
     windows = count_windows(args.size, args.window, args.overlap)
     return {"prompts": prompts, "seconds": seconds, "network_seconds": spent[0],
