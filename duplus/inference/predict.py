@@ -200,11 +200,11 @@ def predict_masks(
     """Masks [K, Z, Y, X] (bit-packed; ``masks[k]`` is class k as bool): probabilities above ``threshold``.
 
     Windows blend in 16-bit fixed point (``stitching.FIXED``: probabilities within 1.3e-4 of the float32
-    blend at overlap 0.5, so only voxels that close to the threshold can change side), half the memory
-    of float32. Each finished slab is thresholded at once, so no [K, Z, Y, X] float array ever exists; the
-    probabilities along each mask's boundary are kept too (``inference.boundary_budget_mb``), so
-    ``masks.restored(k, meta)`` interpolates them onto the original grid. ``threshold`` defaults to
-    ``inference.threshold``.
+    blend at overlap 0.5, so only voxels that close to the threshold can change side), kept per class
+    only where the class is present (``stitching.UnitBlocks``). Each finished slab is thresholded at
+    once, so no [K, Z, Y, X] float array ever exists; the probabilities along each mask's boundary are
+    kept too (``inference.boundary_budget_mb``), so ``masks.restored(k, meta)`` interpolates them onto
+    the original grid. ``threshold`` defaults to ``inference.threshold``.
     """
     settings = inference_settings(config)
     cut = settings["threshold"] if threshold is None else float(threshold)
