@@ -71,12 +71,17 @@ class UnitBlocks:
         """Add ``units`` [K, dz, dy, dx] (float, whole numbers >= 0, each sum below int16's limit) at ``corner``."""
         z, y, x = corner
         bz, by, bx = self.block
+        # On a CPU the per-block tests run in numpy: small single-threaded reductions, where torch's
+        # multi-threaded ones wait longer for their threads than they compute on cores other jobs share.
+        host = units.numpy() if units.device.type == "cpu" else None
         for zb, z0, z1 in self._spans(0, z, units.shape[1]):
             row = self._rows.setdefault(zb, {})
             for yb, y0, y1 in self._spans(1, y, units.shape[2]):
                 for xb, x0, x1 in self._spans(2, x, units.shape[3]):
-                    part = units[:, z0 - z : z1 - z, y0 - y : y1 - y, x0 - x : x1 - x]
-                    present = torch.nonzero(part.amax(dim=(1, 2, 3)) > 0).flatten().tolist()
+                    box = (slice(None), slice(z0 - z, z1 - z), slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
+                    part = units[box]
+                    most = part.amax(dim=(1, 2, 3)).cpu().numpy() if host is None else host[box].max(axis=(1, 2, 3))
+                    present = np.flatnonzero(most > 0).tolist()
                     if not present:
                         continue
                     tiles = row.setdefault((yb, xb), {})
@@ -89,7 +94,7 @@ class UnitBlocks:
                             tile = tiles[k] = torch.zeros(self.block, dtype=torch.uint8, device=self.device)
                         if tile.dtype == torch.uint8:
                             total = tile[inner].to(FIXED).add_(add)
-                            if int(total.max()) < SMALL_UNITS:
+                            if (total.max() if host is None else total.numpy().max()) < SMALL_UNITS:
                                 tile[inner] = total.to(torch.uint8)
                                 continue
                             tile = tiles[k] = tile.to(FIXED)
