@@ -7,8 +7,9 @@ handed to the caller and their memory is freed. Float buffers are a ring one win
 depth x Y x X values). The 16-bit fixed-point sums (``FIXED``, what masks use) are kept per class in
 blocks of ``BLOCK`` voxels, only where a class's window shares round to at least one unit, and in 8 bits
 while a block's sums stay below 256 units: a class absent from a region (most of 32 prompts almost
-everywhere) holds no memory there, and the sums are the same as a dense buffer's, bit for bit. Window
-positions and the Gaussian weights are MONAI's (``compute_importance_map``).
+everywhere) holds no memory there, and the sums are the same as a dense buffer's, bit for bit. "z" is
+the first axis of the volume handed in (the caller may transpose it). Window positions and the Gaussian
+weights are MONAI's (``compute_importance_map``).
 """
 
 from __future__ import annotations
@@ -179,9 +180,11 @@ def blend_slabs(
     ``predictor`` maps windows [n, 1, *roi] on ``device`` to [n, K, *roi] values to blend (a fresh
     tensor: it is weighted in place). Volumes smaller than the window are padded at the far end with
     their minimum and cropped back. ``buffer_dtype``: float32 gives MONAI's numbers; float16 halves the
-    buffer and errs by up to ~2e-3 (weights stay float32); ``FIXED`` halves it too, for values in
-    [0, 1] only (probabilities: beyond 1 the sum may overflow), and errs by at most ``max_cover / 2``
-    units of ``1 / fixed_scale``.
+    buffer and errs by up to ~2e-3 (weights stay float32); ``FIXED`` keeps integer sums in
+    ``UnitBlocks`` (memory only where a class has units), for values in [0, 1] only (probabilities:
+    beyond 1 the sum may overflow), and errs by at most ``max_cover / 2`` units of ``1 / fixed_scale``.
+    The first axis is the slab axis: ``duplus.inference.predict`` hands in a transposed volume (and a
+    predictor that turns windows back) where slabs along y are smaller.
     """
     shape = tuple(volume.shape)
     padded = [max(s, r) for s, r in zip(shape, roi)]
