@@ -42,15 +42,13 @@ def own_peak_rss_mb() -> float:
     return float("nan")
 
 
-def run_one(args: argparse.Namespace, prompts: int) -> dict:
+def stand_in(prompts: int):
+    """The stand-in network: logits 20 x (image - level_k), one level per prompt; it holds no activations."""
     import torch
     from torch import nn
 
-    torch.set_num_threads(args.threads)
-    predict = importlib.import_module(args.predict_module)
-
     class OrganStandIn(nn.Module):
-        """Logits 20 x (image - level_k): one parameter, so that the device can be read from it."""
+        """One parameter, so that the device can be read from it."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -59,15 +57,31 @@ def run_one(args: argparse.Namespace, prompts: int) -> dict:
         def forward(self, image, modality, context, targets):
             return (image - self.levels.view(1, -1, 1, 1, 1)).mul_(20.0)
 
+    return OrganStandIn()
+
+
+def organ_volume(size):
+    """A smooth random field [Z, Y, X]: class k of the stand-in is where it exceeds the k-th level."""
+    import torch
+    from torch import nn
+
     torch.manual_seed(0)
-    z, y, x = args.size
+    z, y, x = size
     coarse = torch.randn(1, 1, z // 32 + 2, y // 32 + 2, x // 32 + 2)
-    volume = nn.functional.interpolate(coarse, size=(z, y, x), mode="trilinear")[0, 0].contiguous()
+    return nn.functional.interpolate(coarse, size=(z, y, x), mode="trilinear")[0, 0].contiguous()
+
+
+def run_one(args: argparse.Namespace, prompts: int) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    predict = importlib.import_module(args.predict_module)
+    volume = organ_volume(args.size)
     base = own_peak_rss_mb()
     config = {"pretrain": {"patch_size": list(args.window)},
               "inference": {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size}}
     start = time.perf_counter()
-    masks = predict.predict_masks(OrganStandIn(), volume, 0, torch.zeros(8), torch.zeros(prompts, 8), config,
+    masks = predict.predict_masks(stand_in(prompts), volume, 0, torch.zeros(8), torch.zeros(prompts, 8), config,
                                   show_progress=False)
     return {"prompts": prompts, "peak_rss_mb": own_peak_rss_mb(), "before_blending_mb": base,
             "seconds": time.perf_counter() - start, "masks_mb": masks.nbytes / 2**20}

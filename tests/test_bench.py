@@ -333,3 +333,17 @@ def test_blend_memory_measures_each_prompt_count_in_its_own_process(capsys):
     for run in result["runs"]:
         assert run["peak_rss_mb"] >= run["before_blending_mb"] > 0 and run["masks_mb"] > 0
     assert json.loads(capsys.readouterr().out)["runs"] == result["runs"]
+
+
+def test_blend_time_interleaves_rounds_and_keeps_the_fastest(capsys):
+    bench = _script("blend_time")
+    result = bench.main(["--size", "20", "40", "40", "--window", "16", "16", "16", "--prompts", "1", "3",
+                         "--rounds", "2", "--threads", "1", "--window-seconds", "1.0"])
+    runs = result["runs"]["this"]
+    assert sorted(runs) == ["1", "3"] and all(len(rs) == 2 for rs in runs.values())
+    summary = result["blending_seconds_per_window"]["this"]
+    for prompts, rs in runs.items():
+        assert all(r["seconds"] >= r["network_seconds"] > 0 and "load_average_before" in r for r in rs)
+        assert summary[prompts] == min(r["blending_seconds_per_window"] for r in rs)
+    assert summary["ratio_from_blending"] == (1.0 + summary["3"]) / (1.0 + summary["1"])
+    assert json.loads(capsys.readouterr().out)["blending_seconds_per_window"] == result["blending_seconds_per_window"]

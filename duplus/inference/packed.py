@@ -47,11 +47,18 @@ class PackedMasks:
         """The threshold on interpolated levels that matches ``cut`` (levels are integers on either side)."""
         return math.floor(self.cut * LEVELS) + 0.5
 
-    def write(self, z0: int, masks: np.ndarray) -> None:
-        """Store bool masks [K, dz, Y, X] at slices ``z0 : z0 + dz``."""
-        if masks.shape[0] != self.shape[0] or masks.shape[2:] != self.shape[2:]:
-            raise ValueError(f"slab of shape {masks.shape} does not fit masks of shape {self.shape}")
-        self._bits[:, z0 : z0 + masks.shape[1]] = np.packbits(masks, axis=-1)
+    def write(self, start: int, masks: np.ndarray, axis: int = 0) -> None:
+        """Store bool masks [K, d, Y, X] at slices ``start : start + d`` (``axis`` 1: [K, d, Z, X] at rows of y)."""
+        if axis not in (0, 1):
+            raise ValueError(f"slabs run along z (0) or y (1), not axis {axis}: masks are packed along x")
+        other = self.shape[2 - axis]
+        if masks.shape[0] != self.shape[0] or masks.shape[2:] != (other, self.shape[3]):
+            raise ValueError(f"slab of shape {masks.shape} along axis {axis} does not fit masks of shape {self.shape}")
+        packed = np.packbits(masks, axis=-1)
+        if axis == 0:
+            self._bits[:, start : start + masks.shape[1]] = packed
+        else:
+            self._bits[:, :, start : start + masks.shape[1]] = packed.swapaxes(1, 2)
 
     def add_levels(self, k: int, flat_index: np.ndarray, levels: np.ndarray) -> None:
         """Keep class ``k``'s boundary levels at ``flat_index`` (into [Z, Y, X]); dropped past the budget."""

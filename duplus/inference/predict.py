@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +84,13 @@ def first_width(model: torch.nn.Module) -> int:
     return next((m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv3d)), 1)
 
 
+def slab_axis(shape: Sequence[int], roi: Sequence[int]) -> int:
+    """The axis (z = 0 or y = 1) slabs run along: the one whose window-deep ring of slabs, window x the
+    other two sizes, is smaller (y for a CT of fewer than 512 slices of 512 x 512: 300 slices, 0.59x)."""
+    z, y, x = (max(s, r) for s, r in zip(shape, roi))
+    return 1 if roi[1] * z * x < roi[0] * y * x else 0
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -156,8 +163,10 @@ def predict_probabilities(
     """
     volume = _as_volume(image)
     out = torch.empty((len(targets), *volume.shape), dtype=torch.float32)
-    for z0, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc, False):
-        out[:, z0 : z0 + slab.shape[1]] = slab.clamp_(0.0, 1.0)
+    axis = slab_axis(volume.shape, inference_settings(config)["roi"])
+    frame = out.transpose(1, 1 + axis)  # a view: slabs come along ``axis``
+    for start, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc, False, axis):
+        frame[:, start : start + slab.shape[1]] = slab.clamp_(0.0, 1.0)
         del slab
     return out
 
@@ -178,23 +187,25 @@ def predict_masks(
     """Masks [K, Z, Y, X] (bit-packed; ``masks[k]`` is class k as bool): probabilities above ``threshold``.
 
     Windows blend in 16-bit fixed point (``stitching.FIXED``: probabilities within 1.3e-4 of the float32
-    blend at overlap 0.5, so only voxels that close to the threshold can change side), half the memory
-    of float32. Each finished slab is thresholded at once, so no [K, Z, Y, X] float array ever exists; the
-    probabilities along each mask's boundary are kept too (``inference.boundary_budget_mb``), so
-    ``masks.restored(k, meta)`` interpolates them onto the original grid. ``threshold`` defaults to
-    ``inference.threshold``.
+    blend at overlap 0.5, so only voxels that close to the threshold can change side), kept per class
+    only where the class is present (``stitching.UnitBlocks``). Each finished slab is thresholded at
+    once, so no [K, Z, Y, X] float array ever exists; the probabilities along each mask's boundary are
+    kept too (``inference.boundary_budget_mb``), so ``masks.restored(k, meta)`` interpolates them onto
+    the original grid. ``threshold`` defaults to ``inference.threshold``.
     """
     settings = inference_settings(config)
     cut = settings["threshold"] if threshold is None else float(threshold)
     volume = _as_volume(image)
     masks = PackedMasks(len(targets), tuple(volume.shape), cut=cut,
                         level_budget_bytes=int(settings["boundary_budget_mb"] * 2**20))
-    collector = BoundaryCollector(masks) if masks.level_budget_bytes else None
-    for z0, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc, True):
-        masks.write(z0, (slab > cut).cpu().numpy())
+    axis = slab_axis(volume.shape, settings["roi"])
+    collector = BoundaryCollector(masks, axis) if masks.level_budget_bytes else None
+    for start, slab in _slabs(model, volume, modality, context, targets, config, amp, show_progress, desc, True, axis):
+        inside = slab > cut
+        masks.write(start, inside.cpu().numpy(), axis)
         if collector is not None:
-            collector.add(z0, slab)
-        del slab  # not kept while the next windows run
+            collector.add(start, slab, inside)
+        del slab, inside  # not kept while the next windows run
     if masks.mask_only and collector is not None:
         log.warning("%d of %d classes outgrew inference.boundary_budget_mb (%g MB) of boundary probabilities: "
                     "they are copied to the original grid voxel by voxel, not interpolated",
@@ -213,7 +224,9 @@ def _slabs(
     show_progress: bool,
     desc: str,
     masks_only: bool,
+    axis: int = 0,
 ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, probabilities [K, d, ...]) of consecutive slabs along ``axis``, the other two axes in order."""
     from duplus.model import modalities_of, modality_index
 
     settings = inference_settings(config)
@@ -225,7 +238,11 @@ def _slabs(
     if targets.dim() != 2 or targets.shape[0] == 0:
         raise ModelError(f"targets must be [K, T] with K >= 1, got {tuple(targets.shape)}")
     k = targets.shape[0]
-    roi = settings["roi"]
+    # Blended in a frame whose first axis is ``axis``: windows go back to the volume's orientation for
+    # the network, and its outputs come into the frame as views (no copies).
+    volume = volume.transpose(0, axis)
+    roi = list(settings["roi"])
+    roi[0], roi[axis] = roi[axis], roi[0]
     slab_elements = k * roi[0] * max(volume.shape[1], roi[1]) * max(volume.shape[2], roi[2])
     stitch_device = stitch_device_for(device, slab_elements)
     # Masks need the 16-bit buffer only; probabilities are float32 unless that outgrows blend_buffer_mb.
@@ -246,10 +263,13 @@ def _slabs(
         # logits are this call's own, and a second K x window copy would add to the peak.
         return logits.float().sigmoid_()
 
+    def framed(windows: torch.Tensor) -> torch.Tensor:
+        return predictor(windows.transpose(2, 2 + axis).contiguous()).transpose(2, 2 + axis)
+
     was_training = model.training
     model.eval()
     try:
-        yield from blend_slabs(volume, predictor, k, roi=roi, overlap=settings["overlap"],
+        yield from blend_slabs(volume, framed if axis else predictor, k, roi=roi, overlap=settings["overlap"],
                                sw_batch_size=batch, mode=settings["mode"],
                                device=device, stitch_device=stitch_device, buffer_dtype=buffer_dtype)
     finally:

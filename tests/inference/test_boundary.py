@@ -61,6 +61,24 @@ def test_slabs_in_any_sizes_keep_the_whole_volume_boundary(slab_depths):
         BoundaryCollector(masks).add(7, probs[:, 7:9])
 
 
+@pytest.mark.parametrize("slab_depths", [[5, 5, 8], [1] * 18])
+def test_slabs_along_y_keep_the_whole_volume_boundary(slab_depths):
+    """Slabs of y rows [K, dy, Z, X] (the ring runs along y when that is smaller): the same levels, at the
+    grid's own indices."""
+    probs = _smooth_probabilities(2, (30, 18, 21), seed=3)
+    masks = PackedMasks(2, (30, 18, 21), cut=0.5, level_budget_bytes=2**30)
+    collector = BoundaryCollector(masks, axis=1)
+    y0 = 0
+    for depth in slab_depths:
+        slab = probs[:, :, y0 : y0 + depth].transpose(1, 2)
+        masks.write(y0, (slab > 0.5).numpy(), axis=1)
+        collector.add(y0, slab)
+        y0 += depth
+    np.testing.assert_array_equal(np.asarray(masks), (probs > 0.5).numpy())
+    for k in range(2):
+        np.testing.assert_array_equal(masks.levels(k), _reference_levels(probs[k], 0.5))
+
+
 def test_a_class_past_the_budget_keeps_its_mask_only():
     z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in (12, 16, 16)], indexing="ij")
     ball = torch.sigmoid(3.0 - ((z - 6) ** 2 + (y - 8) ** 2 + (x - 8) ** 2).sqrt())  # a small shell

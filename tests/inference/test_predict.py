@@ -106,9 +106,9 @@ def test_inference_runs_in_the_precision_the_model_trained_in(model, monkeypatch
 
 
 @pytest.mark.parametrize("width, window, configured, expected", [
-    (8, (16, 16, 16), None, [2] * 8),  # 8 x 16 x 16 elements: torch's slow path at batch 1, so pairs
-    (32, (24, 32, 32), None, [1] * 4),  # 32 x 24 x 32 > 20,480: oneDNN at batch 1, one at a time
-    (32, (24, 32, 32), 3, [3, 1]),  # configured: kept
+    (8, (16, 16, 16), None, [2] * 24),  # 8 x 16 x 16 elements: torch's slow path at batch 1, so pairs
+    (32, (24, 32, 32), None, [1] * 12),  # 32 x 24 x 32 > 20,480: oneDNN at batch 1, one at a time
+    (32, (24, 32, 32), 3, [3, 1] * 3),  # configured: kept (a batch does not reach into the next row of windows)
 ])
 def test_window_batch_on_a_cpu_follows_the_window_size_unless_configured(width, window, configured, expected):
     torch.manual_seed(0)
@@ -118,7 +118,7 @@ def test_window_batch_on_a_cpu_follows_the_window_size_unless_configured(width, 
     config = _config(patch=window)
     config["inference"]["sw_batch_size"] = configured
     try:
-        predict_masks(net, torch.randn(window[0], 40, 40), "CT", torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), config,
+        predict_masks(net, torch.randn(2 * window[0], 40, 40), "CT", torch.randn(TEXT_DIM), torch.randn(2, TEXT_DIM), config,
                       show_progress=False)
     finally:
         handle.remove()

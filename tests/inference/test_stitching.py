@@ -151,3 +151,52 @@ def test_float16_buffer_changes_probabilities_by_at_most_3e_3():
                                 mode="gaussian", device=CPU, stitch_device=CPU, buffer_dtype=torch.float16):
         half[:, z0 : z0 + slab.shape[1]] = slab
     assert float((half - exact).abs().max()) < 3e-3
+
+
+def test_unit_blocks_sum_like_a_dense_int16_array_and_hold_only_where_a_class_has_units():
+    """Against a dense int16 buffer: the same sums, bit for bit; absent classes hold no block, small sums 8 bits."""
+    from duplus.inference.stitching import UnitBlocks
+
+    gen = torch.Generator().manual_seed(0)
+    shape, window = (40, 50, 45), (16, 20, 24)
+    dense = torch.zeros((3, *shape), dtype=FIXED)
+    blocks = UnitBlocks(3, CPU, block=(8, 16, 16))
+    for _ in range(30):
+        corner = [int(torch.randint(0, s - w + 1, (1,), generator=gen)) for s, w in zip(shape, window)]
+        units = torch.randint(0, 300, (3, *window), generator=gen).float()
+        units[0] = 0  # class 0 never present
+        units[1] = (units[1] < 3).float()  # class 1: small sums only (background-like)
+        dense[(slice(None), *(slice(c, c + w) for c, w in zip(corner, window)))] += units.to(FIXED)
+        blocks.add(units, corner)
+    assert not any(0 in tiles for row in blocks._rows.values() for tiles in row.values())
+    dtypes = {(k, tile.dtype) for row in blocks._rows.values() for tiles in row.values() for k, tile in tiles.items()}
+    assert (1, torch.uint8) in dtypes and (2, FIXED) in dtypes and (1, FIXED) not in dtypes
+    assert torch.equal(blocks.take(0, 17, 50, 45), dense[:, :17].float())
+    blocks.drop(16)  # blocks wholly below slice 16 go; what is left still reads the same
+    assert min(blocks._rows) == 2
+    assert torch.equal(blocks.take(17, 40, 31, 45), dense[:, 17:, :31].float())
+
+
+def test_slabs_along_y_give_monai_probabilities_and_the_same_masks():
+    """A grid with fewer slices than rows blends in slabs along y (a smaller ring): still MONAI's numbers."""
+    from duplus.inference.predict import slab_axis
+
+    torch.manual_seed(0)
+    model = DuPLUS(ModelConfig.preset("tiny", text_dim=12)).eval()
+    config = {"pretrain": {"patch_size": [16, 16, 16]},
+              "inference": {"overlap": 0.5, "sw_batch_size": 2, "blend": "gaussian", "threshold": 0.5}}
+    image, ctx, targets = torch.randn(18, 40, 21), torch.randn(12), torch.randn(3, 12)
+    assert slab_axis(image.shape, (16, 16, 16)) == 1 and slab_axis((40, 18, 21), (16, 16, 16)) == 0
+    probs = predict_probabilities(model, image, "CT", ctx, targets, config, show_progress=False)
+
+    def network(windows):
+        with torch.no_grad():
+            n = windows.shape[0]
+            return model(windows, torch.zeros(n, dtype=torch.long), ctx.expand(n, -1), targets).sigmoid()
+
+    theirs = sliding_window_inference(image[None, None], (16, 16, 16), 2, network, overlap=0.5, mode="gaussian")[0]
+    assert torch.allclose(probs, theirs, atol=1e-5), float((probs - theirs).abs().max())
+    cut = float(probs.median())
+    masks = np.asarray(predict_masks(model, image, "CT", ctx, targets, config, threshold=cut, show_progress=False))
+    changed = masks != (probs > cut).numpy()
+    assert not changed[(probs - cut).abs().numpy() > 2e-4].any() and 0 < masks.sum() < masks.size
