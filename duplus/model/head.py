@@ -17,10 +17,7 @@ from duplus.model.config import ModelConfig
 # Upper bound on the elements of one hidden activation [B, K*C, voxels] of the dynamic head; voxels
 # are processed in chunks below it. On a GPU the bound keeps 32+ prompts on a 128^3 window within
 # memory; on a CPU a chunk that stays in cache runs the K-class head 3-4x faster than one pass.
-# Inference on a CPU ("cpu-no-grad") takes chunks whose hidden map fits two cores' L2 caches
-# (1 MB): at 32 prompts, 1,024 voxels instead of 4,096 halved the head's time on 2 AVX2 cores
-# (bench/README.md); training keeps its chunks, and with them its numbers.
-HIDDEN_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 20, "cpu-no-grad": 1 << 18}
+HIDDEN_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 20}
 
 
 class Controller(nn.Module):
@@ -82,10 +79,7 @@ class DynamicHead(nn.Module):
             raise ModelError(f"dynamic params must be [B={b}, K, {sum(self.splits)}], got {tuple(params.shape)}")
         k = params.shape[1]
         x = features.reshape(b, c, -1)  # [B, C, V]
-        device = features.device.type
-        if device == "cpu" and not torch.is_grad_enabled():
-            device = "cpu-no-grad"
-        budget = HIDDEN_ELEMENTS.get(device, HIDDEN_ELEMENTS["cuda"])
+        budget = HIDDEN_ELEMENTS.get(features.device.type, HIDDEN_ELEMENTS["cuda"])
         chunk = max(1024, budget // (b * k * c))
         weights = self._split(params.to(x.dtype))
         voxels = x.shape[-1]

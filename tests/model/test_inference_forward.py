@@ -126,7 +126,6 @@ def test_pointwise_convolution_as_a_matrix_product_equals_the_convolution(bias):
 
 def test_chunked_dynamic_head_without_autograd_equals_the_training_one(monkeypatch):
     monkeypatch.setitem(head_module.HIDDEN_ELEMENTS, "cpu", 1 << 12)  # several voxel chunks
-    monkeypatch.setitem(head_module.HIDDEN_ELEMENTS, "cpu-no-grad", 1 << 11)  # other ones
     head = head_module.DynamicHead(8)
     torch.manual_seed(0)
     features, params = torch.randn(2, 8, 10, 11, 12), torch.randn(2, 5, sum(head.splits))
