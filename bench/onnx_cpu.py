@@ -11,6 +11,7 @@ venv of its own with the repository first on ``PYTHONPATH``. Prints one JSON obj
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
         path = Path(scratch) / "backbone.onnx"
         start = time.perf_counter()
         # The training path's out-of-place ops export (enable_grad; nothing requires grad, no graph).
-        with torch.enable_grad():
+        # The exporter prints its progress on stdout, where the JSON goes.
+        with torch.enable_grad(), contextlib.redirect_stdout(sys.stderr):
             torch.onnx.export(backbone, (image, context), str(path), input_names=["image", "context"],
                               output_names=["features", "bottleneck"], opset_version=18, dynamo=True,
                               external_data=True)
