@@ -347,3 +347,17 @@ def test_blend_time_interleaves_rounds_and_keeps_the_fastest(capsys):
         assert summary[prompts] == min(r["blending_seconds_per_window"] for r in rs)
     assert summary["ratio_from_blending"] == (1.0 + summary["3"]) / (1.0 + summary["1"])
     assert json.loads(capsys.readouterr().out)["blending_seconds_per_window"] == result["blending_seconds_per_window"]
+
+
+def test_forward_cpu_runs_each_code_in_its_own_process_and_compares_the_logits(capsys):
+    bench = _script("forward_cpu")
+    root = str(BENCH.parent)
+    result = bench.main(["--window", "32", "32", "32", "--prompts", "2", "--rounds", "1", "--threads", "1",
+                         "--code", f"one={root}", f"two={root}"])
+    assert set(result["best"]) == {"one", "two"}
+    for run in result["best"].values():
+        assert run["peak_rss_mb"] >= run["rss_before_mb"] > 0 and run["seconds"] > 0 and run["cpu_seconds"] > 0
+    # The same code twice: the same logits, so the same masks.
+    assert result["logits"]["two"]["max_abs_logit_diff"] == 0.0 and result["logits"]["two"]["masks_equal"]
+    assert result["logits"]["two"]["mask_voxels_differing"] == 0
+    assert json.loads(capsys.readouterr().out)["logits"] == result["logits"]

@@ -1,6 +1,7 @@
 """3D residual U-Net of DuPLUS: one input stem per modality, FiLM-modulated pre-activation blocks.
 
 Encoder stages downsample with stride-2 convs; the decoder upsamples trilinearly and concatenates skips.
+Without autograd the same math runs in place where it can (``no_grad`` / ``inference_mode``: inference).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 from duplus.errors import ModelError
 from duplus.model.config import ModelConfig
-from duplus.model.film import apply_film
+from duplus.model.film import apply_film, apply_film_
 
 FilmParams = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -37,6 +38,63 @@ def use_channels_last(model: nn.Module) -> nn.Module:
         if isinstance(module, ModalityStems):
             module.channels_last = True
     return model
+
+
+def overwrites(x: torch.Tensor) -> bool:
+    """Whether a forward may overwrite the intermediates it made and drop them early.
+
+    Only when no autograd graph is recorded (``no_grad``, ``inference_mode``): there every map a
+    block makes is its own and read once, so norm, FiLM and activation rewrite it instead of each
+    allocating a map of their own. On a CPU a fresh multi-MB tensor costs more in page faults than
+    the elementwise op that fills it, and each one adds to the peak. Training builds its graph
+    from the out-of-place ops, unchanged.
+    """
+    return not torch.is_grad_enabled() and not x.requires_grad
+
+
+def act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)`` written into ``x`` for the activations the configs name; any other runs as it is."""
+    if type(act) is nn.ELU:
+        return F.elu_(x, act.alpha)
+    if type(act) is nn.ReLU:
+        return F.relu_(x)
+    if type(act) is nn.LeakyReLU:
+        return F.leaky_relu_(x, act.negative_slope)
+    return act(x)
+
+
+def pointwise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 convolution (``conv3d(..., kernel=1)``) on a CPU as one matrix product per sample.
+
+    Torch runs a batch-1 1x1x1 Conv3d through oneDNN or its slow im2col path at about half the rate
+    of ``addmm`` on the same [C_out, C_in] x [C_in, voxels] product (the shortcut of the first
+    decoder block and the decoder's output conv run at full resolution). Only without autograd;
+    anything else (LoRA-wrapped convs, other layouts or devices, meta tensors for FLOP counting)
+    calls the module.
+    """
+    conv = module.conv if isinstance(module, Convolution) and len(module) == 1 else None
+    if (type(conv) is not nn.Conv3d or torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 5
+            or not x.is_contiguous()
+            or conv.kernel_size != (1, 1, 1) or conv.stride != (1, 1, 1) or conv.padding != (0, 0, 0)
+            or conv.dilation != (1, 1, 1) or conv.groups != 1 or x.dtype != conv.weight.dtype):
+        return module(x)
+    batch, channels = x.shape[:2]
+    weight = conv.weight.view(conv.out_channels, channels)
+    out = x.new_empty((batch, conv.out_channels, *x.shape[2:]))
+    for b in range(batch):
+        rows, result = x[b].view(channels, -1), out[b].view(conv.out_channels, -1)
+        if conv.bias is None:
+            torch.mm(weight, rows, out=result)
+        else:
+            torch.addmm(conv.bias.view(-1, 1), weight, rows, out=result)
+    return out
+
+
+def norm_film_(norm: nn.Module, x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``apply_film(norm(x), film)`` for a map ``x`` the caller owns and no longer needs (no autograd)."""
+    if isinstance(norm, InstanceNorm3dKeepLayout) and norm.can_overwrite(x):
+        return norm.normalize_(x, film)
+    return apply_film_(norm(x), film)
 
 
 class InstanceNorm3dKeepLayout(nn.InstanceNorm3d):
@@ -63,6 +121,32 @@ class InstanceNorm3dKeepLayout(nn.InstanceNorm3d):
             scale = scale * weight
             shift = shift * weight + self.bias.float().view(1, -1, 1, 1, 1)
         return torch.addcmul(shift, xf, scale).to(x.dtype)
+
+    def can_overwrite(self, x: torch.Tensor) -> bool:
+        """Whether ``normalize_`` takes ``x``: a contiguous float32 NCDHW map on a CPU, outside autograd."""
+        return (x.dim() == 5 and not self.track_running_stats and x.dtype == torch.float32
+                and x.device.type == "cpu" and x.is_contiguous() and not torch.is_grad_enabled())
+
+    def normalize_(self, x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``apply_film(self(x), film)`` written into ``x`` in one pass (see ``can_overwrite``).
+
+        The statistics come from torch's batch-norm statistics kernel (what the native instance norm
+        runs, on a [1, B*C, voxels] view); normalisation, affine and FiLM fold into one per-(sample,
+        channel) scale and shift, so the map is read twice and written once, with no new map.
+        """
+        batch, channels = x.shape[:2]
+        mean, var = torch.batch_norm_update_stats(x.view(1, batch * channels, -1), None, None, 0.0)
+        scale = torch.rsqrt(var.view(batch, channels) + self.eps)
+        shift = -mean.view(batch, channels) * scale
+        if self.affine:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        if film is not None:
+            gamma, beta = film
+            scale = scale * (1 + gamma.to(scale.dtype))
+            shift = shift * (1 + gamma.to(shift.dtype)) + beta.to(shift.dtype)
+        shape = (batch, channels, 1, 1, 1)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape), out=x)
 
 
 def make_norm(name: str, channels: int) -> nn.Module:
@@ -98,6 +182,8 @@ class PreActResBlock(nn.Module):
         self.shortcut = conv3d(in_ch, out_ch, kernel=1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, films: FilmParams) -> torch.Tensor:
+        if overwrites(x):
+            return self._forward_overwriting(x, films)
         h = self.conv1(self.act1(self.norm1(x)))
         h = self.norm2(h)
         if self.film_key is not None:
@@ -109,6 +195,21 @@ class PreActResBlock(nn.Module):
             # Some CPU backends run a 1x1x1 conv in NCDHW whatever the input's layout; keep the block's.
             skip = skip.contiguous(memory_format=layout_of(x))
         return skip + h
+
+    def _forward_overwriting(self, x: torch.Tensor, films: FilmParams) -> torch.Tensor:
+        """``forward``'s math without autograd: every map after the first norm is rewritten in place.
+
+        ``x`` itself is read, never written (the caller's skip connection may be it).
+        """
+        film = films[self.film_key] if self.film_key is not None else None
+        h = self.conv1(act_(self.act1, self.norm1(x)))
+        h = self.conv2(self.drop(act_(self.act2, norm_film_(self.norm2, h, film))))
+        skip = x if isinstance(self.shortcut, nn.Identity) else pointwise(self.shortcut, x)
+        if skip is not x:
+            skip = skip.contiguous(memory_format=layout_of(x))
+        if h.dtype != torch.result_type(skip, h) or h.shape != skip.shape:
+            return skip + h  # mixed precision: the sum takes the wider type, as training's does
+        return h.add_(skip)
 
 
 class ModalityStems(nn.ModuleDict):
@@ -203,13 +304,17 @@ class DecoderStage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, films: FilmParams) -> torch.Tensor:
-        x = F.interpolate(self.up(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
-        # Interpolation may return NCDHW for an NDHWC input; follow the skip's layout so the
-        # concatenation (and the 1x1x1 shortcut conv after it) stay in the network's layout.
-        x = torch.cat([x.contiguous(memory_format=layout_of(skip)), skip], dim=1)
+        x = self.merge(x, skip)
         for block in self.blocks:
             x = block(x, films)
         return x
+
+    def merge(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The deeper map, reduced to this width and upsampled, concatenated with the skip."""
+        x = F.interpolate(self.up(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
+        # Interpolation may return NCDHW for an NDHWC input; follow the skip's layout so the
+        # concatenation (and the 1x1x1 shortcut conv after it) stay in the network's layout.
+        return torch.cat([x.contiguous(memory_format=layout_of(skip)), skip], dim=1)
 
 
 class Decoder(nn.Module):
@@ -225,10 +330,28 @@ class Decoder(nn.Module):
         self.out = conv3d(cfg.channels[0], cfg.head_channels, kernel=1)
 
     def forward(self, features: list[torch.Tensor], films: FilmParams) -> torch.Tensor:
+        """Decoder features from the encoder's ``features``.
+
+        Without autograd (see ``overwrites``) the list is emptied as the maps are used, so each skip
+        is freed once it is concatenated: callers take what they need from it (the bottleneck) first.
+        """
+        if overwrites(features[-1]):
+            return self._forward_overwriting(features, films)
         x = features[-1]
         for stage, skip in zip(self.stages, reversed(features[:-1])):
             x = stage(x, skip, films)
         return self.out(self.out_act(self.out_norm(x)))
+
+    def _forward_overwriting(self, features: list[torch.Tensor], films: FilmParams) -> torch.Tensor:
+        x = features.pop()
+        for stage in self.stages:
+            # ``merge`` is called directly, not through Module.__call__ (whose argument tuple would
+            # hold the skip to the end of the stage), so the full-resolution skip goes with the call.
+            x = stage.merge(x, features.pop())
+            for block in stage.blocks:
+                x = block(x, films)
+        # The last block's output is this loop's own map: its norm may overwrite it too.
+        return pointwise(self.out, act_(self.out_act, norm_film_(self.out_norm, x, None)))
 
     def film_slots(self) -> dict[str, int]:
         return {b.film_key: b.conv2.conv.out_channels for s in self.stages for b in s.blocks if b.film_key}

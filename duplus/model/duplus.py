@@ -102,7 +102,8 @@ class DuPLUS(nn.Module):
         self._check_inputs(image, modality, context)
         films = self.film_params(context)
         skips = self.encoder(self.stems(image, modality), films)
-        return self.decoder(skips, films), skips[-1]
+        bottleneck = skips[-1]  # before the decoder, which may empty the list (Decoder.forward)
+        return self.decoder(skips, films), bottleneck
 
     def encode(self, image: torch.Tensor, modality: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Bottleneck F_dense [B, C, z, y, x] (encoder only; used by prognosis)."""

@@ -40,6 +40,15 @@ def apply_film(x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None) 
     return torch.addcmul(beta.reshape(shape).to(x.dtype), x, (1 + gamma.reshape(shape)).to(x.dtype))
 
 
+def apply_film_(x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``apply_film`` written into ``x`` (a map its caller owns, outside autograd): the same op, no new map."""
+    if film is None:
+        return x
+    gamma, beta = film
+    shape = gamma.shape + (1,) * (x.dim() - 2)
+    return torch.addcmul(beta.reshape(shape).to(x.dtype), x, (1 + gamma.reshape(shape)).to(x.dtype), out=x)
+
+
 def build_film_bank(slots: dict[str, int], embed_dim: int, hidden: int | None, act: str) -> nn.ModuleDict:
     """One generator per FiLM slot (name -> channels), e.g. ``encoder_2_1`` -> 128."""
     return nn.ModuleDict({name: FiLMGenerator(embed_dim, c, hidden, act) for name, c in slots.items()})

@@ -59,7 +59,8 @@ def _features_meta(net: DuPLUS, image: torch.Tensor, context: torch.Tensor) -> t
     films = net.film_params(context)
     stem = next(iter(net.stems.values()))
     skips = net.encoder(stem(image), films)
-    return net.decoder(skips, films), skips[-1]
+    bottleneck = skips[-1]  # before the decoder, which may empty the list (Decoder.forward)
+    return net.decoder(skips, films), bottleneck
 
 
 def _config_of(model: nn.Module) -> ModelConfig:
