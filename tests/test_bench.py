@@ -361,3 +361,22 @@ def test_forward_cpu_runs_each_code_in_its_own_process_and_compares_the_logits(c
     assert result["logits"]["two"]["max_abs_logit_diff"] == 0.0 and result["logits"]["two"]["masks_equal"]
     assert result["logits"]["two"]["mask_voxels_differing"] == 0
     assert json.loads(capsys.readouterr().out)["logits"] == result["logits"]
+
+
+def test_head_cpu_times_this_head_beside_an_older_one_and_compares_the_logits(capsys, tmp_path):
+    bench = _script("head_cpu")
+    before = tmp_path / "head_before.py"
+    before.write_text((BENCH.parent / "duplus" / "model" / "head.py").read_text())
+    result = bench.main(["--window", "16", "16", "16", "--prompts", "1", "4", "--rounds", "1", "--threads", "1",
+                         "--min-run-time", "0.01", "--before", str(before), "--budgets", "1", "1073741824"])
+    names = {"before", "this@1", "this@1073741824"}
+    assert set(result["best"]) == {"1", "4"} and all(set(runs) == names for runs in result["best"].values())
+    assert all(run["seconds"] > 0 and "load_average_before" in run for runs in result["best"].values()
+               for run in runs.values())
+    # The same code as "before": the logits agree to float rounding and the masks match.
+    for compared in result["logits"].values():
+        assert set(compared) == names - {"before"}
+        assert all(c["max_abs_logit_diff"] <= 1e-5 and c["against"] == "before" for c in compared.values())
+    assert set(result["summary"]["speedup_over_before"]) == {"1", "4"}
+    assert result["summary"]["this@1"]["4_vs_1_prompts"] > 0
+    assert json.loads(capsys.readouterr().out)["summary"] == result["summary"]
