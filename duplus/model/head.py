@@ -85,13 +85,20 @@ class DynamicHead(nn.Module):
         chunk = max(1024, budget // (b * k * c))
         params = params.to(x.dtype)
         voxels = x.shape[-1]
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and x.device.type == "cpu":
+            # Measured on CPUs only (bench/head_cpu.py); elsewhere the head runs as it did.
             return self._run_folded(x, params, chunk).reshape(b, k, *spatial)
         weights = self._split(params)
         if chunk >= voxels:
             logits = self._run(x, *weights)
-        else:
+        elif torch.is_grad_enabled():
             logits = torch.cat([self._run(x[..., i : i + chunk], *weights) for i in range(0, voxels, chunk)], dim=-1)
+        else:
+            # Without autograd each chunk goes straight to its place: concatenating the chunks
+            # at the end would hold the logits twice (2 x 268 MB for 32 prompts on a 128^3 window).
+            logits = x.new_empty((b, k, voxels), dtype=torch.result_type(x, weights[0]))
+            for i in range(0, voxels, chunk):
+                logits[..., i : i + chunk] = self._run(x[..., i : i + chunk], *weights)
         return logits.reshape(b, k, *spatial)
 
     def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:

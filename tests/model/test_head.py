@@ -84,3 +84,13 @@ def test_half_precision_features_give_logits_of_their_dtype():
         full = head(features, params)
     assert half.dtype == torch.bfloat16
     assert torch.allclose(half.float(), full, atol=0.1 * full.abs().max().item())
+
+
+def test_other_devices_keep_the_unfolded_head(monkeypatch):
+    """The folded path is for CPUs; on the meta device (as on a GPU) the head runs its ``baddbmm`` chunks."""
+    head = head_module.DynamicHead(8)
+    called = []
+    monkeypatch.setattr(head, "_run_folded", lambda *args: called.append(args))
+    with torch.no_grad():
+        logits = head(torch.empty(1, 8, 4, 4, 4, device="meta"), torch.empty(1, 3, sum(head.splits), device="meta"))
+    assert logits.shape == (1, 3, 4, 4, 4) and logits.device.type == "meta" and not called
