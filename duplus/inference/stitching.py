@@ -216,18 +216,23 @@ def blend_slabs(
     plane = [(y, x) for y in y_starts for x in x_starts]
     done = 0  # slices below this are emitted
     near = [{s: [t for t in starts if abs(t - s) < r] for s in starts} for starts, r in zip((z_starts, y_starts, x_starts), roi)]
-    # The last window's factor and the other windows' offsets it came from: the same offsets give the same
-    # total weight, bit for bit, and consecutive windows of a row mostly share them (all but the first and
-    # last two of a row), so most windows skip the 8 window-sized additions of their neighbours' weights.
+    # Dense ring: the last window's factor and the other windows' offsets it came from. The same offsets
+    # give the same total weight, bit for bit, and consecutive windows of a row mostly share them (all but
+    # the first and last two of a row), so most windows skip the window-sized additions of their
+    # neighbours' weights. Blocks keep none: one more window-sized float32 array (8 MB at 128^3) held
+    # through the network's forward would add to the peak where memory is what blocks are for.
     last_factor: list = [None, None]
 
     def factor_at(corner: tuple[int, int, int]) -> torch.Tensor:
         """FIXED: weight x scale / total weight of the window at ``corner``."""
         key = tuple(tuple(t - corner[axis] for t in near[axis][corner[axis]]) for axis in range(3))
-        if last_factor[0] != key:
-            last_factor[:] = [None, None]  # the old one goes before the new one is made
-            last_factor[:] = [key, stitch_weight.mul(scale).div_(total_weight(corner))]
-        return last_factor[1]
+        if last_factor[0] == key:
+            return last_factor[1]
+        last_factor[:] = [None, None]  # the old one goes before the new one is made
+        factor = stitch_weight.mul(scale).div_(total_weight(corner))
+        if blocks is None:
+            last_factor[:] = [key, factor]
+        return factor
 
     # Windows are gathered in the memory order of ``volume`` (which may be a transposed view): a caller that
     # turns them back for its network (duplus.inference.predict, slabs along y) then gets them contiguous.
