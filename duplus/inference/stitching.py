@@ -7,7 +7,8 @@ handed to the caller and their memory is freed. Float buffers are a ring one win
 depth x Y x X values). The 16-bit fixed-point sums (``FIXED``, what masks use) are kept per class in
 blocks of ``BLOCK`` voxels, only where a class's window shares round to at least one unit, and in 8 bits
 while a block's sums stay below 256 units: a class absent from a region (most of 32 prompts almost
-everywhere) holds no memory there, and the sums are the same as a dense buffer's, bit for bit. "z" is
+everywhere) holds no memory there, and the sums are the same as a dense buffer's, bit for bit; a dense
+int16 ring small enough (``DENSE_FIXED_BYTES``: one or two prompts) is kept as it is. "z" is
 the first axis of the volume handed in (the caller may transpose it). Window positions and the Gaussian
 weights are MONAI's (``compute_importance_map``).
 """
