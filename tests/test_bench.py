@@ -368,6 +368,7 @@ def test_blend_time_runs_other_versions_of_the_code_beside_this_one(tmp_path):
     assert bench.parse_child_argv(["--rounds", "2", "--before", "/a", "--code", "x=/b", "--code=y=/c", "--one", "1"]) == \
         ["--rounds", "2", "--one", "1"]
     older = tmp_path / "older"
+    older.mkdir()
     (older / "duplus").symlink_to(Path(bench.__file__).resolve().parents[1] / "duplus")
     result = bench.main(["--size", "20", "40", "40", "--window", "16", "16", "16", "--prompts", "1",
                          "--rounds", "1", "--threads", "1", "--code", f"older={older}"])
