@@ -4,7 +4,7 @@ The stand-in network of bench/blend_memory.py (organ-like logits of the real sha
 replaces DuPLUS, and its own seconds are timed apart and taken off: what is left is what blending,
 thresholding, packing and the boundary levels cost, the part of the per-prompt cost the network's head
 does not explain. Each run is a process of its own; runs of each prompt count (and, with ``--before``,
-of an older version of the code) are interleaved ``--rounds`` times and the fastest is kept, all listed,
+of older versions of the code, ``--code NAME=DIR``) are interleaved ``--rounds`` times and the fastest is kept, all listed,
 with the load averages around each: on a shared machine the slower ones met other jobs. ``--window-seconds``
 (one window through the real network with one prompt, e.g. bench/cpu_inference.py's) turns the blending
 seconds into the whole volume's ratio of many prompts to one that blending alone would cause. Prints one
@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--before", default=None,
                         help="a folder holding an older `duplus` package (git archive COMMIT duplus | tar -x -C DIR), "
                              "timed in the same interleaved rounds")
+    parser.add_argument("--code", action="append", default=[], metavar="NAME=DIR",
+                        help="more older versions to time beside it, each a folder holding a `duplus` package")
     parser.add_argument("--window-seconds", type=float, default=None,
                         help="seconds of one window through the real network with one prompt, on these cores")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: one prompt count
@@ -47,6 +49,19 @@ def _blend_memory():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def parse_child_argv(argv: list[str]) -> list[str]:
+    """``argv`` without the options that name other versions of the code (a child runs one)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--before", "--code"):
+            skip = True
+        elif not arg.startswith(("--before=", "--code=")):
+            out.append(arg)
+    return out
 
 
 def run_one(args: argparse.Namespace, prompts: int) -> dict:
@@ -88,9 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.one is not None:
         print(json.dumps(run_one(args, args.one)), flush=True)
         return {}
-    versions = {"this": None} if args.before is None else {"before": args.before, "this": None}
+    versions = {} if args.before is None else {"before": args.before}
+    versions.update(dict(code.split("=", 1) for code in args.code))
+    versions["this"] = None
     runs: dict[str, dict[int, list[dict]]] = {name: {p: [] for p in args.prompts} for name in versions}
-    child_argv = [a for a in argv if a != "--before" and a != args.before]
+    child_argv = parse_child_argv(argv)
     for _ in range(args.rounds):
         for name, folder in versions.items():
             for prompts in args.prompts:
@@ -117,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary[name] = entry
     result = {"script": "bench/blend_time.py", "volume": args.size, "window": args.window, "overlap": args.overlap,
               "threads": args.threads, "window_seconds": args.window_seconds, "before": args.before,
+              "code": {name: folder for name, folder in versions.items() if folder is not None},
               "blending_seconds_per_window": summary,
               "runs": {name: {str(p): rs for p, rs in by.items()} for name, by in runs.items()},
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -380,3 +380,16 @@ def test_head_cpu_times_this_head_beside_an_older_one_and_compares_the_logits(ca
     assert set(result["summary"]["speedup_over_before"]) == {"1", "4"}
     assert result["summary"]["this@1"]["4_vs_1_prompts"] > 0
     assert json.loads(capsys.readouterr().out)["summary"] == result["summary"]
+
+
+def test_blend_time_runs_other_versions_of_the_code_beside_this_one(tmp_path):
+    bench = _script("blend_time")
+    assert bench.parse_child_argv(["--rounds", "2", "--before", "/a", "--code", "x=/b", "--code=y=/c", "--one", "1"]) == \
+        ["--rounds", "2", "--one", "1"]
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "duplus").symlink_to(Path(bench.__file__).resolve().parents[1] / "duplus")
+    result = bench.main(["--size", "20", "40", "40", "--window", "16", "16", "16", "--prompts", "1",
+                         "--rounds", "1", "--threads", "1", "--code", f"older={older}"])
+    assert list(result["runs"]) == ["older", "this"] and result["code"] == {"older": str(older)}
+    assert all("failed" not in r for runs in result["runs"].values() for r in runs["1"])

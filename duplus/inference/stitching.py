@@ -7,7 +7,8 @@ handed to the caller and their memory is freed. Float buffers are a ring one win
 depth x Y x X values). The 16-bit fixed-point sums (``FIXED``, what masks use) are kept per class in
 blocks of ``BLOCK`` voxels, only where a class's window shares round to at least one unit, and in 8 bits
 while a block's sums stay below 256 units: a class absent from a region (most of 32 prompts almost
-everywhere) holds no memory there, and the sums are the same as a dense buffer's, bit for bit. "z" is
+everywhere) holds no memory there, and the sums are the same as a dense buffer's, bit for bit; a dense
+int16 ring small enough (``DENSE_FIXED_BYTES``: one or two prompts) is kept as it is. "z" is
 the first axis of the volume handed in (the caller may transpose it). Window positions and the Gaussian
 weights are MONAI's (``compute_importance_map``).
 """
@@ -39,6 +40,11 @@ FIXED = torch.int16
 # stand-in of bench/blend_memory.py: 43 % of class blocks hold units at this size, 83 % at 32 x 64 x 64),
 # large enough that a 128^3 window meets 128-225 of them (one Python step each, vectorised over classes).
 BLOCK = (16, 32, 32)
+# The fixed-point sums stay one dense int16 ring (K x window depth x Y x X, as for float buffers) while it
+# takes at most this many bytes: one or two prompts on a 300 x 512 x 512 CT (39 MB per prompt for 128^3
+# windows along y), where blocks would save a few MB and cost their bookkeeping on every window (at 1
+# prompt blending took 2.8x as long per window, bench/blend_time.py). Blocks from 8 prompts up (315 MB dense).
+DENSE_FIXED_BYTES = 128 * 2**20
 # A block's sums stay 8-bit while below this many units (probabilities below 0.0078: an absent class's
 # background), 16-bit once any exceeds it.
 SMALL_UNITS = 256
@@ -173,6 +179,7 @@ def blend_slabs(
     device: torch.device,
     stitch_device: torch.device,
     buffer_dtype: torch.dtype = torch.float32,
+    dense_fixed_bytes: int = DENSE_FIXED_BYTES,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(z0, probs)``: blended predictions [K, dz, Y, X] (float32, on ``stitch_device``) of
     consecutive z-ranges of ``volume`` [Z, Y, X], in order, covering it exactly once.
@@ -181,8 +188,10 @@ def blend_slabs(
     tensor: it is weighted in place). Volumes smaller than the window are padded at the far end with
     their minimum and cropped back. ``buffer_dtype``: float32 gives MONAI's numbers; float16 halves the
     buffer and errs by up to ~2e-3 (weights stay float32); ``FIXED`` keeps integer sums in
-    ``UnitBlocks`` (memory only where a class has units), for values in [0, 1] only (probabilities:
-    beyond 1 the sum may overflow), and errs by at most ``max_cover / 2`` units of ``1 / fixed_scale``.
+    ``UnitBlocks`` (memory only where a class has units) or, while a dense int16 ring takes at most
+    ``dense_fixed_bytes``, in that ring (the same sums, bit for bit), for values in [0, 1] only
+    (probabilities: beyond 1 the sum may overflow), and errs by at most ``max_cover / 2`` units of
+    ``1 / fixed_scale``.
     The first axis is the slab axis: ``duplus.inference.predict`` hands in a transposed volume (and a
     predictor that turns windows back) where slabs along y are smaller.
     """
@@ -199,13 +208,44 @@ def blend_slabs(
     stitch_weight = weight.to(stitch_device)
     fixed = buffer_dtype == FIXED
     scale = fixed_scale(max_cover(padded, roi, overlap)) if fixed else 1
-    acc = None if fixed else torch.zeros((classes, rz, padded[1], padded[2]), dtype=buffer_dtype, device=stitch_device)
-    blocks = UnitBlocks(classes, stitch_device) if fixed else None
+    ring_shape = (classes, rz, padded[1], padded[2])
+    dense = not fixed or math.prod(ring_shape) * FIXED.itemsize <= dense_fixed_bytes
+    acc = torch.zeros(ring_shape, dtype=buffer_dtype, device=stitch_device) if dense else None
+    blocks = None if dense else UnitBlocks(classes, stitch_device)
     # Float buffers: the weights added so far, divided out as slices leave.
     weight_sum = None if fixed else torch.zeros((rz, padded[1], padded[2]), device=stitch_device)
     plane = [(y, x) for y in y_starts for x in x_starts]
     done = 0  # slices below this are emitted
     near = [{s: [t for t in starts if abs(t - s) < r] for s in starts} for starts, r in zip((z_starts, y_starts, x_starts), roi)]
+    # Dense ring: the last window's factor and the other windows' offsets it came from. The same offsets
+    # give the same total weight, bit for bit, and consecutive windows of a row mostly share them (all but
+    # the first and last two of a row), so most windows skip the window-sized additions of their
+    # neighbours' weights. Blocks keep none: one more window-sized float32 array (8 MB at 128^3) held
+    # through the network's forward would add to the peak where memory is what blocks are for.
+    last_factor: list = [None, None]
+
+    def factor_at(corner: tuple[int, int, int]) -> torch.Tensor:
+        """FIXED: weight x scale / total weight of the window at ``corner``."""
+        key = tuple(tuple(t - corner[axis] for t in near[axis][corner[axis]]) for axis in range(3))
+        if last_factor[0] == key:
+            return last_factor[1]
+        last_factor[:] = [None, None]  # the old one goes before the new one is made
+        factor = stitch_weight.mul(scale).div_(total_weight(corner))
+        if blocks is None:
+            last_factor[:] = [key, factor]
+        return factor
+
+    # Windows are gathered in the memory order of ``volume`` (which may be a transposed view): a caller that
+    # turns them back for its network (duplus.inference.predict, slabs along y) then gets them contiguous.
+    order = sorted(range(3), key=lambda d: -volume.stride(d))
+    back = [2 + order.index(d) for d in range(3)]
+
+    def gather(z: int, corners: list[tuple[int, int]]) -> torch.Tensor:
+        out = torch.empty((len(corners), 1, *(roi[d] for d in order)), dtype=volume.dtype, device=volume.device)
+        out = out.permute(0, 1, *back)
+        for i, (y, x) in enumerate(corners):
+            out[i, 0] = volume[z : z + rz, y : y + ry, x : x + rx]
+        return out
 
     def total_weight(corner: tuple[int, int, int]) -> torch.Tensor:
         """FIXED: the weight all windows put on the window at ``corner`` [rz, ry, rx], known before they run.
@@ -232,10 +272,11 @@ def blend_slabs(
                     yield z0 + first, part.div_(scale)
                 else:
                     part = acc[:, rows, : shape[1], : shape[2]].to(torch.float32, copy=True)
-                    yield z0 + first, part.div_(weight_sum[rows, : shape[1], : shape[2]])
+                    yield z0 + first, part.div_(scale if fixed else weight_sum[rows, : shape[1], : shape[2]])
                 del part
             if acc is not None:
                 acc[:, ring].zero_()
+            if weight_sum is not None:
                 weight_sum[ring].zero_()
         done = upto
         if blocks is not None:
@@ -245,8 +286,8 @@ def blend_slabs(
         yield from finish(z)
         for first in range(0, len(plane), sw_batch_size):
             corners = plane[first : first + sw_batch_size]
-            windows = torch.stack([volume[z : z + rz, y : y + ry, x : x + rx] for y, x in corners])
-            out = predictor(windows[:, None].to(device, non_blocking=True))
+            windows = gather(z, corners)
+            out = predictor(windows.to(device, non_blocking=True))
             del windows
             if not fixed:
                 out.mul_(weight)
@@ -254,9 +295,13 @@ def blend_slabs(
             for (y, x), values in zip(corners, out):
                 if fixed:
                     # The window's share of each voxel in units: one multiplication of the K values by a
-                    # window-sized factor (weight x scale / total weight), rounded, added where not zero.
-                    factor = stitch_weight.mul(scale).div_(total_weight((z, y, x)))
-                    blocks.add(values.mul_(factor).round_(), (z, y, x))
+                    # window-sized factor (weight x scale / total weight), rounded; blocks add it where not zero.
+                    units = values.mul_(factor_at((z, y, x))).round_()
+                    if blocks is not None:
+                        blocks.add(units, (z, y, x))
+                        continue
+                    for ring, offset in _ring(z, rz, rz):
+                        acc[:, ring, y : y + ry, x : x + rx] += units[:, offset].to(FIXED)
                     continue
                 for ring, offset in _ring(z, rz, rz):
                     box = (ring, slice(y, y + ry), slice(x, x + rx))

@@ -120,21 +120,41 @@ def test_packed_masks_round_trip_any_width():
         masks.write(0, full[:2])
 
 
+@pytest.mark.parametrize("dense_bytes", [0, 2**30])
 @pytest.mark.parametrize("overlap", [0.0, 0.5, 0.75])
-def test_fixed_point_buffer_stays_within_half_a_unit_per_window(overlap):
-    """The 16-bit buffer against MONAI's float32 blend: within its stated bound, whatever the overlap."""
+def test_fixed_point_buffer_stays_within_half_a_unit_per_window(overlap, dense_bytes):
+    """The 16-bit sums against MONAI's float32 blend, in blocks (0 bytes allowed dense) and in a dense ring:
+    within their stated bound, whatever the overlap."""
     volume = torch.randn(40, 37, 21)
     roi = (16, 16, 16)
     predictor = _predictor(3)
     out = torch.full((3, *volume.shape), float("nan"))
     for z0, slab in blend_slabs(volume, predictor, 3, roi=roi, overlap=overlap, sw_batch_size=2, mode="gaussian",
-                                device=CPU, stitch_device=CPU, buffer_dtype=FIXED):
+                                device=CPU, stitch_device=CPU, buffer_dtype=FIXED, dense_fixed_bytes=dense_bytes):
         out[:, z0 : z0 + slab.shape[1]] = slab
     theirs = sliding_window_inference(volume[None, None], roi, 3, predictor, overlap=overlap, mode="gaussian")[0]
     cover = max_cover(volume.shape, roi, overlap)
     error = float((out - theirs).abs().max())
     assert error <= (cover / 2) / fixed_scale(cover) + 1e-6, (error, cover)
     assert error > 0  # it is the fixed-point path, not a float32 one
+
+
+def test_dense_ring_and_blocks_give_the_same_fixed_point_slabs():
+    """One prompt's dense int16 ring and the per-class blocks: the same slabs, bit for bit, along z and in a
+    transposed frame (slabs along y)."""
+    volume = torch.randn(23, 40, 21)
+    predictor = _predictor(3)
+
+    def blend(frame, dense_bytes, batch):
+        return torch.cat([slab for _, slab in blend_slabs(frame, predictor, 3, roi=(16, 16, 16), overlap=0.5,
+                                                          sw_batch_size=batch, mode="gaussian", device=CPU,
+                                                          stitch_device=CPU, buffer_dtype=FIXED,
+                                                          dense_fixed_bytes=dense_bytes)], dim=1)
+
+    for frame in (volume, volume.transpose(0, 1)):
+        dense = blend(frame, 2**30, 2)
+        assert torch.equal(dense, blend(frame, 0, 2))
+        assert dense.shape[1:] == frame.shape and 0 < float(dense.min()) and float(dense.max()) < 1
 
 
 def test_max_cover_counts_the_windows_over_the_most_covered_voxel():
