@@ -335,6 +335,16 @@ def test_blend_memory_measures_each_prompt_count_in_its_own_process(capsys):
     assert json.loads(capsys.readouterr().out)["runs"] == result["runs"]
 
 
+def test_blend_memory_stands_in_for_the_forwards_activations():
+    bench = _script("blend_memory")
+    result = bench.main(["--size", "20", "40", "40", "--window", "16", "16", "16", "--prompts", "2", "--threads", "1",
+                         "--forward-mb", "300"])
+    run = result["runs"][0]
+    assert result["forward_mb"] == 300
+    # The 300 MB each window's forward fills come on top of what blending holds beside it.
+    assert run["peak_rss_mb"] >= run["before_blending_mb"] + 250
+
+
 def test_blend_time_interleaves_rounds_and_keeps_the_fastest(capsys):
     bench = _script("blend_time")
     result = bench.main(["--size", "20", "40", "40", "--window", "16", "16", "16", "--prompts", "1", "3",

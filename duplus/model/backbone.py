@@ -203,8 +203,33 @@ class PreActResBlock(nn.Module):
         """
         film = films[self.film_key] if self.film_key is not None else None
         h = self.conv1(act_(self.act1, self.norm1(x)))
+        return self._finish(x, h, film)
+
+    def forward_consuming(self, maps: list[torch.Tensor], films: FilmParams) -> torch.Tensor:
+        """``forward`` without autograd for an input the caller hands over: ``maps.pop()``.
+
+        With a 1x1x1 shortcut the shortcut is taken first and the input is then normalised in place
+        and freed after the first conv, instead of kept beside a normalised copy of itself: in the
+        first full-resolution decoder block (64 channels at 128^3, 537 MB) that copy was the forward's
+        largest map. Any other block, or an input ``normalize_`` cannot take, runs ``forward``.
+        """
+        x = maps.pop()
+        if (not overwrites(x) or isinstance(self.shortcut, nn.Identity) or not isinstance(self.norm1, InstanceNorm3dKeepLayout)
+                or not self.norm1.can_overwrite(x)):
+            return self(x, films)
+        film = films[self.film_key] if self.film_key is not None else None
+        skip = pointwise(self.shortcut, x).contiguous(memory_format=layout_of(x))
+        h = act_(self.act1, self.norm1.normalize_(x))  # the same map as x, rewritten
+        del x  # the caller's reference went with maps.pop(): the map is freed once conv1 has read it
+        h = self.conv1(h)
+        return self._finish(skip, h, film, shortcut_done=True)
+
+    def _finish(self, x: torch.Tensor, h: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None,
+                shortcut_done: bool = False) -> torch.Tensor:
+        """The block after its first conv: ``h`` rewritten in place, plus the shortcut of ``x``
+        (``x`` is the shortcut itself when ``shortcut_done``)."""
         h = self.conv2(self.drop(act_(self.act2, norm_film_(self.norm2, h, film))))
-        skip = x if isinstance(self.shortcut, nn.Identity) else pointwise(self.shortcut, x)
+        skip = x if shortcut_done or isinstance(self.shortcut, nn.Identity) else pointwise(self.shortcut, x)
         if skip is not x:
             skip = skip.contiguous(memory_format=layout_of(x))
         if h.dtype != torch.result_type(skip, h) or h.shape != skip.shape:
@@ -310,7 +335,22 @@ class DecoderStage(nn.Module):
         return x
 
     def merge(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """The deeper map, reduced to this width and upsampled, concatenated with the skip."""
+        """The deeper map, reduced to this width and upsampled, concatenated with the skip.
+
+        Without autograd the skip is copied into the concatenation and this call's reference to it
+        dropped before the upsampled map is made: a caller that hands the skip over (keeps no reference,
+        as ``Decoder`` does) never has the two beside the concatenation together (at 128^3: 805 MB at
+        most instead of 1,073 MB). The skip is read, never written.
+        """
+        if overwrites(skip):
+            reduced = self.up(x)
+            merged = torch.empty((skip.shape[0], reduced.shape[1] + skip.shape[1], *skip.shape[2:]), dtype=skip.dtype,
+                                 device=skip.device, memory_format=layout_of(skip))
+            merged[:, reduced.shape[1]:].copy_(skip)
+            del skip
+            upsampled = F.interpolate(reduced, size=merged.shape[2:], mode="trilinear", align_corners=False)
+            merged[:, : reduced.shape[1]].copy_(upsampled)
+            return merged
         x = F.interpolate(self.up(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
         # Interpolation may return NCDHW for an NDHWC input; follow the skip's layout so the
         # concatenation (and the 1x1x1 shortcut conv after it) stay in the network's layout.
@@ -347,9 +387,12 @@ class Decoder(nn.Module):
         for stage in self.stages:
             # ``merge`` is called directly, not through Module.__call__ (whose argument tuple would
             # hold the skip to the end of the stage), so the full-resolution skip goes with the call.
-            x = stage.merge(x, features.pop())
+            maps = [stage.merge(x, features.pop())]
+            del x
             for block in stage.blocks:
-                x = block(x, films)
+                # The block takes the map out of ``maps``: nothing here holds it while the block runs.
+                maps.append(block.forward_consuming(maps, films))
+            x = maps.pop()
         # The last block's output is this loop's own map: its norm may overwrite it too.
         return pointwise(self.out, act_(self.out_act, norm_film_(self.out_norm, x, None)))
 

@@ -56,6 +56,38 @@ def test_volume_smaller_than_window_is_padded(model):
     assert torch.allclose(probs, direct, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(20, 30, 18), (9, 16, 5)], ids=["windows", "padded"])
+def test_the_image_is_read_never_written_and_a_float32_array_is_not_copied(model, shape, monkeypatch):
+    import numpy as np
+
+    from duplus.inference import predict as predict_module
+
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    kept = image.copy()
+    shared = []
+    real = predict_module._as_volume
+
+    def recording(array):
+        volume = real(array)
+        shared.append(np.shares_memory(volume.numpy(), array))
+        return volume
+
+    monkeypatch.setattr(predict_module, "_as_volume", recording)
+    ctx, tgt = torch.randn(TEXT_DIM), torch.randn(3, TEXT_DIM)
+    masks = predict_masks(model, image, "CT", ctx, tgt, _config())
+    probs = predict_probabilities(model, image, "CT", ctx, tgt, _config())
+    assert np.array_equal(image, kept), "inference must not change the caller's image"
+    assert shared == [True, True], "a writable float32 array is used in place, not copied"
+    # A read-only (e.g. memory-mapped) or float64 image is copied and gives the same masks.
+    readonly = image.copy()
+    readonly.flags.writeable = False
+    for other in (readonly, image.astype(np.float64)):
+        again = predict_masks(model, other, "CT", ctx, tgt, _config())
+        assert all(np.array_equal(again[k], masks[k]) for k in range(3))
+    assert shared[2:] == [False, False]
+    assert probs.shape == (3, *shape)
+
+
 def test_single_window_equals_direct_forward(model):
     image, ctx, tgt = torch.randn(16, 16, 16), torch.randn(TEXT_DIM), torch.randn(3, TEXT_DIM)
     probs = predict_probabilities(model, image, "PET", ctx, tgt, _config(blend="constant"))
