@@ -174,6 +174,7 @@ class Pretrain:
 class Inference:
     overlap: float
     sw_batch_size: int | None
+    channels_last: bool | None
     blend: str
     threshold: float
     blend_buffer_mb: float

@@ -28,6 +28,7 @@ SPEED_ONLY: dict[str, dict[str, str]] = {
     },
     "inference": {
         "sw_batch_size": "windows per forward pass; each window is predicted on its own (rounding only)",
+        "channels_last": "the memory layout of the same convolutions (rounding only)",
         "blend_buffer_mb": "float32 or float16 blending buffer: probabilities round at about 1e-3, so a mask "
                            "changes only where one lies that close to the threshold",
     },

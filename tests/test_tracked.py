@@ -44,7 +44,7 @@ def test_every_speed_only_setting_is_a_schema_setting_with_its_reason():
 
 FASTER = {"pretrain": {"num_workers": 3, "compile": True, "channels_last": True, "checkpoint_every": 7, "processes": 2,
                        "log_every": 3},
-          "inference": {"sw_batch_size": 5, "blend_buffer_mb": 10.0}, "prompts": {"batch_size": 3},
+          "inference": {"sw_batch_size": 5, "channels_last": False, "blend_buffer_mb": 10.0}, "prompts": {"batch_size": 3},
           "lora": {"checkpoint_every": 11}}
 
 

@@ -3,7 +3,7 @@
 Import from here: ``ModelConfig``, ``DuPLUS``, ``MODALITIES``, ``save_model``, ``load_model``, ...
 """
 
-from duplus.model.backbone import use_channels_last
+from duplus.model.backbone import is_channels_last, use_channels_last
 from duplus.model.config import MODALITIES, PRESETS, ModelConfig
 from duplus.model.duplus import LORA_GROUPS, DuPLUS, count_parameters, lora_target_names, modalities_of, modality_index
 from duplus.model.flops import count_macs, efficiency
@@ -20,6 +20,7 @@ __all__ = [
     "count_parameters",
     "count_macs",
     "efficiency",
+    "is_channels_last",
     "lora_target_names",
     "modality_index",
     "modalities_of",

@@ -26,18 +26,27 @@ def layout_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def use_channels_last(model: nn.Module) -> nn.Module:
+def use_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Switch a DuPLUS (or task-specific) network to channels-last (NDHWC), in place; returns it.
+    ``enabled=False`` switches it back to the default layout (NCDHW).
 
-    cuDNN's tensor-core kernels for bf16/fp16 3-D convolutions then need no layout transposes.
-    Outputs equal the default layout's up to float rounding; only speed differs, which depends on
-    the GPU and on ``torch.compile`` (``bench/train_step.py`` measures it), so it is a switch.
+    cuDNN's tensor-core kernels for bf16/fp16 3-D convolutions then need no layout transposes, and
+    oneDNN's CPU convolutions no reorders of their input and output (``duplus.inference.predict``
+    infers on a CPU in NDHWC). Outputs equal the default layout's up to float rounding; on a GPU
+    only speed differs, which depends on the GPU and on ``torch.compile`` (``bench/train_step.py``
+    measures it), so for training it is a switch.
     """
-    model.to(memory_format=torch.channels_last_3d)
+    model.to(memory_format=torch.channels_last_3d if enabled else torch.contiguous_format)
     for module in model.modules():
         if isinstance(module, ModalityStems):
-            module.channels_last = True
+            module.channels_last = enabled
     return model
+
+
+def is_channels_last(model: nn.Module) -> bool | None:
+    """Whether the network emits NDHWC maps (``use_channels_last``); None if it has no modality stems."""
+    stems = [m for m in model.modules() if isinstance(m, ModalityStems)]
+    return any(stem.channels_last for stem in stems) if stems else None
 
 
 def overwrites(x: torch.Tensor) -> bool:
@@ -68,25 +77,31 @@ def pointwise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Torch runs a batch-1 1x1x1 Conv3d through oneDNN or its slow im2col path at about half the rate
     of ``addmm`` on the same [C_out, C_in] x [C_in, voxels] product (the shortcut of the first
-    decoder block and the decoder's output conv run at full resolution). Only without autograd;
-    anything else (LoRA-wrapped convs, other layouts or devices, meta tensors for FLOP counting)
-    calls the module.
+    decoder block and the decoder's output conv run at full resolution). NCDHW and NDHWC maps keep
+    their layout. Only without autograd; anything else (LoRA-wrapped convs, other devices, meta
+    tensors for FLOP counting) calls the module.
     """
     conv = module.conv if isinstance(module, Convolution) and len(module) == 1 else None
+    layout = layout_of(x) if x.dim() == 5 else None
     if (type(conv) is not nn.Conv3d or torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 5
-            or not x.is_contiguous()
+            or not x.is_contiguous(memory_format=layout)
             or conv.kernel_size != (1, 1, 1) or conv.stride != (1, 1, 1) or conv.padding != (0, 0, 0)
             or conv.dilation != (1, 1, 1) or conv.groups != 1 or x.dtype != conv.weight.dtype):
         return module(x)
     batch, channels = x.shape[:2]
-    weight = conv.weight.view(conv.out_channels, channels)
-    out = x.new_empty((batch, conv.out_channels, *x.shape[2:]))
+    weight = conv.weight.reshape(conv.out_channels, channels)
+    out = torch.empty((batch, conv.out_channels, *x.shape[2:]), dtype=x.dtype, memory_format=layout)
     for b in range(batch):
-        rows, result = x[b].view(channels, -1), out[b].view(conv.out_channels, -1)
-        if conv.bias is None:
-            torch.mm(weight, rows, out=result)
+        if layout == torch.channels_last_3d:  # NDHWC: [voxels, C] rows, out = rows W^T (+ bias), layout kept
+            left, right = x[b].permute(1, 2, 3, 0).view(-1, channels), weight.t()
+            result, bias = out[b].permute(1, 2, 3, 0).view(-1, conv.out_channels), conv.bias
+        else:  # NCDHW: [C, voxels], out = W x (+ bias)
+            left, right = weight, x[b].view(channels, -1)
+            result, bias = out[b].view(conv.out_channels, -1), None if conv.bias is None else conv.bias.view(-1, 1)
+        if bias is None:
+            torch.mm(left, right, out=result)
         else:
-            torch.addmm(conv.bias.view(-1, 1), weight, rows, out=result)
+            torch.addmm(bias, left, right, out=result)
     return out
 
 
@@ -123,9 +138,10 @@ class InstanceNorm3dKeepLayout(nn.InstanceNorm3d):
         return torch.addcmul(shift, xf, scale).to(x.dtype)
 
     def can_overwrite(self, x: torch.Tensor) -> bool:
-        """Whether ``normalize_`` takes ``x``: a contiguous float32 NCDHW map on a CPU, outside autograd."""
+        """Whether ``normalize_`` takes ``x``: a dense float32 NCDHW or NDHWC map on a CPU, outside autograd."""
         return (x.dim() == 5 and not self.track_running_stats and x.dtype == torch.float32
-                and x.device.type == "cpu" and x.is_contiguous() and not torch.is_grad_enabled())
+                and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last_3d)))
 
     def normalize_(self, x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``apply_film(self(x), film)`` written into ``x`` in one pass (see ``can_overwrite``).
@@ -135,7 +151,12 @@ class InstanceNorm3dKeepLayout(nn.InstanceNorm3d):
         channel) scale and shift, so the map is read twice and written once, with no new map.
         """
         batch, channels = x.shape[:2]
-        mean, var = torch.batch_norm_update_stats(x.view(1, batch * channels, -1), None, None, 0.0)
+        if x.is_contiguous():
+            mean, var = torch.batch_norm_update_stats(x.view(1, batch * channels, -1), None, None, 0.0)
+        else:  # NDHWC: per sample, the same kernel on its [voxels, C] rows (channels innermost)
+            rows = x.permute(0, 2, 3, 4, 1).view(batch, -1, channels)
+            stats = [torch.batch_norm_update_stats(rows[b], None, None, 0.0) for b in range(batch)]
+            mean, var = (torch.stack(s) for s in zip(*stats))
         scale = torch.rsqrt(var.view(batch, channels) + self.eps)
         shift = -mean.view(batch, channels) * scale
         if self.affine:

@@ -88,6 +88,27 @@ def test_the_image_is_read_never_written_and_a_float32_array_is_not_copied(model
     assert probs.shape == (3, *shape)
 
 
+def test_a_cpu_infers_in_channels_last_and_gives_the_model_back_as_it_came(model):
+    from duplus.model import is_channels_last
+
+    seen = []
+    handle = model.decoder.register_forward_hook(
+        lambda m, args, out: seen.append(out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous()))
+    image, ctx, tgt = torch.randn(20, 30, 18), torch.randn(TEXT_DIM), torch.randn(3, TEXT_DIM)
+    try:
+        layouts = {}
+        for setting in (None, False, True):
+            seen.clear()
+            config = _config()
+            config["inference"]["channels_last"] = setting
+            layouts[setting] = (predict_probabilities(model, image, "CT", ctx, tgt, config), set(seen))
+            assert is_channels_last(model) is False, "the caller's model comes back in its own layout"
+    finally:
+        handle.remove()
+    assert layouts[None][1] == layouts[True][1] == {True} and layouts[False][1] == {False}
+    assert (layouts[None][0] - layouts[False][0]).abs().max() <= 1e-5
+
+
 def test_single_window_equals_direct_forward(model):
     image, ctx, tgt = torch.randn(16, 16, 16), torch.randn(TEXT_DIM), torch.randn(3, TEXT_DIM)
     probs = predict_probabilities(model, image, "PET", ctx, tgt, _config(blend="constant"))

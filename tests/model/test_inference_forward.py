@@ -97,16 +97,18 @@ def test_encoder_features_survive_the_decoder_for_the_caller():
     assert features.shape == (1, model.cfg.head_channels, 16, 16, 16)
 
 
-def test_in_place_instance_norm_folds_norm_affine_and_film_into_one_pass():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["NCDHW", "NDHWC"])
+def test_in_place_instance_norm_folds_norm_affine_and_film_into_one_pass(layout):
     norm = InstanceNorm3dKeepLayout(6, affine=True)
     _randomize_norms(norm)
-    x = torch.randn(2, 6, 5, 7, 3) * 4 + 2
+    x = (torch.randn(2, 6, 5, 7, 3) * 4 + 2).contiguous(memory_format=layout)
     film = (torch.randn(2, 6) * 0.5, torch.randn(2, 6))
-    expected = apply_film(F.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps), film)
+    expected = apply_film(F.instance_norm(x.contiguous(), weight=norm.weight, bias=norm.bias, eps=norm.eps), film)
     with torch.no_grad():
         assert norm.can_overwrite(x)
         out = norm.normalize_(x, film)
     assert out.data_ptr() == x.data_ptr(), "written into its input"
+    assert out.is_contiguous(memory_format=layout), "the layout is kept"
     assert torch.allclose(out, expected, atol=1e-5)
 
 
@@ -120,8 +122,9 @@ def test_pointwise_convolution_as_a_matrix_product_equals_the_convolution(bias):
     expected = module(x).detach()
     with torch.no_grad():
         assert torch.allclose(pointwise(module, x), expected, atol=1e-5)
-        channels_last = x.contiguous(memory_format=torch.channels_last_3d)  # not taken: the module runs
-        assert torch.allclose(pointwise(module, channels_last), expected, atol=1e-5)
+        channels_last = pointwise(module, x.contiguous(memory_format=torch.channels_last_3d))
+    assert torch.allclose(channels_last, expected, atol=1e-5)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last_3d), "NDHWC in, NDHWC out"
 
 
 def test_chunked_dynamic_head_without_autograd_equals_the_training_one(monkeypatch):
