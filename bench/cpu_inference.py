@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"roofline: {result['roofline'].get('gflops', float('nan')):.1f} GFLOP/s", file=sys.stderr)
     rate = result.get("roofline", {}).get("gflops")
     if "window" in args.parts:
-        result["window"] = _run_part(args, argv, "window")
-        for run in result["window"].get("runs", []):
+        # Not under "window", which is the window's size (an earlier version of this script put it there).
+        result["window_settings"] = _run_part(args, argv, "window")
+        for run in result["window_settings"].get("runs", []):
             if rate and "gflops" in run and run["threads"] == args.threads:  # the roofline ran on args.threads
                 run["share_of_roofline"] = run["gflops"] / rate
     volumes: dict[tuple, list[dict]] = {}
@@ -338,7 +339,7 @@ def summary(result: dict) -> dict:
     runs = {run["prompts"]: run for run in result.get("duplus", []) if "seconds_per_volume" in run}
     nnunet = {run["mirroring"]: run for run in result.get("nnunet", []) if "seconds_per_volume" in run}
     fewest, most = (runs[min(runs)], runs[max(runs)]) if runs else (None, None)
-    windows = [run for run in result.get("window", {}).get("runs", []) if "seconds_per_window" in run]
+    windows = [run for run in result.get("window_settings", {}).get("runs", []) if "seconds_per_window" in run]
     fastest = min(windows, key=lambda run: run["seconds_per_window"]) if windows else None
     return {
         "roofline_gflops": result.get("roofline", {}).get("gflops"),

@@ -12,6 +12,7 @@ difference and whether the masks (logit > 0) are equal. Prints one JSON object o
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -30,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--code", nargs="+", default=[f"this={BENCH.parent}"], metavar="NAME=DIR",
                         help="DuPLUS versions to run; the first is the reference for the logits")
+    parser.add_argument("--layouts", nargs="+", default=["ncdhw"], choices=["ncdhw", "ndhwc"],
+                        help="memory layouts to run each code in (ndhwc: use_channels_last, as CPU inference runs "
+                             "by default); runs in ndhwc are named NAME/ndhwc")
+    parser.add_argument("--layout", default="ncdhw", choices=["ncdhw", "ndhwc"], help=argparse.SUPPRESS)
     parser.add_argument("--nnunet-python", default=None, help="python of tools/install_nnunet.sh's venv (none: skipped)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core usable)")
@@ -64,7 +69,7 @@ def child_duplus(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from duplus.model import DuPLUS, ModelConfig
+    from duplus.model import DuPLUS, ModelConfig, use_channels_last
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -75,6 +80,8 @@ def child_duplus(args: argparse.Namespace) -> dict:
             film.out.weight.copy_(0.02 * torch.randn(film.out.weight.shape, generator=generator))
     image = torch.randn((1, 1, *args.window), generator=generator)
     context, targets = torch.randn((1, 512), generator=generator), torch.randn((args.prompts, 512), generator=generator)
+    if args.layout == "ndhwc":
+        use_channels_last(model)
     with torch.no_grad():
         run = _timed(lambda: model(image, torch.zeros(1, dtype=torch.long), context, targets))
     logits = run.pop("out")
@@ -110,9 +117,10 @@ def child_nnunet(args: argparse.Namespace) -> dict:
     return {**run, "params": sum(p.numel() for p in network.parameters())}
 
 
-def _run(args: argparse.Namespace, kind: str, python: str, path: str | None, save: str | None) -> dict:
+def _run(args: argparse.Namespace, kind: str, python: str, path: str | None, save: str | None,
+         layout: str = "ncdhw") -> dict:
     command = [python, str(Path(__file__).resolve()), "--child", kind, "--window", *map(str, args.window),
-               "--prompts", str(args.prompts), "--threads", str(args.threads)]
+               "--prompts", str(args.prompts), "--threads", str(args.threads), "--layout", layout]
     if save:
         command += ["--save", save]
     env = dict(os.environ)
@@ -141,9 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
     comparison: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
-            for name, path in codes.items():
-                save = str(Path(scratch) / f"{name}.npy") if round_ == 0 else None
-                run = _run(args, "duplus", sys.executable, str(Path(path).resolve()), save)
+            for (name, path), layout in itertools.product(codes.items(), args.layouts):
+                name = name if layout == "ncdhw" else f"{name}/{layout}"
+                save = str(Path(scratch) / f"{name.replace('/', '-')}.npy") if round_ == 0 else None
+                run = _run(args, "duplus", sys.executable, str(Path(path).resolve()), save, layout)
                 runs.setdefault(name, []).append(run)
                 print(f"round {round_}, {name}: {run.get('seconds', float('nan')):.1f} s, "
                       f"peak {run.get('peak_rss_mb', float('nan')):.0f} MB", file=sys.stderr)
@@ -151,8 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
                 run = _run(args, "nnunet", args.nnunet_python, None, None)
                 runs.setdefault("nnunet", []).append(run)
                 print(f"round {round_}, nnunet: {run.get('seconds', float('nan')):.1f} s", file=sys.stderr)
-        names = list(codes)
-        files = {name: Path(scratch) / f"{name}.npy" for name in names}
+        names = [name if layout == "ncdhw" else f"{name}/{layout}" for name, layout in itertools.product(codes, args.layouts)]
+        files = {name: Path(scratch) / f"{name.replace('/', '-')}.npy" for name in names}
         if files[names[0]].exists():
             reference = np.load(files[names[0]])
             for name in names[1:]:
@@ -175,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "peak_rss_mb_all_rounds": [run.get("peak_rss_mb") for run in tries]}
     result = {
         "script": "bench/forward_cpu.py", "preset": "paper", "window": args.window, "prompts": args.prompts,
-        "codes": codes, "rounds": args.rounds, "note": args.note, "best": best, "logits": comparison,
+        "codes": codes, "layouts": args.layouts, "rounds": args.rounds, "note": args.note, "best": best, "logits": comparison,
         "machine": {"cpu": platform.processor() or platform.machine(), "kernels": torch.backends.cpu.get_cpu_capability(),
                     "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
                     "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg()),

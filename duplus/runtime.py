@@ -145,29 +145,41 @@ def peak_rss_mb() -> float:
 
 
 # glibc's malloc serves blocks below its mmap threshold from a heap it gives back to the system only
-# from the top, and raises that threshold to the size of each large block freed (up to 32 MB). Once
+# from the top, and raises that threshold to the size of each large block freed (up to 32 MiB). Once
 # torch has freed one, inference's many mid-sized short-lived tensors come from the heap too, between
 # small long-lived ones (the blending's class blocks), and the space they free stays resident. A fixed
 # threshold keeps blocks of 1 MiB and more on mmap, given back when freed: with 32 prompts on a
 # 300 x 512 x 512 CT the blending path's peak fell from 3.7 to 2.5 GB (bench/blend_memory.py; 4 and
-# 16 MiB kept 4.1 and 3.1 GB). Written with ctypes: neither torch nor numpy sets malloc's options.
-MMAP_THRESHOLD_BYTES = 2**20
+# 16 MiB kept 4.1 and 3.1 GB). Afterwards the threshold goes to 32 MiB, where glibc's own would be by
+# then, so that training in the same process (LoRA after its zero-shot scores) reuses its heap as
+# before rather than mapping fresh pages for every tensor. Written with ctypes: neither torch nor
+# numpy sets malloc's options.
+INFERENCE_MMAP_THRESHOLD = 2**20
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit glibc
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
 
-def return_freed_blocks_to_the_system() -> bool:
-    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD_BYTES`` for this process (see there).
-
-    Returns whether it took effect: not on other C libraries (macOS, musl), nor where the user set
-    ``MALLOC_MMAP_THRESHOLD_`` (their value stays). Calling it again changes nothing.
-    """
+def _set_mmap_threshold(size: int) -> bool:
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return bool(mallopt(M_MMAP_THRESHOLD, size))
+
+
+@contextlib.contextmanager
+def freed_memory_returned() -> Iterator[bool]:
+    """Within the block, freed blocks of ``INFERENCE_MMAP_THRESHOLD`` and more go back to the system
+    (see there); yields whether that took effect: only with glibc, and not where the user set
+    ``MALLOC_MMAP_THRESHOLD_`` (their value stays)."""
+    fixed = _set_mmap_threshold(INFERENCE_MMAP_THRESHOLD)
+    try:
+        yield fixed
+    finally:
+        if fixed:
+            _set_mmap_threshold(GLIBC_MMAP_THRESHOLD_MAX)
 
 
 STATM = "/proc/self/statm"

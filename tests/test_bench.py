@@ -306,13 +306,22 @@ def test_cpu_inference_sets_each_part_against_the_convolution_rate(tmp_path, cap
     assert roofline["distinct_convolutions"] >= 5 and roofline["gflops"] > 0
     assert 0.9 < roofline["conv_share_of_network_flops"] <= 1.0
     assert abs(sum(shape["share_of_time"] for shape in roofline["shapes"]) - 1.0) < 1e-9
-    batch, bf16 = result["window"]["runs"]
+    assert result["window"] == [16, 16, 16]  # the window's size, beside the window part's runs
+    batch, bf16 = result["window_settings"]["runs"]
     assert batch["sw_batch_size"] == 2 and batch["seconds_per_window"] > 0 and "share_of_roofline" in batch
     assert ("skipped" in bf16) != bench._bf16_supported()
     assert [run["prompts"] for run in result["duplus"]] == [1, 2]  # fewest first
     assert all(run["peak_rss_mb"] > 0 and run["share_of_roofline"] > 0 for run in result["duplus"])
     assert all("install_nnunet.sh" in run["skipped"] for run in result["nnunet"])
     assert result["summary"]["nnunet_vs_duplus_one_prompt"] == {}
+    assert json.loads(capsys.readouterr().out)["summary"] == result["summary"]
+
+
+def test_cpu_inference_summarises_a_run_of_the_volumes_alone(capsys):
+    bench = _script("cpu_inference")
+    result = bench.main(["--preset", "tiny", "--size", "20", "24", "24", "--patch", "16", "16", "16", "--prompts", "1",
+                         "--threads", "1", "--in-process", "--parts", "duplus"])
+    assert result["summary"]["peak_rss_mb_most_prompts"] > 0 and result["summary"]["backbone_share_of_roofline"] is None
     assert json.loads(capsys.readouterr().out)["summary"] == result["summary"]
 
 
@@ -363,8 +372,10 @@ def test_forward_cpu_runs_each_code_in_its_own_process_and_compares_the_logits(c
     bench = _script("forward_cpu")
     root = str(BENCH.parent)
     result = bench.main(["--window", "32", "32", "32", "--prompts", "2", "--rounds", "1", "--threads", "1",
-                         "--code", f"one={root}", f"two={root}"])
-    assert set(result["best"]) == {"one", "two"}
+                         "--code", f"one={root}", f"two={root}", "--layouts", "ncdhw", "ndhwc"])
+    assert set(result["best"]) == {"one", "two", "one/ndhwc", "two/ndhwc"}
+    # The layout changes float rounding only.
+    assert result["logits"]["one/ndhwc"]["max_abs_logit_diff"] <= 1e-4
     for run in result["best"].values():
         assert run["peak_rss_mb"] >= run["rss_before_mb"] > 0 and run["seconds"] > 0 and run["cpu_seconds"] > 0
     # The same code twice: the same logits, so the same masks.
