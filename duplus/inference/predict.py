@@ -115,9 +115,9 @@ def inference_layout(model: torch.nn.Module, device: torch.device, channels_last
     switched back afterwards; a network already NDHWC, or one without modality stems, is left as it is.
 
     On a CPU oneDNN's 3-D convolutions take NCDHW maps by reordering them into its blocked layout and
-    back, a copy of each input and output: the paper network's 128^3 window at 32 prompts ran in 18.4-22.3
-    s in NDHWC against 21.5-24.7 s, its forward peaking at 1.0-1.1 GB against 1.5-1.6 GB (AMD EPYC, AVX2,
-    2 cores; bench/cpu_inference.py, bench/forward_cpu.py).
+    back, a copy of each input and output: the paper network's 128^3 window at 32 prompts ran as fast in
+    NDHWC (22.0 against 21.5 s) with its forward peaking at 1,087 MB against 1,685 MB (AMD EPYC, AVX2,
+    2 quiet cores; bench/forward_cpu.py --layouts ncdhw ndhwc, forward_cpu-128-layouts-cpu2.json).
     """
     from duplus.model import is_channels_last, use_channels_last
 

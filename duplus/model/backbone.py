@@ -153,10 +153,8 @@ class InstanceNorm3dKeepLayout(nn.InstanceNorm3d):
         batch, channels = x.shape[:2]
         if x.is_contiguous():
             mean, var = torch.batch_norm_update_stats(x.view(1, batch * channels, -1), None, None, 0.0)
-        else:  # NDHWC: per sample, the same kernel on its [voxels, C] rows (channels innermost)
-            rows = x.permute(0, 2, 3, 4, 1).view(batch, -1, channels)
-            stats = [torch.batch_norm_update_stats(rows[b], None, None, 0.0) for b in range(batch)]
-            mean, var = (torch.stack(s) for s in zip(*stats))
+        else:  # NDHWC: that kernel's channels-last path sums in float32 (1.5e-3 off at 128^3); var_mean does not
+            var, mean = torch.var_mean(x, dim=(2, 3, 4), correction=0)
         scale = torch.rsqrt(var.view(batch, channels) + self.eps)
         shift = -mean.view(batch, channels) * scale
         if self.affine:
