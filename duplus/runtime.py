@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -159,12 +160,21 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit gl
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
 
-def _set_mmap_threshold(size: int) -> bool:
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
+@functools.lru_cache(maxsize=1)
+def _glibc_mallopt() -> Any:
+    """glibc's ``mallopt``, or None on another C library (looked up once: ``libc_ver`` reads the
+    Python executable)."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
     try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+        return ctypes.CDLL(None).mallopt  # the C library this process already runs on
     except (OSError, AttributeError):
+        return None
+
+
+def _set_mmap_threshold(size: int) -> bool:
+    mallopt = _glibc_mallopt()
+    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, size))
 

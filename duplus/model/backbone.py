@@ -221,8 +221,8 @@ class PreActResBlock(nn.Module):
         ``x`` itself is read, never written (the caller's skip connection may be it).
         """
         film = films[self.film_key] if self.film_key is not None else None
-        h = self.conv1(act_(self.act1, self.norm1(x)))
-        return self._finish(x, h, film)
+        h = self._second_conv_(self.conv1(act_(self.act1, self.norm1(x))), film)
+        return self._add_(h, self._shortcut(x))  # taken after conv2: no extra map is held through it
 
     def forward_consuming(self, maps: list[torch.Tensor], films: FilmParams) -> torch.Tensor:
         """``forward`` without autograd for an input the caller hands over: ``maps.pop()``.
@@ -237,20 +237,24 @@ class PreActResBlock(nn.Module):
                 or not self.norm1.can_overwrite(x)):
             return self(x, films)
         film = films[self.film_key] if self.film_key is not None else None
-        skip = pointwise(self.shortcut, x).contiguous(memory_format=layout_of(x))
+        skip = self._shortcut(x)
         h = act_(self.act1, self.norm1.normalize_(x))  # the same map as x, rewritten
         del x  # the caller's reference went with maps.pop(): the map is freed once conv1 has read it
         h = self.conv1(h)
-        return self._finish(skip, h, film, shortcut_done=True)
+        return self._add_(self._second_conv_(h, film), skip)
 
-    def _finish(self, x: torch.Tensor, h: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None,
-                shortcut_done: bool = False) -> torch.Tensor:
-        """The block after its first conv: ``h`` rewritten in place, plus the shortcut of ``x``
-        (``x`` is the shortcut itself when ``shortcut_done``)."""
-        h = self.conv2(self.drop(act_(self.act2, norm_film_(self.norm2, h, film))))
-        skip = x if shortcut_done or isinstance(self.shortcut, nn.Identity) else pointwise(self.shortcut, x)
-        if skip is not x:
-            skip = skip.contiguous(memory_format=layout_of(x))
+    def _second_conv_(self, h: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """norm2, FiLM, activation (in place on ``h``, the first conv's output) and conv2."""
+        return self.conv2(self.drop(act_(self.act2, norm_film_(self.norm2, h, film))))
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.shortcut, nn.Identity):
+            return x
+        # Some CPU backends run a 1x1x1 conv in NCDHW whatever the input's layout; keep the block's.
+        return pointwise(self.shortcut, x).contiguous(memory_format=layout_of(x))
+
+    @staticmethod
+    def _add_(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         if h.dtype != torch.result_type(skip, h) or h.shape != skip.shape:
             return skip + h  # mixed precision: the sum takes the wider type, as training's does
         return h.add_(skip)
